@@ -1,0 +1,204 @@
+"""Where each Hugging Face encoder family keeps its layers and how to drive them one by one.
+
+Everything architecture-specific lives in :data:`BACKBONES`, keyed by ``config.model_type``.
+The rest of the library only asks an adapter for "the module that runs step ``i``".
+
+How layers are called: rather than rebuilding each family's embeddings and attention mask
+(which changed shape and type between transformers 4.x and 5.x), the model's own forward runs
+up to its first layer, where a pre-hook records the hidden states, the mask and the extra
+arguments exactly as the installed version builds them, and stops the forward there. Then
+:class:`LayerRunner` calls the layers itself with those arguments. This matched the models'
+own forward exactly for every family here (see ``tests/test_encoder.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BACKBONES",
+    "BackboneAdapter",
+    "LayerRunner",
+    "UnsupportedModelError",
+    "get_backbone",
+]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's ``config.model_type`` has no entry in :data:`BACKBONES`."""
+
+
+@dataclass(frozen=True)
+class BackboneAdapter:
+    """How one encoder family is laid out.
+
+    Attributes:
+        model_type: the ``config.model_type`` this entry serves.
+        layers_path: dotted path, from the base model, of the ``nn.ModuleList`` of layers.
+        shared_layers: ALBERT-style weight sharing: ``num_hidden_layers`` steps run over
+            ``num_hidden_groups`` modules; gates and heads are indexed by step.
+    """
+
+    model_type: str
+    layers_path: str
+    shared_layers: bool = False
+
+    def layer_list(self, base_model: nn.Module) -> nn.ModuleList:
+        """The ``nn.ModuleList`` that holds the layers (or ALBERT's layer groups)."""
+        return base_model.get_submodule(self.layers_path)  # type: ignore[return-value]
+
+    def num_steps(self, config: Any) -> int:
+        """How many layer applications a full forward makes."""
+        return int(config.num_hidden_layers)
+
+    def module_index(self, config: Any, step: int) -> int:
+        """Index into :meth:`layer_list` of the module that runs ``step`` (0-based)."""
+        if not self.shared_layers:
+            return step
+        steps, groups = int(config.num_hidden_layers), int(config.num_hidden_groups)
+        return int(step / (steps / groups))  # the expression AlbertTransformer uses
+
+
+BACKBONES: Mapping[str, BackboneAdapter] = {
+    "bert": BackboneAdapter("bert", "encoder.layer"),
+    "roberta": BackboneAdapter("roberta", "encoder.layer"),
+    "electra": BackboneAdapter("electra", "encoder.layer"),
+    "distilbert": BackboneAdapter("distilbert", "transformer.layer"),
+    "albert": BackboneAdapter("albert", "encoder.albert_layer_groups", shared_layers=True),
+}
+
+
+def get_backbone(config: Any) -> BackboneAdapter:
+    """The adapter for ``config.model_type``.
+
+    Raises:
+        UnsupportedModelError: naming the supported model types.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in BACKBONES:
+        supported = ", ".join(sorted(BACKBONES))
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by adaptive_depth; supported: {supported}."
+        )
+    return BACKBONES[model_type]
+
+
+class _FirstLayerReached(Exception):
+    """Raised by the capture hook to stop the model's forward at its first layer."""
+
+
+@dataclass
+class LayerRunner:
+    """Calls one encoder's layers by hand with the arguments its own forward built.
+
+    Build with :meth:`capture`. ``hidden_states`` is what enters the first layer (after the
+    embeddings and any embedding projection); ``layer_mask`` is the attention mask in the
+    form the installed transformers passes to a layer (``None``, a bool or additive float
+    ``[B, 1, Q, K]`` tensor).
+
+    Attributes:
+        hidden_states: ``[B, N, H]`` input of the first layer.
+        layer_mask: the layer-level attention mask (see above), or ``None``.
+        extra_args: positional arguments after the mask.
+        extra_kwargs: keyword arguments the model passes to every layer.
+    """
+
+    base_model: nn.Module
+    adapter: BackboneAdapter
+    hidden_states: Tensor
+    layer_mask: Any
+    extra_args: tuple[Any, ...]
+    extra_kwargs: dict[str, Any]
+
+    @classmethod
+    def capture(cls, base_model: nn.Module, **model_inputs: Any) -> LayerRunner:
+        """Run ``base_model(**model_inputs)`` up to its first layer and record that call."""
+        adapter = get_backbone(base_model.config)
+        first_layer = adapter.layer_list(base_model)[0]
+        recorded: dict[str, Any] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            recorded["args"], recorded["kwargs"] = args, dict(kwargs)
+            raise _FirstLayerReached
+
+        handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            base_model(**model_inputs)
+        except _FirstLayerReached:
+            pass
+        finally:
+            handle.remove()
+        if "args" not in recorded:
+            raise RuntimeError(
+                f"{type(base_model).__name__} finished its forward without calling its first "
+                f"layer ({adapter.layers_path}[0]); cannot drive its layers."
+            )
+        args = recorded["args"]
+        hidden_states = args[0] if args else recorded["kwargs"].pop("hidden_states")
+        layer_mask = args[1] if len(args) > 1 else recorded["kwargs"].pop("attention_mask", None)
+        return cls(
+            base_model=base_model,
+            adapter=adapter,
+            hidden_states=hidden_states,
+            layer_mask=layer_mask,
+            extra_args=tuple(args[2:]),
+            extra_kwargs=recorded["kwargs"],
+        )
+
+    @property
+    def num_steps(self) -> int:
+        """How many layer applications a full forward makes."""
+        return self.adapter.num_steps(self.base_model.config)
+
+    def layer(self, step: int) -> nn.Module:
+        """The module that runs ``step`` (shared between steps for ALBERT)."""
+        index = self.adapter.module_index(self.base_model.config, step)
+        return self.adapter.layer_list(self.base_model)[index]
+
+    def select_rows(self, rows: Tensor) -> LayerRunner:
+        """A runner for a subset of the batch: the layer mask keeps only ``rows``.
+
+        Args:
+            rows: ``[R]`` long indices into the batch dimension.
+        """
+        mask = self.layer_mask
+        if isinstance(mask, Tensor):
+            if mask.shape[0] != 1:
+                mask = mask.index_select(0, rows)
+        elif mask is not None:
+            raise NotImplementedError(
+                f"cannot select rows of a {type(mask).__name__} attention mask; load the model "
+                "with attn_implementation='sdpa' or 'eager'."
+            )
+        return LayerRunner(
+            base_model=self.base_model,
+            adapter=self.adapter,
+            hidden_states=self.hidden_states.index_select(0, rows),
+            layer_mask=mask,
+            extra_args=self.extra_args,
+            extra_kwargs=self.extra_kwargs,
+        )
+
+    def run_layer(self, step: int, hidden_states: Tensor) -> Tensor:
+        """Apply layer ``step`` to ``hidden_states`` ``[B', N, H]`` (rows matching the mask)."""
+        output = self.layer(step)(hidden_states, self.layer_mask, *self.extra_args, **self.extra_kwargs)
+        # transformers 4.x layers return tuples; 5.x layers return the tensor itself.
+        return output[0] if isinstance(output, tuple) else output
+
+    def run_all(self) -> Tensor:
+        """All layers in order from :attr:`hidden_states`: the plain model's last hidden state."""
+        hidden_states = self.hidden_states
+        for step in range(self.num_steps):
+            hidden_states = self.run_layer(step, hidden_states)
+        return hidden_states
+
+
+def model_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (CPU for a module without parameters)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

@@ -1,0 +1,322 @@
+"""``AdaptiveEncoder``: one skip gate and one exit head per layer of any supported HF encoder.
+
+The wrapped model's modules and state-dict keys are left untouched: the encoder drives the
+model's own layers (see :mod:`adaptive_depth.backbones`), and :meth:`AdaptiveEncoder.unwrap`
+gives the original model back. This module holds the *training* forward (every layer runs,
+gates mix as in paper eq. 1); :mod:`adaptive_depth.engine` holds the inference path that
+actually skips and exits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from adaptive_depth.backbones import BackboneAdapter, LayerRunner, get_backbone
+from adaptive_depth.exits import ExitHead
+from adaptive_depth.gates import GatePooling, SkipGate, straight_through_hard
+
+__all__ = ["AdaptiveEncoder", "AdaptiveEncoderOutput", "GateMode", "HeadSelection", "skip_regularizer"]
+
+GateMode = Literal["soft", "hard", "run", "skip"]
+HeadSelection = Literal["all", "last", "intermediate", "none"]
+
+
+@dataclass
+class AdaptiveEncoderOutput:
+    """Output of :meth:`AdaptiveEncoder.forward` (``L`` steps, batch ``B``, ``N`` tokens).
+
+    Attributes:
+        exit_logits: ``L`` entries, ``[B, C]`` logits of head ``i`` or ``None`` where head
+            ``i`` was not asked for.
+        gate_probs: ``[B, L]`` soft skip probabilities ``p_skip`` of every gate.
+        gate_values: ``[B, L]`` the values the layers were mixed with (soft, hard 0/1 with the
+            straight-through gradient, or forced).
+        hidden_states: ``L + 1`` tensors ``[B, N, H]``: ``X^0`` (input of the first layer)
+            to ``X^L`` (the paper's notation).
+        head_token_states: ``L`` entries, ``[B, N, d]`` self-attention outputs of head ``i``
+            (the stage-2 contrastive features), or ``None`` where not asked for.
+        attention_mask: ``[B, N]`` bool, True for real tokens.
+    """
+
+    exit_logits: list[Tensor | None]
+    gate_probs: Tensor
+    gate_values: Tensor
+    hidden_states: list[Tensor]
+    head_token_states: list[Tensor | None]
+    attention_mask: Tensor
+
+    @property
+    def last_hidden_state(self) -> Tensor:
+        """``[B, N, H]`` output of the last step, ``X^L``."""
+        return self.hidden_states[-1]
+
+    @property
+    def logits(self) -> Tensor:
+        """``[B, C]`` logits of the last head (the model's answer at full depth)."""
+        last = self.exit_logits[-1]
+        if last is None:
+            raise ValueError("the last exit head did not run; call forward with heads='all' or 'last'.")
+        return last
+
+
+def skip_regularizer(gate_probs: Tensor, weight: float, eps: float = 1e-6) -> Tensor:
+    """The "sloth of skipping" term of paper eq. 3: ``lambda / sum_i g_i``, batch mean.
+
+    Args:
+        gate_probs: ``[B, L]`` soft skip probabilities.
+        weight: ``lambda`` (0.04 in the official RTE run).
+        eps: keeps the division finite when every gate is closed.
+
+    Returns:
+        Scalar; decreasing in every ``g_i``, so minimizing it opens gates.
+    """
+    return (weight / (gate_probs.sum(dim=-1) + eps)).mean()
+
+
+class AdaptiveEncoder(nn.Module):
+    """Wraps a Hugging Face encoder with one :class:`SkipGate` and one :class:`ExitHead` per layer.
+
+    Supported ``config.model_type``: bert, roberta, distilbert, albert (gates and heads are
+    indexed by step, the layers are shared), electra. The model may be a base model
+    (``BertModel``) or a task model (``BertForSequenceClassification``): only its base model's
+    embeddings and layers are used; the exit heads classify.
+
+    Args:
+        model: a loaded ``transformers.PreTrainedModel`` of a supported family.
+        num_labels: classes per exit head (1 for regression). Defaults to
+            ``model.config.num_labels``; must equal it when ``model`` is a task model.
+        gate_inner_size, gate_num_heads, gate_pooling: :class:`SkipGate` options.
+        head_inner_size, head_num_heads: :class:`ExitHead` options.
+        dropout: attention-probability dropout in gates and heads.
+        initial_skip_bias: initial bias of every gate's score (0.0: ``p_skip`` near 0.5).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+        ...                             num_attention_heads=4, intermediate_size=37))
+        >>> encoder = AdaptiveEncoder(bert, num_labels=3, gate_inner_size=16, head_inner_size=16)
+        >>> out = encoder(torch.randint(0, 99, (2, 7)), torch.ones(2, 7, dtype=torch.long))
+        >>> len(out.exit_logits), tuple(out.gate_probs.shape)
+        (2, (2, 2))
+        >>> encoder.unwrap() is bert
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_labels: int | None = None,
+        *,
+        gate_inner_size: int = 128,
+        gate_num_heads: int = 2,
+        gate_pooling: GatePooling = "attention",
+        head_inner_size: int = 128,
+        head_num_heads: int = 4,
+        dropout: float = 0.1,
+        initial_skip_bias: float = 0.0,
+    ) -> None:
+        super().__init__()
+        config = getattr(model, "config", None)
+        if config is None:
+            raise TypeError(
+                f"AdaptiveEncoder wraps a transformers PreTrainedModel; got {type(model).__name__} "
+                "without a .config."
+            )
+        self.adapter: BackboneAdapter = get_backbone(config)
+        base_model = getattr(model, "base_model", model)
+        is_task_model = base_model is not model
+        if num_labels is None:
+            num_labels = int(config.num_labels)
+        elif is_task_model and int(config.num_labels) != num_labels:
+            raise ValueError(
+                f"num_labels={num_labels} does not match the wrapped {type(model).__name__}, whose "
+                f"config.num_labels is {config.num_labels}; pass num_labels={config.num_labels} "
+                "or load the model with the number of labels you need."
+            )
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
+        self.num_labels = num_labels
+        self.backbone = base_model
+        self._wrapped = [model]  # a list keeps the task model out of the module tree
+        hidden_size = int(config.hidden_size)
+        num_steps = self.adapter.num_steps(config)
+        self.gates = nn.ModuleList(
+            SkipGate(hidden_size, gate_inner_size, gate_num_heads, gate_pooling, dropout, initial_skip_bias)
+            for _ in range(num_steps)
+        )
+        self.exit_heads = nn.ModuleList(
+            ExitHead(hidden_size, num_labels, head_inner_size, head_num_heads, dropout)
+            for _ in range(num_steps)
+        )
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's configuration."""
+        return self.backbone.config
+
+    @property
+    def num_steps(self) -> int:
+        """Number of layer applications ``L`` (one gate and one head each)."""
+        return len(self.gates)
+
+    def unwrap(self) -> nn.Module:
+        """The model that was wrapped, unchanged in structure (its weights are shared)."""
+        return self._wrapped[0]
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the wrapped encoder (embeddings and layers)."""
+        return list(self.backbone.parameters())
+
+    def prepare(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **model_inputs: Any,
+    ) -> tuple[LayerRunner, Tensor]:
+        """Validate the inputs, embed them and return a :class:`LayerRunner` and the ``[B, N]`` mask.
+
+        Raises:
+            ValueError: on an empty batch, a mask whose shape differs from ``input_ids``, or a
+                row with no real token.
+        """
+        reference = input_ids if input_ids is not None else model_inputs.get("inputs_embeds")
+        if reference is None:
+            raise ValueError("pass input_ids (or inputs_embeds) of shape [B, N].")
+        if reference.ndim < 2:
+            raise ValueError(f"input_ids must be [B, N], got shape {tuple(reference.shape)}.")
+        batch_size, num_tokens = reference.shape[:2]
+        if batch_size == 0 or num_tokens == 0:
+            raise ValueError(f"empty batch: input_ids has shape {tuple(reference.shape)}.")
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, num_tokens, dtype=torch.long, device=reference.device)
+        elif tuple(attention_mask.shape) != (batch_size, num_tokens):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids, [B, N] = {(batch_size, num_tokens)}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        token_mask = attention_mask.bool()
+        if not bool(token_mask.any(dim=-1).all()):
+            empty_rows = (~token_mask.any(dim=-1)).nonzero().flatten().tolist()
+            raise ValueError(f"rows {empty_rows} of attention_mask have no real token.")
+        if input_ids is not None:
+            model_inputs["input_ids"] = input_ids
+        runner = LayerRunner.capture(self.backbone, attention_mask=attention_mask, **model_inputs)
+        return runner, token_mask
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        gate_mode: GateMode = "soft",
+        gate_values: Tensor | None = None,
+        heads: HeadSelection | Sequence[int] = "all",
+        return_head_token_states: bool = False,
+        gate_threshold: float = 0.5,
+        **model_inputs: Any,
+    ) -> AdaptiveEncoderOutput:
+        """Training forward: every layer runs and the gates mix (paper eq. 1).
+
+        Args:
+            input_ids: ``[B, N]`` token ids.
+            attention_mask: ``[B, N]``, 1 for tokens, 0 for padding.
+            gate_mode: ``"soft"`` mixes with ``p_skip``; ``"hard"`` with ``1[p_skip >= t]`` and the
+                straight-through gradient (eq. 11-12); ``"run"`` never skips (the plain model);
+                ``"skip"`` skips every layer.
+            gate_values: optional ``[L]`` or ``[B, L]`` values in ``[0, 1]`` that replace the
+                gates' decisions (1 = skip), e.g. to force single layers.
+            heads: which exit heads run: ``"all"``, ``"last"``, ``"intermediate"`` (all but the
+                last, stage 2), ``"none"``, or a sequence of 0-based step indices.
+            return_head_token_states: also return each run head's attention outputs.
+            gate_threshold: the hard-gate threshold ``t``.
+            **model_inputs: passed to the HF model (``token_type_ids``, ``position_ids``...).
+
+        Returns:
+            :class:`AdaptiveEncoderOutput`.
+        """
+        runner, token_mask = self.prepare(input_ids, attention_mask, **model_inputs)
+        batch_size = token_mask.shape[0]
+        head_steps = self._head_steps(heads)
+        forced = self._forced_gate_values(gate_values, batch_size, token_mask.device)
+
+        hidden = runner.hidden_states
+        hidden_states = [hidden]
+        probabilities, applied = [], []
+        exit_logits: list[Tensor | None] = [None] * self.num_steps
+        head_token_states: list[Tensor | None] = [None] * self.num_steps
+        for step in range(self.num_steps):
+            p_skip = self.gates[step](hidden, token_mask).p_skip
+            if forced is not None:
+                mix = forced[:, step].to(hidden.dtype)
+            elif gate_mode == "soft":
+                mix = p_skip
+            elif gate_mode == "hard":
+                mix = straight_through_hard(p_skip, gate_threshold)
+            elif gate_mode == "run":
+                mix = torch.zeros_like(p_skip)
+            elif gate_mode == "skip":
+                mix = torch.ones_like(p_skip)
+            else:
+                raise ValueError(f"gate_mode must be 'soft', 'hard', 'run' or 'skip', got {gate_mode!r}.")
+            if forced is None and gate_mode == "run":
+                hidden = runner.run_layer(step, hidden)
+            elif forced is None and gate_mode == "skip":
+                pass
+            else:
+                layer_output = runner.run_layer(step, hidden)
+                weight = mix[:, None, None]
+                hidden = weight * hidden + (1 - weight) * layer_output
+            hidden_states.append(hidden)
+            probabilities.append(p_skip)
+            applied.append(mix)
+            if step in head_steps:
+                head = self.exit_heads[step](hidden, token_mask, return_head_token_states)
+                exit_logits[step] = head.logits
+                head_token_states[step] = head.token_states
+        return AdaptiveEncoderOutput(
+            exit_logits=exit_logits,
+            gate_probs=torch.stack(probabilities, dim=-1),
+            gate_values=torch.stack(applied, dim=-1),
+            hidden_states=hidden_states,
+            head_token_states=head_token_states,
+            attention_mask=token_mask,
+        )
+
+    def _head_steps(self, heads: HeadSelection | Sequence[int]) -> set[int]:
+        last = self.num_steps - 1
+        if isinstance(heads, str):
+            choices = {
+                "all": set(range(self.num_steps)),
+                "last": {last},
+                "intermediate": set(range(last)),
+                "none": set(),
+            }
+            if heads not in choices:
+                raise ValueError(f"heads must be one of {sorted(choices)} or step indices, got {heads!r}.")
+            return choices[heads]
+        steps = {int(step) for step in heads}
+        out_of_range = sorted(step for step in steps if not 0 <= step <= last)
+        if out_of_range:
+            raise ValueError(f"head steps {out_of_range} are outside 0..{last}.")
+        return steps
+
+    def _forced_gate_values(
+        self, gate_values: Tensor | None, batch_size: int, device: torch.device
+    ) -> Tensor | None:
+        if gate_values is None:
+            return None
+        if gate_values.ndim == 1:
+            gate_values = gate_values.unsqueeze(0).expand(batch_size, -1)
+        if tuple(gate_values.shape) != (batch_size, self.num_steps):
+            raise ValueError(
+                f"gate_values must be [L] or [B, L] = {(batch_size, self.num_steps)}, "
+                f"got {tuple(gate_values.shape)}."
+            )
+        if bool(((gate_values < 0) | (gate_values > 1)).any()):
+            raise ValueError("gate_values must lie in [0, 1] (1 = skip the layer).")
+        return gate_values.to(device)

@@ -1,0 +1,248 @@
+"""Exit heads (SmartBERT §3.2, eq. 2) and exit criteria (§3.4, eq. 10; PABEE; max-prob).
+
+Every criterion decides per row of a batch and carries its per-row state as a ``[B, k]``
+tensor, so an inference engine can drop rows that left with one ``index_select``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from adaptive_depth.narrow_attention import NarrowAttentionPool
+
+__all__ = [
+    "EntropyExit",
+    "ExitCriterion",
+    "ExitDecision",
+    "ExitHead",
+    "ExitHeadOutput",
+    "MaxProbExit",
+    "PatienceExit",
+    "entropy",
+]
+
+
+@dataclass
+class ExitHeadOutput:
+    """Output of :class:`ExitHead`.
+
+    Attributes:
+        logits: ``[B, C]`` class scores (``C = 1`` for regression).
+        token_states: ``[B, N, d]`` the head's self-attention output at every token (the
+            features of the stage-2 contrastive loss, paper eq. 5), or ``None`` unless asked.
+    """
+
+    logits: Tensor
+    token_states: Tensor | None = None
+
+
+class ExitHead(nn.Module):
+    """Classifier attached after one layer: the official SmartBERT / FastBERT head.
+
+    ``tanh(Linear(H -> 128))``, one 128-d self-attention with 4 heads over the padding-masked
+    sequence, the ``[CLS]`` position, ``tanh(Linear(128 -> 128))``, ``Linear(128 -> C)``.
+
+    Args:
+        hidden_size: width ``H`` of the hidden states.
+        num_labels: number of classes ``C`` (1 for regression).
+        inner_size: width of the narrowed representation.
+        num_heads: attention heads.
+        dropout: attention-probability dropout (training only).
+
+    Example:
+        >>> head = ExitHead(hidden_size=32, num_labels=3, inner_size=16)
+        >>> tuple(head(torch.randn(2, 5, 32), torch.ones(2, 5)).logits.shape)
+        (2, 3)
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_labels: int,
+        inner_size: int = 128,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
+        self.num_labels = num_labels
+        self.pool = NarrowAttentionPool(hidden_size, inner_size, num_heads, dropout)
+        self.prelim = nn.Linear(inner_size, inner_size)
+        self.classifier = nn.Linear(inner_size, num_labels)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        return_token_states: bool = False,
+    ) -> ExitHeadOutput:
+        """Classify from the hidden states a layer produced.
+
+        Args:
+            hidden_states: ``[B, N, H]``.
+            attention_mask: ``[B, N]``, 1 for tokens, 0 for padding (``None``: no padding).
+            return_token_states: also return the attention output at every token.
+
+        Returns:
+            :class:`ExitHeadOutput`.
+        """
+        pooled = self.pool(hidden_states, attention_mask, return_token_states)
+        logits = self.classifier(torch.tanh(self.prelim(pooled.pooled)))
+        return ExitHeadOutput(logits=logits, token_states=pooled.token_states)
+
+
+def entropy(logits: Tensor, normalized: bool = False) -> Tensor:
+    """Entropy of ``softmax(logits)`` in nats, per row.
+
+    Args:
+        logits: ``[B, C]`` with ``C >= 2``.
+        normalized: divide by ``log(C)`` so the result lies in ``[0, 1]`` (FastBERT's "speed").
+
+    Returns:
+        ``[B]`` entropies, in ``[0, log C]`` (or ``[0, 1]`` when normalized).
+    """
+    num_classes = logits.shape[-1]
+    if num_classes < 2:
+        raise ValueError(
+            f"entropy needs at least 2 classes, got logits of shape {tuple(logits.shape)}; "
+            "for regression use PatienceExit."
+        )
+    log_probabilities = logits.float().log_softmax(dim=-1)
+    values = -(log_probabilities.exp() * log_probabilities).sum(dim=-1).clamp_min(0.0)
+    return values / math.log(num_classes) if normalized else values
+
+
+@dataclass
+class ExitDecision:
+    """What a criterion decided for each row.
+
+    Attributes:
+        should_exit: ``[B]`` bool, True where the row leaves now.
+        state: ``[B, k]`` per-row state to pass to the next call (``k`` may be 0).
+        score: ``[B]`` the quantity compared with the threshold (entropy, max probability
+            or patience count), for logging.
+    """
+
+    should_exit: Tensor
+    state: Tensor
+    score: Tensor
+
+
+@runtime_checkable
+class ExitCriterion(Protocol):
+    """Decides, after each layer that ran, which rows exit.
+
+    ``initial_state`` gives a ``[B, k]`` tensor; ``decide`` takes the logits of the rows
+    that just ran and their state rows, and returns an :class:`ExitDecision`.
+    """
+
+    def initial_state(self, batch_size: int, device: torch.device) -> Tensor: ...
+
+    def decide(self, logits: Tensor, state: Tensor) -> ExitDecision: ...
+
+
+def _stateless(batch_size: int, device: torch.device) -> Tensor:
+    return torch.zeros(batch_size, 0, device=device)
+
+
+@dataclass(frozen=True)
+class EntropyExit:
+    """Exit when ``entropy(softmax(z)) < threshold`` (paper eq. 10, DeeBERT, FastBERT).
+
+    ``threshold = 0`` never exits (entropy is never negative); a threshold above ``log C``
+    (or above 1 when normalized) exits at the first layer that runs.
+
+    Args:
+        threshold: the entropy threshold ``S`` (nats, or a fraction of ``log C``), ``>= 0``.
+        normalized: compare ``entropy / log C`` instead of the raw entropy.
+
+    Example:
+        >>> EntropyExit(0.3).decide(torch.tensor([[5.0, -5.0], [0.0, 0.0]]), torch.zeros(2, 0)).should_exit
+        tensor([ True, False])
+    """
+
+    threshold: float
+    normalized: bool = False
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.threshold) or self.threshold < 0:
+            raise ValueError(f"entropy threshold must be >= 0, got {self.threshold}.")
+
+    def initial_state(self, batch_size: int, device: torch.device) -> Tensor:
+        return _stateless(batch_size, device)
+
+    def decide(self, logits: Tensor, state: Tensor) -> ExitDecision:
+        values = entropy(logits, self.normalized)
+        return ExitDecision(should_exit=values < self.threshold, state=state, score=values)
+
+
+@dataclass(frozen=True)
+class MaxProbExit:
+    """Exit when the largest class probability is at least ``threshold``.
+
+    Args:
+        threshold: in ``[0, 1]``; 0 exits at the first layer that runs, values above the
+            largest reachable probability never exit.
+    """
+
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"max-probability threshold must be in [0, 1], got {self.threshold}.")
+
+    def initial_state(self, batch_size: int, device: torch.device) -> Tensor:
+        return _stateless(batch_size, device)
+
+    def decide(self, logits: Tensor, state: Tensor) -> ExitDecision:
+        if logits.shape[-1] < 2:
+            raise ValueError("MaxProbExit needs at least 2 classes; for regression use PatienceExit.")
+        top = logits.float().softmax(dim=-1).amax(dim=-1)
+        return ExitDecision(should_exit=top >= self.threshold, state=state, score=top)
+
+
+@dataclass(frozen=True)
+class PatienceExit:
+    """PABEE (Zhou et al. 2020): exit once ``patience`` consecutive heads agree.
+
+    The counter rises when a head's prediction equals the previous head's (for regression:
+    differs by less than ``regression_tolerance``) and resets otherwise; a row exits when the
+    counter reaches ``patience``. Heads of skipped layers do not run, so "consecutive" means
+    consecutive among the layers that ran. ``patience = 0`` exits at the first layer that runs.
+
+    Args:
+        patience: number of agreeing consecutive heads, ``>= 0``.
+        regression_tolerance: agreement tolerance when ``C = 1``.
+
+    State: ``[B, 2]`` (previous prediction, counter); the previous prediction is NaN at start.
+    """
+
+    patience: int
+    regression_tolerance: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}.")
+
+    def initial_state(self, batch_size: int, device: torch.device) -> Tensor:
+        state = torch.zeros(batch_size, 2, device=device)
+        state[:, 0] = float("nan")
+        return state
+
+    def decide(self, logits: Tensor, state: Tensor) -> ExitDecision:
+        previous, counter = state[:, 0], state[:, 1]
+        if logits.shape[-1] == 1:
+            prediction = logits[:, 0].float()
+            agrees = (prediction - previous).abs() < self.regression_tolerance
+        else:
+            prediction = logits.argmax(dim=-1).to(state.dtype)
+            agrees = prediction == previous
+        counter = torch.where(agrees, counter + 1, torch.zeros_like(counter))
+        new_state = torch.stack([prediction.to(state.dtype), counter], dim=-1)
+        return ExitDecision(should_exit=counter >= self.patience, state=new_state, score=counter)

@@ -1,0 +1,109 @@
+"""The small attention block that both the skip gate and the exit head are built on.
+
+The official SmartBERT (and FastBERT) gate and classifier narrow the hidden states with
+``tanh(Linear(H -> d))``, run one ``d``-dimensional multi-head self-attention over the
+(padding-masked) sequence, and read the ``[CLS]`` position. Their attention has query, key
+and value projections and no output projection, which is why the paper's Table 2 counts
+about 18.9M multiply-accumulates per gate or head on BERT-base at length 128.
+
+Only the ``[CLS]`` output feeds the decision, so by default the query is computed for the
+first position alone: the result is identical to full self-attention read at ``[CLS]``,
+at a fraction of the cost. The contrastive loss of training stage 2 needs every token's
+attention output; ``return_token_states=True`` computes all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["NarrowAttentionOutput", "NarrowAttentionPool"]
+
+
+@dataclass
+class NarrowAttentionOutput:
+    """Output of :class:`NarrowAttentionPool`.
+
+    Attributes:
+        pooled: ``[B, d]`` attention output at the first (``[CLS]``) position.
+        token_states: ``[B, N, d]`` attention output at every position, or ``None`` unless
+            ``return_token_states=True`` was asked for. Rows at padding positions hold
+            values that carry no meaning; mask them.
+    """
+
+    pooled: Tensor
+    token_states: Tensor | None = None
+
+
+class NarrowAttentionPool(nn.Module):
+    """``tanh(Linear(H -> d))`` then one ``d``-dim self-attention (q, k, v; no out-projection).
+
+    Args:
+        hidden_size: width ``H`` of the incoming hidden states.
+        inner_size: width ``d`` of the narrowed states (128 in the official code).
+        num_heads: attention heads; must divide ``inner_size``.
+        dropout: dropout on the attention probabilities (training mode only).
+
+    Example:
+        >>> pool = NarrowAttentionPool(hidden_size=32, inner_size=16, num_heads=2)
+        >>> out = pool(torch.randn(3, 7, 32), torch.ones(3, 7, dtype=torch.long))
+        >>> tuple(out.pooled.shape)
+        (3, 16)
+    """
+
+    def __init__(
+        self, hidden_size: int, inner_size: int = 128, num_heads: int = 2, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if inner_size % num_heads != 0:
+            raise ValueError(
+                f"inner_size ({inner_size}) must be divisible by num_heads ({num_heads})."
+            )
+        self.hidden_size = hidden_size
+        self.inner_size = inner_size
+        self.num_heads = num_heads
+        self.narrow = nn.Linear(hidden_size, inner_size)
+        self.query = nn.Linear(inner_size, inner_size)
+        self.key = nn.Linear(inner_size, inner_size)
+        self.value = nn.Linear(inner_size, inner_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        return_token_states: bool = False,
+    ) -> NarrowAttentionOutput:
+        """Attend over the sequence and pool at ``[CLS]``.
+
+        Args:
+            hidden_states: ``[B, N, H]``.
+            attention_mask: ``[B, N]``, 1 (or True) for real tokens, 0 for padding; ``None``
+                means no padding.
+            return_token_states: also return the attention output at every position.
+
+        Returns:
+            :class:`NarrowAttentionOutput`.
+        """
+        narrowed = torch.tanh(self.narrow(hidden_states))
+        queries_from = narrowed if return_token_states else narrowed[:, :1]
+        heads = self.num_heads
+        query = rearrange(self.query(queries_from), "b q (h d) -> b h q d", h=heads)
+        key = rearrange(self.key(narrowed), "b k (h d) -> b h k d", h=heads)
+        value = rearrange(self.value(narrowed), "b k (h d) -> b h k d", h=heads)
+        # Explicit matmuls rather than SDPA: the query is one position on the hot path, and
+        # FlopCounterMode counts CPU SDPA as zero, which would hide this block's cost.
+        scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+        if attention_mask is not None:
+            is_padding = ~attention_mask.bool()
+            scores = scores.masked_fill(is_padding[:, None, None, :], torch.finfo(scores.dtype).min)
+        probabilities = self.dropout(scores.softmax(dim=-1))
+        attended = rearrange(torch.matmul(probabilities, value), "b h q d -> b q (h d)")
+        return NarrowAttentionOutput(
+            pooled=attended[:, 0],
+            token_states=attended if return_token_states else None,
+        )
