@@ -114,7 +114,7 @@ def entropy(logits: Tensor, normalized: bool = False) -> Tensor:
             "for regression use PatienceExit."
         )
     log_probabilities = logits.float().log_softmax(dim=-1)
-    values = -(log_probabilities.exp() * log_probabilities).sum(dim=-1).clamp_min(0.0)
+    values = (-(log_probabilities.exp() * log_probabilities).sum(dim=-1)).clamp_min(0.0)
     return values / math.log(num_classes) if normalized else values
 
 

@@ -1,0 +1,95 @@
+"""Exit heads and the three exit criteria, at ordinary and extreme thresholds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from adaptive_depth import EntropyExit, ExitCriterion, ExitHead, MaxProbExit, PatienceExit, entropy
+
+logit_rows = st.tuples(st.integers(1, 8), st.integers(2, 6)).flatmap(
+    lambda shape: arrays("float32", shape, elements=st.floats(-30, 30, width=32))
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits=logit_rows)
+def test_entropy_threshold_zero_never_exits(logits) -> None:
+    logits = torch.from_numpy(logits)
+    decision = EntropyExit(0.0).decide(logits, torch.zeros(len(logits), 0))
+    assert not bool(decision.should_exit.any())
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits=logit_rows, margin=st.floats(1e-3, 10.0), normalized=st.booleans())
+def test_entropy_threshold_above_log_c_always_exits(logits, margin: float, normalized: bool) -> None:
+    logits = torch.from_numpy(logits)
+    ceiling = 1.0 if normalized else math.log(logits.shape[-1])
+    decision = EntropyExit(ceiling + margin, normalized).decide(logits, torch.zeros(len(logits), 0))
+    assert bool(decision.should_exit.all())
+
+
+def test_entropy_values() -> None:
+    uniform = torch.zeros(2, 4)
+    torch.testing.assert_close(entropy(uniform), torch.full((2,), math.log(4)))
+    torch.testing.assert_close(entropy(uniform, normalized=True), torch.ones(2))
+    assert float(entropy(torch.tensor([[100.0, -100.0]]))) < 1e-6
+
+
+def test_max_prob_extremes_and_patience() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    assert bool(MaxProbExit(0.0).decide(logits, torch.zeros(2, 0)).should_exit.all())
+    assert not bool(MaxProbExit(1.0).decide(logits, torch.zeros(2, 0)).should_exit.any())
+    assert MaxProbExit(0.8).decide(logits, torch.zeros(2, 0)).should_exit.tolist() == [True, False]
+
+    criterion = PatienceExit(patience=2)
+    state = criterion.initial_state(2, torch.device("cpu"))
+    predictions = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+                   torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    exits = []
+    for logits in predictions:
+        decision = criterion.decide(logits, state)
+        state = decision.state
+        exits.append(decision.should_exit.tolist())
+    # Row 0 agrees from the 2nd head on and exits at the 3rd; row 1 changes at the 2nd head.
+    assert exits == [[False, False], [False, False], [True, False], [True, True]]
+    assert bool(PatienceExit(0).decide(predictions[0], PatienceExit(0).initial_state(2, torch.device("cpu"))).should_exit.all())
+
+
+def test_patience_regression() -> None:
+    criterion = PatienceExit(patience=1, regression_tolerance=0.1)
+    state = criterion.initial_state(2, torch.device("cpu"))
+    state = criterion.decide(torch.tensor([[1.0], [1.0]]), state).state
+    decision = criterion.decide(torch.tensor([[1.05], [2.0]]), state)
+    assert decision.should_exit.tolist() == [True, False]
+
+
+def test_criteria_follow_the_protocol_and_validate() -> None:
+    for criterion in (EntropyExit(0.3), MaxProbExit(0.9), PatienceExit(2)):
+        assert isinstance(criterion, ExitCriterion)
+    with pytest.raises(ValueError, match="entropy threshold must be >= 0"):
+        EntropyExit(-0.1)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        MaxProbExit(1.5)
+    with pytest.raises(ValueError, match="patience must be >= 0"):
+        PatienceExit(-1)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        EntropyExit(0.3).decide(torch.zeros(2, 1), torch.zeros(2, 0))
+
+
+def test_exit_head_cls_output_equals_full_self_attention_at_cls() -> None:
+    torch.manual_seed(0)
+    head = ExitHead(hidden_size=16, num_labels=3, inner_size=8, num_heads=4).eval()
+    hidden, mask = torch.randn(3, 6, 16), torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5])
+    fast = head(hidden, mask)
+    full = head(hidden, mask, return_token_states=True)
+    torch.testing.assert_close(fast.logits, full.logits)
+    torch.testing.assert_close(head.pool(hidden, mask).pooled, full.token_states[:, 0])
+    assert full.token_states.shape == (3, 6, 8) and fast.token_states is None
+    with pytest.raises(ValueError, match="num_labels must be >= 1"):
+        ExitHead(16, 0)
