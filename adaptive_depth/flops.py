@@ -1,0 +1,457 @@
+"""Analytic multiply-accumulate (MAC) counts of encoders, skip gates and exit heads.
+
+Every function returns MACs (an ``int``). One multiply-accumulate is two floating-point
+operations, which is how the SmartBERT paper and ``torch.utils.flop_counter.FlopCounterMode``
+count "FLOPs": use :func:`macs_to_flops` to compare with them.
+
+Two conventions (:data:`Convention`):
+
+``"paper"``
+    Only ``nn.Linear`` MACs, at the (padded) length passed in: the paper uses 128. Attention
+    score and weighted-sum matmuls, softmax, LayerNorm and embedding lookups are not counted.
+    The gate's and head's narrow self-attention computes its query for *all* tokens, as the
+    official code does. This reproduces paper Table 2 for BERT-base at length 128:
+    1811.8M FLOPs per layer and 21744M for the whole model exactly, the 37.6M classifier
+    within 0.5%; the official gate's own structure gives 37.75M FLOPs, 0.9% above the 37.4M
+    printed in the paper (the paper's small-module figures are not exactly reproducible;
+    nothing here is tuned to hit them).
+
+``"exact"``
+    Every matmul at the given (real) length: the Linear layers plus, per transformer layer,
+    the attention scores (``n * n * H``) and the attention-weighted sum (``n * n * H``). For
+    gates and heads, exactly what this repository's modules compute: their query is formed
+    for the ``[CLS]`` position only unless token states are asked for. Matches
+    ``FlopCounterMode`` on eager-attention models (on CPU it counts SDPA as zero).
+
+Symbols: ``n`` tokens, ``H`` hidden size, ``I`` intermediate size, ``E`` embedding size,
+``d`` gate / head inner size, ``C`` labels, ``L`` layer steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from adaptive_depth.backbones import get_backbone
+
+if TYPE_CHECKING:
+    from adaptive_depth.encoder import AdaptiveEncoder
+
+__all__ = [
+    "Convention",
+    "EncoderCost",
+    "EncoderDims",
+    "embedding_macs",
+    "encoder_cost",
+    "encoder_dims",
+    "full_model_macs",
+    "gate_macs",
+    "head_macs",
+    "layer_macs",
+    "macs_to_flops",
+    "pooler_macs",
+    "step_macs",
+]
+
+Convention = Literal["paper", "exact"]
+_CONVENTIONS = ("paper", "exact")
+
+
+def _check(seq_len: int, convention: str) -> None:
+    if convention not in _CONVENTIONS:
+        raise ValueError(f"convention must be 'paper' or 'exact', got {convention!r}.")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
+
+
+def macs_to_flops(macs: int) -> int:
+    """FLOPs as the paper and ``FlopCounterMode`` count them: 2 per multiply-accumulate.
+
+    Args:
+        macs: multiply-accumulates.
+
+    Returns:
+        FLOPs, ``2 * macs``.
+
+    Example:
+        >>> macs_to_flops(905_969_664)
+        1811939328
+    """
+    return 2 * int(macs)
+
+
+@dataclass(frozen=True)
+class EncoderDims:
+    """The sizes of an encoder that its MAC count depends on.
+
+    Attributes:
+        hidden_size: ``H``.
+        intermediate_size: ``I``, the feed-forward width.
+        num_attention_heads: heads per layer (the MAC count does not depend on it).
+        num_layers: ``L``, layer applications ("steps") in a full forward; for ALBERT the
+            number of steps, not of distinct weight sets.
+        embedding_size: ``E`` when a Linear ``E -> H`` projects the embeddings (ALBERT
+            always, ELECTRA when ``E != H``), else ``None``.
+        has_pooler: the base model runs a ``Linear(H -> H)`` pooler on ``[CLS]``.
+        layers_per_step: transformer layers applied per step (ALBERT's ``inner_group_num``;
+            1 elsewhere).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_layers: int
+    embedding_size: int | None
+    has_pooler: bool
+    layers_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_layers", "layers_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.embedding_size is not None and self.embedding_size < 1:
+            raise ValueError(f"embedding_size must be >= 1 or None, got {self.embedding_size}.")
+
+
+def encoder_dims(config: Any) -> EncoderDims:
+    """Read :class:`EncoderDims` from a Hugging Face config.
+
+    Supports the ``model_type`` values of :data:`adaptive_depth.backbones.BACKBONES`: bert,
+    roberta, electra, distilbert, albert.
+
+    Args:
+        config: a ``transformers.PretrainedConfig``.
+
+    Returns:
+        :class:`EncoderDims`.
+
+    Raises:
+        UnsupportedModelError: for any other ``model_type``.
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> dims = encoder_dims(BertConfig())
+        >>> dims.hidden_size, dims.intermediate_size, dims.num_layers, dims.embedding_size
+        (768, 3072, 12, None)
+    """
+    model_type = get_backbone(config).model_type
+    if model_type == "distilbert":
+        return EncoderDims(
+            hidden_size=int(config.dim),
+            intermediate_size=int(config.hidden_dim),
+            num_attention_heads=int(config.n_heads),
+            num_layers=int(config.n_layers),
+            embedding_size=None,
+            has_pooler=False,
+        )
+    hidden_size = int(config.hidden_size)
+    embedding_size: int | None = None
+    layers_per_step = 1
+    if model_type == "albert":
+        embedding_size = int(config.embedding_size)  # embedding_hidden_mapping_in always exists
+        layers_per_step = int(config.inner_group_num)
+    elif model_type == "electra" and int(config.embedding_size) != hidden_size:
+        embedding_size = int(config.embedding_size)  # embeddings_project
+    return EncoderDims(
+        hidden_size=hidden_size,
+        intermediate_size=int(config.intermediate_size),
+        num_attention_heads=int(config.num_attention_heads),
+        num_layers=int(config.num_hidden_layers),
+        embedding_size=embedding_size,
+        has_pooler=model_type != "electra",  # ElectraModel has no pooler
+        layers_per_step=layers_per_step,
+    )
+
+
+def layer_macs(dims: EncoderDims, seq_len: int, convention: Convention) -> int:
+    """MACs of one transformer layer on one sequence.
+
+    ``4 n H^2`` (query, key, value, output projections) ``+ 2 n H I`` (feed-forward), plus
+    ``2 n^2 H`` (scores and weighted sum, summed over heads) in the ``"exact"`` convention.
+
+    Args:
+        dims: the encoder's sizes.
+        seq_len: ``n``, tokens (the padded length for ``"paper"``).
+        convention: ``"paper"`` or ``"exact"``.
+
+    Returns:
+        MACs.
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> layer_macs(encoder_dims(BertConfig()), 128, "paper")  # paper: 1811.8M FLOPs
+        905969664
+    """
+    _check(seq_len, convention)
+    hidden, intermediate = dims.hidden_size, dims.intermediate_size
+    linear = 4 * seq_len * hidden * hidden + 2 * seq_len * hidden * intermediate
+    if convention == "paper":
+        return linear
+    return linear + 2 * seq_len * seq_len * hidden
+
+
+def step_macs(dims: EncoderDims, seq_len: int, convention: Convention) -> int:
+    """MACs of one layer step: ``dims.layers_per_step`` layers (more than one only for ALBERT).
+
+    Args:
+        dims: the encoder's sizes.
+        seq_len: ``n``, tokens.
+        convention: ``"paper"`` or ``"exact"``.
+
+    Returns:
+        MACs.
+    """
+    return dims.layers_per_step * layer_macs(dims, seq_len, convention)
+
+
+def embedding_macs(dims: EncoderDims, seq_len: int, convention: Convention) -> int:
+    """MACs of the embedding projection ``E -> H`` (``n E H``), or 0 when there is none.
+
+    Embedding lookups and LayerNorm are not multiply-accumulates and count 0.
+
+    Args:
+        dims: the encoder's sizes.
+        seq_len: ``n``, tokens.
+        convention: ``"paper"`` or ``"exact"`` (the count is the same).
+
+    Returns:
+        MACs.
+    """
+    _check(seq_len, convention)
+    if dims.embedding_size is None:
+        return 0
+    return seq_len * dims.embedding_size * dims.hidden_size
+
+
+def pooler_macs(dims: EncoderDims, convention: Convention) -> int:
+    """MACs of the base model's pooler: ``H^2`` (it reads ``[CLS]`` only), or 0 without one.
+
+    Args:
+        dims: the encoder's sizes.
+        convention: ``"paper"`` or ``"exact"`` (the count is the same).
+
+    Returns:
+        MACs.
+    """
+    _check(1, convention)
+    return dims.hidden_size * dims.hidden_size if dims.has_pooler else 0
+
+
+def _narrow_attention_macs(
+    hidden_size: int, inner_size: int, seq_len: int, convention: Convention, token_states: bool
+) -> int:
+    """MACs of :class:`~adaptive_depth.narrow_attention.NarrowAttentionPool`.
+
+    ``"paper"``: ``n H d + 3 n d^2`` (narrow, then query/key/value for every token).
+    ``"exact"``: ``n H d + q d^2 + 2 n d^2 + 2 q n d`` with ``q = 1`` query (``[CLS]``) or
+    ``q = n`` when token states are computed (scores and weighted sum summed over heads).
+    """
+    narrow = seq_len * hidden_size * inner_size
+    if convention == "paper":
+        return narrow + 3 * seq_len * inner_size * inner_size
+    queries = seq_len if token_states else 1
+    projections = (queries + 2 * seq_len) * inner_size * inner_size
+    return narrow + projections + 2 * queries * seq_len * inner_size
+
+
+def gate_macs(
+    hidden_size: int,
+    seq_len: int,
+    convention: Convention,
+    inner_size: int = 128,
+    pooling: Literal["attention", "cls", "mean"] = "attention",
+) -> int:
+    """MACs of one :class:`~adaptive_depth.gates.SkipGate` on one sequence.
+
+    - ``"attention"``: the narrow self-attention (see the module docstring) plus the score
+      ``d * 1``. Paper convention: ``n H d + 3 n d^2 + d``; exact: ``n H d + d^2 + 2 n d^2
+      + 2 n d + d``.
+    - ``"cls"`` and ``"mean"``: ``H d + d`` in both conventions (one narrowed vector; the
+      mean's additions are not multiply-accumulates).
+
+    For BERT-base at length 128 the attention gate is 18,874,496 MACs = 37.75M FLOPs in the
+    paper convention: 0.9% above the 37.4M of paper Table 2. That figure is what the official
+    gate's layers (Linear 768->128, three 128->128 projections over 128 tokens, Linear 128->1)
+    amount to; the paper's small-module numbers are not exactly reproducible, and this count
+    is deliberately not adjusted to match.
+
+    Args:
+        hidden_size: ``H``.
+        seq_len: ``n``, tokens (the padded length for ``"paper"``).
+        convention: ``"paper"`` or ``"exact"``.
+        inner_size: ``d``.
+        pooling: the gate's pooling.
+
+    Returns:
+        MACs.
+
+    Example:
+        >>> macs_to_flops(gate_macs(768, 128, "paper"))  # paper Table 2 prints 37.4M
+        37748992
+    """
+    _check(seq_len, convention)
+    score = inner_size
+    if pooling == "attention":
+        return _narrow_attention_macs(hidden_size, inner_size, seq_len, convention, False) + score
+    if pooling in ("cls", "mean"):
+        return hidden_size * inner_size + score
+    raise ValueError(f"pooling must be 'attention', 'cls' or 'mean', got {pooling!r}.")
+
+
+def head_macs(
+    hidden_size: int,
+    num_labels: int,
+    seq_len: int,
+    convention: Convention,
+    inner_size: int = 128,
+    token_states: bool = False,
+) -> int:
+    """MACs of one :class:`~adaptive_depth.exits.ExitHead` on one sequence.
+
+    Narrow self-attention (see the module docstring) ``+ d^2`` (prelim) ``+ d C``
+    (classifier). BERT-base, 2 labels, length 128, paper convention: 18,891,008 MACs =
+    37.78M FLOPs, 0.48% above the 37.6M of paper Table 2.
+
+    Args:
+        hidden_size: ``H``.
+        num_labels: ``C``.
+        seq_len: ``n``, tokens (the padded length for ``"paper"``).
+        convention: ``"paper"`` or ``"exact"``.
+        inner_size: ``d``.
+        token_states: the head also computes every token's attention output
+            (``return_token_states=True``); only changes the ``"exact"`` count.
+
+    Returns:
+        MACs.
+    """
+    _check(seq_len, convention)
+    pool = _narrow_attention_macs(hidden_size, inner_size, seq_len, convention, token_states)
+    return pool + inner_size * inner_size + inner_size * num_labels
+
+
+def full_model_macs(config: Any, seq_len: int, convention: Convention, num_labels: int = 2) -> int:
+    """MACs of the plain Hugging Face sequence classifier of ``config``'s family.
+
+    Embedding projection ``+ L`` steps ``+ H^2 + H C``. The ``H^2`` term is the pooler
+    (BERT, ALBERT), the classification head's dense layer (RoBERTa, ELECTRA, whose
+    ``*ForSequenceClassification`` have no pooler) or ``pre_classifier`` (DistilBERT); all
+    read ``[CLS]`` only. ``H C`` is the final classifier.
+
+    Args:
+        config: a ``transformers.PretrainedConfig`` of a supported family.
+        seq_len: ``n``, tokens (the padded length for ``"paper"``).
+        convention: ``"paper"`` or ``"exact"``.
+        num_labels: ``C``.
+
+    Returns:
+        MACs.
+
+    Example:
+        >>> from transformers import BertConfig
+        >>> macs_to_flops(full_model_macs(BertConfig(), 128, "paper"))  # paper: 21744M
+        21744454656
+    """
+    dims = encoder_dims(config)
+    hidden = dims.hidden_size
+    return (
+        embedding_macs(dims, seq_len, convention)
+        + dims.num_layers * step_macs(dims, seq_len, convention)
+        + hidden * hidden
+        + hidden * num_labels
+    )
+
+
+@dataclass
+class EncoderCost:
+    """Per-component MACs of one sequence through an :class:`~adaptive_depth.AdaptiveEncoder`.
+
+    Attributes:
+        embedding: MACs of the embedding projection (0 when there is none); always paid.
+        layers: ``L`` entries, MACs of layer step ``i``.
+        gates: ``L`` entries, MACs of skip gate ``i``.
+        heads: ``L`` entries, MACs of exit head ``i``.
+        convention: the convention the counts follow.
+        seq_len: the sequence length they were counted at.
+    """
+
+    embedding: int
+    layers: list[int]
+    gates: list[int]
+    heads: list[int]
+    convention: Convention
+    seq_len: int
+
+    @property
+    def num_steps(self) -> int:
+        """``L``."""
+        return len(self.layers)
+
+    def sample_macs(
+        self, layers_run: Sequence[bool], gates_run: Sequence[bool], heads_run: Sequence[bool]
+    ) -> int:
+        """MACs one sample spent: the embedding plus every component that ran.
+
+        Args:
+            layers_run: ``L`` flags, True where layer step ``i`` ran.
+            gates_run: ``L`` flags, True where gate ``i`` ran.
+            heads_run: ``L`` flags, True where exit head ``i`` ran.
+
+        Returns:
+            MACs.
+
+        Raises:
+            ValueError: if a sequence does not have ``L`` entries.
+        """
+        total = self.embedding
+        for name, flags, costs in (
+            ("layers_run", layers_run, self.layers),
+            ("gates_run", gates_run, self.gates),
+            ("heads_run", heads_run, self.heads),
+        ):
+            if len(flags) != len(costs):
+                raise ValueError(f"{name} must have {len(costs)} entries (one per step), got {len(flags)}.")
+            total += sum(cost for cost, ran in zip(costs, flags) if ran)
+        return total
+
+    def full_depth_macs(self, with_gates: bool = True, with_heads: bool = False) -> int:
+        """MACs when every layer runs: embedding, all layers, optionally all gates / heads."""
+        steps = self.num_steps
+        return self.sample_macs([True] * steps, [with_gates] * steps, [with_heads] * steps)
+
+
+def encoder_cost(encoder: AdaptiveEncoder, seq_len: int, convention: Convention) -> EncoderCost:
+    """Per-component MACs of a wrapped model, read from its config, gates and heads.
+
+    The base model's pooler is not counted: the encoder classifies with its exit heads.
+    Heads are counted without token states (the inference path).
+
+    Args:
+        encoder: the :class:`~adaptive_depth.AdaptiveEncoder`.
+        seq_len: ``n``, tokens (the padded length for ``"paper"``).
+        convention: ``"paper"`` or ``"exact"``.
+
+    Returns:
+        :class:`EncoderCost`.
+    """
+    _check(seq_len, convention)
+    dims = encoder_dims(encoder.config)
+    gates = []
+    for gate in encoder.gates:
+        if gate.pooling == "attention":
+            hidden_size, inner_size = gate.pool.hidden_size, gate.pool.inner_size
+        else:
+            hidden_size, inner_size = gate.narrow.in_features, gate.narrow.out_features
+        gates.append(gate_macs(hidden_size, seq_len, convention, inner_size, gate.pooling))
+    heads = [
+        head_macs(head.pool.hidden_size, head.num_labels, seq_len, convention, head.pool.inner_size)
+        for head in encoder.exit_heads
+    ]
+    return EncoderCost(
+        embedding=embedding_macs(dims, seq_len, convention),
+        layers=[step_macs(dims, seq_len, convention)] * encoder.num_steps,
+        gates=gates,
+        heads=heads,
+        convention=convention,
+        seq_len=seq_len,
+    )
