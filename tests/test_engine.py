@@ -1,0 +1,173 @@
+"""The batched inference engine: equal to batch size 1, equal to the plain model, honest MACs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit
+from adaptive_depth.engine import AdaptiveInferenceEngine, CostAccumulator
+from tests.conftest import FAMILIES, padded_batch, tiny_model
+
+
+def random_encoder(model_type: str, seed: int, gate_bias_spread: float = 3.0, **model_kwargs) -> AdaptiveEncoder:
+    """A float64 encoder whose gates skip some layers for some rows (biases spread around 0)."""
+    model = tiny_model(model_type, seed=seed, **model_kwargs)
+    encoder = AdaptiveEncoder(model, num_labels=3, gate_inner_size=16, head_inner_size=16).double().eval()
+    generator = torch.Generator().manual_seed(seed)
+    for gate in encoder.gates:
+        gate.score.weight.data.normal_(0.0, 2.0, generator=generator)
+        gate.score.bias.data.uniform_(-gate_bias_spread, gate_bias_spread, generator=generator)
+    for head in encoder.exit_heads:
+        head.classifier.weight.data.normal_(0.0, 3.0, generator=generator)
+    return encoder
+
+
+def run_one_by_one(engine: AdaptiveInferenceEngine, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    outputs = []
+    for row in range(len(input_ids)):
+        length = int(attention_mask[row].sum())
+        outputs.append(engine(input_ids[row : row + 1, :length], attention_mask[row : row + 1, :length]))
+    return outputs
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    model_type=st.sampled_from(FAMILIES),
+    seed=st.integers(0, 1000),
+    criterion=st.sampled_from(["entropy", "maxprob", "patience"]),
+    threshold=st.floats(0.0, 1.2),
+    gate_threshold=st.floats(0.2, 0.8),
+    batch_size=st.integers(1, 6),
+)
+def test_batched_equals_batch_size_one(model_type, seed, criterion, threshold, gate_threshold, batch_size) -> None:
+    encoder = random_encoder(model_type, seed)
+    exit_criterion = {
+        "entropy": EntropyExit(threshold),
+        "maxprob": MaxProbExit(min(threshold, 1.0)),
+        "patience": PatienceExit(int(threshold * 2)),
+    }[criterion]
+    engine = AdaptiveInferenceEngine(encoder, exit_criterion, gate_threshold=gate_threshold, padded_length=16)
+    input_ids, attention_mask = padded_batch(batch_size=batch_size, num_tokens=11, seed=seed)
+    batched = engine(input_ids, attention_mask)
+    for row, single in enumerate(run_one_by_one(engine, input_ids, attention_mask)):
+        assert batched.exit_layer[row] == single.exit_layer[0]
+        assert torch.equal(batched.layers_run[row], single.layers_run[0])
+        assert torch.equal(batched.layers_skipped[row], single.layers_skipped[0])
+        assert torch.equal(batched.heads_run[row], single.heads_run[0])
+        assert batched.predictions[row] == single.predictions[0]
+        torch.testing.assert_close(batched.logits[row], single.logits[0])
+        assert batched.macs_exact[row] == single.macs_exact[0]
+        assert batched.macs_paper[row] == single.macs_paper[0]
+
+
+def test_the_random_gates_really_mix_skip_and_run() -> None:
+    """Guards the property test above against degenerate gates that always run or always skip."""
+    skipped = ran = exited_early = 0
+    for seed in range(10):
+        encoder = random_encoder("bert", seed, num_layers=4)
+        input_ids, attention_mask = padded_batch(batch_size=6, num_tokens=11, seed=seed)
+        out = AdaptiveInferenceEngine(encoder, EntropyExit(0.9))(input_ids, attention_mask)
+        skipped += int(out.layers_skipped.sum())
+        ran += int(out.layers_run.sum())
+        exited_early += int((out.exit_layer < 4).sum())
+    assert skipped > 0 and ran > 0 and exited_early > 0
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_threshold_zero_with_gates_off_predicts_like_the_plain_model(model_type: str) -> None:
+    encoder = random_encoder(model_type, seed=1)
+    input_ids, attention_mask = padded_batch(batch_size=4, num_tokens=9)
+    with torch.no_grad():
+        expected = encoder(input_ids, attention_mask, gate_mode="run", heads="last").logits
+    for mode, gate_threshold in (("full", 0.5), ("adaptive", 1.0)):
+        # gate_threshold 1.0: p_skip >= 1 never happens for a finite sigmoid, so gates never skip.
+        engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.0), gate_threshold=gate_threshold, mode=mode)
+        out = engine(input_ids, attention_mask)
+        assert bool(out.layers_run.all()) and bool((out.exit_layer == encoder.num_steps).all())
+        torch.testing.assert_close(out.logits, expected)
+        assert torch.equal(out.predictions, expected.argmax(-1))
+
+
+def test_skip_only_answers_at_the_last_step() -> None:
+    encoder = random_encoder("bert", seed=3, num_layers=4)
+    out = AdaptiveInferenceEngine(encoder, mode="skip_only")(*padded_batch(batch_size=5))
+    assert bool((out.exit_layer == 4).all())
+    assert out.heads_run[:, :-1].sum() == 0 and bool(out.heads_run[:, -1].all())
+
+
+def count_flops(function) -> int:
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_reported_macs_equal_flop_counter_of_what_ran(model_type: str) -> None:
+    """Exact convention: the trace of one sample equals FlopCounterMode's count of the same run."""
+    for seed in range(4):
+        encoder = random_encoder(model_type, seed, attn_implementation="eager", num_layers=3)
+        engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.6))
+        length = 7 + 5 * seed
+        input_ids = torch.randint(5, 99, (1, length), generator=torch.Generator().manual_seed(seed))
+        output = {}
+        counted = count_flops(lambda: output.setdefault("out", engine(input_ids)))
+        reported = 2 * int(output["out"].macs_exact[0])
+        assert abs(reported - counted) <= 0.01 * counted, (seed, reported, counted, output["out"].layers_run)
+
+
+def test_accumulator_aggregates_traces() -> None:
+    encoder = random_encoder("bert", seed=2, num_layers=4)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.8), padded_length=16)
+    full = AdaptiveInferenceEngine(encoder, mode="full", padded_length=16)
+    accumulator, baseline = CostAccumulator(encoder.num_steps), CostAccumulator(encoder.num_steps)
+    outputs = []
+    for seed in range(3):
+        batch = padded_batch(batch_size=4, num_tokens=10, seed=seed)
+        outputs.append(engine(*batch))
+        accumulator.update(outputs[-1])
+        baseline.update(full(*batch))
+    stats, base = accumulator.compute(), baseline.compute()
+    exits = torch.cat([out.exit_layer for out in outputs])
+    assert stats["count"] == 12 and sum(stats["exit_layer_histogram"]) == 12
+    assert stats["exit_layer_histogram"] == torch.bincount(exits - 1, minlength=4).tolist()
+    assert base["relative_cost_exact"] == pytest.approx(1.0) and base["relative_cost_paper"] == pytest.approx(1.0)
+    assert stats["mean_macs_exact"] == pytest.approx(float(torch.cat([o.macs_exact for o in outputs]).double().mean()))
+    assert stats["relative_cost_paper"] == pytest.approx(stats["mean_macs_paper"] / base["mean_macs_paper"])
+    skips = torch.cat([o.layers_skipped for o in outputs]).double().sum(0)
+    gates = torch.cat([o.gates_run for o in outputs]).double().sum(0)
+    assert stats["skip_rate_per_layer"] == pytest.approx((skips / gates).tolist(), nan_ok=True)
+    accumulator.reset()
+    assert int(accumulator.count) == 0 and float(accumulator.exit_histogram.sum()) == 0
+
+
+def test_bad_input() -> None:
+    encoder = random_encoder("bert", seed=0)
+    engine = AdaptiveInferenceEngine(encoder)
+    with pytest.raises(TypeError, match="wrap the model first"):
+        AdaptiveInferenceEngine(tiny_model("bert"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty batch"):
+        engine(torch.zeros(0, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must have the shape of input_ids"):
+        engine(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"gate_threshold must be in \[0, 1\]"):
+        AdaptiveInferenceEngine(encoder, gate_threshold=1.5)
+    with pytest.raises(ValueError, match="entropy threshold must be >= 0"):
+        AdaptiveInferenceEngine(encoder, EntropyExit(-1.0))
+    with pytest.raises(ValueError, match="mode must be"):
+        AdaptiveInferenceEngine(encoder, mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="padded_length is 4"):
+        AdaptiveInferenceEngine(encoder, padded_length=4)(torch.ones(1, 6, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    encoder = random_encoder("bert", seed=5, num_layers=4)
+    input_ids, attention_mask = padded_batch(batch_size=6, num_tokens=11)
+    cpu = AdaptiveInferenceEngine(encoder, EntropyExit(0.7))(input_ids, attention_mask)
+    gpu = AdaptiveInferenceEngine(encoder.cuda(), EntropyExit(0.7))(input_ids.cuda(), attention_mask.cuda())
+    assert torch.equal(cpu.exit_layer, gpu.exit_layer.cpu()) and torch.equal(cpu.layers_run, gpu.layers_run.cpu())
