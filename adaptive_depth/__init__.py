@@ -16,6 +16,7 @@ from adaptive_depth.exits import (
     ExitHeadOutput,
     MaxProbExit,
     PatienceExit,
+    PoolerExitHead,
     entropy,
 )
 from adaptive_depth.gates import GateSchedule, SkipGate, SkipGateOutput, StraightThroughHard, straight_through_hard
@@ -38,6 +39,7 @@ __all__ = [
     "LayerRunner",
     "MaxProbExit",
     "PatienceExit",
+    "PoolerExitHead",
     "SkipGate",
     "SkipGateOutput",
     "StraightThroughHard",

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_depth.backbones import BackboneAdapter, LayerRunner, get_backbone
-from adaptive_depth.exits import ExitHead
+from adaptive_depth.exits import ExitHead, PoolerExitHead
 from adaptive_depth.gates import GatePooling, SkipGate, straight_through_hard
 
 __all__ = ["AdaptiveEncoder", "AdaptiveEncoderOutput", "GateMode", "HeadSelection", "skip_regularizer"]
 
 GateMode = Literal["soft", "hard", "run", "skip"]
 HeadSelection = Literal["all", "last", "intermediate", "none"]
+HeadType = Literal["attention", "pooler"]
 
 
 @dataclass
@@ -94,6 +95,10 @@ class AdaptiveEncoder(nn.Module):
         head_inner_size, head_num_heads: :class:`ExitHead` options.
         dropout: attention-probability dropout in gates and heads.
         initial_skip_bias: initial bias of every gate's score (0.0: ``p_skip`` near 0.5).
+        head_type: ``"attention"`` (:class:`ExitHead`, SmartBERT/FastBERT) or ``"pooler"``
+            (:class:`PoolerExitHead`, DeeBERT/PABEE).
+        with_gates: ``False`` builds no gates (early-exit-only methods); then only
+            ``gate_mode="run"`` is available.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -119,8 +124,12 @@ class AdaptiveEncoder(nn.Module):
         head_num_heads: int = 4,
         dropout: float = 0.1,
         initial_skip_bias: float = 0.0,
+        head_type: HeadType = "attention",
+        with_gates: bool = True,
     ) -> None:
         super().__init__()
+        if head_type not in ("attention", "pooler"):
+            raise ValueError(f"head_type must be 'attention' or 'pooler', got {head_type!r}.")
         config = getattr(model, "config", None)
         if config is None:
             raise TypeError(
@@ -147,10 +156,12 @@ class AdaptiveEncoder(nn.Module):
         num_steps = self.adapter.num_steps(config)
         self.gates = nn.ModuleList(
             SkipGate(hidden_size, gate_inner_size, gate_num_heads, gate_pooling, dropout, initial_skip_bias)
-            for _ in range(num_steps)
+            for _ in range(num_steps if with_gates else 0)
         )
         self.exit_heads = nn.ModuleList(
             ExitHead(hidden_size, num_labels, head_inner_size, head_num_heads, dropout)
+            if head_type == "attention"
+            else PoolerExitHead(hidden_size, num_labels, dropout)
             for _ in range(num_steps)
         )
 
@@ -161,8 +172,13 @@ class AdaptiveEncoder(nn.Module):
 
     @property
     def num_steps(self) -> int:
-        """Number of layer applications ``L`` (one gate and one head each)."""
-        return len(self.gates)
+        """Number of layer applications ``L`` (one head, and one gate unless built without)."""
+        return len(self.exit_heads)
+
+    @property
+    def has_gates(self) -> bool:
+        """Whether the encoder was built with skip gates."""
+        return len(self.gates) > 0
 
     def unwrap(self) -> nn.Module:
         """The model that was wrapped, unchanged in structure (its weights are shared)."""
@@ -249,8 +265,13 @@ class AdaptiveEncoder(nn.Module):
         probabilities, applied = [], []
         exit_logits: list[Tensor | None] = [None] * self.num_steps
         head_token_states: list[Tensor | None] = [None] * self.num_steps
+        if not self.has_gates and forced is None and gate_mode != "run":
+            raise ValueError(f"this encoder was built with_gates=False; gate_mode={gate_mode!r} needs gates, use 'run'.")
         for step in range(self.num_steps):
-            p_skip = self.gates[step](hidden, token_mask).p_skip
+            if self.has_gates:
+                p_skip = self.gates[step](hidden, token_mask).p_skip
+            else:
+                p_skip = hidden.new_zeros(batch_size)
             if forced is not None:
                 mix = forced[:, step].to(hidden.dtype)
             elif gate_mode == "soft":

@@ -30,7 +30,7 @@ from adaptive_depth.flops import Convention, encoder_cost
 
 __all__ = ["AdaptiveInferenceEngine", "CostAccumulator", "EngineMode", "EngineOutput"]
 
-EngineMode = Literal["adaptive", "skip_only", "full"]
+EngineMode = Literal["adaptive", "skip_only", "exit_only", "full"]
 
 
 @dataclass
@@ -74,8 +74,9 @@ class AdaptiveInferenceEngine:
         encoder: the wrapped model (put it in eval mode and on its device first).
         criterion: the exit criterion for ``mode="adaptive"``; entropy ``S = 0.3`` by default.
         gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (0.5 in the paper).
-        mode: ``"adaptive"`` (skip and exit), ``"skip_only"`` (skip, answer at the last step)
-            or ``"full"`` (the baseline: every layer, the last head, no gate).
+        mode: ``"adaptive"`` (skip and exit), ``"skip_only"`` (skip, answer at the last step),
+            ``"exit_only"`` (every layer runs, heads exit: DeeBERT, FastBERT, PABEE) or ``"full"``
+            (the baseline: every layer, the last head, no gate).
         padded_length: the length the "paper" FLOPs convention counts at (128 in the paper);
             ``None`` uses each batch's padded length.
 
@@ -102,8 +103,10 @@ class AdaptiveInferenceEngine:
                 f"the engine runs an AdaptiveEncoder, got {type(encoder).__name__}; wrap the model "
                 "first: AdaptiveEncoder(model, num_labels=...)."
             )
-        if mode not in ("adaptive", "skip_only", "full"):
-            raise ValueError(f"mode must be 'adaptive', 'skip_only' or 'full', got {mode!r}.")
+        if mode not in ("adaptive", "skip_only", "exit_only", "full"):
+            raise ValueError(f"mode must be 'adaptive', 'skip_only', 'exit_only' or 'full', got {mode!r}.")
+        if mode in ("adaptive", "skip_only") and not encoder.has_gates:
+            raise ValueError(f"mode {mode!r} needs skip gates, but the encoder was built with_gates=False.")
         if not 0.0 <= gate_threshold <= 1.0:
             raise ValueError(f"gate_threshold must be in [0, 1], got {gate_threshold}.")
         if padded_length is not None and padded_length < 1:
@@ -135,7 +138,8 @@ class AdaptiveInferenceEngine:
                 "truncate the inputs or raise padded_length."
             )
         device, steps = token_mask.device, encoder.num_steps
-        use_gates, use_exits = self.mode != "full", self.mode == "adaptive"
+        use_gates = self.mode in ("adaptive", "skip_only")
+        use_exits = self.mode in ("adaptive", "exit_only")
 
         layers_run = torch.zeros(batch_size, steps, dtype=torch.bool, device=device)
         gates_run = torch.zeros_like(layers_run)

@@ -23,6 +23,7 @@ __all__ = [
     "ExitHeadOutput",
     "MaxProbExit",
     "PatienceExit",
+    "PoolerExitHead",
     "entropy",
 ]
 
@@ -95,6 +96,43 @@ class ExitHead(nn.Module):
         pooled = self.pool(hidden_states, attention_mask, return_token_states)
         logits = self.classifier(torch.tanh(self.prelim(pooled.pooled)))
         return ExitHeadOutput(logits=logits, token_states=pooled.token_states)
+
+
+class PoolerExitHead(nn.Module):
+    """The DeeBERT "highway" / PABEE classifier: ``[CLS]`` -> ``tanh(Linear(H -> H))`` -> ``Linear(H -> C)``.
+
+    Args:
+        hidden_size: width ``H`` of the hidden states.
+        num_labels: number of classes ``C`` (1 for regression).
+        dropout: dropout before the classifier (training only).
+
+    Example:
+        >>> head = PoolerExitHead(hidden_size=32, num_labels=3)
+        >>> tuple(head(torch.randn(2, 5, 32)).logits.shape)
+        (2, 3)
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
+        self.num_labels = num_labels
+        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, return_token_states: bool = False
+    ) -> ExitHeadOutput:
+        """Classify from the ``[CLS]`` position of ``hidden_states`` ``[B, N, H]``.
+
+        ``attention_mask`` is accepted for interface parity and not needed; this head has no
+        token-level states, so ``return_token_states=True`` is an error.
+        """
+        if return_token_states:
+            raise ValueError("PoolerExitHead has no token states; use ExitHead for the stage-2 contrastive loss.")
+        pooled = torch.tanh(self.pooler(hidden_states[:, 0]))
+        return ExitHeadOutput(logits=self.classifier(self.dropout(pooled)))
 
 
 def entropy(logits: Tensor, normalized: bool = False) -> Tensor:

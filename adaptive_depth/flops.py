@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from adaptive_depth.backbones import get_backbone
+from adaptive_depth.exits import PoolerExitHead
 
 if TYPE_CHECKING:
     from adaptive_depth.encoder import AdaptiveEncoder
@@ -330,6 +331,14 @@ def head_macs(
     return pool + inner_size * inner_size + inner_size * num_labels
 
 
+def pooler_head_macs(hidden_size: int, num_labels: int) -> int:
+    """MACs of one :class:`~adaptive_depth.exits.PoolerExitHead`: ``H^2 + H C`` on ``[CLS]``.
+
+    The same in both conventions (it reads one position, whatever the length).
+    """
+    return hidden_size * hidden_size + hidden_size * num_labels
+
+
 def full_model_macs(config: Any, seq_len: int, convention: Convention, num_labels: int = 2) -> int:
     """MACs of the plain Hugging Face sequence classifier of ``config``'s family.
 
@@ -443,8 +452,12 @@ def encoder_cost(encoder: AdaptiveEncoder, seq_len: int, convention: Convention)
         else:
             hidden_size, inner_size = gate.narrow.in_features, gate.narrow.out_features
         gates.append(gate_macs(hidden_size, seq_len, convention, inner_size, gate.pooling))
+    if not encoder.has_gates:
+        gates = [0] * encoder.num_steps
     heads = [
-        head_macs(head.pool.hidden_size, head.num_labels, seq_len, convention, head.pool.inner_size)
+        pooler_head_macs(head.pooler.in_features, head.num_labels)
+        if isinstance(head, PoolerExitHead)
+        else head_macs(head.pool.hidden_size, head.num_labels, seq_len, convention, head.pool.inner_size)
         for head in encoder.exit_heads
     ]
     return EncoderCost(

@@ -171,3 +171,29 @@ def test_cuda_matches_cpu() -> None:
     cpu = AdaptiveInferenceEngine(encoder, EntropyExit(0.7))(input_ids, attention_mask)
     gpu = AdaptiveInferenceEngine(encoder.cuda(), EntropyExit(0.7))(input_ids.cuda(), attention_mask.cuda())
     assert torch.equal(cpu.exit_layer, gpu.exit_layer.cpu()) and torch.equal(cpu.layers_run, gpu.layers_run.cpu())
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert"])
+def test_exit_only_with_pooler_heads_and_no_gates(model_type: str) -> None:
+    """The early-exit-only baselines (DeeBERT, PABEE): every layer runs until a head exits."""
+    encoder = AdaptiveEncoder(tiny_model(model_type, attn_implementation="eager", num_layers=4), num_labels=3,
+                              head_type="pooler", with_gates=False).double().eval()
+    assert not encoder.has_gates and encoder.num_steps == 4
+    input_ids, attention_mask = padded_batch(batch_size=5, num_tokens=9)
+    never = AdaptiveInferenceEngine(encoder, EntropyExit(0.0), mode="exit_only")(input_ids, attention_mask)
+    first = AdaptiveInferenceEngine(encoder, EntropyExit(10.0), mode="exit_only")(input_ids, attention_mask)
+    assert bool((never.exit_layer == 4).all()) and bool((first.exit_layer == 1).all())
+    assert bool(never.layers_run.all()) and not bool(never.gates_run.any())
+    with torch.no_grad():
+        expected = encoder(input_ids, attention_mask, gate_mode="run", heads="last").logits
+    torch.testing.assert_close(never.logits, expected)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.5), mode="exit_only")
+    output = {}
+    counted = count_flops(lambda: output.setdefault("out", engine(input_ids[:1])))
+    assert abs(2 * int(output["out"].macs_exact[0]) - counted) <= 0.01 * counted
+    with pytest.raises(ValueError, match="needs skip gates"):
+        AdaptiveInferenceEngine(encoder, mode="adaptive")
+    with pytest.raises(ValueError, match="with_gates=False"):
+        encoder(input_ids, attention_mask, gate_mode="soft")
+    with pytest.raises(ValueError, match="head_type must be"):
+        AdaptiveEncoder(tiny_model("bert"), head_type="linear")  # type: ignore[arg-type]
