@@ -14,11 +14,9 @@ attention output; ``return_token_states=True`` computes all of them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = ["NarrowAttentionOutput", "NarrowAttentionPool"]
@@ -72,6 +70,11 @@ class NarrowAttentionPool(nn.Module):
         self.value = nn.Linear(inner_size, inner_size)
         self.dropout = nn.Dropout(dropout)
 
+    def _split_heads(self, states: Tensor) -> Tensor:
+        """``[B, n, d]`` -> ``[B, heads, n, d / heads]``."""
+        batch_size, length, _ = states.shape
+        return states.view(batch_size, length, self.num_heads, -1).transpose(1, 2)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -91,18 +94,19 @@ class NarrowAttentionPool(nn.Module):
         """
         narrowed = torch.tanh(self.narrow(hidden_states))
         queries_from = narrowed if return_token_states else narrowed[:, :1]
-        heads = self.num_heads
-        query = rearrange(self.query(queries_from), "b q (h d) -> b h q d", h=heads)
-        key = rearrange(self.key(narrowed), "b k (h d) -> b h k d", h=heads)
-        value = rearrange(self.value(narrowed), "b k (h d) -> b h k d", h=heads)
+        query = self._split_heads(self.query(queries_from))
+        key = self._split_heads(self.key(narrowed))
+        value = self._split_heads(self.value(narrowed))
         # Explicit matmuls rather than SDPA: the query is one position on the hot path, and
         # FlopCounterMode counts CPU SDPA as zero, which would hide this block's cost.
-        scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+        scores = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
         if attention_mask is not None:
             is_padding = ~attention_mask.bool()
             scores = scores.masked_fill(is_padding[:, None, None, :], torch.finfo(scores.dtype).min)
-        probabilities = self.dropout(scores.softmax(dim=-1))
-        attended = rearrange(torch.matmul(probabilities, value), "b h q d -> b q (h d)")
+        probabilities = scores.softmax(dim=-1)
+        if self.training:
+            probabilities = self.dropout(probabilities)
+        attended = torch.matmul(probabilities, value).transpose(1, 2).flatten(2)  # [B, q, d]
         return NarrowAttentionOutput(
             pooled=attended[:, 0],
             token_states=attended if return_token_states else None,
