@@ -295,7 +295,8 @@ class SmartBertRecipe:
 
     @property
     def is_main(self) -> bool:
-        return common.is_main_process()
+        """Rank 0 (as set up; stays right after the process group is gone)."""
+        return self.rank == 0
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -489,6 +490,10 @@ class SmartBertRecipe:
         return settings
 
     def evaluate(self) -> dict[str, Any] | None:
+        # Training is over: end the process group, so that rank 0 evaluates alone and its
+        # torchmetrics metrics compute locally instead of waiting for the other ranks.
+        common.barrier()
+        self.cleanup()
         if not self.is_main:
             return None
         rows = common.run_sweep(

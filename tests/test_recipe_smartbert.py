@@ -250,3 +250,23 @@ def test_overrides_are_typed_and_validated() -> None:
         common.load_config(smartbert.SmartBertConfig, None, ["holdout_fraction=1.5"], task="rte")
     with pytest.raises(ConfigError, match="key=value"):
         common.load_config(smartbert.SmartBertConfig, None, ["stage1_lr"], task="rte")
+
+
+def test_runs_under_torchrun_with_two_processes(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+    """DDP on CPU (gloo), launched by torch's own torchrun, without code changes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "recipes.smartbert",
+        "--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir", str(out),
+        "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1", "torch_threads=1", *TINY,
+    ]
+    repo = Path(__file__).resolve().parents[1]
+    completed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["sizes"]["train"] == 36 and results["sweep"][0]["exit_layer_histogram"] == [0, 16]
+    # Each of the two ranks trains on its half of the 36 training rows.
+    assert "18 samples in" in completed.stderr, completed.stderr[-3000:]
