@@ -673,14 +673,16 @@ def write_results(run_dir: str | os.PathLike[str], results: Mapping[str, Any], m
 
     rows = results["sweep"]
     figure, axis = plt.subplots(figsize=(6, 4))
-    adaptive = [row for row in rows if row["mode"] == "adaptive"]
+    # Rows with a threshold (entropy, patience...) form the curve; the others are single points.
+    adaptive = [row for row in rows if row.get("threshold") is not None]
+    symbol = results.get("threshold_symbol", "S")
     if adaptive:
         axis.plot([row["relative_cost_paper"] for row in adaptive], [100 * row["metrics"][main_metric] for row in adaptive],
-                  "o-", label="skip + entropy exit")
+                  "o-", label=results.get("curve_label", "skip + entropy exit"))
         for row in adaptive:
-            axis.annotate(f"S={row['threshold']:g}", (row["relative_cost_paper"], 100 * row["metrics"][main_metric]),
+            axis.annotate(f"{symbol}={row['threshold']:g}", (row["relative_cost_paper"], 100 * row["metrics"][main_metric]),
                           fontsize=7, textcoords="offset points", xytext=(3, 3))
-    for row, marker in ((r, "s" if r["mode"] == "full" else "^") for r in rows if r["mode"] != "adaptive"):
+    for row, marker in ((r, "s" if r["mode"] == "full" else "^") for r in rows if r.get("threshold") is None):
         axis.plot([row["relative_cost_paper"]], [100 * row["metrics"][main_metric]], marker, label=row["name"])
     axis.set_xlabel("relative FLOPs (paper convention, vs full depth)")
     axis.set_ylabel(f"dev {main_metric} (%)")

@@ -1,0 +1,237 @@
+"""Accuracy-vs-FLOPs trade-off of every method on one task: paper Table 1 and its curves.
+
+Trains (or reuses) one run of each method with the same backbone and seed, each evaluated by
+its recipe with :func:`recipes.common.run_sweep` (the same inference engine and FLOPs
+accounting for all), then writes one JSON table and one PNG with every method's
+main-metric-vs-relative-FLOPs curve and prints a Table-1-style summary.
+
+    python -m benchmarks.tradeoff --task mrpc --data-dir ../shared/data/glue
+    python -m benchmarks.tradeoff --task rte --methods finetune deebert --output-dir runs/tradeoff-rte
+
+Run folders are ``<output-dir>/<method>``. A folder whose ``results.json`` was made with the
+same config and model is reused as is; one with a checkpoint but no results is resumed
+(``--resume``); otherwise the recipe trains from scratch. A folder whose results were made with
+another config is an error (pick another ``--output-dir`` or delete it).
+
+Relative cost: each recipe's own ``relative_cost_paper`` is against its own full depth (a
+FastBERT full-depth pass pays for an attention head, SmartBERT's for its gates); here every
+row's mean paper-convention MACs are divided by one denominator, the full-depth mean paper MACs
+of the plain fine-tuned model of the same backbone (the ``finetune`` run's ``full`` row, or the
+same count computed analytically when ``finetune`` is not among the methods).
+
+``key=value`` overrides go to every method whose config has that key (e.g. ``seed=1``
+``max_train_rows=200``; ``gate_inner_size=16`` reaches SmartBERT only); a key no method knows is
+an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from recipes import common
+from recipes.common import CheckpointError, ConfigError
+from recipes.glue import TASKS, get_task, resolve_data_dir
+
+logger = logging.getLogger("recipes")
+
+METHODS = ("finetune", "deebert", "fastbert", "pabee", "smartbert")
+REFERENCE = "finetune"
+
+
+def config_class(method: str) -> type:
+    """The config dataclass of a method's recipe."""
+    if method == "smartbert":
+        from recipes.smartbert import SmartBertConfig
+
+        return SmartBertConfig
+    from recipes.baselines import BaselineConfig
+
+    return BaselineConfig
+
+
+def config_file(method: str, task: str) -> Path | None:
+    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{method}_{task}.yaml"
+    return path if path.is_file() else None
+
+
+def split_overrides(methods: list[str], overrides: list[str]) -> dict[str, list[str]]:
+    """The ``key=value`` overrides each method's config accepts; a key none accepts is an error."""
+    parsed = common.parse_overrides(overrides)
+    fields = {method: {field.name for field in dataclasses.fields(config_class(method))} for method in methods}
+    unknown = sorted(key for key in parsed if not any(key in names for names in fields.values()))
+    if unknown:
+        raise ConfigError(f"override keys {unknown} are in no config of the methods {methods}")
+    if "task" in parsed:
+        raise ConfigError("set the task with --task, not task=...")
+    return {method: [item for item in overrides if item.split("=", 1)[0].strip() in fields[method]]
+            for method in methods}
+
+
+def ensure_run(method: str, task: str, run_dir: Path, data_dir: str | None, model: str | None,
+               overrides: list[str]) -> dict[str, Any]:
+    """Reuse, resume or train the run of ``method`` in ``run_dir``; returns its ``results.json``."""
+    expected = common.config_to_dict(
+        common.load_config(config_class(method), config_file(method, task), overrides, task=task)
+    )
+    model_name = str(common.default_model_path() if model is None else model)
+    results_path = run_dir / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        same_model = Path(results.get("model", "")).resolve() == Path(model_name).resolve() or \
+            results.get("model") == model_name
+        if results.get("config") == expected and same_model and results.get("task") == task:
+            logger.info("%s: reusing %s", method, results_path)
+            return results
+        raise ConfigError(
+            f"{results_path} was made with another config or model than this comparison asks for; "
+            "delete the folder or pick another --output-dir"
+        )
+    argv = ["--task", task, "--output-dir", str(run_dir)]
+    if data_dir is not None:
+        argv += ["--data-dir", str(data_dir)]
+    if model is not None:
+        argv += ["--model", str(model)]
+    if (run_dir / "checkpoint" / "state.json").is_file():
+        logger.info("%s: resuming the checkpoint in %s", method, run_dir)
+        argv.append("--resume")
+    module = importlib.import_module(f"recipes.{method}")
+    if module.main([*argv, *overrides]) != 0:
+        raise RuntimeError(f"python -m recipes.{method} {' '.join([*argv, *overrides])} failed (see its error above)")
+    return json.loads(results_path.read_text(encoding="utf-8"))
+
+
+def reference_macs(backbone_dir: Path, num_labels: int, padded_length: int) -> int:
+    """Full-depth paper MACs of the plain fine-tuned model: embedding + every layer + a pooler head."""
+    from transformers import AutoConfig, AutoModel
+
+    from adaptive_depth.encoder import AdaptiveEncoder
+    from adaptive_depth.flops import encoder_cost
+
+    backbone = AutoModel.from_config(AutoConfig.from_pretrained(backbone_dir))
+    encoder = AdaptiveEncoder(backbone, num_labels=num_labels, head_type="pooler", with_gates=False)
+    cost = encoder_cost(encoder, padded_length, "paper")
+    return cost.full_depth_macs(with_gates=False) + cost.heads[-1]
+
+
+def build_table(task: str, all_results: dict[str, dict[str, Any]], run_dirs: dict[str, Path]) -> dict[str, Any]:
+    """One JSON-ready table: every method's rows with cost relative to the fine-tuned full depth."""
+    first = next(iter(all_results.values()))
+    main_metric = first["main_metric"]
+    for key in ("seed", "padded_length", "max_length"):
+        values = {method: results["config"].get(key) for method, results in all_results.items()}
+        if len(set(values.values())) > 1:
+            raise ConfigError(f"the runs differ in {key}: {values}; compare runs made alike")
+    models = {method: results["model"] for method, results in all_results.items()}
+    if len(set(models.values())) > 1:
+        raise ConfigError(f"the runs use different backbones: {models}")
+    padded_length = first["config"]["padded_length"]
+    analytic = reference_macs(run_dirs[next(iter(all_results))] / "backbone", get_task(task).num_labels, padded_length)
+    if REFERENCE in all_results:
+        full = next(row for row in all_results[REFERENCE]["sweep"] if row["mode"] == "full")
+        denominator, source = full["mean_macs_paper"], f"{REFERENCE} full-depth row"
+    else:
+        denominator, source = float(analytic), "computed (pooler head, every layer)"
+    rows = []
+    for method, results in all_results.items():
+        for row in results["sweep"]:
+            rows.append({
+                "method": method, "setting": row["name"], "mode": row["mode"], "threshold": row["threshold"],
+                "metrics": row["metrics"], "main_metric": row["metrics"][main_metric],
+                "mean_macs_paper": row["mean_macs_paper"], "mean_macs_exact": row["mean_macs_exact"],
+                "relative_cost": row["mean_macs_paper"] / denominator,
+                "relative_cost_own_full_depth": row["relative_cost_paper"],
+                "mean_layers_run": row["mean_layers_run"], "exit_layer_histogram": row["exit_layer_histogram"],
+                "ms_per_sample": row["ms_per_sample"],
+            })
+    return {
+        "task": task, "model": first["model"], "main_metric": main_metric, "metrics": list(first["sweep"][0]["metrics"]),
+        "seed": first["config"]["seed"], "padded_length": padded_length,
+        "reference": {"method": REFERENCE, "mean_macs_paper": denominator, "source": source,
+                      "analytic_mean_macs_paper": analytic},
+        "runs": {method: str(run_dirs[method]) for method in all_results},
+        "commands": {method: results.get("command") for method, results in all_results.items()},
+        "rows": rows,
+    }
+
+
+def plot_table(table: dict[str, Any], path: Path) -> None:
+    """Every method's main metric against relative FLOPs (one shared denominator)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in table["runs"]:
+        rows = sorted((row for row in table["rows"] if row["method"] == method), key=lambda row: row["relative_cost"])
+        axis.plot([row["relative_cost"] for row in rows], [100 * row["main_metric"] for row in rows], "o-",
+                  label=method, markersize=4)
+    axis.set_xlabel(f"relative FLOPs (paper convention, vs fine-tuned full depth, {table['reference']['method']})")
+    axis.set_ylabel(f"dev {table['main_metric']} (%)")
+    axis.set_title(f"{table['task']}: {Path(table['model']).name}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, format="png")
+    plt.close(figure)
+
+
+def format_summary(table: dict[str, Any]) -> str:
+    """Table 1 of the paper: for each method and setting, the metrics (%) and the cost (%)."""
+    names = table["metrics"]
+    header = ["method", "setting", *names, "cost (%)", "mean layers"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table["rows"]:
+        values = [row["method"], row["setting"], *(f"{100 * row['metrics'][name]:.2f}" for name in names),
+                  f"{100 * row['relative_cost']:.1f}", f"{row['mean_layers_run']:.2f}"]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__.split("\n")[0])
+    parser.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
+    parser.add_argument("--data-dir", default=None, help="glue_data folder (default: $GLUE_DIR)")
+    parser.add_argument("--model", default=None, help="local model folder or HF id (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
+    parser.add_argument("--output-dir", default=None, help="folder of the runs and tables (default: runs/tradeoff-<task>)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, passed to every method that has the key")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    common.setup_logging()
+    args = parse_args(argv)
+    try:
+        task = get_task(args.task).name
+        resolve_data_dir(args.data_dir)  # fail before any training
+        output_dir = Path(args.output_dir or Path("runs") / f"tradeoff-{task}")
+        methods = list(dict.fromkeys(args.methods))
+        per_method = split_overrides(methods, args.overrides)
+        run_dirs = {method: output_dir / method for method in methods}
+        all_results = {
+            method: ensure_run(method, task, run_dirs[method], args.data_dir, args.model, per_method[method])
+            for method in methods
+        }
+        table = build_table(task, all_results, run_dirs)
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    json_path, png_path = output_dir / f"tradeoff-{task}.json", output_dir / f"tradeoff-{task}.png"
+    json_path.write_text(json.dumps(table, indent=2), encoding="utf-8")
+    plot_table(table, png_path)
+    print(format_summary(table))
+    print(f"table: {json_path}  plot: {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""FastBERT (Liu et al., ACL 2020, https://arxiv.org/abs/2004.02178): self-distilled students.
+
+Usage::
+
+    python -m recipes.fastbert --task mrpc [--data-dir DIR] [--model PATH] [--config FILE]
+        [--output-dir DIR] [--resume] [key=value ...]
+
+* stage 1 ("pre-training + fine-tuning"): backbone + the teacher, the last FastBERT
+  classifier (:class:`~adaptive_depth.exits.ExitHead`: narrowed self-attention head), CE;
+* stage 2 (self-distillation): backbone and teacher frozen; the student heads ``1..L-1``
+  train on ``sum_s KL(p_teacher || p_s)`` with the teacher's softmax detached (no labels);
+* inference: exit when the normalized entropy ("speed") is below ``S``
+  (``EntropyExit(S, normalized=True)``), engine mode ``"exit_only"``.
+
+No skip gates (``with_gates=False``). Shared loops: :mod:`recipes.baselines`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from adaptive_depth.exits import EntropyExit
+from recipes import baselines
+
+METHOD = baselines.BaselineMethod(
+    name="fastbert",
+    description="FastBERT: fine-tune the teacher, self-distil frozen-backbone students; speed (normalized entropy) exit.",
+    head_type="attention",
+    stage1_heads="last",
+    stage1_loss=baselines.last_head_loss,
+    stage2_heads="all",
+    stage2_loss=baselines.self_distillation_loss,
+    make_criterion=lambda threshold: EntropyExit(threshold, normalized=True),
+    threshold_name="speed",
+    default_thresholds=lambda num_steps: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+)
+
+
+def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Any, baselines.BaselineConfig]:
+    """``(encoder, tokenizer, config)`` of a finished run folder (see :func:`recipes.baselines.load_trained`)."""
+    return baselines.load_trained(METHOD, run_dir, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return baselines.main(METHOD, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

