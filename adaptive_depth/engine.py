@@ -141,7 +141,9 @@ class AdaptiveInferenceEngine:
         use_gates = self.mode in ("adaptive", "skip_only")
         use_exits = self.mode in ("adaptive", "exit_only")
 
-        layers_run = torch.zeros(batch_size, steps, dtype=torch.bool, device=device)
+        # Per-step records as [L, B] rows, filled with index_fill_/index_copy_: tensor-indexed
+        # __setitem__ costs tens of microseconds a call, which shows at batch size 1.
+        layers_run = torch.zeros(steps, batch_size, dtype=torch.bool, device=device)
         gates_run = torch.zeros_like(layers_run)
         heads_run = torch.zeros_like(layers_run)
         exit_layer = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -154,48 +156,56 @@ class AdaptiveInferenceEngine:
         mask = token_mask if not bool(token_mask.all()) else None
         state = self.criterion.initial_state(batch_size, device) if use_exits else None
         for step in range(steps):
+            last_step = step == steps - 1
             if use_gates:
-                gates_run[active, step] = True
-                runs = encoder.gates[step](hidden, mask).p_skip < self.gate_threshold
-                running = runs.nonzero().flatten()
+                gates_run[step].index_fill_(0, active, True)
+                running = (encoder.gates[step](hidden, mask).p_skip < self.gate_threshold).nonzero().flatten()
+                all_run = len(running) == len(active)
             else:
-                running = torch.arange(len(active), device=device)
-            if len(running) == len(active):
+                running, all_run = active, True  # only its length and "all rows" are used below
+            if all_run:
                 hidden = runner.run_layer(step, hidden)
+                layers_run[step].index_fill_(0, active, True)
             elif len(running) > 0:
                 layer_output = runner.select_rows(running).run_layer(step, hidden.index_select(0, running))
                 hidden = hidden.index_copy(0, running, layer_output)
-            layers_run[active[running], step] = True
+                layers_run[step].index_fill_(0, active.index_select(0, running), True)
 
-            if step == steps - 1:  # the last head answers for every row still here
-                answering = torch.arange(len(active), device=device)
+            if last_step or (use_exits and all_run):  # the last head answers for every row still here
+                answering, answering_rows, answering_hidden, answering_mask = None, active, hidden, mask
             elif use_exits and len(running) > 0:
-                answering = running
+                answering, answering_rows = running, active.index_select(0, running)
+                answering_hidden = hidden.index_select(0, running)
+                answering_mask = mask.index_select(0, running) if mask is not None else None
             else:
                 continue
-            answering_mask = mask.index_select(0, answering) if mask is not None else None
-            head_logits = encoder.exit_heads[step](hidden.index_select(0, answering), answering_mask).logits
-            heads_run[active[answering], step] = True
-            if step == steps - 1:
-                leaving = answering
+            head_logits = encoder.exit_heads[step](answering_hidden, answering_mask).logits
+            heads_run[step].index_fill_(0, answering_rows, True)
+            if last_step:
+                leaving_rows, leaving_logits = answering_rows, head_logits
             else:
-                decision = self.criterion.decide(head_logits, state.index_select(0, answering))
-                state = state.index_copy(0, answering, decision.state)
-                leaving = answering[decision.should_exit]
-                head_logits = head_logits[decision.should_exit]
-            if len(leaving) == 0:
-                continue
-            logits[active[leaving]] = head_logits.to(logits.dtype)
-            exit_layer[active[leaving]] = step + 1
-            staying = torch.ones(len(active), dtype=torch.bool, device=device)
-            staying[leaving] = False
+                answering_state = state if answering is None else state.index_select(0, answering)
+                decision = self.criterion.decide(head_logits, answering_state)
+                state = decision.state if answering is None else state.index_copy(0, answering, decision.state)
+                exiting = decision.should_exit.nonzero().flatten()
+                if len(exiting) == 0:
+                    continue
+                leaving_rows = answering_rows.index_select(0, exiting)
+                leaving_logits = head_logits.index_select(0, exiting)
+            logits.index_copy_(0, leaving_rows, leaving_logits.to(logits.dtype))
+            exit_layer.index_fill_(0, leaving_rows, step + 1)
+            if last_step:
+                break
+            local = exiting if answering is None else answering.index_select(0, exiting)
+            staying = torch.ones(len(active), dtype=torch.bool, device=device).index_fill_(0, local, False)
             keep = staying.nonzero().flatten()
             if len(keep) == 0:
                 break
-            active, hidden = active[keep], hidden.index_select(0, keep)
+            active, hidden = active.index_select(0, keep), hidden.index_select(0, keep)
             mask = mask.index_select(0, keep) if mask is not None else None
             runner = runner.select_rows(keep)
-            state = state.index_select(0, keep) if state is not None else None
+            state = state.index_select(0, keep)
+        layers_run, gates_run, heads_run = layers_run.T, gates_run.T, heads_run.T
 
         lengths = token_mask.sum(dim=-1)
         macs = self._trace_macs(lengths, self.padded_length or num_tokens, layers_run, gates_run, heads_run)
