@@ -43,6 +43,7 @@ logger = logging.getLogger("recipes")
 
 METHODS = ("finetune", "deebert", "fastbert", "pabee", "smartbert")
 REFERENCE = "finetune"
+COST_BUDGETS = (1.0, 0.75, 0.5, 0.33)
 
 
 def config_class(method: str) -> type:
@@ -155,10 +156,35 @@ def build_table(task: str, all_results: dict[str, dict[str, Any]], run_dirs: dic
         "seed": first["config"]["seed"], "padded_length": padded_length,
         "reference": {"method": REFERENCE, "mean_macs_paper": denominator, "source": source,
                       "analytic_mean_macs_paper": analytic},
+        "majority_class_baseline": first.get("majority_class_baseline"),
         "runs": {method: str(run_dirs[method]) for method in all_results},
         "commands": {method: results.get("command") for method, results in all_results.items()},
         "rows": rows,
+        "at_cost": best_at_cost(rows, COST_BUDGETS),
     }
+
+
+def best_at_cost(rows: list[dict[str, Any]], budgets: tuple[float, ...]) -> dict[str, dict[str, Any]]:
+    """Each method's best main metric among its settings costing at most each budget.
+
+    Paper Table 1 compares methods at about equal computation; this is that comparison read off
+    each method's sweep: for every budget (relative cost, e.g. 0.5 = half the fine-tuned model's
+    FLOPs) the setting with the highest main metric whose ``relative_cost`` is within it, or
+    ``None`` where no setting is that cheap. Ties go to the cheaper setting.
+
+    Returns:
+        ``{method: {str(budget): {"setting", "main_metric", "relative_cost"} | None}}``.
+    """
+    table: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(row["method"] for row in rows):
+        own = [row for row in rows if row["method"] == method]
+        table[method] = {}
+        for budget in budgets:
+            within = [row for row in own if row["relative_cost"] <= budget + 1e-9]
+            best = max(within, key=lambda row: (row["main_metric"], -row["relative_cost"]), default=None)
+            table[method][str(budget)] = None if best is None else {
+                "setting": best["setting"], "main_metric": best["main_metric"], "relative_cost": best["relative_cost"]}
+    return table
 
 
 def plot_table(table: dict[str, Any], path: Path) -> None:
@@ -196,6 +222,24 @@ def format_summary(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_at_cost(table: dict[str, Any]) -> str:
+    """Best main metric (%) per method within each cost budget, with the setting that gives it."""
+    budgets = list(next(iter(table["at_cost"].values())))
+    header = ["method", *(f"{table['main_metric']} at cost <= {100 * float(budget):.0f}%" for budget in budgets)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, cells in table["at_cost"].items():
+        values = [method]
+        for budget in budgets:
+            cell = cells[budget]
+            values.append("-" if cell is None else
+                          f"{100 * cell['main_metric']:.2f} ({cell['setting']}, {100 * cell['relative_cost']:.0f}%)")
+        lines.append("| " + " | ".join(values) + " |")
+    majority = table.get("majority_class_baseline")
+    if majority:
+        lines.append(f"\nmajority-class baseline on dev: {table['main_metric']} {100 * majority[table['main_metric']]:.2f}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
@@ -229,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(table, indent=2), encoding="utf-8")
     plot_table(table, png_path)
     print(format_summary(table))
+    print()
+    print(format_at_cost(table))
     print(f"table: {json_path}  plot: {png_path}")
     return 0
 

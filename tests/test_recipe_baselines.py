@@ -248,7 +248,10 @@ def test_tradeoff_end_to_end(tiny_model_dir: Path, glue_dir: Path, tmp_path: Pat
     assert tradeoff.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| finetune | full |" in printed and "| deebert | entropy=0.3 |" in printed and "cost (%)" in printed
+    assert "f1 at cost <= 50%" in printed
     table = json.loads((out / "tradeoff-mrpc.json").read_text())
+    assert table["at_cost"]["finetune"]["1.0"]["setting"] == "full"
+    assert table["at_cost"]["finetune"]["0.5"] is None  # full depth is its only setting
     assert (out / "tradeoff-mrpc.png").stat().st_size > 1000
     assert set(table["runs"]) == {"finetune", "deebert"}
     reference = table["reference"]
@@ -268,3 +271,17 @@ def test_tradeoff_end_to_end(tiny_model_dir: Path, glue_dir: Path, tmp_path: Pat
     assert tradeoff.main([*argv, "seed=7"]) == 2
     assert "another config" in capsys.readouterr().err
     assert tradeoff.main([*argv, "no_such_key=1"]) == 2
+
+
+def test_best_at_cost_picks_the_best_setting_within_each_budget() -> None:
+    def row(method: str, setting: str, metric: float, cost: float) -> dict:
+        return {"method": method, "setting": setting, "main_metric": metric, "relative_cost": cost}
+
+    rows = [row("a", "full", 0.80, 1.0), row("a", "s1", 0.82, 0.6), row("a", "s2", 0.70, 0.3),
+            row("b", "full", 0.85, 1.1), row("b", "s1", 0.75, 0.5), row("b", "s2", 0.75, 0.4)]
+    table = tradeoff.best_at_cost(rows, (1.0, 0.5, 0.2))
+    assert table["a"]["1.0"]["setting"] == "s1"  # cheaper and better than full depth
+    assert table["a"]["0.5"]["setting"] == "s2"
+    assert table["a"]["0.2"] is None
+    assert table["b"]["1.0"]["setting"] == "s2"  # full depth costs 1.1 > 1.0; tie goes to the cheaper
+    assert table["b"]["0.5"] == {"setting": "s2", "main_metric": 0.75, "relative_cost": 0.4}
