@@ -17,8 +17,7 @@ No skip gates (``with_gates=False``). Shared loops: :mod:`recipes.baselines`.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any
+from functools import partial
 
 from adaptive_depth.exits import EntropyExit
 from recipes import baselines
@@ -37,14 +36,10 @@ METHOD = baselines.BaselineMethod(
 )
 
 
-def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Any, baselines.BaselineConfig]:
-    """``(encoder, tokenizer, config)`` of a finished run folder (see :func:`recipes.baselines.load_trained`)."""
-    return baselines.load_trained(METHOD, run_dir, device)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return baselines.main(METHOD, argv)
-
+# (run_dir, device="cpu") -> (encoder, tokenizer, config); see recipes.baselines.load_trained.
+load_trained = partial(baselines.load_trained, METHOD)
+# (argv=None) -> exit status; see recipes.baselines.main.
+main = partial(baselines.main, METHOD)
 
 if __name__ == "__main__":
     sys.exit(main())

