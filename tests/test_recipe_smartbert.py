@@ -107,6 +107,25 @@ def test_resume_continues_stage1_and_stage2_freezes(
     assert trained and any(not torch.equal(best[key], final[key]) for key in trained)
 
 
+def test_load_trained_without_stage2_gives_the_best_stage1_weights(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path
+) -> None:
+    """A run that stops after stage 1 was evaluated with its best held-out epoch; so is its reload."""
+    out = tmp_path / "run"
+    assert run_cli("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out,
+                   "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=0", "entropy_thresholds=[0.3]", *TINY) == 0
+    # Make the best-epoch file differ from the last checkpoint, as after a later, worse epoch.
+    best = common.load_weights(out / "stage1_best.safetensors")
+    best["encoder.exit_heads.1.classifier.bias"] = best["encoder.exit_heads.1.classifier.bias"] + 1.0
+    common.save_weights(out / "stage1_best.safetensors", best)
+    encoder, _, _ = smartbert.load_trained(out)
+    assert torch.equal(encoder.exit_heads[1].classifier.bias, best["encoder.exit_heads.1.classifier.bias"])
+    with pytest.raises(common.CheckpointError, match="not 'deebert'"):
+        from recipes import deebert
+
+        deebert.load_trained(out)
+
+
 def test_stage2_optimizer_holds_only_intermediate_heads(tiny_model_dir: Path) -> None:
     from transformers import AutoModel
 
