@@ -387,7 +387,11 @@ def run_epoch(
 
     total_loss, batches, samples = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=description, disable=not is_main_process(), leave=False, dynamic_ncols=True)
+    # Redirected to a file, a bar refreshed 10 times a second buries the log lines: refresh
+    # it once a minute there instead.
+    interval = 0.1 if sys.stderr.isatty() else 60.0
+    bar = tqdm(loader, desc=description, disable=not is_main_process(), leave=False, dynamic_ncols=True,
+               mininterval=interval)
     for batch in bar:
         loss = step(batch)
         if not torch.isfinite(loss):
