@@ -13,6 +13,7 @@ It prints a table and writes JSON.
 
     python -m benchmarks.engine_latency --task mrpc --data-dir ../shared/data/glue
     python -m benchmarks.engine_latency --task mrpc --run runs/smartbert-mrpc-<stamp>
+    python -m benchmarks.engine_latency --task mrpc --run runs/smartbert-mrpc-<stamp> --threads 1
 
 Without ``--run`` the gates and heads are untrained: their skip and exit patterns are
 arbitrary, but the MACs and times measured for those patterns are real.
@@ -80,6 +81,10 @@ def interleaved_medians(passes: dict[str, Callable[[], None]], repeats: int, dev
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     task = get_task(args.task)
     encoder, tokenizer, model_name = load_encoder(args.run, args.model, task.num_labels)
@@ -182,6 +187,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads for the whole run (0: torch's default, one per core)")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/engine_latency-<task>-<device>.json)")
     argv = list(argv) if argv is not None else None
     args = parser.parse_args(argv)
