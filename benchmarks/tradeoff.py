@@ -187,8 +187,12 @@ def best_at_cost(rows: list[dict[str, Any]], budgets: tuple[float, ...]) -> dict
     return table
 
 
+MARKERS = {"finetune": "s", "deebert": "v", "fastbert": "^", "pabee": "D", "smartbert": "o"}
+
+
 def plot_table(table: dict[str, Any], path: Path) -> None:
-    """Every method's main metric against relative FLOPs (one shared denominator)."""
+    """Every method's main metric against relative FLOPs (one shared denominator), with the
+    majority-class answer as a dashed line (what a model that learned nothing scores)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,11 +201,15 @@ def plot_table(table: dict[str, Any], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for method in table["runs"]:
         rows = sorted((row for row in table["rows"] if row["method"] == method), key=lambda row: row["relative_cost"])
-        axis.plot([row["relative_cost"] for row in rows], [100 * row["main_metric"] for row in rows], "o-",
-                  label=method, markersize=4)
+        axis.plot([row["relative_cost"] for row in rows], [100 * row["main_metric"] for row in rows],
+                  marker=MARKERS.get(method, "o"), label=method, markersize=5)
+    majority = table.get("majority_class_baseline")
+    if majority:
+        axis.axhline(100 * majority[table["main_metric"]], color="grey", linestyle="--", linewidth=1,
+                     label="majority class")
     axis.set_xlabel(f"relative FLOPs (paper convention, vs fine-tuned full depth, {table['reference']['method']})")
     axis.set_ylabel(f"dev {table['main_metric']} (%)")
-    axis.set_title(f"{table['task']}: {Path(table['model']).name}")
+    axis.set_title(f"{table['task']}: {common.model_label(table['model'])}")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

