@@ -231,20 +231,30 @@ def format_summary(table: dict[str, Any]) -> str:
 
 
 def format_at_cost(table: dict[str, Any]) -> str:
-    """Best main metric (%) per method within each cost budget, with the setting that gives it."""
+    """Best main metric (%) per method within each cost budget, with the setting that gives it.
+
+    A value marked ``*`` is no better than answering the majority class on every row (a setting
+    whose model learned nothing useful, e.g. every row exiting at a head that predicts one class).
+    """
     budgets = list(next(iter(table["at_cost"].values())))
-    header = ["method", *(f"{table['main_metric']} at cost <= {100 * float(budget):.0f}%" for budget in budgets)]
+    main_metric = table["main_metric"]
+    majority = table.get("majority_class_baseline")
+    floor = None if not majority else majority[main_metric]
+    header = ["method", *(f"{main_metric} at cost <= {100 * float(budget):.0f}%" for budget in budgets)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, cells in table["at_cost"].items():
         values = [method]
         for budget in budgets:
             cell = cells[budget]
-            values.append("-" if cell is None else
-                          f"{100 * cell['main_metric']:.2f} ({cell['setting']}, {100 * cell['relative_cost']:.0f}%)")
+            if cell is None:
+                values.append("-")
+                continue
+            mark = "*" if floor is not None and cell["main_metric"] <= floor + 1e-9 else ""
+            values.append(f"{100 * cell['main_metric']:.2f}{mark} ({cell['setting']}, {100 * cell['relative_cost']:.0f}%)")
         lines.append("| " + " | ".join(values) + " |")
-    majority = table.get("majority_class_baseline")
-    if majority:
-        lines.append(f"\nmajority-class baseline on dev: {table['main_metric']} {100 * majority[table['main_metric']]:.2f}")
+    if floor is not None:
+        lines.append(f"\nmajority-class baseline on dev: {main_metric} {100 * floor:.2f}"
+                     " (* marks values no better than it)")
     return "\n".join(lines)
 
 

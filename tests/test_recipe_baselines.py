@@ -264,3 +264,16 @@ def test_best_at_cost_picks_the_best_setting_within_each_budget() -> None:
     assert table["a"]["0.2"] is None
     assert table["b"]["1.0"]["setting"] == "s2"  # full depth costs 1.1 > 1.0; tie goes to the cheaper
     assert table["b"]["0.5"] == {"setting": "s2", "main_metric": 0.75, "relative_cost": 0.4}
+
+
+def test_at_cost_table_marks_values_no_better_than_the_majority_class() -> None:
+    table = {
+        "main_metric": "accuracy", "majority_class_baseline": {"accuracy": 0.5},
+        "at_cost": {"a": {"1.0": {"setting": "full", "main_metric": 0.7, "relative_cost": 1.0},
+                          "0.5": {"setting": "s", "main_metric": 0.5, "relative_cost": 0.4}},
+                    "b": {"1.0": None, "0.5": None}},
+    }
+    lines = tradeoff.format_at_cost(table).splitlines()
+    assert lines[2] == "| a | 70.00 (full, 100%) | 50.00* (s, 40%) |"
+    assert lines[3] == "| b | - | - |"
+    assert "* marks values no better than it" in lines[-1]
