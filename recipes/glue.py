@@ -53,6 +53,7 @@ __all__ = [
     "GlueDataError",
     "GlueExample",
     "GlueMetrics",
+    "matthews_corrcoef",
     "GlueSplit",
     "GlueTask",
     "SkippedRow",
@@ -675,6 +676,34 @@ def collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, 
 # --------------------------------------------------------------------------------------
 
 
+def matthews_corrcoef(confusion: Tensor) -> float:
+    """Matthews correlation of a binary confusion matrix, 0.0 where it is undefined.
+
+    GLUE scores CoLA with scikit-learn's ``matthews_corrcoef``, which returns 0 when a row or a
+    column of the matrix is empty (e.g. a model that always answers the same class).
+    torchmetrics' ``MatthewsCorrCoef`` returns a small non-zero limit there instead (+-0.0256
+    for CoLA dev), which would credit a constant answer; so the value is computed here.
+
+    Args:
+        confusion: ``[2, 2]`` counts, rows the true class, columns the predicted one
+            (``[[tn, fp], [fn, tp]]``, as torchmetrics' ``ConfusionMatrix(task="binary")``).
+
+    Returns:
+        ``(tp * tn - fp * fn) / sqrt((tp + fp)(tp + fn)(tn + fp)(tn + fn))``, in ``[-1, 1]``.
+
+    Example:
+        >>> matthews_corrcoef(torch.tensor([[1, 1], [1, 3]]))
+        0.25
+        >>> matthews_corrcoef(torch.tensor([[0, 322], [0, 721]]))  # always "acceptable"
+        0.0
+    """
+    if tuple(confusion.shape) != (2, 2):
+        raise ValueError(f"a binary confusion matrix is [2, 2], got shape {tuple(confusion.shape)}")
+    (tn, fp), (fn, tp) = confusion.double().tolist()
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denominator == 0 else (tp * tn - fp * fn) / denominator
+
+
 class GlueMetrics:
     """The official GLUE metrics of one task, accumulated over batches (torchmetrics).
 
@@ -706,8 +735,8 @@ class GlueMetrics:
             return torchmetrics.Accuracy(task="multiclass", num_classes=num_labels, average="micro")
         if name == "f1":
             return torchmetrics.F1Score(task="binary")
-        if name == "mcc":
-            return torchmetrics.MatthewsCorrCoef(task="binary")
+        if name == "mcc":  # the counts; matthews_corrcoef() turns them into the GLUE value
+            return torchmetrics.ConfusionMatrix(task="binary")
         if name == "pearson":
             return torchmetrics.PearsonCorrCoef()
         if name == "spearman":
@@ -748,7 +777,10 @@ class GlueMetrics:
 
     def compute(self) -> dict[str, float]:
         """The metrics over every batch since the last :meth:`reset`, as Python floats."""
-        return {name: float(metric.compute()) for name, metric in self._metrics.items()}
+        return {
+            name: matthews_corrcoef(metric.compute()) if name == "mcc" else float(metric.compute())
+            for name, metric in self._metrics.items()
+        }
 
     def reset(self) -> None:
         """Forget all batches."""

@@ -496,6 +496,21 @@ def test_mcc_by_hand() -> None:
     assert metrics.main_metric == "mcc"
 
 
+@pytest.mark.parametrize("constant", [0, 1])
+def test_mcc_of_a_constant_answer_is_zero_as_in_glue(constant: int) -> None:
+    """scikit-learn (the GLUE scorer) gives 0 where torchmetrics gives +-0.0256 on CoLA dev."""
+    target = torch.tensor([1] * 721 + [0] * 322)
+    metrics = GlueMetrics("cola")
+    metrics.update(torch.full_like(target, constant), target)
+    assert metrics.compute()["mcc"] == 0.0
+    metrics.reset()
+    metrics.update(target, target)
+    assert metrics.compute()["mcc"] == pytest.approx(1.0)
+    metrics.reset()
+    metrics.update(1 - target, target)
+    assert metrics.compute()["mcc"] == pytest.approx(-1.0)
+
+
 def test_accuracy_is_micro_not_macro() -> None:
     metrics = GlueMetrics("mnli")
     metrics.update(torch.tensor([0, 0, 0, 0, 2, 1]), torch.tensor([0, 0, 0, 0, 1, 2]))
