@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
@@ -149,6 +149,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trained": args.run is not None,
         "rows": rows,
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _row(name: str, batch_size: int, macs: float, seconds: float, plain_macs: float, plain_seconds: float, count: int) -> dict:
