@@ -419,7 +419,10 @@ def run_epoch(
         batches += 1
         samples += int(batch["labels"].shape[0])
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / batches:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.1f}")
+        # refresh=False: the postfix shows at the bar's next timed refresh; set_postfix's default
+        # refresh=True would redraw on every batch, whatever mininterval says.
+        bar.set_postfix(loss=f"{total_loss / batches:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.1f}",
+                        refresh=False)
     stats = EpochStats(loss=total_loss / max(batches, 1), samples=samples, seconds=time.perf_counter() - start)
     if is_main_process():
         logger.info(
