@@ -415,7 +415,9 @@ class TwoStageRecipe:
         if prefixes:
             best.update({key: value for key, value in self.model.state_dict().items() if key.startswith(prefixes)})
         common.load_state_dict_strict(self.model, best, str(self.best_stage1_path))
-        logger.info("reloaded the best stage-1 weights (%s)", self.best_stage1)
+        if self.best_stage1 is not None:  # epochs are 0-based in results.json, 1-based in the log
+            logger.info("reloaded the best stage-1 weights: epoch %d, held-out %s %.4f", self.best_stage1["epoch"] + 1,
+                        self.best_stage1["metric"], self.best_stage1["value"])
 
     def train_stage2(self, start_epoch: int, payload: dict[str, Any] | None) -> None:
         config = self.config
