@@ -53,7 +53,6 @@ __all__ = [
     "GlueDataError",
     "GlueExample",
     "GlueMetrics",
-    "matthews_corrcoef",
     "GlueSplit",
     "GlueTask",
     "SkippedRow",
@@ -62,6 +61,7 @@ __all__ = [
     "get_task",
     "holdout_split",
     "load_hf_split",
+    "matthews_corrcoef",
     "read_split",
     "resolve_data_dir",
 ]
