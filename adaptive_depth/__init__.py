@@ -6,6 +6,7 @@ cross-layer contrastive loss makes intermediate layers good enough to exit from
 """
 
 from adaptive_depth.backbones import BACKBONES, BackboneAdapter, LayerRunner, UnsupportedModelError, get_backbone
+from adaptive_depth.config import AdaptiveEncoderConfig
 from adaptive_depth.contrastive import ContrastiveOutput, CrossLayerInfoNCE, cross_layer_info_nce
 from adaptive_depth.encoder import AdaptiveEncoder, AdaptiveEncoderOutput, skip_regularizer
 from adaptive_depth.exits import (
@@ -26,6 +27,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BACKBONES",
     "AdaptiveEncoder",
+    "AdaptiveEncoderConfig",
     "AdaptiveEncoderOutput",
     "BackboneAdapter",
     "ContrastiveOutput",

@@ -9,14 +9,17 @@ actually skips and exits.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from adaptive_depth.backbones import BackboneAdapter, LayerRunner, get_backbone
+from adaptive_depth.config import AdaptiveEncoderConfig
 from adaptive_depth.exits import ExitHead, PoolerExitHead
 from adaptive_depth.gates import GatePooling, SkipGate, straight_through_hard
 
@@ -113,6 +116,11 @@ class AdaptiveEncoder(nn.Module):
         with_gates: ``False`` builds no gates (early-exit-only methods); then only
             ``gate_mode="run"`` is available.
 
+    Attributes:
+        adaptive_config: an :class:`~adaptive_depth.AdaptiveEncoderConfig` of the arguments above
+            plus the task (label names, max length) and the operating point (criterion,
+            thresholds) that :meth:`save_pretrained` stores; set its fields before saving.
+
     Example:
         >>> from transformers import BertConfig, BertModel
         >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
@@ -177,6 +185,11 @@ class AdaptiveEncoder(nn.Module):
             else PoolerExitHead(hidden_size, num_labels, dropout)
             for _ in range(num_steps)
         )
+        self.adaptive_config = AdaptiveEncoderConfig(
+            num_labels=num_labels, head_type=head_type, with_gates=with_gates, gate_inner_size=gate_inner_size,
+            gate_num_heads=gate_num_heads, gate_pooling=gate_pooling, head_inner_size=head_inner_size,
+            head_num_heads=head_num_heads, dropout=dropout, initial_skip_bias=initial_skip_bias,
+        )
         # Gates and heads live where the backbone lives, in its floating dtype (a bf16 or float64
         # backbone would otherwise meet float32 gates in the first matmul).
         reference = next((p for p in self.backbone.parameters() if p.is_floating_point()), None)
@@ -198,6 +211,53 @@ class AdaptiveEncoder(nn.Module):
     def has_gates(self) -> bool:
         """Whether the encoder was built with skip gates."""
         return len(self.gates) > 0
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], tokenizer: Any = None,
+                        overwrite: bool = True) -> Path:
+        """Save the backbone (HF format), the gates and heads (safetensors) and
+        :attr:`adaptive_config` (JSON) to one folder, atomically; see :mod:`adaptive_depth.pretrained`.
+
+        Args:
+            save_directory: destination folder.
+            tokenizer: also saved there when given (needed by :class:`~adaptive_depth.AdaptivePipeline`).
+            overwrite: replace a model saved there before.
+        """
+        from adaptive_depth.pretrained import save_pretrained
+
+        return save_pretrained(self, save_directory, tokenizer, overwrite)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+    ) -> AdaptiveEncoder:
+        """Rebuild a model written by :meth:`save_pretrained` (a folder or a Hub id), in eval mode.
+
+        Args:
+            name_or_path: the folder (or Hub id).
+            dtype: e.g. ``torch.bfloat16``; default: as saved.
+            device: default: the CPU.
+            attn_implementation: default: as saved.
+            revision: Hub revision.
+
+        Example:
+            >>> import tempfile
+            >>> from transformers import BertConfig, BertModel
+            >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+            ...                             num_attention_heads=4, intermediate_size=37))
+            >>> folder = AdaptiveEncoder(bert, num_labels=2, gate_inner_size=16).save_pretrained(tempfile.mkdtemp() + "/m")
+            >>> AdaptiveEncoder.from_pretrained(folder).num_steps
+            2
+        """
+        from adaptive_depth.pretrained import load_pretrained
+
+        return load_pretrained(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                               revision=revision)
 
     def unwrap(self) -> nn.Module:
         """The model that was wrapped, unchanged in structure (its weights are shared)."""

@@ -1,0 +1,186 @@
+"""``AdaptiveEncoderConfig``: everything needed to rebuild an :class:`~adaptive_depth.AdaptiveEncoder`
+around its backbone, and the operating point it was calibrated for.
+
+Saved as ``adaptive_config.json`` beside the backbone by
+:meth:`AdaptiveEncoder.save_pretrained <adaptive_depth.AdaptiveEncoder.save_pretrained>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit
+
+__all__ = ["CONFIG_FORMAT_VERSION", "AdaptiveEncoderConfig", "CriterionName", "criterion_from_name"]
+
+CONFIG_FORMAT_VERSION = 1
+
+CriterionName = Literal["entropy", "normalized_entropy", "max_prob", "patience"]
+ProblemType = Literal["single_label_classification", "regression"]
+_MODES = ("adaptive", "skip_only", "exit_only", "full")
+
+
+def criterion_from_name(name: str, threshold: float) -> ExitCriterion:
+    """The exit criterion ``name`` at ``threshold``.
+
+    Args:
+        name: ``"entropy"`` (nats), ``"normalized_entropy"`` (fraction of ``log C``, FastBERT's
+            "speed"), ``"max_prob"`` or ``"patience"`` (an integer number of heads).
+        threshold: the criterion's threshold.
+
+    Example:
+        >>> criterion_from_name("entropy", 0.4)
+        EntropyExit(threshold=0.4, normalized=False)
+    """
+    if name == "entropy":
+        return EntropyExit(threshold)
+    if name == "normalized_entropy":
+        return EntropyExit(threshold, normalized=True)
+    if name == "max_prob":
+        return MaxProbExit(threshold)
+    if name == "patience":
+        if threshold != int(threshold):
+            raise ValueError(f"the patience criterion takes a whole number of heads, got {threshold}.")
+        return PatienceExit(int(threshold))
+    raise ValueError(
+        f"unknown exit criterion {name!r}; use 'entropy', 'normalized_entropy', 'max_prob' or 'patience'."
+    )
+
+
+@dataclass
+class AdaptiveEncoderConfig:
+    """How the wrapper around a backbone is built, and how to run it.
+
+    Architecture (the :class:`~adaptive_depth.AdaptiveEncoder` arguments):
+        num_labels: classes per exit head (1 for regression).
+        head_type, with_gates, gate_inner_size, gate_num_heads, gate_pooling, head_inner_size,
+        head_num_heads, dropout, initial_skip_bias: as in :class:`~adaptive_depth.AdaptiveEncoder`.
+
+    Task:
+        problem_type: ``"single_label_classification"`` or ``"regression"`` (default from
+            ``num_labels``).
+        label_names: one name per class (``None``: the class index is the label).
+        max_length: truncation length for raw text (the length the model was trained at).
+
+    Operating point (what :class:`~adaptive_depth.AdaptivePipeline` runs by default):
+        criterion: exit criterion name (see :func:`criterion_from_name`).
+        threshold: its threshold.
+        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (1.0: never).
+        mode: engine mode (``"adaptive"``, ``"skip_only"``, ``"exit_only"``, ``"full"``);
+            defaults to ``"adaptive"`` with gates and ``"exit_only"`` without.
+        calibration: how the threshold was chosen, as :meth:`Calibration.to_dict
+            <adaptive_depth.calibration.Calibration.to_dict>` wrote it (``None``: not calibrated).
+        attn_implementation: the backbone's attention implementation when saved (set by
+            ``save_pretrained``; the default of ``from_pretrained``).
+
+    Example:
+        >>> config = AdaptiveEncoderConfig(num_labels=2, label_names=["no", "yes"])
+        >>> AdaptiveEncoderConfig.from_dict(config.to_dict()) == config
+        True
+    """
+
+    num_labels: int
+    problem_type: ProblemType | None = None
+    label_names: list[str] | None = None
+    max_length: int | None = None
+    head_type: Literal["attention", "pooler"] = "attention"
+    with_gates: bool = True
+    gate_inner_size: int = 128
+    gate_num_heads: int = 2
+    gate_pooling: Literal["attention", "cls", "mean"] = "attention"
+    head_inner_size: int = 128
+    head_num_heads: int = 4
+    dropout: float = 0.1
+    initial_skip_bias: float = 0.0
+    criterion: CriterionName = "entropy"
+    threshold: float = 0.3
+    gate_threshold: float = 0.5
+    mode: str | None = None
+    calibration: dict[str, Any] | None = field(default=None, compare=False)
+    attn_implementation: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}.")
+        if self.problem_type is None:
+            self.problem_type = "regression" if self.num_labels == 1 else "single_label_classification"
+        if self.problem_type not in ("single_label_classification", "regression"):
+            raise ValueError(
+                f"problem_type must be 'single_label_classification' or 'regression', got {self.problem_type!r}."
+            )
+        if (self.problem_type == "regression") != (self.num_labels == 1):
+            raise ValueError(f"problem_type {self.problem_type!r} does not fit num_labels={self.num_labels}.")
+        if self.label_names is not None:
+            self.label_names = [str(name) for name in self.label_names]
+            if len(self.label_names) != self.num_labels:
+                raise ValueError(
+                    f"label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
+                )
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
+        if self.mode is None:
+            self.mode = "adaptive" if self.with_gates else "exit_only"
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}.")
+        if self.mode in ("adaptive", "skip_only") and not self.with_gates:
+            raise ValueError(f"mode {self.mode!r} needs skip gates, but with_gates is False.")
+        if not 0.0 <= self.gate_threshold <= 1.0:
+            raise ValueError(f"gate_threshold must be in [0, 1], got {self.gate_threshold}.")
+        if math.isnan(self.threshold):
+            raise ValueError("threshold is NaN.")
+        self.make_criterion()  # validates criterion and threshold together
+
+    def make_criterion(self) -> ExitCriterion:
+        """The exit criterion of the operating point."""
+        return criterion_from_name(self.criterion, self.threshold)
+
+    def architecture_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~adaptive_depth.AdaptiveEncoder` (after the model)."""
+        names = ("num_labels", "gate_inner_size", "gate_num_heads", "gate_pooling", "head_inner_size",
+                 "head_num_heads", "dropout", "initial_skip_bias", "head_type", "with_gates")
+        return {name: getattr(self, name) for name in names}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, with ``format_version``."""
+        return {"format_version": CONFIG_FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdaptiveEncoderConfig:
+        """Rebuild from :meth:`to_dict`'s output.
+
+        Raises:
+            ValueError: an unknown key, or a format version newer than this library reads.
+        """
+        values = dict(values)
+        version = values.pop("format_version", CONFIG_FORMAT_VERSION)
+        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"adaptive config format_version {version!r} is newer than this adaptive_depth reads "
+                f"({CONFIG_FORMAT_VERSION}); upgrade adaptive_depth."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in the adaptive config: {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        """Write the JSON to ``path`` (not atomic by itself; the model folder is)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> AdaptiveEncoderConfig:
+        """Read the JSON written by :meth:`save`."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); the saved model is damaged.") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object.")
+        return cls.from_dict(values)

@@ -1,0 +1,148 @@
+"""save_pretrained / from_pretrained: identical logits and traces, dtypes, damaged folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_depth import AdaptiveEncoder, AdaptiveEncoderConfig, EntropyExit
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME, ADAPTIVE_WEIGHTS_NAME
+from tests.conftest import FAMILIES, minilm_dir, padded_batch, requires_minilm
+from tests.test_engine import random_encoder
+
+TRACE_FIELDS = ("logits", "exit_layer", "layers_run", "layers_skipped", "heads_run", "macs_exact", "macs_paper")
+
+
+def assert_same_model(first: AdaptiveEncoder, second: AdaptiveEncoder, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, criterion: EntropyExit) -> None:
+    """Every head's logits and the engine's whole trace are bit-identical."""
+    with torch.no_grad():
+        a = first(input_ids, attention_mask, gate_mode="hard")
+        b = second(input_ids, attention_mask, gate_mode="hard")
+    for left, right in zip(a.exit_logits, b.exit_logits):
+        assert torch.equal(left, right)
+    assert torch.equal(a.gate_probs, b.gate_probs)
+    trace_a = AdaptiveInferenceEngine(first, criterion)(input_ids, attention_mask)
+    trace_b = AdaptiveInferenceEngine(second, criterion)(input_ids, attention_mask)
+    for name in TRACE_FIELDS:
+        assert torch.equal(getattr(trace_a, name), getattr(trace_b, name)), name
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_round_trip_gives_identical_logits_and_traces(model_type: str, tmp_path: Path) -> None:
+    encoder = random_encoder(model_type, seed=4, num_layers=3)
+    encoder.adaptive_config.threshold = 0.7
+    encoder.adaptive_config.label_names = ["a", "b", "c"]
+    folder = encoder.save_pretrained(tmp_path / "model")
+    loaded = AdaptiveEncoder.from_pretrained(folder)
+    assert not loaded.training and loaded.adaptive_config == encoder.adaptive_config
+    assert loaded.adaptive_config.label_names == ["a", "b", "c"]
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    input_ids, attention_mask = padded_batch(batch_size=6, num_tokens=11, seed=2)
+    trace = AdaptiveInferenceEngine(encoder, EntropyExit(0.7))(input_ids, attention_mask)
+    # The gates skip or the heads exit somewhere, so the traces compared below are not all-full-depth.
+    assert bool(trace.layers_skipped.any()) or bool((trace.exit_layer < loaded.num_steps).any())
+    assert_same_model(encoder, loaded, input_ids, attention_mask, EntropyExit(0.7))
+    # The backbone files are plain Hugging Face files.
+    from transformers import AutoModel
+
+    assert type(AutoModel.from_pretrained(folder)) is type(encoder.backbone)
+
+
+@requires_minilm
+def test_round_trip_of_the_real_minilm_with_its_tokenizer(tmp_path: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(minilm_dir())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    encoder = AdaptiveEncoder(AutoModel.from_pretrained(path), num_labels=2).eval()
+    for gate in encoder.gates:
+        gate.score.bias.data.uniform_(-2.0, 2.0)
+    folder = encoder.save_pretrained(tmp_path / "minilm", tokenizer=tokenizer)
+    loaded = AdaptiveEncoder.from_pretrained(folder)
+    batch = tokenizer(["A man plays a guitar.", "Hi.", "The cat sat on the mat while it rained."],
+                      padding=True, return_tensors="pt")
+    assert_same_model(encoder, loaded, batch["input_ids"], batch["attention_mask"], EntropyExit(0.5))
+    assert AutoTokenizer.from_pretrained(folder)("Hi.")["input_ids"] == tokenizer("Hi.")["input_ids"]
+
+
+def test_from_pretrained_in_bfloat16_runs_the_engine(tmp_path: Path) -> None:
+    encoder = random_encoder("bert", seed=1).float()
+    folder = encoder.save_pretrained(tmp_path / "model")
+    loaded = AdaptiveEncoder.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    trace = AdaptiveInferenceEngine(loaded, EntropyExit(0.5))(*padded_batch())
+    assert trace.logits.dtype == torch.bfloat16 and bool(torch.isfinite(trace.logits.float()).all())
+    reference = AdaptiveInferenceEngine(encoder, EntropyExit(0.0), mode="full")(*padded_batch())
+    full = AdaptiveInferenceEngine(loaded, EntropyExit(0.0), mode="full")(*padded_batch())
+    torch.testing.assert_close(full.logits.float(), reference.logits, atol=0.1, rtol=0.05)
+
+
+def test_saving_over_a_model_replaces_it_and_a_failed_save_leaves_the_old_one(tmp_path: Path, monkeypatch) -> None:
+    first = random_encoder("bert", seed=1)
+    folder = first.save_pretrained(tmp_path / "model")
+    second = random_encoder("bert", seed=2)
+
+    import safetensors.torch
+
+    def failing_save_file(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="No space"):
+        second.save_pretrained(folder)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left behind
+    assert_same_model(first, AdaptiveEncoder.from_pretrained(folder), *padded_batch(), EntropyExit(0.5))
+    second.save_pretrained(folder)
+    assert_same_model(second, AdaptiveEncoder.from_pretrained(folder), *padded_batch(), EntropyExit(0.5))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        second.save_pretrained(folder, overwrite=False)
+
+
+def test_refuses_to_save_over_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a saved adaptive model"):
+        random_encoder("bert", seed=1).save_pretrained(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_damaged_or_foreign_folders_give_clear_errors(tmp_path: Path) -> None:
+    from tests.conftest import tiny_model
+
+    plain = tmp_path / "plain"
+    tiny_model("bert").save_pretrained(plain)
+    with pytest.raises(FileNotFoundError, match="plain Hugging Face model"):
+        AdaptiveEncoder.from_pretrained(plain)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        AdaptiveEncoder.from_pretrained(tmp_path / "missing" / "model")
+    folder = random_encoder("bert", seed=1).save_pretrained(tmp_path / "model")
+    config = json.loads((folder / ADAPTIVE_CONFIG_NAME).read_text())
+    (folder / ADAPTIVE_CONFIG_NAME).write_text(json.dumps({**config, "gate_sise": 3}))
+    with pytest.raises(ValueError, match="unknown keys.*gate_sise"):
+        AdaptiveEncoder.from_pretrained(folder)
+    (folder / ADAPTIVE_CONFIG_NAME).write_text(json.dumps({**config, "head_inner_size": 8}))
+    with pytest.raises(Exception, match="size mismatch|does not fit"):
+        AdaptiveEncoder.from_pretrained(folder)
+    (folder / ADAPTIVE_CONFIG_NAME).write_text(json.dumps(config))
+    (folder / ADAPTIVE_WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        AdaptiveEncoder.from_pretrained(folder)
+
+
+def test_config_validates_its_operating_point() -> None:
+    with pytest.raises(ValueError, match="label_names has 1 names"):
+        AdaptiveEncoderConfig(num_labels=2, label_names=["x"])
+    with pytest.raises(ValueError, match="needs skip gates"):
+        AdaptiveEncoderConfig(num_labels=2, with_gates=False, mode="adaptive")
+    with pytest.raises(ValueError, match="unknown exit criterion"):
+        AdaptiveEncoderConfig(num_labels=2, criterion="confidence")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="whole number"):
+        AdaptiveEncoderConfig(num_labels=2, criterion="patience", threshold=1.5)
+    assert AdaptiveEncoderConfig(num_labels=1).problem_type == "regression"
+    assert AdaptiveEncoderConfig(num_labels=2, with_gates=False).mode == "exit_only"
