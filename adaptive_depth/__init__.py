@@ -9,6 +9,7 @@ from adaptive_depth.backbones import BACKBONES, BackboneAdapter, LayerRunner, Un
 from adaptive_depth.config import AdaptiveEncoderConfig
 from adaptive_depth.contrastive import ContrastiveOutput, CrossLayerInfoNCE, cross_layer_info_nce
 from adaptive_depth.encoder import AdaptiveEncoder, AdaptiveEncoderOutput, skip_regularizer
+from adaptive_depth.engine import AdaptiveInferenceEngine, EngineOutput
 from adaptive_depth.exits import (
     EntropyExit,
     ExitCriterion,
@@ -24,14 +25,41 @@ from adaptive_depth.gates import GateSchedule, SkipGate, SkipGateOutput, Straigh
 
 __version__ = "0.1.0.dev0"
 
+# Names whose modules import torchmetrics (seconds): loaded on first use, so that
+# `import adaptive_depth` stays as fast as torch + transformers.
+_LAZY = {
+    "AdaptivePipeline": "adaptive_depth.pipeline",
+    "Calibration": "adaptive_depth.calibration",
+    "CostAccumulator": "adaptive_depth.metrics",
+    "Prediction": "adaptive_depth.pipeline",
+    "calibrate_threshold": "adaptive_depth.calibration",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'adaptive_depth' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "BACKBONES",
     "AdaptiveEncoder",
     "AdaptiveEncoderConfig",
     "AdaptiveEncoderOutput",
+    "AdaptiveInferenceEngine",
+    "AdaptivePipeline",
     "BackboneAdapter",
+    "Calibration",
     "ContrastiveOutput",
+    "CostAccumulator",
     "CrossLayerInfoNCE",
+    "EngineOutput",
     "EntropyExit",
     "ExitCriterion",
     "ExitDecision",
@@ -42,10 +70,12 @@ __all__ = [
     "MaxProbExit",
     "PatienceExit",
     "PoolerExitHead",
+    "Prediction",
     "SkipGate",
     "SkipGateOutput",
     "StraightThroughHard",
     "UnsupportedModelError",
+    "calibrate_threshold",
     "cross_layer_info_nce",
     "entropy",
     "get_backbone",

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion
@@ -258,57 +257,10 @@ class AdaptiveInferenceEngine:
         return torch.stack(columns, dim=1).to(lengths.device)
 
 
-class CostAccumulator(Metric):
-    """Aggregates :class:`EngineOutput` traces over a data set (``update`` / ``compute`` / ``reset``).
+def __getattr__(name: str) -> Any:
+    # CostAccumulator needs torchmetrics (seconds to import); load it only when asked for.
+    if name == "CostAccumulator":
+        from adaptive_depth.metrics import CostAccumulator
 
-    ``compute()`` returns a dict: ``count``; ``mean_macs_exact`` and ``mean_macs_paper`` per
-    sample; ``relative_cost_exact`` and ``relative_cost_paper`` (mean MACs over the mean MACs of
-    the same samples at full depth); ``exit_layer_histogram`` (samples per 1-based exit step,
-    list of ``L``); ``skip_rate_per_layer`` (fraction of the samples whose gate ran at step
-    ``i`` that skipped it, NaN where no gate ran); ``mean_layers_run``.
-
-    Being a torchmetrics ``Metric``, it also sums across processes under DDP.
-
-    Args:
-        num_steps: ``L``, the encoder's number of steps.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_steps: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_steps = num_steps
-        for name in ("count", "macs_exact", "macs_paper", "full_exact", "full_paper", "layers_run"):
-            self.add_state(name, default=torch.tensor(0, dtype=torch.float64), dist_reduce_fx="sum")
-        for name in ("exit_histogram", "skips", "gate_runs"):
-            self.add_state(name, default=torch.zeros(num_steps, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, output: EngineOutput) -> None:  # type: ignore[override]
-        """Add one batch's traces."""
-        if output.layers_run.shape[1] != self.num_steps:
-            raise ValueError(
-                f"trace has {output.layers_run.shape[1]} steps, the accumulator expects {self.num_steps}."
-            )
-        self.count += output.exit_layer.numel()
-        self.macs_exact += output.macs_exact.sum().double()
-        self.macs_paper += output.macs_paper.sum().double()
-        self.full_exact += output.full_macs_exact.sum().double()
-        self.full_paper += output.full_macs_paper.sum().double()
-        self.layers_run += output.layers_run.sum().double()
-        self.exit_histogram += torch.bincount(output.exit_layer - 1, minlength=self.num_steps).double()
-        self.skips += output.layers_skipped.sum(dim=0).double()
-        self.gate_runs += output.gates_run.sum(dim=0).double()
-
-    def compute(self) -> dict[str, Any]:  # type: ignore[override]
-        """The aggregate statistics (see the class docstring)."""
-        count = max(float(self.count), 1.0)
-        return {
-            "count": int(self.count),
-            "mean_macs_exact": float(self.macs_exact) / count,
-            "mean_macs_paper": float(self.macs_paper) / count,
-            "relative_cost_exact": float(self.macs_exact) / max(float(self.full_exact), 1.0),
-            "relative_cost_paper": float(self.macs_paper) / max(float(self.full_paper), 1.0),
-            "mean_layers_run": float(self.layers_run) / count,
-            "exit_layer_histogram": [int(value) for value in self.exit_histogram.tolist()],
-            "skip_rate_per_layer": (self.skips / self.gate_runs).tolist(),
-        }
+        return CostAccumulator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,269 @@
+"""Pick an exit threshold for a compute budget, on held-out data.
+
+The exit criteria are monotone in their threshold: a larger entropy threshold (or a smaller
+max-probability threshold, or a smaller patience) lets every row leave at the same layer or
+earlier, and the gates' decisions do not depend on the threshold, so the mean cost only falls.
+:func:`calibrate_threshold` therefore bisects: it runs the real engine on the data at each
+candidate and returns the least aggressive threshold whose measured mean relative cost is
+within the budget. Calibrate on data held out from training, never on the set you report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adaptive_depth.config import criterion_from_name
+from adaptive_depth.encoder import AdaptiveEncoder
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit
+
+__all__ = ["Calibration", "calibrate_threshold", "criterion_name"]
+
+Metric = Callable[[Tensor, Tensor], float]
+
+
+def criterion_name(criterion: ExitCriterion) -> str:
+    """The :func:`~adaptive_depth.config.criterion_from_name` name of a built-in criterion."""
+    if isinstance(criterion, EntropyExit):
+        return "normalized_entropy" if criterion.normalized else "entropy"
+    if isinstance(criterion, MaxProbExit):
+        return "max_prob"
+    if isinstance(criterion, PatienceExit):
+        return "patience"
+    raise TypeError(
+        f"cannot calibrate a {type(criterion).__name__}; calibrate_threshold knows EntropyExit, MaxProbExit "
+        "and PatienceExit."
+    )
+
+
+@dataclass
+class Calibration:
+    """The chosen operating point and what it measured on the calibration data.
+
+    Attributes:
+        criterion: criterion name (``"entropy"``...), see :func:`criterion_name`.
+        threshold: the chosen threshold.
+        max_relative_cost: the budget asked for.
+        convention: ``"exact"`` or ``"paper"``, the FLOPs convention the budget is in.
+        relative_cost: mean MACs over mean full-depth MACs at ``threshold``, in ``convention``.
+        relative_cost_exact, relative_cost_paper: the same in both conventions.
+        mean_layers_run: layers run per row at ``threshold``.
+        metric_name, metric: the task metric at ``threshold`` (``None`` without labels).
+        num_rows: rows of calibration data.
+        evaluations: every ``(threshold, relative_cost)`` the search measured, in order.
+    """
+
+    criterion: str
+    threshold: float
+    max_relative_cost: float
+    convention: str
+    relative_cost: float
+    relative_cost_exact: float
+    relative_cost_paper: float
+    mean_layers_run: float
+    metric_name: str | None
+    metric: float | None
+    num_rows: int
+    evaluations: list[tuple[float, float]] = field(default_factory=list)
+
+    def make_criterion(self) -> ExitCriterion:
+        """The exit criterion at the chosen threshold."""
+        return criterion_from_name(self.criterion, self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Measurement:
+    relative_cost_exact: float
+    relative_cost_paper: float
+    mean_layers_run: float
+    predictions: Tensor
+
+
+def _measure(engine: AdaptiveInferenceEngine, batches: list[Mapping[str, Tensor]]) -> _Measurement:
+    macs = torch.zeros(4, dtype=torch.float64)
+    layers, predictions = 0.0, []
+    for batch in batches:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        out = engine(**inputs)
+        macs += torch.stack([out.macs_exact.sum(), out.full_macs_exact.sum(), out.macs_paper.sum(),
+                             out.full_macs_paper.sum()]).double().cpu()
+        layers += float(out.layers_run.sum())
+        predictions.append(out.predictions.float().cpu())
+    rows = sum(len(p) for p in predictions)
+    return _Measurement(float(macs[0] / macs[1]), float(macs[2] / macs[3]), layers / rows, torch.cat(predictions))
+
+
+def _accuracy(predictions: Tensor, labels: Tensor) -> float:
+    return float((predictions.long() == labels.long()).double().mean())
+
+
+def calibrate_threshold(
+    engine_or_model: AdaptiveInferenceEngine | AdaptiveEncoder,
+    data: Iterable[Mapping[str, Tensor]],
+    max_relative_cost: float = 0.5,
+    *,
+    convention: str = "exact",
+    metric: Metric | None = None,
+    tolerance: float = 1e-3,
+    progress: bool = False,
+) -> Calibration:
+    """The least aggressive exit threshold whose mean relative cost on ``data`` is within budget.
+
+    Args:
+        engine_or_model: an engine (its criterion type, mode, gate threshold and padded length
+            are kept; only the threshold changes) or an encoder (its ``adaptive_config``
+            operating point says which criterion, mode and gate threshold).
+        data: batches (dicts of model inputs: ``input_ids``, ``attention_mask``, ... and
+            optionally ``labels``), right-padded; iterated once and kept in memory.
+        max_relative_cost: budget, a fraction of the full-depth MACs in ``(0, 1]``.
+        convention: ``"exact"`` (every matmul at the real length) or ``"paper"``.
+        metric: ``(predictions [R], labels [R]) -> float`` reported at the chosen point;
+            default accuracy for classification with labels, none for regression.
+        tolerance: stop bisecting a continuous threshold when the bracket is this narrow.
+        progress: show a progress bar over the engine passes.
+
+    Returns:
+        :class:`Calibration`.
+
+    Raises:
+        ValueError: a budget outside ``(0, 1]``, a mode whose cost the threshold does not
+            change (``"full"``, ``"skip_only"``), empty data, or a budget that even the most
+            aggressive threshold cannot meet (the message gives the cheapest cost reachable).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4,
+        ...                             num_attention_heads=4, intermediate_size=37))
+        >>> encoder = AdaptiveEncoder(bert, num_labels=2, with_gates=False, head_inner_size=16).eval()
+        >>> data = [{"input_ids": torch.randint(0, 99, (8, 6))}]
+        >>> calibration = calibrate_threshold(encoder, data, max_relative_cost=0.6)
+        >>> calibration.relative_cost <= 0.6
+        True
+    """
+    if not 0.0 < max_relative_cost <= 1.0:
+        raise ValueError(f"max_relative_cost must be in (0, 1], got {max_relative_cost}.")
+    if convention not in ("exact", "paper"):
+        raise ValueError(f"convention must be 'exact' or 'paper', got {convention!r}.")
+    if isinstance(engine_or_model, AdaptiveInferenceEngine):
+        template = engine_or_model
+    elif isinstance(engine_or_model, AdaptiveEncoder):
+        config = engine_or_model.adaptive_config
+        template = AdaptiveInferenceEngine(engine_or_model, config.make_criterion(), config.gate_threshold, config.mode)
+    else:
+        raise TypeError(f"calibrate an AdaptiveInferenceEngine or an AdaptiveEncoder, got {type(engine_or_model).__name__}.")
+    if template.mode not in ("adaptive", "exit_only"):
+        raise ValueError(f"mode {template.mode!r} never exits early, so no threshold changes its cost; "
+                         "use 'adaptive' or 'exit_only'.")
+    name = criterion_name(template.criterion)
+    batches = list(data)
+    if not batches:
+        raise ValueError("calibration data is empty.")
+    labels = [batch.get("labels") for batch in batches]
+    has_labels = all(label is not None for label in labels)
+    regression = template.encoder.num_labels == 1
+    if metric is None and has_labels and not regression:
+        metric, metric_name = _accuracy, "accuracy"
+    else:
+        metric_name = getattr(metric, "__name__", "metric") if metric is not None else None
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"calibrating {name} to {max_relative_cost:.0%} cost", unit="pass")
+    evaluations: list[tuple[float, float]] = []
+    cache: dict[float, _Measurement] = {}
+
+    def measure(threshold: float) -> _Measurement:
+        if threshold not in cache:
+            criterion = dataclasses.replace(template.criterion, **_threshold_field(name, threshold))
+            runner = AdaptiveInferenceEngine(template.encoder, criterion, template.gate_threshold, template.mode,
+                                             template.padded_length)
+            cache[threshold] = _measure(runner, batches)
+            cost = _cost(cache[threshold], convention)
+            evaluations.append((threshold, cost))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(threshold=f"{threshold:.4g}", cost=f"{cost:.3f}")
+        return cache[threshold]
+
+    try:
+        threshold = _search(name, template, measure, convention, max_relative_cost, tolerance)
+    finally:
+        if bar is not None:
+            bar.close()
+    chosen = measure(threshold)
+    value = None
+    if metric is not None and has_labels:
+        value = float(metric(chosen.predictions, torch.cat([label.float().cpu() for label in labels])))
+    return Calibration(
+        criterion=name, threshold=threshold, max_relative_cost=max_relative_cost, convention=convention,
+        relative_cost=_cost(chosen, convention), relative_cost_exact=chosen.relative_cost_exact,
+        relative_cost_paper=chosen.relative_cost_paper, mean_layers_run=chosen.mean_layers_run,
+        metric_name=metric_name, metric=value, num_rows=len(chosen.predictions), evaluations=evaluations,
+    )
+
+
+def _cost(measurement: _Measurement, convention: str) -> float:
+    return measurement.relative_cost_exact if convention == "exact" else measurement.relative_cost_paper
+
+
+def _threshold_field(name: str, threshold: float) -> dict[str, Any]:
+    return {"patience": int(threshold)} if name == "patience" else {"threshold": threshold}
+
+
+def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[float], _Measurement],
+            convention: str, budget: float, tolerance: float) -> float:
+    """Bisect (or scan, for patience) from the most accurate threshold towards the cheapest."""
+    num_labels = template.encoder.num_labels
+    if name == "patience":
+        # Patience p: larger is more accurate and costlier; p = steps never exits before the last layer.
+        candidates = [float(p) for p in range(template.encoder.num_steps, -1, -1)]
+        for candidate in candidates:
+            if _cost(measure(candidate), convention) <= budget:
+                return candidate
+        return _impossible(name, candidates[-1], _cost(measure(candidates[-1]), convention), budget)
+    if name in ("entropy", "normalized_entropy"):
+        if num_labels < 2:
+            raise ValueError("entropy exits need at least 2 classes; calibrate a regression model with PatienceExit.")
+        top = 1.0 if name == "normalized_entropy" else math.log(num_labels)
+        top = math.nextafter(top, math.inf)  # above every reachable entropy: exit at the first head
+
+        def threshold_at(fraction: float) -> float:
+            return fraction * top
+    else:  # max_prob: 1.0 exits only on a saturated head, 0.0 at the first head that runs
+
+        def threshold_at(fraction: float) -> float:
+            return 1.0 - fraction
+
+    if _cost(measure(threshold_at(0.0)), convention) <= budget:
+        return threshold_at(0.0)
+    if _cost(measure(threshold_at(1.0)), convention) > budget:
+        return _impossible(name, threshold_at(1.0), _cost(measure(threshold_at(1.0)), convention), budget)
+    low, high = 0.0, 1.0  # cost(low) > budget >= cost(high)
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        if _cost(measure(threshold_at(middle)), convention) <= budget:
+            high = middle
+        else:
+            low = middle
+    return threshold_at(high)
+
+
+def _impossible(name: str, threshold: float, cost: float, budget: float) -> float:
+    raise ValueError(
+        f"no {name} threshold meets max_relative_cost={budget:g}: even {name}={threshold:.4g}, which exits "
+        f"at the first head that runs, costs {cost:.3f} of full depth on this data (the first layer, the gates "
+        "and the heads cost that much); raise the budget or train gates that skip more."
+    )

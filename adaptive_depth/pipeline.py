@@ -1,0 +1,252 @@
+"""Raw text in, labels and their cost out: :class:`AdaptivePipeline`.
+
+It tokenizes (right padding, truncation at the model's trained length), batches rows of
+similar length together, runs the :class:`~adaptive_depth.engine.AdaptiveInferenceEngine` at the
+saved operating point and returns one :class:`Prediction` per input, in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adaptive_depth.calibration import Calibration, calibrate_threshold, criterion_name
+from adaptive_depth.encoder import AdaptiveEncoder
+from adaptive_depth.engine import AdaptiveInferenceEngine, EngineMode
+from adaptive_depth.exits import ExitCriterion
+
+__all__ = ["AdaptivePipeline", "Prediction"]
+
+
+@dataclass
+class Prediction:
+    """What the model answered for one input, and what it cost.
+
+    Attributes:
+        label: the label name (``adaptive_config.label_names``), or the class index as a string
+            when the model has no names; for regression, ``None``.
+        label_id: the class index (``None`` for regression).
+        score: the probability of ``label`` (classification) or the predicted value (regression).
+        probabilities: every class's probability (``None`` for regression).
+        exit_layer: 1-based layer whose head answered.
+        layers_run: layers that ran (the others were skipped by a gate or after the exit).
+        layers_skipped: layers a gate skipped.
+        relative_cost: MACs of what ran over the MACs of the same input at full depth
+            (``exact`` convention: every matmul at the input's real length).
+    """
+
+    label: str | None
+    label_id: int | None
+    score: float
+    probabilities: list[float] | None
+    exit_layer: int
+    layers_run: int
+    layers_skipped: int
+    relative_cost: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return dataclasses.asdict(self)
+
+
+class AdaptivePipeline:
+    """Tokenize, batch and classify raw texts (or text pairs) with an :class:`AdaptiveEncoder`.
+
+    Args:
+        encoder: the model (its ``adaptive_config`` gives the defaults below).
+        tokenizer: its Hugging Face tokenizer.
+        criterion: exit criterion; default the saved operating point's.
+        gate_threshold: default the saved one.
+        mode: engine mode; default the saved one.
+        max_length: truncation length in tokens; default the saved one, else the
+            tokenizer's limit capped by the model's position table.
+        batch_size: rows per engine call.
+
+    Example:
+        >>> pipeline = AdaptivePipeline.from_pretrained("runs/smartbert-mrpc/model")  # doctest: +SKIP
+        >>> pipeline(["The cat sat."], ["A cat was sitting."])[0].label  # doctest: +SKIP
+        '1'
+    """
+
+    def __init__(
+        self,
+        encoder: AdaptiveEncoder,
+        tokenizer: Any,
+        *,
+        criterion: ExitCriterion | None = None,
+        gate_threshold: float | None = None,
+        mode: EngineMode | None = None,
+        max_length: int | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        config = encoder.adaptive_config
+        self.encoder = encoder.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        positions = getattr(encoder.config, "max_position_embeddings", None)
+        limit = min(int(tokenizer.model_max_length), int(positions)) if positions else int(tokenizer.model_max_length)
+        self.max_length = max_length or config.max_length or min(limit, 512)
+        self.engine = AdaptiveInferenceEngine(
+            encoder,
+            criterion if criterion is not None else config.make_criterion(),
+            config.gate_threshold if gate_threshold is None else gate_threshold,
+            mode or config.mode,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        **options: Any,
+    ) -> AdaptivePipeline:
+        """Load a model saved with its tokenizer by :meth:`AdaptiveEncoder.save_pretrained`.
+
+        Args:
+            name_or_path: the folder (or a Hub id).
+            dtype, device: as in :meth:`AdaptiveEncoder.from_pretrained`.
+            **options: :class:`AdaptivePipeline` keyword arguments.
+        """
+        from transformers import AutoTokenizer
+
+        from adaptive_depth.pretrained import resolve_model_dir
+
+        folder = resolve_model_dir(name_or_path)
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+            raise FileNotFoundError(
+                f"{folder} holds no tokenizer; save the model with encoder.save_pretrained(folder, tokenizer=...)."
+            )
+        encoder = AdaptiveEncoder.from_pretrained(folder, dtype=dtype, device=device)
+        return cls(encoder, AutoTokenizer.from_pretrained(str(folder)), **options)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are."""
+        return next(self.encoder.parameters()).device
+
+    def batches(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, labels: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
+        """``(row indices, model inputs)`` per batch; rows of similar length share a batch.
+
+        With ``labels`` (class indices or scores), each batch also holds ``labels``.
+        """
+        texts, text_pairs = _check_texts(texts, text_pairs)
+        if labels is not None and len(labels) != len(texts):
+            raise ValueError(f"got {len(labels)} labels for {len(texts)} texts.")
+        lengths = self.tokenizer(texts, text_pairs, truncation=True, max_length=self.max_length,
+                                 return_length=True)["length"]
+        order = sorted(range(len(texts)), key=lambda index: lengths[index])
+        size = batch_size or self.batch_size
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            batch = self.tokenizer(
+                [texts[i] for i in rows], [text_pairs[i] for i in rows] if text_pairs is not None else None,
+                padding=True, padding_side="right", truncation=True, max_length=self.max_length, return_tensors="pt",
+            )
+            inputs = {key: value.to(self.device) for key, value in batch.items()
+                      if key in ("input_ids", "attention_mask", "token_type_ids")}
+            if labels is not None:
+                dtype = torch.float32 if self.encoder.num_labels == 1 else torch.long
+                inputs["labels"] = torch.tensor([labels[i] for i in rows], dtype=dtype)
+            yield rows, inputs
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        text_pairs: str | Sequence[str] | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> list[Prediction]:
+        """Classify ``texts`` (with ``text_pairs`` for pair tasks); one :class:`Prediction` per text.
+
+        A single string counts as a list of one.
+        """
+        texts, text_pairs = _check_texts(texts, text_pairs)
+        results: list[Prediction | None] = [None] * len(texts)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="predicting", unit="row")
+        names = self.encoder.adaptive_config.label_names
+        for rows, inputs in self.batches(texts, text_pairs, batch_size=batch_size):
+            out = self.engine(**inputs)
+            relative = (out.macs_exact.double() / out.full_macs_exact.double()).tolist()
+            if self.encoder.num_labels == 1:
+                probabilities = None
+                scores = out.logits[:, 0].float().tolist()
+            else:
+                probabilities = out.logits.float().softmax(dim=-1)
+                scores = probabilities.amax(dim=-1).tolist()
+                probabilities = probabilities.tolist()
+            predictions = out.predictions.tolist()
+            for position, row in enumerate(rows):
+                label_id = None if probabilities is None else int(predictions[position])
+                label = None if label_id is None else (names[label_id] if names else str(label_id))
+                results[row] = Prediction(
+                    label=label, label_id=label_id, score=float(scores[position]),
+                    probabilities=None if probabilities is None else probabilities[position],
+                    exit_layer=int(out.exit_layer[position]), layers_run=int(out.layers_run[position].sum()),
+                    layers_skipped=int(out.layers_skipped[position].sum()), relative_cost=float(relative[position]),
+                )
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def calibrate(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[Any] | None = None,
+        text_pairs: Sequence[str] | None = None,
+        max_relative_cost: float = 0.5,
+        **options: Any,
+    ) -> Calibration:
+        """Choose the exit threshold on held-out texts (see :func:`calibrate_threshold`) and use it.
+
+        The chosen operating point is also written into ``encoder.adaptive_config``, so a
+        later ``save_pretrained`` keeps it.
+        """
+        data = [inputs for _, inputs in self.batches(texts, text_pairs, labels)]
+        calibration = calibrate_threshold(self.engine, data, max_relative_cost, **options)
+        self.engine.criterion = calibration.make_criterion()
+        config = self.encoder.adaptive_config
+        config.criterion, config.threshold = calibration.criterion, calibration.threshold  # type: ignore[assignment]
+        config.calibration = calibration.to_dict()
+        return calibration
+
+    def __repr__(self) -> str:
+        criterion = self.engine.criterion
+        name = criterion_name(criterion)
+        threshold = getattr(criterion, "threshold", getattr(criterion, "patience", None))
+        return (f"AdaptivePipeline({self.encoder.config.model_type}, {self.encoder.num_steps} layers, mode="
+                f"{self.engine.mode!r}, {name}={threshold}, gate_threshold={self.engine.gate_threshold})")
+
+
+def _check_texts(texts: str | Sequence[str], text_pairs: str | Sequence[str] | None
+                 ) -> tuple[list[str], list[str] | None]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if text_pairs is not None:
+        text_pairs = [text_pairs] if isinstance(text_pairs, str) else list(text_pairs)
+        if len(text_pairs) != len(texts):
+            raise ValueError(f"got {len(texts)} texts and {len(text_pairs)} text pairs; give one pair per text.")
+    if not texts:
+        raise ValueError("no texts to classify.")
+    for index, text in enumerate(texts + (text_pairs or [])):
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be strings; item {index % len(texts)} is a {type(text).__name__}.")
+    return texts, text_pairs

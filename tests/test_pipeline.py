@@ -1,0 +1,165 @@
+"""AdaptivePipeline on raw texts, calibrate_threshold, and the predict command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_depth import AdaptiveEncoder, AdaptivePipeline, EntropyExit, calibrate_threshold
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.predict import main as predict_main
+from tests.conftest import minilm_dir, requires_minilm
+
+pytestmark = requires_minilm  # the tokenizer of the real MiniLM tokenizes the raw texts
+
+SENTENCES = ["A man plays a guitar.", "Hi.", "The cat sat on the mat while the rain kept falling outside.",
+             "Stocks fell sharply on Monday.", "She reads.", "Nobody knew what the committee would decide next year."]
+PAIRS = ["A person plays music.", "Hello.", "It rained.", "Markets dropped.", "She is reading a book.", "Unknown."]
+
+
+def tiny_encoder(num_labels: int = 2, seed: int = 0, num_layers: int = 4) -> tuple[AdaptiveEncoder, object]:
+    """A random hidden-32 BERT over the MiniLM vocabulary whose gates skip and heads exit somewhere."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=128))
+    encoder = AdaptiveEncoder(bert, num_labels=num_labels, gate_inner_size=16, head_inner_size=16).eval()
+    generator = torch.Generator().manual_seed(seed)
+    for gate in encoder.gates:
+        gate.score.bias.data.uniform_(-2.5, 1.0, generator=generator)
+        gate.score.weight.data.normal_(0.0, 2.0, generator=generator)
+    for head in encoder.exit_heads:
+        head.classifier.weight.data.normal_(0.0, 4.0, generator=generator)
+    return encoder, AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+@pytest.fixture(scope="module")
+def saved_pair_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    encoder, tokenizer = tiny_encoder()
+    encoder.adaptive_config.label_names = ["not_equivalent", "equivalent"]
+    encoder.adaptive_config.threshold = 0.5
+    return encoder.save_pretrained(tmp_path_factory.mktemp("models") / "pair", tokenizer=tokenizer)
+
+
+def test_predict_on_raw_text_pairs_matches_the_engine_row_by_row(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model, batch_size=4)
+    predictions = pipeline(SENTENCES, PAIRS)
+    assert len(predictions) == len(SENTENCES)
+    engine = AdaptiveInferenceEngine(pipeline.encoder, EntropyExit(0.5))
+    for prediction, text, pair in zip(predictions, SENTENCES, PAIRS):
+        alone = engine(**pipeline.tokenizer([text], [pair], return_tensors="pt"))
+        assert prediction.label == ["not_equivalent", "equivalent"][int(alone.predictions[0])]
+        assert prediction.exit_layer == int(alone.exit_layer[0])
+        assert prediction.layers_run == int(alone.layers_run.sum())
+        assert prediction.relative_cost == pytest.approx(float(alone.macs_exact[0] / alone.full_macs_exact[0]))
+        assert sum(prediction.probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert prediction.score == pytest.approx(max(prediction.probabilities))
+    assert len({p.exit_layer for p in predictions}) > 1 or any(p.layers_skipped for p in predictions)
+    assert [p.label for p in pipeline(SENTENCES[::-1], PAIRS[::-1])] == [p.label for p in predictions][::-1]
+
+
+def test_predict_on_single_sentences_and_regression(tmp_path: Path) -> None:
+    encoder, tokenizer = tiny_encoder(num_labels=1, seed=3)
+    encoder.adaptive_config.criterion, encoder.adaptive_config.threshold = "patience", 1
+    pipeline = AdaptivePipeline.from_pretrained(encoder.save_pretrained(tmp_path / "m", tokenizer=tokenizer))
+    predictions = pipeline(SENTENCES)
+    assert all(p.label is None and p.probabilities is None for p in predictions)
+    single = pipeline("Hi.")
+    assert len(single) == 1 and single[0].score == pytest.approx(predictions[1].score, abs=1e-5)
+
+
+def test_bad_inputs_to_the_pipeline(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    with pytest.raises(ValueError, match="6 texts and 2 text pairs"):
+        pipeline(SENTENCES, PAIRS[:2])
+    with pytest.raises(ValueError, match="no texts"):
+        pipeline([])
+    with pytest.raises(TypeError, match="item 1 is a int"):
+        pipeline(["fine", 3])  # type: ignore[list-item]
+    pipeline.tokenizer.padding_side = "left"  # the pipeline pads on the right whatever the tokenizer says
+    assert len(pipeline(SENTENCES[:3])) == 3
+
+
+def test_calibrate_meets_the_budget_and_is_the_least_aggressive_threshold(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    labels = [0, 1, 1, 0, 1, 0]
+    data = [inputs for _, inputs in pipeline.batches(SENTENCES * 3, PAIRS * 3, labels * 3, batch_size=5)]
+    full = calibrate_threshold(pipeline.engine, data, max_relative_cost=1.0)
+    assert full.threshold == 0.0 and full.relative_cost <= 1.0  # no early exit needed
+    budget = 0.75
+    calibration = calibrate_threshold(pipeline.engine, data, max_relative_cost=budget, tolerance=1e-4)
+    assert 0.0 < calibration.threshold and calibration.metric_name == "accuracy"
+    # Measured again, independently, at the chosen threshold: within budget.
+    engine = AdaptiveInferenceEngine(pipeline.encoder, EntropyExit(calibration.threshold))
+    outs = [engine(**{k: v for k, v in batch.items() if k != "labels"}) for batch in data]
+    cost = sum(float(o.macs_exact.sum()) for o in outs) / sum(float(o.full_macs_exact.sum()) for o in outs)
+    assert cost == pytest.approx(calibration.relative_cost) and cost <= budget
+    # A threshold a little less aggressive breaks the budget: the search did not stop early.
+    looser = AdaptiveInferenceEngine(pipeline.encoder, EntropyExit(calibration.threshold - 0.01))
+    outs = [looser(**{k: v for k, v in batch.items() if k != "labels"}) for batch in data]
+    assert sum(float(o.macs_exact.sum()) for o in outs) / sum(float(o.full_macs_exact.sum()) for o in outs) > budget
+
+
+def test_calibrate_refuses_an_impossible_budget(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    with pytest.raises(ValueError, match=r"no entropy threshold meets max_relative_cost=0\.01.*raise the budget"):
+        pipeline.calibrate(SENTENCES, [0, 1, 1, 0, 1, 0], PAIRS, max_relative_cost=0.01)
+    with pytest.raises(ValueError, match="never exits early"):
+        calibrate_threshold(AdaptiveInferenceEngine(pipeline.encoder, mode="full"), [{"input_ids": torch.ones(1, 3).long()}])
+    with pytest.raises(ValueError, match=r"max_relative_cost must be in \(0, 1\]"):
+        calibrate_threshold(pipeline.engine, [], max_relative_cost=0)
+
+
+def test_pipeline_calibrate_sets_the_operating_point_that_is_saved(saved_pair_model: Path, tmp_path: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    calibration = pipeline.calibrate(SENTENCES, [0, 1, 1, 0, 1, 0], PAIRS, max_relative_cost=0.8)
+    folder = pipeline.encoder.save_pretrained(tmp_path / "calibrated", tokenizer=pipeline.tokenizer)
+    reloaded = AdaptivePipeline.from_pretrained(folder)
+    assert reloaded.engine.criterion == EntropyExit(calibration.threshold)
+    assert reloaded.encoder.adaptive_config.calibration["max_relative_cost"] == 0.8
+
+
+def test_predict_command_line_on_a_glue_style_tsv(saved_pair_model: Path, tmp_path: Path, capsys) -> None:
+    rows = tmp_path / "dev.tsv"
+    lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+    lines += [f"{i % 2}\t{i}\t{i + 100}\t{a}\t{b}" for i, (a, b) in enumerate(zip(SENTENCES, PAIRS))]
+    rows.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    output = tmp_path / "predictions.jsonl"
+    status = predict_main([str(saved_pair_model), "--input", str(rows), "--output", str(output),
+                           "--label-column", "Quality", "--no-progress"])
+    assert status == 0
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = AdaptivePipeline.from_pretrained(saved_pair_model)(SENTENCES, PAIRS)
+    assert [row["label"] for row in written] == [p.label for p in expected]
+    assert "6 rows, mean relative cost" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"), ("csv", "must end in .jsonl or .tsv"), ("ragged", "line 3: 1 tab-separated"),
+    ("badjson", "line 2: not JSON"), ("nocolumn", "no text column"), ("notmodel", "is not a folder holding"),
+])
+def test_predict_command_line_errors_are_one_line(saved_pair_model: Path, tmp_path: Path, capsys,
+                                                  case: str, message: str) -> None:
+    model = str(saved_pair_model)
+    path = tmp_path / "rows.tsv"
+    if case == "csv":
+        path = tmp_path / "rows.csv"
+        path.write_text("a,b\n")
+    elif case == "ragged":
+        path.write_text("sentence\tlabel\nfine\t1\nbroken\n")
+    elif case == "badjson":
+        path = tmp_path / "rows.jsonl"
+        path.write_text('{"text": "ok"}\n{"text": \n')
+    elif case == "nocolumn":
+        path = tmp_path / "rows.jsonl"
+        path.write_text('{"body": "ok"}\n')
+    elif case == "notmodel":
+        path.write_text("sentence\nfine\n")
+        model = str(tmp_path / "nowhere")
+    assert predict_main([model, "--input", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
