@@ -219,8 +219,10 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     """Reload a trained SmartBERT run for inference, in one call.
 
     Args:
-        run_dir: the run folder written by ``python -m recipes.smartbert`` (holds
-            ``checkpoint/`` and ``backbone/``).
+        run_dir: the run folder written by ``python -m recipes.smartbert``. A finished run is
+            loaded from ``<run>/model`` (``AdaptiveEncoder.from_pretrained``, which is all a
+            user needs: ``AdaptivePipeline.from_pretrained(run_dir / "model")`` classifies
+            raw text); an unfinished one from its last checkpoint.
         device: where to put the model.
 
     Returns:

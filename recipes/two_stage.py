@@ -47,6 +47,7 @@ from recipes.glue import (
     read_split,
     resolve_data_dir,
 )
+from recipes.operating_point import MODEL_DIR, calibrate_and_save
 
 __all__ = ["BACKBONE_DIR", "RecipeConfig", "StagedModel", "TwoStageRecipe", "load_run", "run_cli"]
 
@@ -79,6 +80,9 @@ class RecipeConfig:
         padded_length: length the paper's FLOPs convention counts at.
         bucket_by_length: batch training examples of similar length (less padding).
         torch_threads: ``torch.set_num_threads`` (0: leave the default).
+        calibration_budget: after the sweep, the exit threshold is chosen on the held-out part of
+            train so that the mean relative cost (exact MACs) is at most this; the model is saved
+            to ``<run>/model`` at that operating point.
     """
 
     task: str = "rte"
@@ -101,6 +105,7 @@ class RecipeConfig:
     padded_length: int = 128
     bucket_by_length: bool = True
     torch_threads: int = 0
+    calibration_budget: float = 0.5
 
     # Validation lists (unannotated, so not dataclass fields); subclasses extend them.
     _positive = ("max_length", "batch_size", "eval_batch_size", "stage1_epochs", "head_inner_size", "padded_length")
@@ -124,6 +129,8 @@ class RecipeConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0.0 < self.calibration_budget <= 1.0:
+            raise ConfigError(f"calibration_budget must be in (0, 1], got {self.calibration_budget}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length > self.padded_length:
@@ -467,9 +474,20 @@ class TwoStageRecipe:
             "best_stage1": self.best_stage1, "sweep": rows, "majority_class_baseline": self.majority_class_baseline(),
         }
         results.update(self.extra_results(rows))
+        results["operating_point"] = calibrate_and_save(
+            self.model.encoder, self.tokenizer, self.run_dir, self.sweep_settings(), self.loader("heldout"),
+            self.loader("dev"), lambda: GlueMetrics(self.task), budget=config.calibration_budget,
+            gate_threshold=self.gate_threshold, padded_length=config.padded_length, label_names=self.task.labels,
+            max_length=config.max_length,
+        )
         common.write_results(self.run_dir, results, main_metric)
         print(common.format_table(rows, list(self.task.metrics)))
-        print(f"results: {self.run_dir / 'results.json'}  plot: {self.run_dir / 'plot.png'}")
+        point = results["operating_point"]
+        print(f"operating point (budget {point['budget']:.0%} of full-depth MACs, chosen on held-out): "
+              f"{point['dev']['name']}: dev {point['dev']['metrics']}, relative cost (exact) "
+              f"{point['dev']['relative_cost_exact']:.3f}")
+        print(f"results: {self.run_dir / 'results.json'}  plot: {self.run_dir / 'plot.png'}  "
+              f"model: {point['model_dir']}")
         return results
 
     def majority_class_baseline(self) -> dict[str, float] | None:
@@ -500,8 +518,10 @@ def load_run(run_dir: str | Path, recipe: str, config_class: type,
              ) -> tuple[AdaptiveEncoder, Any, Any]:
     """Reload a finished (or interrupted) run for inference: ``(encoder in eval mode, tokenizer, config)``.
 
-    The weights are the ones the run's sweep evaluated: after stage 2 when it ran, else those of
-    the best stage-1 epoch.
+    A finished run is loaded from its saved model (``<run>/model``, with the calibrated operating
+    point in ``encoder.adaptive_config``; no optimizer state needed). A run that stopped before
+    saving it is rebuilt from its last training checkpoint. Either way the weights are the ones
+    the sweep evaluates: after stage 2 when it ran, else those of the best stage-1 epoch.
 
     Args:
         run_dir: the run folder (holds ``checkpoint/`` and ``backbone/``).
@@ -516,6 +536,8 @@ def load_run(run_dir: str | Path, recipe: str, config_class: type,
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     run_dir = Path(run_dir)
+    if (run_dir / MODEL_DIR / "adaptive_config.json").is_file():
+        return _load_saved_model(run_dir, recipe, config_class, device)
     backbone_dir = run_dir / BACKBONE_DIR
     if not (backbone_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} has no {BACKBONE_DIR}/config.json; is it a {recipe} run folder?")
@@ -533,6 +555,25 @@ def load_run(run_dir: str | Path, recipe: str, config_class: type,
     weights = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
     common.load_state_dict_strict(encoder, weights, str(run_dir / "checkpoint"))
     return encoder.eval().to(device), AutoTokenizer.from_pretrained(backbone_dir), config
+
+
+def _load_saved_model(run_dir: Path, recipe: str, config_class: type, device: str | torch.device
+                      ) -> tuple[AdaptiveEncoder, Any, Any]:
+    """``load_run`` for a finished run: ``AdaptiveEncoder.from_pretrained(<run>/model)``."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    results_path = run_dir / "results.json"
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {results_path} ({error}); the run's records are missing") from error
+    if results.get("recipe") != recipe:
+        raise CheckpointError(f"{run_dir} is a {results.get('recipe')!r} run, not {recipe!r}")
+    model_dir = run_dir / MODEL_DIR
+    encoder = AdaptiveEncoder.from_pretrained(model_dir, device=device)
+    return encoder, AutoTokenizer.from_pretrained(str(model_dir)), config_class(**results["config"])
 
 
 def default_config_file(recipe: str, task: str) -> Path | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def run_cli(*argv: str) -> int:
 def test_end_to_end_writes_results(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     code = run_cli("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out,
-                   "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1", *TINY)
+                   "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1", "calibration_budget=0.9", *TINY)
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert (out / "plot.png").stat().st_size > 1000
@@ -63,6 +64,22 @@ def test_end_to_end_writes_results(tiny_model_dir: Path, glue_dir: Path, tmp_pat
     assert [record["epoch"] for record in results["history"]["stage2"]] == [0]
     assert set(results["majority_class_baseline"]) == {"accuracy", "f1"}
     assert isinstance(results["target_half_cost_within_1pt"]["reached"], bool)
+
+    # The operating point was chosen on held-out rows, within the budget; dev was evaluated there.
+    point = results["operating_point"]
+    assert point["budget"] == 0.9 and point["calibration"]["relative_cost"] <= 0.9
+    assert point["calibration"]["num_rows"] == 4 and point["dev"]["name"].startswith("calibrated entropy=")
+    assert sum(point["dev"]["exit_layer_histogram"]) == 16
+
+    # The saved model classifies raw text at that operating point, with no recipe code.
+    from adaptive_depth import AdaptivePipeline
+
+    pipeline = AdaptivePipeline.from_pretrained(out / "model")
+    assert pipeline.engine.criterion.threshold == point["calibration"]["threshold"]
+    dev_rows = read_split(glue_dir, "mrpc", "dev").examples
+    predicted = pipeline([row.text_a for row in dev_rows], [row.text_b for row in dev_rows])
+    hits = [int(p.label) == row.label for p, row in zip(predicted, dev_rows)]
+    assert sum(hits) / len(hits) == pytest.approx(point["dev"]["metrics"]["accuracy"])
 
     # One call reloads the trained run; full depth reproduces the sweep's dev accuracy.
     encoder, tokenizer, config = smartbert.load_trained(out)
@@ -114,8 +131,14 @@ def test_load_trained_without_stage2_gives_the_best_stage1_weights(
     out = tmp_path / "run"
     assert run_cli("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out,
                    "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=0", "entropy_thresholds=[0.3]", *TINY) == 0
-    # Make the best-epoch file differ from the last checkpoint, as after a later, worse epoch.
+    # The saved model holds the best stage-1 weights.
     best = common.load_weights(out / "stage1_best.safetensors")
+    saved, _, _ = smartbert.load_trained(out)
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, best[f"encoder.{key}"]), key
+    # Without the saved model (a run stopped before its end), the checkpoint is used: make the
+    # best-epoch file differ from the last checkpoint, as after a later, worse epoch.
+    shutil.rmtree(out / "model")
     best["encoder.exit_heads.1.classifier.bias"] = best["encoder.exit_heads.1.classifier.bias"] + 1.0
     common.save_weights(out / "stage1_best.safetensors", best)
     encoder, _, _ = smartbert.load_trained(out)

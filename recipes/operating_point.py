@@ -1,0 +1,131 @@
+"""The end of every recipe run: an operating point chosen on held-out data, the model saved.
+
+After the dev sweep, :func:`calibrate_and_save` picks the exit threshold whose mean relative
+cost on the held-out part of train is at most ``calibration_budget`` (never looking at dev),
+evaluates dev at that threshold, and saves the model with its tokenizer and that operating
+point to ``<run>/model/`` (:meth:`AdaptiveEncoder.save_pretrained`), ready for
+``AdaptivePipeline.from_pretrained`` and ``python -m adaptive_depth.predict``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from adaptive_depth.calibration import calibrate_threshold, criterion_name
+from adaptive_depth.encoder import AdaptiveEncoder
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from recipes.common import SweepSetting, run_sweep
+
+__all__ = ["MODEL_DIR", "calibrate_and_save"]
+
+logger = logging.getLogger("recipes")
+
+MODEL_DIR = "model"
+
+
+def calibrate_and_save(
+    encoder: AdaptiveEncoder,
+    tokenizer: Any,
+    run_dir: Path,
+    settings: Sequence[SweepSetting],
+    heldout: Iterable[Mapping[str, Tensor]],
+    dev: Iterable[Mapping[str, Tensor]],
+    make_metrics: Callable[[], Any],
+    *,
+    budget: float,
+    gate_threshold: float,
+    padded_length: int,
+    label_names: Sequence[str] | None,
+    max_length: int,
+) -> dict[str, Any]:
+    """Calibrate on ``heldout``, evaluate ``dev`` there, save ``<run_dir>/model``.
+
+    Args:
+        encoder: the trained model (eval mode is set here).
+        tokenizer: saved beside the model.
+        run_dir: the run folder.
+        settings: the recipe's sweep; its first setting with an exit criterion says which
+            criterion and engine mode to calibrate. Without one (plain fine-tuning) the model is
+            saved at full depth and nothing is calibrated.
+        heldout, dev: batches with ``labels``.
+        make_metrics: a fresh task-metrics object (``update`` / ``compute``).
+        budget: ``max_relative_cost`` (exact convention).
+        gate_threshold, padded_length: as in the sweep.
+        label_names: class names in label-id order (``None`` for regression).
+        max_length: the training truncation length.
+
+    Returns:
+        The ``operating_point`` entry of ``results.json``: ``calibration`` (see
+        :class:`~adaptive_depth.calibration.Calibration`, or ``{"error": ...}`` when no threshold
+        meets the budget), ``dev`` (the sweep row at the chosen point) and ``model_dir``.
+    """
+    encoder.eval()
+    config = encoder.adaptive_config
+    config.label_names = list(label_names) if label_names is not None else None
+    config.max_length = max_length
+    config.gate_threshold = gate_threshold
+    exit_setting = next((s for s in settings if s.criterion is not None and s.mode in ("adaptive", "exit_only")), None)
+    result: dict[str, Any] = {"budget": budget, "convention": "exact"}
+    if exit_setting is None:
+        config.mode = "full"
+        result.update(calibration=None, reason="this method has no early exit; the model runs at full depth")
+        chosen = SweepSetting("full", "full")
+    else:
+        template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, exit_setting.mode,
+                                           padded_length)
+        config.mode = exit_setting.mode
+        try:
+            calibration = calibrate_threshold(template, list(heldout), budget, metric=_metric(make_metrics))
+        except ValueError as error:  # the budget cannot be met: say so, save the model at no early exit
+            logger.warning("calibration: %s", error)
+            config.criterion, config.threshold = criterion_name(exit_setting.criterion), _never_exit(exit_setting)
+            result.update(calibration={"error": str(error)})
+            chosen = SweepSetting("no early exit", exit_setting.mode, _with_threshold(exit_setting, config.threshold),
+                                  config.threshold)
+        else:
+            config.criterion, config.threshold = calibration.criterion, calibration.threshold  # type: ignore[assignment]
+            config.calibration = {**calibration.to_dict(), "data": "held-out part of train"}
+            result.update(calibration=calibration.to_dict())
+            logger.info("calibrated on held-out: %s=%.4g, relative cost (exact) %.3f, %s %.4f", calibration.criterion,
+                        calibration.threshold, calibration.relative_cost, calibration.metric_name, calibration.metric)
+            chosen = SweepSetting(f"calibrated {calibration.criterion}={calibration.threshold:.4g}", exit_setting.mode,
+                                  calibration.make_criterion(), calibration.threshold)
+    result["dev"] = run_sweep(encoder, dev, [chosen], make_metrics, gate_threshold, padded_length)[0]
+    folder = encoder.save_pretrained(run_dir / MODEL_DIR, tokenizer=tokenizer)
+    result["model_dir"] = str(folder)
+    return result
+
+
+def _metric(make_metrics: Callable[[], Any]) -> Callable[[Tensor, Tensor], float]:
+    """The task's main metric as a ``(predictions, labels) -> float`` function."""
+
+    probe = make_metrics()
+    regression = probe.task.is_regression
+
+    def main_metric(predictions: Tensor, labels: Tensor) -> float:
+        metrics = make_metrics()
+        metrics.update(predictions if regression else predictions.long(), labels)
+        return float(metrics.compute()[metrics.main_metric])
+
+    main_metric.__name__ = probe.main_metric
+    return main_metric
+
+
+def _never_exit(setting: SweepSetting) -> float:
+    name = criterion_name(setting.criterion)
+    if name == "max_prob":
+        return 1.0
+    if name == "patience":
+        return 10_000.0
+    return 0.0
+
+
+def _with_threshold(setting: SweepSetting, threshold: float) -> Any:
+    from adaptive_depth.config import criterion_from_name
+
+    return criterion_from_name(criterion_name(setting.criterion), threshold)

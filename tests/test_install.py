@@ -1,0 +1,31 @@
+"""The installed distribution: recipes and benchmarks import from any directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_recipes_and_benchmarks_import_outside_the_clone(tmp_path: Path) -> None:
+    code = (
+        "import benchmarks.tradeoff, recipes, recipes.smartbert\n"
+        "from recipes.two_stage import CONFIG_DIR\n"
+        "assert (CONFIG_DIR / 'smartbert_mrpc.yaml').is_file(), CONFIG_DIR\n"
+        "from adaptive_depth import AdaptiveInferenceEngine, AdaptivePipeline, calibrate_threshold\n"
+        "print(recipes.__file__)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, (
+        f"{result.stderr}\n(is the project installed? pip install -e '.[dev]')"
+    )
+    assert result.stdout.strip().endswith(os.path.join("recipes", "__init__.py"))
+
+
+def test_predict_module_runs_from_another_directory(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "adaptive_depth.predict", "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "--input" in result.stdout
