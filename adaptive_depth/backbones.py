@@ -13,8 +13,8 @@ own forward exactly for every family here (see ``tests/test_encoder.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 __all__ = [
     "BACKBONES",
     "BackboneAdapter",
+    "EncoderDims",
     "LayerRunner",
     "UnsupportedModelError",
     "get_backbone",
@@ -34,19 +35,89 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class EncoderDims:
+    """The sizes of an encoder that its MAC count depends on (see :mod:`adaptive_depth.flops`).
+
+    Attributes:
+        hidden_size: ``H``.
+        intermediate_size: ``I``, the feed-forward width.
+        num_attention_heads: heads per layer (the MAC count does not depend on it).
+        num_layers: ``L``, layer applications ("steps") in a full forward; for ALBERT the
+            number of steps, not of distinct weight sets.
+        embedding_size: ``E`` when a Linear ``E -> H`` projects the embeddings (ALBERT
+            always, ELECTRA when ``E != H``), else ``None``.
+        has_pooler: the base model runs a ``Linear(H -> H)`` pooler on ``[CLS]``.
+        layers_per_step: transformer layers applied per step (ALBERT's ``inner_group_num``;
+            1 elsewhere).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_layers: int
+    embedding_size: int | None
+    has_pooler: bool
+    layers_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_layers", "layers_per_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.embedding_size is not None and self.embedding_size < 1:
+            raise ValueError(f"embedding_size must be >= 1 or None, got {self.embedding_size}.")
+
+
+def _bert_dims(config: Any, has_pooler: bool = True) -> EncoderDims:
+    """BERT-style configs (``hidden_size``, ``intermediate_size``...), no embedding projection."""
+    return EncoderDims(
+        hidden_size=int(config.hidden_size),
+        intermediate_size=int(config.intermediate_size),
+        num_attention_heads=int(config.num_attention_heads),
+        num_layers=int(config.num_hidden_layers),
+        embedding_size=None,
+        has_pooler=has_pooler,
+    )
+
+
+def _electra_dims(config: Any) -> EncoderDims:
+    # ElectraModel has no pooler; it projects the embeddings when embedding_size != hidden_size.
+    dims = _bert_dims(config, has_pooler=False)
+    embedding_size = int(config.embedding_size)
+    return replace(dims, embedding_size=embedding_size if embedding_size != dims.hidden_size else None)
+
+
+def _albert_dims(config: Any) -> EncoderDims:
+    # embedding_hidden_mapping_in always exists; each step runs inner_group_num layers.
+    return replace(_bert_dims(config), embedding_size=int(config.embedding_size),
+                   layers_per_step=int(config.inner_group_num))
+
+
+def _distilbert_dims(config: Any) -> EncoderDims:
+    return EncoderDims(hidden_size=int(config.dim), intermediate_size=int(config.hidden_dim),
+                       num_attention_heads=int(config.n_heads), num_layers=int(config.n_layers),
+                       embedding_size=None, has_pooler=False)
+
+
+@dataclass(frozen=True)
 class BackboneAdapter:
     """How one encoder family is laid out.
 
     Attributes:
         model_type: the ``config.model_type`` this entry serves.
         layers_path: dotted path, from the base model, of the ``nn.ModuleList`` of layers.
+        dims: ``config -> EncoderDims``, the sizes the FLOPs count needs.
         shared_layers: ALBERT-style weight sharing: ``num_hidden_layers`` steps run over
             ``num_hidden_groups`` modules; gates and heads are indexed by step.
+        batched_extra_args: positions (among the layer's arguments after the mask) of tensors
+            with a batch dimension, which must follow the rows when a batch is compacted
+            (MPNet's relative position bias ``[B, heads, N, N]``).
     """
 
     model_type: str
     layers_path: str
+    dims: Callable[[Any], EncoderDims] = _bert_dims
     shared_layers: bool = False
+    batched_extra_args: tuple[int, ...] = ()
 
     def layer_list(self, base_model: nn.Module) -> nn.ModuleList:
         """The ``nn.ModuleList`` that holds the layers (or ALBERT's layer groups)."""
@@ -67,9 +138,13 @@ class BackboneAdapter:
 BACKBONES: Mapping[str, BackboneAdapter] = {
     "bert": BackboneAdapter("bert", "encoder.layer"),
     "roberta": BackboneAdapter("roberta", "encoder.layer"),
-    "electra": BackboneAdapter("electra", "encoder.layer"),
-    "distilbert": BackboneAdapter("distilbert", "transformer.layer"),
-    "albert": BackboneAdapter("albert", "encoder.albert_layer_groups", shared_layers=True),
+    "xlm-roberta": BackboneAdapter("xlm-roberta", "encoder.layer"),  # the RoBERTa architecture
+    "camembert": BackboneAdapter("camembert", "encoder.layer"),  # the RoBERTa architecture
+    "electra": BackboneAdapter("electra", "encoder.layer", _electra_dims),
+    "distilbert": BackboneAdapter("distilbert", "transformer.layer", _distilbert_dims),
+    "albert": BackboneAdapter("albert", "encoder.albert_layer_groups", _albert_dims, shared_layers=True),
+    # Every MPNet layer takes the relative position bias the encoder computes once per batch.
+    "mpnet": BackboneAdapter("mpnet", "encoder.layer", batched_extra_args=(0,)),
 }
 
 
@@ -175,12 +250,18 @@ class LayerRunner:
                 f"cannot select rows of a {type(mask).__name__} attention mask; load the model "
                 "with attn_implementation='sdpa' or 'eager'."
             )
+        extra_args = self.extra_args
+        if self.adapter.batched_extra_args:
+            extra_args = tuple(
+                arg.index_select(0, rows) if index in self.adapter.batched_extra_args and arg.shape[0] != 1 else arg
+                for index, arg in enumerate(extra_args)
+            )
         return LayerRunner(
             base_model=self.base_model,
             adapter=self.adapter,
             hidden_states=self.hidden_states.index_select(0, rows),
             layer_mask=mask,
-            extra_args=self.extra_args,
+            extra_args=extra_args,
             extra_kwargs=self.extra_kwargs,
         )
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from adaptive_depth.backbones import get_backbone
+from adaptive_depth.backbones import EncoderDims, get_backbone
 from adaptive_depth.exits import PoolerExitHead
 
 if TYPE_CHECKING:
@@ -82,44 +82,11 @@ def macs_to_flops(macs: int) -> int:
     return 2 * int(macs)
 
 
-@dataclass(frozen=True)
-class EncoderDims:
-    """The sizes of an encoder that its MAC count depends on.
-
-    Attributes:
-        hidden_size: ``H``.
-        intermediate_size: ``I``, the feed-forward width.
-        num_attention_heads: heads per layer (the MAC count does not depend on it).
-        num_layers: ``L``, layer applications ("steps") in a full forward; for ALBERT the
-            number of steps, not of distinct weight sets.
-        embedding_size: ``E`` when a Linear ``E -> H`` projects the embeddings (ALBERT
-            always, ELECTRA when ``E != H``), else ``None``.
-        has_pooler: the base model runs a ``Linear(H -> H)`` pooler on ``[CLS]``.
-        layers_per_step: transformer layers applied per step (ALBERT's ``inner_group_num``;
-            1 elsewhere).
-    """
-
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_layers: int
-    embedding_size: int | None
-    has_pooler: bool
-    layers_per_step: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_layers", "layers_per_step"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.embedding_size is not None and self.embedding_size < 1:
-            raise ValueError(f"embedding_size must be >= 1 or None, got {self.embedding_size}.")
-
-
 def encoder_dims(config: Any) -> EncoderDims:
     """Read :class:`EncoderDims` from a Hugging Face config.
 
-    Supports the ``model_type`` values of :data:`adaptive_depth.backbones.BACKBONES`: bert,
-    roberta, electra, distilbert, albert.
+    The sizes come from the family's entry in :data:`adaptive_depth.backbones.BACKBONES` (one
+    table per family: layer layout and sizes).
 
     Args:
         config: a ``transformers.PretrainedConfig``.
@@ -136,33 +103,7 @@ def encoder_dims(config: Any) -> EncoderDims:
         >>> dims.hidden_size, dims.intermediate_size, dims.num_layers, dims.embedding_size
         (768, 3072, 12, None)
     """
-    model_type = get_backbone(config).model_type
-    if model_type == "distilbert":
-        return EncoderDims(
-            hidden_size=int(config.dim),
-            intermediate_size=int(config.hidden_dim),
-            num_attention_heads=int(config.n_heads),
-            num_layers=int(config.n_layers),
-            embedding_size=None,
-            has_pooler=False,
-        )
-    hidden_size = int(config.hidden_size)
-    embedding_size: int | None = None
-    layers_per_step = 1
-    if model_type == "albert":
-        embedding_size = int(config.embedding_size)  # embedding_hidden_mapping_in always exists
-        layers_per_step = int(config.inner_group_num)
-    elif model_type == "electra" and int(config.embedding_size) != hidden_size:
-        embedding_size = int(config.embedding_size)  # embeddings_project
-    return EncoderDims(
-        hidden_size=hidden_size,
-        intermediate_size=int(config.intermediate_size),
-        num_attention_heads=int(config.num_attention_heads),
-        num_layers=int(config.num_hidden_layers),
-        embedding_size=embedding_size,
-        has_pooler=model_type != "electra",  # ElectraModel has no pooler
-        layers_per_step=layers_per_step,
-    )
+    return get_backbone(config).dims(config)
 
 
 def layer_macs(dims: EncoderDims, seq_len: int, convention: Convention) -> int:

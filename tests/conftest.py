@@ -13,7 +13,9 @@ from transformers import AutoModel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra")
+FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra", "mpnet")
+# Families with the architecture of one above, checked by equivalence only (tests/test_encoder.py).
+ALIASES = ("xlm-roberta", "camembert")
 
 
 def tiny_config(model_type: str, num_layers: int = 2) -> transformers.PretrainedConfig:
@@ -36,6 +38,18 @@ def tiny_config(model_type: str, num_layers: int = 2) -> transformers.Pretrained
             embedding_size=16, hidden_size=32, num_hidden_layers=2 * num_layers, num_hidden_groups=2,
             num_attention_heads=4, intermediate_size=37, **common,
         )
+    if model_type in ("xlm-roberta", "camembert"):
+        config_class = transformers.XLMRobertaConfig if model_type == "xlm-roberta" else transformers.CamembertConfig
+        return config_class(
+            hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4, intermediate_size=37,
+            pad_token_id=1, **common,
+        )
+    if model_type == "mpnet":
+        # Relative position bias in every layer; padding index 1 as in all-mpnet-base-v2.
+        return transformers.MPNetConfig(
+            hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4, intermediate_size=37,
+            pad_token_id=1, **common,
+        )
     if model_type == "electra":
         return transformers.ElectraConfig(
             embedding_size=16, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
@@ -45,6 +59,8 @@ def tiny_config(model_type: str, num_layers: int = 2) -> transformers.Pretrained
 
 
 def tiny_model(model_type: str, attn_implementation: str = "sdpa", seed: int = 0, num_layers: int = 2):
+    if model_type == "mpnet":
+        attn_implementation = "eager"  # MPNet has no SDPA path in transformers
     torch.manual_seed(seed)
     return AutoModel.from_config(tiny_config(model_type, num_layers), attn_implementation=attn_implementation).eval()
 

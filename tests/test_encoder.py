@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model
 
 from adaptive_depth import AdaptiveEncoder, UnsupportedModelError, skip_regularizer
-from tests.conftest import FAMILIES, minilm_dir, padded_batch, requires_minilm, tiny_config, tiny_model
+from tests.conftest import ALIASES, FAMILIES, minilm_dir, padded_batch, requires_minilm, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
@@ -26,6 +26,30 @@ def test_gates_forced_to_run_reproduce_the_plain_model(model_type: str, attn_imp
         ).last_hidden_state
     torch.testing.assert_close(by_mode, expected, rtol=0, atol=0)
     torch.testing.assert_close(by_values, expected)
+
+
+@pytest.mark.parametrize("model_type", ALIASES)
+def test_roberta_architecture_aliases_reproduce_their_model_and_compact_exactly(model_type: str) -> None:
+    from adaptive_depth.engine import AdaptiveInferenceEngine
+
+    model = tiny_model(model_type)
+    assert model.config.model_type == model_type
+    encoder = AdaptiveEncoder(model, num_labels=3, gate_inner_size=16, head_inner_size=16).eval()
+    input_ids, attention_mask = padded_batch()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        actual = encoder(input_ids, attention_mask, gate_mode="run").last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    for gate in encoder.gates:
+        gate.score.bias.data.fill_(0.0)
+        gate.score.weight.data.normal_(0.0, 3.0)
+    engine = AdaptiveInferenceEngine(encoder, mode="skip_only")
+    batched = engine(input_ids, attention_mask)
+    for row in range(len(input_ids)):
+        length = int(attention_mask[row].sum())
+        alone = engine(input_ids[row:row + 1, :length], attention_mask[row:row + 1, :length])
+        assert torch.equal(alone.layers_run[0], batched.layers_run[row])
+        torch.testing.assert_close(alone.logits[0], batched.logits[row], atol=1e-5, rtol=1e-5)
 
 
 @requires_minilm
@@ -126,7 +150,7 @@ def test_unwrap_returns_the_untouched_model_and_state_dict_keys_are_stable() -> 
 
 def test_unsupported_model_type_names_the_supported_ones() -> None:
     gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*albert, bert, distilbert, electra, roberta"):
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*albert, bert, camembert, distilbert, electra, mpnet, roberta, xlm-roberta"):
         AdaptiveEncoder(gpt2)
 
 

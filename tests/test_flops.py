@@ -26,7 +26,8 @@ from adaptive_depth.flops import (
     step_macs,
 )
 
-FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra")
+from tests.conftest import FAMILIES  # noqa: E402
+
 LENGTHS = (5, 17, 64)
 TOLERANCE = 0.01  # the brief: "exact" within 1% of FlopCounterMode (in practice it is exact)
 
@@ -54,6 +55,11 @@ def flops_config(model_type: str, num_labels: int = 3) -> transformers.Pretraine
     if model_type == "electra":
         return transformers.ElectraConfig(
             embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            **common,
+        )
+    if model_type == "mpnet":
+        return transformers.MPNetConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, pad_token_id=1,
             **common,
         )
     raise ValueError(model_type)
