@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from recipes.errors import CheckpointError, ConfigError
+
 logger = logging.getLogger("recipes")
 
 __all__ = [
@@ -61,12 +63,6 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config file or ``key=value`` override is invalid; the message says which key and why."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not match the current run."""
 
 
 # --------------------------------------------------------------------------------------
