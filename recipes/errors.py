@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "InputCheckError",
+    "ModelLoadError",
     "Interrupted",
     "RecipeError",
     "ResumeMismatchError",
@@ -37,6 +39,8 @@ __all__ = [
     "StorageError",
     "TrainingDivergedError",
     "USER_OS_ERRNOS",
+    "catch_signals",
+    "deferred_signals",
     "error_boundary",
     "one_line",
     "storage_error",
@@ -66,6 +70,10 @@ class RunFolderError(RecipeError):
 class InputCheckError(RecipeError, ValueError):
     """Inputs that would train silently on something wrong: a model without tokenizer files, a
     tokenizer larger than the model's vocabulary, ``max_length`` beyond the position table."""
+
+
+class ModelLoadError(RecipeError, FileNotFoundError):
+    """A ``--model`` that cannot be loaded: no such folder or id, no config, corrupt weights."""
 
 
 class StorageError(RecipeError):
@@ -153,3 +161,47 @@ def storage_error(error: OSError, action: str) -> StorageError | OSError:
         return error
     where = f" {error.filename}" if error.filename else ""
     return StorageError(f"{action} failed:{where} {error.strerror}; {_OS_HINTS[error.errno]}")
+
+
+_deferred: list[int] = []
+_deferring = [0]
+
+
+def _raise_interrupted(signal_number: int, frame: object) -> None:
+    if _deferring[0]:
+        _deferred.append(signal_number)
+        return
+    raise Interrupted(signal_number)
+
+
+@contextmanager
+def catch_signals() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` (the current step is
+    abandoned; a checkpoint being written is finished first, see :func:`deferred_signals`).
+
+    Outside the main thread (where Python cannot install handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _raise_interrupted) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Within the block a SIGINT/SIGTERM is held back and raised as :class:`Interrupted` at its
+    end, so that a checkpoint is written whole before the run stops."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+    if not _deferring[0] and _deferred:
+        number = _deferred[0]
+        _deferred.clear()
+        raise Interrupted(number)
