@@ -705,11 +705,13 @@ def _load_one_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any
     return state_dict, state, payload
 
 
-def load_checkpoint(folder: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+def load_checkpoint(folder: str | os.PathLike[str], fallback: bool = True,
+                    ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying every file's checksum.
 
-    Falls back to the previous checkpoint (``<folder>.prev``, with a warning) when ``folder``
-    is missing or damaged: a save that failed or was cut off midway loses at most one epoch.
+    With ``fallback``, reads the previous checkpoint (``<folder>.prev``, with a warning) when
+    ``folder`` is missing or damaged: a save that failed or was cut off midway loses at most one
+    epoch. (Resuming wants that; reloading a finished run for inference does not.)
 
     Returns:
         ``(state_dict, state, optimizer_payload)``; ``state["loaded_from"]`` is the folder
@@ -724,7 +726,7 @@ def load_checkpoint(folder: str | os.PathLike[str]) -> tuple[dict[str, Tensor], 
         return _load_one_checkpoint(folder)
     except CheckpointError as error:
         previous = previous_checkpoint(folder)
-        if not (previous / STATE_FILE).is_file():
+        if not fallback or not (previous / STATE_FILE).is_file():
             raise
         try:
             loaded = _load_one_checkpoint(previous)
