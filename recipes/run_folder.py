@@ -96,6 +96,8 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
             "replace it, or another --output-dir"
         )
     existing = _nearest_existing(run_dir)
+    if not existing.is_dir():
+        raise RunFolderError(f"--output-dir {run_dir}: {existing} is a file, not a folder; pass a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunFolderError(f"cannot write into {existing} (no permission); pass a writable --output-dir")
     holder = RunLock(run_dir).holder()
