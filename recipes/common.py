@@ -433,29 +433,32 @@ def run_epoch(
     interval = 0.1 if sys.stderr.isatty() else 60.0
     bar = tqdm(loader, desc=description, disable=not is_main_process(), leave=False, dynamic_ncols=True,
                mininterval=interval)
-    for batch in bar:
-        loss = step(batch)
-        if not torch.isfinite(loss):
-            from recipes.errors import TrainingDivergedError
+    try:
+        for batch in bar:
+            loss = step(batch)
+            if not torch.isfinite(loss):
+                from recipes.errors import TrainingDivergedError
 
-            raise TrainingDivergedError(
-                f"{description}: the loss is {loss.item()} at batch {batches + 1}: training diverged; {divergence_hint}"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total_loss += float(loss.detach())
-        batches += 1
-        samples += int(batch["labels"].shape[0])
-        elapsed = time.perf_counter() - start
-        # refresh=False: the postfix shows at the bar's next timed refresh; set_postfix's default
-        # refresh=True would redraw on every batch, whatever mininterval says.
-        bar.set_postfix(loss=f"{total_loss / batches:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.1f}",
-                        refresh=False)
+                raise TrainingDivergedError(
+                    f"{description}: the loss is {loss.item()} at batch {batches + 1}: training diverged; {divergence_hint}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total_loss += float(loss.detach())
+            batches += 1
+            samples += int(batch["labels"].shape[0])
+            elapsed = time.perf_counter() - start
+            # refresh=False: the postfix shows at the bar's next timed refresh; set_postfix's default
+            # refresh=True would redraw on every batch, whatever mininterval says.
+            bar.set_postfix(loss=f"{total_loss / batches:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.1f}",
+                            refresh=False)
+    finally:
+        bar.close()  # an interrupted epoch must not leave the bar on the line the next message goes to
     stats = EpochStats(loss=total_loss / max(batches, 1), samples=samples, seconds=time.perf_counter() - start)
     if is_main_process():
         logger.info(
@@ -632,8 +635,9 @@ def save_checkpoint(
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if temporary.exists():
-            shutil.rmtree(temporary)
+        # Left by a process that died while saving (the run folder's lock keeps out live ones).
+        for leftover in folder.parent.glob(f".{folder.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         temporary.mkdir()
         _write_safetensors(temporary / WEIGHTS_FILE, _detached(state_dict))
         payload = {

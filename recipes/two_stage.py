@@ -297,7 +297,9 @@ class TwoStageRecipe:
     def _claim_run_folder(self, backbone: nn.Module) -> None:
         """Lock the run folder, clear it on ``--overwrite``, record ``run.json`` and the backbone's
         config and tokenizer (which make the folder self-contained for :func:`load_run`)."""
-        self.lock = RunLock(self.run_dir).acquire()
+        self.lock = RunLock(self.run_dir)
+        with errors.deferred_signals():  # an interrupt here must not leave a lock without an owner
+            self.lock.acquire()
         if self.overwrite:
             removed = clear_run(self.run_dir)
             if removed:
@@ -385,6 +387,8 @@ class TwoStageRecipe:
         source = checkpoint / BEST_STAGE1_FILE
         if not source.is_file():
             return
+        if self.best_stage1_path.is_file() and os.path.samefile(source, self.best_stage1_path):
+            return  # already published (rename() of one hard link onto another would do nothing)
         temporary = self.run_dir / f".{BEST_STAGE1_FILE}.tmp-{os.getpid()}"
         temporary.unlink(missing_ok=True)
         try:
@@ -733,9 +737,10 @@ def check_model_inputs(model_config: Any, tokenizer: Any, max_length: int, model
 
 
 def check_unknown_tokens(input_ids: Sequence[Sequence[int]], tokenizer: Any, model_name: str,
-                         limit: float = 0.5) -> None:
+                         limit: float = 0.5, max_rows: int = 5000) -> None:
     """Refuse data whose tokens are mostly ``[UNK]`` (a tokenizer that does not belong to the model
-    or the data's language); ``limit`` is the largest share of unknown tokens allowed.
+    or the data's language); ``limit`` is the largest share of unknown tokens allowed, counted
+    over the first ``max_rows`` rows.
 
     Raises:
         InputCheckError: more than ``limit`` of the non-special tokens are the unknown token.
@@ -745,7 +750,7 @@ def check_unknown_tokens(input_ids: Sequence[Sequence[int]], tokenizer: Any, mod
         return
     special = set(getattr(tokenizer, "all_special_ids", [])) - {unknown}
     total = unknowns = 0
-    for ids in input_ids:
+    for ids in input_ids[:max_rows]:
         for token in ids:
             if token not in special:
                 total += 1
