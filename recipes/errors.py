@@ -15,6 +15,8 @@ Example:
     ...     with error_boundary() as outcome:
     ...         raise RunFolderError("runs/x holds a run; pass --resume or --overwrite")
     ...     return outcome.status
+    >>> main()  # stderr: error: runs/x holds a run; pass --resume or --overwrite
+    2
 """
 
 from __future__ import annotations
