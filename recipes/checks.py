@@ -46,8 +46,11 @@ def check_model_inputs(model_config: Any, tokenizer: Any, max_length: int, model
 
     Raises:
         InputCheckError: otherwise (F.embedding would fail with an index error mid-training, or
-            read past the position table).
+            read past the position table), or the tokenizer has no padding token.
     """
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise InputCheckError(f"the tokenizer of {model_name} has no padding token, which batching needs; set one "
+                              "(tokenizer.pad_token = ...) and save it into the model folder")
     vocab_size = getattr(model_config, "vocab_size", None)
     if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
         raise InputCheckError(

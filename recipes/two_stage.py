@@ -262,6 +262,9 @@ class TwoStageRecipe:
         dev_name = self.task.dev_splits[0]
         train_examples = read_split(self.data_dir, self.task, "train").examples[: config.max_train_rows or None]
         dev_examples = read_split(self.data_dir, self.task, dev_name).examples[: config.max_eval_rows or None]
+        if len(train_examples) < 2:
+            raise ConfigError(f"{len(train_examples)} training row(s) (max_train_rows={config.max_train_rows}): the run "
+                              "needs at least 2, one of them held out for model selection; raise max_train_rows")
         train_part, heldout_part = holdout_split(train_examples, config.holdout_fraction, config.seed)
         self.data_record = data_fingerprint({"train": train_examples, dev_name: dev_examples}, self.data_dir)
 

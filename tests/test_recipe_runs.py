@@ -291,6 +291,7 @@ def test_silently_wrong_inputs_are_errors(
 
     refused(tiny_model_dir, "max_length=200", "padded_length=200", fragments=("position table", "128 positions"))
     refused(tiny_model_dir, "task=rte", fragments=("--task mrpc but the config asks for task 'rte'",))
+    refused(tiny_model_dir, "max_train_rows=1", fragments=("1 training row(s)", "raise max_train_rows"))
 
 
 def test_resume_refuses_a_missing_or_damaged_best_stage1_file(
