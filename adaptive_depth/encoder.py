@@ -276,9 +276,26 @@ class AdaptiveEncoder(nn.Module):
         """Validate the inputs, embed them and return a :class:`LayerRunner` and the ``[B, N]`` mask.
 
         Raises:
-            ValueError: on an empty batch, a mask whose shape differs from ``input_ids``, a
-                row with no real token, or padding before a real token (left padding).
+            ValueError: on an empty batch, a mask whose shape differs from ``input_ids``, a row
+                with no real token, padding before a real token (left padding), more tokens than
+                the position table holds, or a keyword the wrapped model's ``forward`` does not
+                take (a misspelling would be ignored by it).
         """
+        if model_inputs:
+            accepted = getattr(self, "_accepted_inputs", None)
+            if accepted is None:
+                import inspect
+
+                parameters = inspect.signature(self.backbone.forward).parameters.values()
+                accepted = frozenset(parameter.name for parameter in parameters
+                                     if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL))
+                self._accepted_inputs = accepted
+            unknown = sorted(set(model_inputs) - accepted)
+            if unknown:
+                raise ValueError(
+                    f"{type(self.backbone).__name__}.forward takes no input named {', '.join(map(repr, unknown))}; "
+                    f"it takes: {', '.join(sorted(accepted))}."
+                )
         reference = input_ids if input_ids is not None else model_inputs.get("inputs_embeds")
         if reference is None:
             raise ValueError("pass input_ids (or inputs_embeds) of shape [B, N].")
@@ -287,6 +304,16 @@ class AdaptiveEncoder(nn.Module):
         batch_size, num_tokens = reference.shape[:2]
         if batch_size == 0 or num_tokens == 0:
             raise ValueError(f"empty batch: input_ids has shape {tuple(reference.shape)}.")
+        positions = getattr(self.config, "max_position_embeddings", None)
+        if (isinstance(positions, int) and "position_ids" not in model_inputs
+                and getattr(self.config, "position_biased_input", True) is not False):
+            if self.config.model_type == "roberta":  # positions start after the padding index
+                positions -= int(self.config.pad_token_id or 0) + 1
+            if num_tokens > positions:
+                raise ValueError(
+                    f"inputs have {num_tokens} tokens but the {self.config.model_type} position table holds "
+                    f"{positions}; truncate the inputs to at most {positions} tokens (max_length={positions})."
+                )
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, num_tokens, dtype=torch.long, device=reference.device)
         elif tuple(attention_mask.shape) != (batch_size, num_tokens):

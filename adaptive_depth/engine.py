@@ -129,6 +129,10 @@ class AdaptiveInferenceEngine:
             input_ids: ``[B, N]`` token ids.
             attention_mask: ``[B, N]``, 1 for tokens, 0 for padding.
             **model_inputs: other inputs of the HF model (``token_type_ids``...).
+
+        Raises:
+            ValueError: invalid inputs (see :meth:`AdaptiveEncoder.prepare`).
+            FloatingPointError: an exit head gave NaN or infinite logits.
         """
         encoder = self.encoder
         runner, token_mask = encoder.prepare(input_ids, attention_mask, **model_inputs)
@@ -182,6 +186,13 @@ class AdaptiveInferenceEngine:
             else:
                 continue
             head_logits = encoder.exit_heads[step](answering_hidden, answering_mask).logits
+            if not bool(torch.isfinite(head_logits).all()):
+                # A NaN entropy is never below the threshold: these rows would silently never exit.
+                bad = int((~torch.isfinite(head_logits)).any(dim=-1).sum())
+                raise FloatingPointError(
+                    f"exit head {step + 1} gave NaN or infinite logits for {bad} of {len(answering_rows)} rows; the "
+                    "model's weights (or inputs_embeds) hold NaN/inf, e.g. from a diverged training run."
+                )
             heads_run[step].index_fill_(0, answering_rows, True)
             if last_step:
                 leaving_rows, leaving_logits = answering_rows, head_logits

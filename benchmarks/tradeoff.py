@@ -9,9 +9,12 @@ main-metric-vs-relative-FLOPs curve and prints a Table-1-style summary.
     python -m benchmarks.tradeoff --task rte --methods finetune deebert --output-dir runs/tradeoff-rte
 
 Run folders are ``<output-dir>/<method>``. A folder whose ``results.json`` was made with the
-same config and model is reused as is; one with a checkpoint but no results is resumed
-(``--resume``); otherwise the recipe trains from scratch. A folder whose results were made with
-another config is an error (pick another ``--output-dir`` or delete it).
+same config (threads and evaluation batch size aside), model and data rows (the SHA-256 in its
+``run.json``) is reused as is; one with a checkpoint but no results is resumed (``--resume``,
+which makes the recipe check the same); otherwise the recipe trains from scratch. A folder whose
+results were made with another config, model or data is an error (pick another
+``--output-dir`` or delete it). Interrupted (Ctrl-C), the same command continues where it
+stopped.
 
 Relative cost: each recipe's own ``relative_cost_paper`` is against its own full depth (a
 FastBERT full-depth pass pays for an attention head, SmartBERT's for its gates); here every
@@ -35,14 +38,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from recipes import common
-from recipes.common import CheckpointError, ConfigError
+from recipes import common, errors
+from recipes.common import ConfigError
+from recipes.errors import RecipeError, ResumeMismatchError
 from recipes.glue import TASKS, get_task, resolve_data_dir
+from recipes.run_folder import RUN_FILE, compare_data, config_differences, run_contents
 
 logger = logging.getLogger("recipes")
 
 METHODS = ("finetune", "deebert", "fastbert", "pabee", "smartbert")
 REFERENCE = "finetune"
+# Config keys that do not change a finished run's results (timings aside).
+REUSE_ALLOWED_KEYS = ("torch_threads", "eval_batch_size")
+
+
+class MethodRunFailed(RecipeError):
+    """A method's recipe exited with an error (which it printed)."""
 COST_BUDGETS = (1.0, 0.75, 0.5, 0.33)
 
 
@@ -75,36 +86,73 @@ def split_overrides(methods: list[str], overrides: list[str]) -> dict[str, list[
             for method in methods}
 
 
-def ensure_run(method: str, task: str, run_dir: Path, data_dir: str | None, model: str | None,
+def check_reusable(method: str, run_dir: Path, results: dict[str, Any], expected: dict[str, Any], model_name: str,
+                   task: str, data: dict[str, Any]) -> None:
+    """Refuse to reuse a finished run made with another config, model, task or data.
+
+    Raises:
+        ResumeMismatchError: with what differs and how to fix it.
+    """
+    results_path = run_dir / "results.json"
+    fix = "delete the folder or pick another --output-dir"
+    differences = config_differences(results.get("config", {}), expected, REUSE_ALLOWED_KEYS)
+    if differences:
+        raise ResumeMismatchError(f"{results_path} was made with another config ({'; '.join(differences)}) than this "
+                                  f"comparison asks for; {fix}")
+    if results.get("task") != task:
+        raise ResumeMismatchError(f"{results_path} is a {results.get('task')!r} run, not {task!r}; {fix}")
+    saved_model = str(results.get("model", ""))
+    if not (saved_model == model_name or Path(saved_model).resolve() == Path(model_name).resolve()):
+        raise ResumeMismatchError(f"{results_path} was made with model {saved_model}, this comparison uses "
+                                  f"{model_name}; {fix}")
+    run_file = run_dir / RUN_FILE
+    if run_file.is_file():
+        moved = compare_data(json.loads(run_file.read_text(encoding="utf-8")).get("data"), data, str(results_path))
+    else:  # a run of an older version: only its data folder is known
+        saved_dir = Path(str(results.get("data_dir", ""))).expanduser().resolve()
+        if str(saved_dir) != data["data_dir"]:
+            raise ResumeMismatchError(f"{results_path} was made on the data in {saved_dir}, this comparison reads "
+                                      f"{data['data_dir']}; {fix}")
+        moved = f"{results_path} has no {RUN_FILE} (an older run): its rows cannot be checked, only its data folder"
+    if moved:
+        logger.warning("%s", moved)
+
+
+def ensure_run(method: str, task: str, run_dir: Path, data_dir: Path, model: str | None,
                overrides: list[str]) -> dict[str, Any]:
-    """Reuse, resume or train the run of ``method`` in ``run_dir``; returns its ``results.json``."""
-    expected = common.config_to_dict(
-        common.load_config(config_class(method), config_file(method, task), overrides, task=task)
-    )
+    """Reuse, resume or train the run of ``method`` in ``run_dir``; returns its ``results.json``.
+
+    Raises:
+        ResumeMismatchError: a finished run there was made with another config, model or data.
+        MethodRunFailed: the recipe failed (its own ``error: ...`` line says why).
+        errors.Interrupted: the recipe was interrupted (it printed how to resume it).
+    """
+    from recipes.two_stage import split_fingerprint
+
+    config = common.load_config(config_class(method), config_file(method, task), overrides, task=task)
+    expected = common.config_to_dict(config)
     model_name = str(common.default_model_path() if model is None else model)
     results_path = run_dir / "results.json"
     if results_path.is_file():
         results = json.loads(results_path.read_text(encoding="utf-8"))
-        same_model = Path(results.get("model", "")).resolve() == Path(model_name).resolve() or \
-            results.get("model") == model_name
-        if results.get("config") == expected and same_model and results.get("task") == task:
-            logger.info("%s: reusing %s", method, results_path)
-            return results
-        raise ConfigError(
-            f"{results_path} was made with another config or model than this comparison asks for; "
-            "delete the folder or pick another --output-dir"
-        )
-    argv = ["--task", task, "--output-dir", str(run_dir)]
-    if data_dir is not None:
-        argv += ["--data-dir", str(data_dir)]
+        check_reusable(method, run_dir, results, expected, model_name, task, split_fingerprint(data_dir, task, config))
+        logger.info("%s: reusing %s", method, results_path)
+        return results
+    argv = ["--task", task, "--output-dir", str(run_dir), "--data-dir", str(data_dir)]
     if model is not None:
         argv += ["--model", str(model)]
-    if (run_dir / "checkpoint" / "state.json").is_file():
+    if common.has_checkpoint(run_dir / "checkpoint"):
         logger.info("%s: resuming the checkpoint in %s", method, run_dir)
         argv.append("--resume")
+    elif run_dir.is_dir() and run_contents(run_dir):
+        logger.info("%s: %s holds a run that finished no epoch; starting it again", method, run_dir)
+        argv.append("--overwrite")
     module = importlib.import_module(f"recipes.{method}")
-    if module.main([*argv, *overrides]) != 0:
-        raise RuntimeError(f"python -m recipes.{method} {' '.join([*argv, *overrides])} failed (see its error above)")
+    status = module.main([*argv, *overrides])
+    if status in (130, 143):
+        raise errors.Interrupted(status - 128)
+    if status != 0:
+        raise MethodRunFailed(f"python -m recipes.{method} {' '.join([*argv, *overrides])} failed (its error is above)")
     return json.loads(results_path.read_text(encoding="utf-8"))
 
 
@@ -270,31 +318,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.tradeoff``; returns the exit status (2 on a user error, 130/143
+    when interrupted)."""
+    import shlex
+
+    from adaptive_depth.backbones import UnsupportedModelError
+    from recipes.glue import GlueDataError
+
     common.setup_logging()
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
-    try:
-        task = get_task(args.task).name
-        resolve_data_dir(args.data_dir)  # fail before any training
+
+    def on_interrupt(_: errors.Interrupted) -> str:
+        command = " ".join(["python", "-m", "benchmarks.tradeoff", *(shlex.quote(arg) for arg in argv)])
+        return f"run the same command to continue (finished methods are reused, the interrupted one resumes): {command}"
+
+    with errors.error_boundary(on_interrupt, handled=(GlueDataError, UnsupportedModelError)) as outcome, \
+            errors.catch_signals():
+        try:
+            task = get_task(args.task).name
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        data_dir = resolve_data_dir(args.data_dir)  # fail before any training
         output_dir = Path(args.output_dir or Path("runs") / f"tradeoff-{task}")
         methods = list(dict.fromkeys(args.methods))
         per_method = split_overrides(methods, args.overrides)
         run_dirs = {method: output_dir / method for method in methods}
         all_results = {
-            method: ensure_run(method, task, run_dirs[method], args.data_dir, args.model, per_method[method])
+            method: ensure_run(method, task, run_dirs[method], data_dir, args.model, per_method[method])
             for method in methods
         }
         table = build_table(task, all_results, run_dirs)
-    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    json_path, png_path = output_dir / f"tradeoff-{task}.json", output_dir / f"tradeoff-{task}.png"
-    json_path.write_text(json.dumps(table, indent=2), encoding="utf-8")
-    plot_table(table, png_path)
-    print(format_summary(table))
-    print()
-    print(format_at_cost(table))
-    print(f"table: {json_path}  plot: {png_path}")
-    return 0
+        json_path, png_path = output_dir / f"tradeoff-{task}.json", output_dir / f"tradeoff-{task}.png"
+        json_path.write_text(json.dumps(table, indent=2), encoding="utf-8")
+        plot_table(table, png_path)
+        print(format_summary(table))
+        print()
+        print(format_at_cost(table))
+        print(f"table: {json_path}  plot: {png_path}")
+    return outcome.status
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import ExitCriterion
 from recipes.common import ConfigError, SweepSetting
 from recipes.glue import get_task
-from recipes.two_stage import RecipeConfig, StagedModel, TwoStageRecipe, load_run, run_cli
+from recipes.two_stage import RESUME_ALLOWED_KEYS, RecipeConfig, StagedModel, TwoStageRecipe, load_run, run_cli
 
 __all__ = [
     "BaselineConfig",
@@ -226,7 +226,7 @@ class BaselineModel(StagedModel):
 class BaselineRecipe(TwoStageRecipe):
     """Any :class:`BaselineMethod` on the shared run (:class:`~recipes.two_stage.TwoStageRecipe`)."""
 
-    resume_keys = ("max_length", "seed", "head_inner_size")
+    resume_allowed_keys = (*RESUME_ALLOWED_KEYS, "thresholds")
 
     def __init__(self, method: BaselineMethod, config: BaselineConfig, data_dir: Path, model_name: str | None,
                  run_dir: Path, resume: bool) -> None:

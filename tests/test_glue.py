@@ -546,3 +546,15 @@ def test_metrics_reject_logits_and_cover_every_task() -> None:
 
 def test_module_doctests() -> None:
     assert doctest.testmod(glue).failed == 0
+
+
+def test_non_utf8_file_names_the_line_and_byte(tmp_path: Path) -> None:
+    """The decoder's own message counts bytes from the start of an 8 KiB read chunk; ours names
+    the line, as every other data error does."""
+    root = write_synthetic_glue(tmp_path, "rte", n_train=400, n_dev=4)
+    path = root / "RTE" / "train.tsv"
+    lines = path.read_bytes().split(b"\n")
+    lines[300] = lines[300][:5] + b"\xe9t\xe9" + lines[300][5:]  # Latin-1 "été"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(GlueDataError, match=r"train\.tsv:301: not UTF-8 text \(byte 6 of the line, .* is e9\)"):
+        read_split(root, "rte", "train")

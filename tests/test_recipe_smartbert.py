@@ -130,23 +130,36 @@ def test_load_trained_without_stage2_gives_the_best_stage1_weights(
     """A run that stops after stage 1 was evaluated with its best held-out epoch; so is its reload."""
     out = tmp_path / "run"
     assert run_cli("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out,
-                   "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=0", "entropy_thresholds=[0.3]", *TINY) == 0
-    # The saved model holds the best stage-1 weights.
+                   "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=0", "entropy_thresholds=[0.3]", *TINY) == 0
+    results = json.loads((out / "results.json").read_text())
+    # The tiny model does not improve on the 4 held-out rows, so epoch 0 stays the best one and
+    # the last checkpoint (epoch 1) holds other weights.
+    assert results["best_stage1"]["epoch"] == 0
     best = common.load_weights(out / "stage1_best.safetensors")
+    last, _, _ = common.load_checkpoint(out / "checkpoint")
+    key = "encoder.exit_heads.1.classifier.bias"
+    assert not torch.equal(best[key], last[key])
+    # The saved model (<run>/model) holds the best stage-1 weights ...
     saved, _, _ = smartbert.load_trained(out)
-    for key, value in saved.state_dict().items():
-        assert torch.equal(value, best[f"encoder.{key}"]), key
-    # Without the saved model (a run stopped before its end), the checkpoint is used: make the
-    # best-epoch file differ from the last checkpoint, as after a later, worse epoch.
+    for name, value in saved.state_dict().items():
+        assert torch.equal(value, best[f"encoder.{name}"]), name
+    # ... and so does the reload of a run stopped before saving it (from its checkpoint).
     shutil.rmtree(out / "model")
-    best["encoder.exit_heads.1.classifier.bias"] = best["encoder.exit_heads.1.classifier.bias"] + 1.0
-    common.save_weights(out / "stage1_best.safetensors", best)
     encoder, _, _ = smartbert.load_trained(out)
-    assert torch.equal(encoder.exit_heads[1].classifier.bias, best["encoder.exit_heads.1.classifier.bias"])
+    assert torch.equal(encoder.exit_heads[1].classifier.bias, best[key])
     with pytest.raises(common.CheckpointError, match="not 'deebert'"):
         from recipes import deebert
 
         deebert.load_trained(out)
+
+    # A bit flipped in the checkpoint's best weights is caught by their recorded checksum.
+    stored = out / "checkpoint" / "stage1_best.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 1
+    stored.unlink()  # a new file: the published stage1_best.safetensors is a hard link to the old one
+    stored.write_bytes(bytes(data))
+    with pytest.raises(common.CheckpointError, match="checksum differs"):
+        smartbert.load_trained(out)
 
 
 def test_stage2_optimizer_holds_only_intermediate_heads(tiny_model_dir: Path) -> None:

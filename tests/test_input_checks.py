@@ -1,0 +1,47 @@
+"""Inputs the library used to take silently: a misspelled keyword, more tokens than the position
+table holds, an exit head that outputs NaN (its rows would never exit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_depth.encoder import AdaptiveEncoder
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.exits import EntropyExit
+from tests.conftest import FAMILIES, padded_batch, tiny_model
+
+
+def make_encoder(model_type: str = "bert") -> AdaptiveEncoder:
+    return AdaptiveEncoder(tiny_model(model_type), num_labels=2, gate_inner_size=16, head_inner_size=16).eval()
+
+
+def test_a_misspelled_input_name_is_an_error_in_training_and_inference() -> None:
+    encoder = make_encoder()
+    input_ids, attention_mask = padded_batch()
+    token_type_ids = torch.zeros_like(input_ids)
+    encoder(input_ids, attention_mask, token_type_ids=token_type_ids)  # the right name works
+    with pytest.raises(ValueError, match=r"no input named 'token_type_id'.*token_type_ids"):
+        encoder(input_ids, attention_mask, token_type_id=token_type_ids)
+    with pytest.raises(ValueError, match="no input named 'token_type_id'"):
+        AdaptiveInferenceEngine(encoder)(input_ids, attention_mask, token_type_id=token_type_ids)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_more_tokens_than_the_position_table_is_a_clear_error(model_type: str) -> None:
+    encoder = make_encoder(model_type)
+    limit = encoder.config.max_position_embeddings - (2 if model_type == "roberta" else 0)
+    ids = torch.full((1, limit), 7)
+    AdaptiveInferenceEngine(encoder, mode="full")(ids)  # exactly the table: fine
+    with pytest.raises(ValueError, match=rf"{limit + 1} tokens but the {model_type} position table holds {limit}"):
+        AdaptiveInferenceEngine(encoder, mode="full")(torch.full((1, limit + 1), 7))
+
+
+def test_nan_exit_head_is_an_error_not_a_row_that_never_exits() -> None:
+    encoder = make_encoder()
+    with torch.no_grad():
+        encoder.exit_heads[0].classifier.bias.fill_(float("nan"))
+    input_ids, attention_mask = padded_batch()
+    engine = AdaptiveInferenceEngine(encoder, criterion=EntropyExit(10.0), mode="exit_only")
+    with pytest.raises(FloatingPointError, match="exit head 1 gave NaN or infinite logits for 3 of 3 rows"):
+        engine(input_ids, attention_mask)
