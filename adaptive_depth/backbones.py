@@ -111,6 +111,8 @@ class BackboneAdapter:
         batched_extra_args: positions (among the layer's arguments after the mask) of tensors
             with a batch dimension, which must follow the rows when a batch is compacted
             (MPNet's relative position bias ``[B, heads, N, N]``).
+        positions_after_padding: position ids start after the padding index (RoBERTa and
+            MPNet), so the position table holds ``pad_token_id + 1`` fewer tokens.
     """
 
     model_type: str
@@ -118,6 +120,16 @@ class BackboneAdapter:
     dims: Callable[[Any], EncoderDims] = _bert_dims
     shared_layers: bool = False
     batched_extra_args: tuple[int, ...] = ()
+    positions_after_padding: bool = False
+
+    def max_tokens(self, config: Any) -> int | None:
+        """The longest input the position table embeds (``None``: no absolute positions)."""
+        positions = getattr(config, "max_position_embeddings", None)
+        if not isinstance(positions, int):
+            return None
+        if self.positions_after_padding:
+            positions -= int(getattr(config, "pad_token_id", None) or 0) + 1
+        return positions
 
     def layer_list(self, base_model: nn.Module) -> nn.ModuleList:
         """The ``nn.ModuleList`` that holds the layers (or ALBERT's layer groups)."""
@@ -137,14 +149,15 @@ class BackboneAdapter:
 
 BACKBONES: Mapping[str, BackboneAdapter] = {
     "bert": BackboneAdapter("bert", "encoder.layer"),
-    "roberta": BackboneAdapter("roberta", "encoder.layer"),
-    "xlm-roberta": BackboneAdapter("xlm-roberta", "encoder.layer"),  # the RoBERTa architecture
-    "camembert": BackboneAdapter("camembert", "encoder.layer"),  # the RoBERTa architecture
+    "roberta": BackboneAdapter("roberta", "encoder.layer", positions_after_padding=True),
+    # xlm-roberta and camembert: the RoBERTa architecture.
+    "xlm-roberta": BackboneAdapter("xlm-roberta", "encoder.layer", positions_after_padding=True),
+    "camembert": BackboneAdapter("camembert", "encoder.layer", positions_after_padding=True),
     "electra": BackboneAdapter("electra", "encoder.layer", _electra_dims),
     "distilbert": BackboneAdapter("distilbert", "transformer.layer", _distilbert_dims),
     "albert": BackboneAdapter("albert", "encoder.albert_layer_groups", _albert_dims, shared_layers=True),
     # Every MPNet layer takes the relative position bias the encoder computes once per batch.
-    "mpnet": BackboneAdapter("mpnet", "encoder.layer", batched_extra_args=(0,)),
+    "mpnet": BackboneAdapter("mpnet", "encoder.layer", batched_extra_args=(0,), positions_after_padding=True),
 }
 
 

@@ -304,11 +304,8 @@ class AdaptiveEncoder(nn.Module):
         batch_size, num_tokens = reference.shape[:2]
         if batch_size == 0 or num_tokens == 0:
             raise ValueError(f"empty batch: input_ids has shape {tuple(reference.shape)}.")
-        positions = getattr(self.config, "max_position_embeddings", None)
-        if (isinstance(positions, int) and "position_ids" not in model_inputs
-                and getattr(self.config, "position_biased_input", True) is not False):
-            if self.config.model_type == "roberta":  # positions start after the padding index
-                positions -= int(self.config.pad_token_id or 0) + 1
+        positions = self.adapter.max_tokens(self.config)
+        if positions is not None and "position_ids" not in model_inputs:
             if num_tokens > positions:
                 raise ValueError(
                     f"inputs have {num_tokens} tokens but the {self.config.model_type} position table holds "

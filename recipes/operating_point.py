@@ -62,7 +62,8 @@ def calibrate_and_save(
     Returns:
         The ``operating_point`` entry of ``results.json``: ``calibration`` (see
         :class:`~adaptive_depth.calibration.Calibration`, or ``{"error": ...}`` when no threshold
-        meets the budget), ``dev`` (the sweep row at the chosen point) and ``model_dir``.
+        meets the budget), ``dev`` (the sweep row at the chosen point) and ``model_dir``
+        (relative to ``run_dir``).
     """
     encoder.eval()
     config = encoder.adaptive_config
@@ -96,8 +97,8 @@ def calibrate_and_save(
             chosen = SweepSetting(f"calibrated {calibration.criterion}={calibration.threshold:.4g}", exit_setting.mode,
                                   calibration.make_criterion(), calibration.threshold)
     result["dev"] = run_sweep(encoder, dev, [chosen], make_metrics, gate_threshold, padded_length)[0]
-    folder = encoder.save_pretrained(run_dir / MODEL_DIR, tokenizer=tokenizer)
-    result["model_dir"] = str(folder)
+    encoder.save_pretrained(run_dir / MODEL_DIR, tokenizer=tokenizer)
+    result["model_dir"] = MODEL_DIR  # relative to the run folder, which may move
     return result
 
 

@@ -645,7 +645,7 @@ class TwoStageRecipe:
               f"{point['dev']['name']}: dev {point['dev']['metrics']}, relative cost (exact) "
               f"{point['dev']['relative_cost_exact']:.3f}")
         print(f"results: {self.run_dir / 'results.json'}  plot: {self.run_dir / 'plot.png'}  "
-              f"model: {point['model_dir']}")
+              f"model: {self.run_dir / point['model_dir']}")
         return results
 
     def majority_class_baseline(self) -> dict[str, float] | None:
