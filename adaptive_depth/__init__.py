@@ -8,7 +8,7 @@ cross-layer contrastive loss makes intermediate layers good enough to exit from
 from adaptive_depth.backbones import BACKBONES, BackboneAdapter, LayerRunner, UnsupportedModelError, get_backbone
 from adaptive_depth.config import AdaptiveEncoderConfig
 from adaptive_depth.contrastive import ContrastiveOutput, CrossLayerInfoNCE, cross_layer_info_nce
-from adaptive_depth.encoder import AdaptiveEncoder, AdaptiveEncoderOutput, skip_regularizer
+from adaptive_depth.encoder import AdaptiveEncoder, AdaptiveEncoderOutput
 from adaptive_depth.engine import AdaptiveInferenceEngine, EngineOutput
 from adaptive_depth.exits import (
     EntropyExit,
@@ -22,6 +22,10 @@ from adaptive_depth.exits import (
     entropy,
 )
 from adaptive_depth.gates import GateSchedule, SkipGate, SkipGateOutput, StraightThroughHard, straight_through_hard
+from adaptive_depth.losses import LossTerms, budget_penalty, skip_reward
+
+# The paper's skip term under its earlier name.
+skip_regularizer = skip_reward
 
 __version__ = "0.1.0.dev0"
 
@@ -66,6 +70,7 @@ __all__ = [
     "ExitHead",
     "ExitHeadOutput",
     "GateSchedule",
+    "LossTerms",
     "LayerRunner",
     "MaxProbExit",
     "PatienceExit",
@@ -75,10 +80,12 @@ __all__ = [
     "SkipGateOutput",
     "StraightThroughHard",
     "UnsupportedModelError",
+    "budget_penalty",
     "calibrate_threshold",
     "cross_layer_info_nce",
     "entropy",
     "get_backbone",
     "skip_regularizer",
+    "skip_reward",
     "straight_through_hard",
 ]

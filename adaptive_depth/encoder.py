@@ -23,7 +23,7 @@ from adaptive_depth.config import AdaptiveEncoderConfig
 from adaptive_depth.exits import ExitHead, PoolerExitHead
 from adaptive_depth.gates import GatePooling, SkipGate, straight_through_hard
 
-__all__ = ["AdaptiveEncoder", "AdaptiveEncoderOutput", "GateMode", "HeadSelection", "skip_regularizer"]
+__all__ = ["AdaptiveEncoder", "AdaptiveEncoderOutput", "GateMode", "HeadSelection"]
 
 GateMode = Literal["soft", "hard", "run", "skip"]
 HeadSelection = Literal["all", "last", "intermediate", "none"]
@@ -66,20 +66,6 @@ class AdaptiveEncoderOutput:
         if last is None:
             raise ValueError("the last exit head did not run; call forward with heads='all' or 'last'.")
         return last
-
-
-def skip_regularizer(gate_probs: Tensor, weight: float, eps: float = 1e-6) -> Tensor:
-    """The "sloth of skipping" term of paper eq. 3: ``lambda / sum_i g_i``, batch mean.
-
-    Args:
-        gate_probs: ``[B, L]`` soft skip probabilities.
-        weight: ``lambda`` (0.04 in the official RTE run).
-        eps: keeps the division finite when every gate is closed.
-
-    Returns:
-        Scalar; decreasing in every ``g_i``, so minimizing it opens gates.
-    """
-    return (weight / (gate_probs.sum(dim=-1) + eps)).mean()
 
 
 def _raise_for_bad_mask(token_mask: Tensor) -> None:
@@ -266,6 +252,29 @@ class AdaptiveEncoder(nn.Module):
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the wrapped encoder (embeddings and layers)."""
         return list(self.backbone.parameters())
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter once, by role, each list in module order (for optimizer groups).
+
+        Returns:
+            ``backbone`` (embeddings and layers), ``gates``, ``intermediate_heads`` (heads
+            ``1..L-1``) and ``last_head``.
+        """
+        return {
+            "backbone": self.backbone_parameters(),
+            "gates": list(self.gates.parameters()),
+            "intermediate_heads": [p for head in self.exit_heads[:-1] for p in head.parameters()],
+            "last_head": list(self.exit_heads[-1].parameters()),
+        }
+
+    def full_depth_macs(self, seq_len: int, convention: Literal["paper", "exact"] = "exact") -> int:
+        """MACs of one sequence at full depth: embedding, every layer and the last head, no gate.
+
+        The denominator of every relative cost (engine traces, calibration, benchmarks).
+        """
+        from adaptive_depth.flops import encoder_cost
+
+        return encoder_cost(self, seq_len, convention).full_depth_macs()
 
     def prepare(
         self,

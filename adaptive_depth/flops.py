@@ -364,10 +364,11 @@ class EncoderCost:
             total += sum(cost for cost, ran in zip(costs, flags) if ran)
         return total
 
-    def full_depth_macs(self, with_gates: bool = True, with_heads: bool = False) -> int:
-        """MACs when every layer runs: embedding, all layers, optionally all gates / heads."""
+    def full_depth_macs(self) -> int:
+        """MACs of the model at full depth: the embedding, every layer and the last head, no gate
+        (what every relative cost divides by)."""
         steps = self.num_steps
-        return self.sample_macs([True] * steps, [with_gates] * steps, [with_heads] * steps)
+        return self.sample_macs([True] * steps, [False] * steps, [False] * (steps - 1) + [True])
 
 
 def encoder_cost(encoder: AdaptiveEncoder, seq_len: int, convention: Convention) -> EncoderCost:

@@ -35,7 +35,7 @@ import torch
 from adaptive_depth import AdaptiveEncoder, EntropyExit
 from adaptive_depth.engine import AdaptiveInferenceEngine, CostAccumulator
 from adaptive_depth.flops import full_model_macs
-from recipes.common import load_model_and_tokenizer
+from recipes.loading import load_model_and_tokenizer
 from recipes.smartbert import load_trained
 from recipes.glue import EncodedDataset, collate, encode_examples, get_task, read_split, resolve_data_dir
 

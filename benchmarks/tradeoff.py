@@ -1,7 +1,7 @@
 """Accuracy-vs-FLOPs trade-off of every method on one task: paper Table 1 and its curves.
 
 Trains (or reuses) one run of each method with the same backbone and seed, each evaluated by
-its recipe with :func:`recipes.common.run_sweep` (the same inference engine and FLOPs
+its recipe with :func:`recipes.sweep.run_sweep` (the same inference engine and FLOPs
 accounting for all), then writes one JSON table and one PNG with every method's
 main-metric-vs-relative-FLOPs curve and prints a Table-1-style summary.
 
@@ -31,52 +31,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from recipes import common, errors
-from recipes.common import ConfigError
-from recipes.errors import RecipeError, ResumeMismatchError
+from recipes import errors
+from recipes.checkpoint import has_checkpoint
+from recipes.cli import execute
+from recipes.config import config_to_dict, default_config_file, load_config, parse_overrides
+from recipes.errors import ConfigError, ResumeMismatchError
 from recipes.glue import TASKS, get_task, resolve_data_dir
+from recipes.loading import default_model_path, model_label
+from recipes.logs import setup_logging
+from recipes.methods import BUILTIN_METHODS, get_method
+from recipes.reload import split_fingerprint
+from recipes.results import RunResults, read_results
 from recipes.run_folder import RUN_FILE, compare_data, config_differences, run_contents
 
 logger = logging.getLogger("recipes")
 
-METHODS = ("finetune", "deebert", "fastbert", "pabee", "smartbert")
+METHODS = tuple(BUILTIN_METHODS)
 REFERENCE = "finetune"
 # Config keys that do not change a finished run's results (timings aside).
 REUSE_ALLOWED_KEYS = ("torch_threads", "eval_batch_size")
-
-
-class MethodRunFailed(RecipeError):
-    """A method's recipe exited with an error (which it printed)."""
 COST_BUDGETS = (1.0, 0.75, 0.5, 0.33)
-
-
-def config_class(method: str) -> type:
-    """The config dataclass of a method's recipe."""
-    if method == "smartbert":
-        from recipes.smartbert import SmartBertConfig
-
-        return SmartBertConfig
-    from recipes.baselines import BaselineConfig
-
-    return BaselineConfig
-
-
-def config_file(method: str, task: str) -> Path | None:
-    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{method}_{task}.yaml"
-    return path if path.is_file() else None
 
 
 def split_overrides(methods: list[str], overrides: list[str]) -> dict[str, list[str]]:
     """The ``key=value`` overrides each method's config accepts; a key none accepts is an error."""
-    parsed = common.parse_overrides(overrides)
-    fields = {method: {field.name for field in dataclasses.fields(config_class(method))} for method in methods}
+    parsed = parse_overrides(overrides)
+    fields = {method: {field.name for field in dataclasses.fields(get_method(method).config_class)}
+              for method in methods}
     unknown = sorted(key for key in parsed if not any(key in names for names in fields.values()))
     if unknown:
         raise ConfigError(f"override keys {unknown} are in no config of the methods {methods}")
@@ -86,7 +73,7 @@ def split_overrides(methods: list[str], overrides: list[str]) -> dict[str, list[
             for method in methods}
 
 
-def check_reusable(method: str, run_dir: Path, results: dict[str, Any], expected: dict[str, Any], model_name: str,
+def check_reusable(method: str, run_dir: Path, results: RunResults, expected: dict[str, Any], model_name: str,
                    task: str, data: dict[str, Any]) -> None:
     """Refuse to reuse a finished run made with another config, model, task or data.
 
@@ -95,13 +82,13 @@ def check_reusable(method: str, run_dir: Path, results: dict[str, Any], expected
     """
     results_path = run_dir / "results.json"
     fix = "delete the folder or pick another --output-dir"
-    differences = config_differences(results.get("config", {}), expected, REUSE_ALLOWED_KEYS)
+    differences = config_differences(results.config, expected, REUSE_ALLOWED_KEYS)
     if differences:
         raise ResumeMismatchError(f"{results_path} was made with another config ({'; '.join(differences)}) than this "
                                   f"comparison asks for; {fix}")
-    if results.get("task") != task:
-        raise ResumeMismatchError(f"{results_path} is a {results.get('task')!r} run, not {task!r}; {fix}")
-    saved_model = str(results.get("model", ""))
+    if results.task != task:
+        raise ResumeMismatchError(f"{results_path} is a {results.task!r} run, not {task!r}; {fix}")
+    saved_model = str(results.model)
     if not (saved_model == model_name or Path(saved_model).resolve() == Path(model_name).resolve()):
         raise ResumeMismatchError(f"{results_path} was made with model {saved_model}, this comparison uses "
                                   f"{model_name}; {fix}")
@@ -109,7 +96,7 @@ def check_reusable(method: str, run_dir: Path, results: dict[str, Any], expected
     if run_file.is_file():
         moved = compare_data(json.loads(run_file.read_text(encoding="utf-8")).get("data"), data, str(results_path))
     else:  # a run of an older version: only its data folder is known
-        saved_dir = Path(str(results.get("data_dir", ""))).expanduser().resolve()
+        saved_dir = Path(results.data_dir).expanduser().resolve()
         if str(saved_dir) != data["data_dir"]:
             raise ResumeMismatchError(f"{results_path} was made on the data in {saved_dir}, this comparison reads "
                                       f"{data['data_dir']}; {fix}")
@@ -118,42 +105,45 @@ def check_reusable(method: str, run_dir: Path, results: dict[str, Any], expected
         logger.warning("%s", moved)
 
 
-def ensure_run(method: str, task: str, run_dir: Path, data_dir: Path, model: str | None,
-               overrides: list[str]) -> dict[str, Any]:
-    """Reuse, resume or train the run of ``method`` in ``run_dir``; returns its ``results.json``.
+def ensure_run(method_name: str, task: str, run_dir: Path, data_dir: Path, model: str | None,
+               overrides: list[str]) -> RunResults:
+    """Reuse, resume or train the run of ``method_name`` in ``run_dir``; returns its results.
+
+    The config is built here (the method's shipped config for the task, then ``overrides``) and
+    handed to the run composer (:func:`recipes.cli.execute`): no command line in between.
 
     Raises:
-        ResumeMismatchError: a finished run there was made with another config, model or data.
-        MethodRunFailed: the recipe failed (its own ``error: ...`` line says why).
-        errors.Interrupted: the recipe was interrupted (it printed how to resume it).
+        ResumeMismatchError: a finished run there was made with another config, model or data;
+            or an older results file that this version cannot read.
+        errors.Interrupted: the run was interrupted.
     """
-    from recipes.two_stage import split_fingerprint
-
-    config = common.load_config(config_class(method), config_file(method, task), overrides, task=task)
-    expected = common.config_to_dict(config)
-    model_name = str(common.default_model_path() if model is None else model)
+    method = get_method(method_name)
+    config = load_config(method.config_class, default_config_file(method_name, task), overrides, task=task)
+    expected = config_to_dict(config)
+    model_name = str(default_model_path() if model is None else model)
     results_path = run_dir / "results.json"
     if results_path.is_file():
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-        check_reusable(method, run_dir, results, expected, model_name, task, split_fingerprint(data_dir, task, config))
-        logger.info("%s: reusing %s", method, results_path)
+        try:
+            results = read_results(results_path)
+        except ValueError as error:
+            raise ResumeMismatchError(f"{error}; delete {run_dir} or pick another --output-dir") from None
+        check_reusable(method_name, run_dir, results, expected, model_name, task,
+                       split_fingerprint(data_dir, task, config))
+        logger.info("%s: reusing %s", method_name, results_path)
         return results
     argv = ["--task", task, "--output-dir", str(run_dir), "--data-dir", str(data_dir)]
     if model is not None:
         argv += ["--model", str(model)]
-    if common.has_checkpoint(run_dir / "checkpoint"):
-        logger.info("%s: resuming the checkpoint in %s", method, run_dir)
-        argv.append("--resume")
-    elif run_dir.is_dir() and run_contents(run_dir):
-        logger.info("%s: %s holds a run that finished no epoch; starting it again", method, run_dir)
-        argv.append("--overwrite")
-    module = importlib.import_module(f"recipes.{method}")
-    status = module.main([*argv, *overrides])
-    if status in (130, 143):
-        raise errors.Interrupted(status - 128)
-    if status != 0:
-        raise MethodRunFailed(f"python -m recipes.{method} {' '.join([*argv, *overrides])} failed (its error is above)")
-    return json.loads(results_path.read_text(encoding="utf-8"))
+    resume = has_checkpoint(run_dir / "checkpoint")
+    overwrite = not resume and run_dir.is_dir() and bool(run_contents(run_dir))
+    if resume:
+        logger.info("%s: resuming the checkpoint in %s", method_name, run_dir)
+    elif overwrite:
+        logger.info("%s: %s holds a run that finished no epoch; starting it again", method_name, run_dir)
+    results = execute(method, config, data_dir, model, run_dir, resume=resume, overwrite=overwrite,
+                      argv=[*argv, *overrides, *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])])
+    assert results is not None  # one process: rank 0
+    return results
 
 
 def reference_macs(backbone_dir: Path, num_labels: int, padded_length: int) -> int:
@@ -161,52 +151,49 @@ def reference_macs(backbone_dir: Path, num_labels: int, padded_length: int) -> i
     from transformers import AutoConfig, AutoModel
 
     from adaptive_depth.encoder import AdaptiveEncoder
-    from adaptive_depth.flops import encoder_cost
 
     backbone = AutoModel.from_config(AutoConfig.from_pretrained(backbone_dir))
     encoder = AdaptiveEncoder(backbone, num_labels=num_labels, head_type="pooler", with_gates=False)
-    cost = encoder_cost(encoder, padded_length, "paper")
-    return cost.full_depth_macs(with_gates=False) + cost.heads[-1]
+    return encoder.full_depth_macs(padded_length, "paper")
 
 
-def build_table(task: str, all_results: dict[str, dict[str, Any]], run_dirs: dict[str, Path]) -> dict[str, Any]:
+def build_table(task: str, all_results: dict[str, RunResults], run_dirs: dict[str, Path]) -> dict[str, Any]:
     """One JSON-ready table: every method's rows with cost relative to the fine-tuned full depth."""
     first = next(iter(all_results.values()))
-    main_metric = first["main_metric"]
+    main_metric = first.main_metric
     for key in ("seed", "padded_length", "max_length"):
-        values = {method: results["config"].get(key) for method, results in all_results.items()}
+        values = {method: results.config.get(key) for method, results in all_results.items()}
         if len(set(values.values())) > 1:
             raise ConfigError(f"the runs differ in {key}: {values}; compare runs made alike")
-    models = {method: results["model"] for method, results in all_results.items()}
+    models = {method: results.model for method, results in all_results.items()}
     if len(set(models.values())) > 1:
         raise ConfigError(f"the runs use different backbones: {models}")
-    padded_length = first["config"]["padded_length"]
+    padded_length = first.config["padded_length"]
     analytic = reference_macs(run_dirs[next(iter(all_results))] / "backbone", get_task(task).num_labels, padded_length)
     if REFERENCE in all_results:
-        full = next(row for row in all_results[REFERENCE]["sweep"] if row["mode"] == "full")
-        denominator, source = full["mean_macs_paper"], f"{REFERENCE} full-depth row"
+        denominator, source = all_results[REFERENCE].full_depth.mean_macs_paper, f"{REFERENCE} full-depth row"
     else:
         denominator, source = float(analytic), "computed (pooler head, every layer)"
     rows = []
     for method, results in all_results.items():
-        for row in results["sweep"]:
+        for row in results.sweep:
             rows.append({
-                "method": method, "setting": row["name"], "mode": row["mode"], "threshold": row["threshold"],
-                "metrics": row["metrics"], "main_metric": row["metrics"][main_metric],
-                "mean_macs_paper": row["mean_macs_paper"], "mean_macs_exact": row["mean_macs_exact"],
-                "relative_cost": row["mean_macs_paper"] / denominator,
-                "relative_cost_own_full_depth": row["relative_cost_paper"],
-                "mean_layers_run": row["mean_layers_run"], "exit_layer_histogram": row["exit_layer_histogram"],
-                "ms_per_sample": row["ms_per_sample"],
+                "method": method, "setting": row.name, "mode": row.mode, "threshold": row.threshold,
+                "metrics": row.metrics, "main_metric": row.metrics[main_metric],
+                "mean_macs_paper": row.mean_macs_paper, "mean_macs_exact": row.mean_macs_exact,
+                "relative_cost": row.mean_macs_paper / denominator,
+                "relative_cost_own_full_depth": row.relative_cost_paper,
+                "mean_layers_run": row.mean_layers_run, "exit_layer_histogram": row.exit_layer_histogram,
+                "ms_per_sample": row.ms_per_sample,
             })
     return {
-        "task": task, "model": first["model"], "main_metric": main_metric, "metrics": list(first["sweep"][0]["metrics"]),
-        "seed": first["config"]["seed"], "padded_length": padded_length,
+        "task": task, "model": first.model, "main_metric": main_metric, "metrics": list(first.sweep[0].metrics),
+        "seed": first.config["seed"], "padded_length": padded_length,
         "reference": {"method": REFERENCE, "mean_macs_paper": denominator, "source": source,
                       "analytic_mean_macs_paper": analytic},
-        "majority_class_baseline": first.get("majority_class_baseline"),
+        "majority_class_baseline": first.majority_class_baseline,
         "runs": {method: str(run_dirs[method]) for method in all_results},
-        "commands": {method: results.get("command") for method, results in all_results.items()},
+        "commands": {method: results.command for method, results in all_results.items()},
         "rows": rows,
         "at_cost": best_at_cost(rows, COST_BUDGETS),
     }
@@ -257,7 +244,7 @@ def plot_table(table: dict[str, Any], path: Path) -> None:
                      label="majority class")
     axis.set_xlabel(f"relative FLOPs (paper convention, vs fine-tuned full depth, {table['reference']['method']})")
     axis.set_ylabel(f"dev {table['main_metric']} (%)")
-    axis.set_title(f"{table['task']}: {common.model_label(table['model'])}")
+    axis.set_title(f"{table['task']}: {model_label(table['model'])}")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -325,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from adaptive_depth.backbones import UnsupportedModelError
     from recipes.glue import GlueDataError
 
-    common.setup_logging()
+    setup_logging()
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
 

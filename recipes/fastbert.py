@@ -12,35 +12,33 @@ Usage::
 * inference: exit when the normalized entropy ("speed") is below ``S``
   (``EntropyExit(S, normalized=True)``), engine mode ``"exit_only"``.
 
-No skip gates (``with_gates=False``). Shared loops: :mod:`recipes.baselines`.
+No skip gates (``with_gates=False``). Shared loops: :mod:`recipes.baselines` and :mod:`recipes.run`.
 """
 
 from __future__ import annotations
 
 import sys
-from functools import partial
 
 from adaptive_depth.exits import EntropyExit
+from adaptive_depth.losses import fastbert_distillation_loss, last_head_loss
 from recipes import baselines
 
-METHOD = baselines.BaselineMethod(
+SPEC = baselines.BaselineSpec(
     name="fastbert",
     description="FastBERT: fine-tune the teacher, self-distil frozen-backbone students; speed (normalized entropy) exit.",
     head_type="attention",
     stage1_heads="last",
-    stage1_loss=baselines.last_head_loss,
+    stage1_loss=last_head_loss,
     stage2_heads="all",
-    stage2_loss=baselines.self_distillation_loss,
+    stage2_loss=fastbert_distillation_loss,
     make_criterion=lambda threshold: EntropyExit(threshold, normalized=True),
     threshold_name="speed",
     default_thresholds=lambda num_steps: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
 )
+METHOD = baselines.register_baseline(SPEC)
 
-
-# (run_dir, device="cpu") -> (encoder, tokenizer, config); see recipes.baselines.load_trained.
-load_trained = partial(baselines.load_trained, METHOD)
-# (argv=None) -> exit status; see recipes.baselines.main.
-main = partial(baselines.main, METHOD)
+# load_trained(run_dir, device="cpu") -> (encoder, tokenizer, config); main(argv=None) -> exit status.
+load_trained, main = baselines.entry_points(METHOD)
 
 if __name__ == "__main__":
     sys.exit(main())

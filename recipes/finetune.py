@@ -15,23 +15,21 @@ mode ``"full"``: the reference cost of :mod:`benchmarks.tradeoff`. Shared loops:
 from __future__ import annotations
 
 import sys
-from functools import partial
 
+from adaptive_depth.losses import last_head_loss
 from recipes import baselines
 
-METHOD = baselines.BaselineMethod(
+SPEC = baselines.BaselineSpec(
     name="finetune",
     description="Plain fine-tuning, full depth (backbone + last pooler head, cross-entropy).",
     head_type="pooler",
     stage1_heads="last",
-    stage1_loss=baselines.last_head_loss,
+    stage1_loss=last_head_loss,
 )
+METHOD = baselines.register_baseline(SPEC)
 
-
-# (run_dir, device="cpu") -> (encoder, tokenizer, config); see recipes.baselines.load_trained.
-load_trained = partial(baselines.load_trained, METHOD)
-# (argv=None) -> exit status; see recipes.baselines.main.
-main = partial(baselines.main, METHOD)
+# load_trained(run_dir, device="cpu") -> (encoder, tokenizer, config); main(argv=None) -> exit status.
+load_trained, main = baselines.entry_points(METHOD)
 
 if __name__ == "__main__":
     sys.exit(main())

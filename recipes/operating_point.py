@@ -19,7 +19,8 @@ from torch import Tensor
 from adaptive_depth.calibration import calibrate_threshold, criterion_name
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
-from recipes.common import SweepSetting, run_sweep
+from recipes.results import OperatingPoint
+from recipes.sweep import SweepSetting, run_sweep
 
 __all__ = ["MODEL_DIR", "calibrate_and_save"]
 
@@ -42,7 +43,7 @@ def calibrate_and_save(
     padded_length: int,
     label_names: Sequence[str] | None,
     max_length: int,
-) -> dict[str, Any]:
+) -> OperatingPoint:
     """Calibrate on ``heldout``, evaluate ``dev`` there, save ``<run_dir>/model``.
 
     Args:
@@ -60,10 +61,7 @@ def calibrate_and_save(
         max_length: the training truncation length.
 
     Returns:
-        The ``operating_point`` entry of ``results.json``: ``calibration`` (see
-        :class:`~adaptive_depth.calibration.Calibration`, or ``{"error": ...}`` when no threshold
-        meets the budget), ``dev`` (the sweep row at the chosen point) and ``model_dir``
-        (relative to ``run_dir``).
+        The :class:`~recipes.results.OperatingPoint` of ``results.json``.
     """
     encoder.eval()
     config = encoder.adaptive_config
@@ -71,10 +69,11 @@ def calibrate_and_save(
     config.max_length = max_length
     config.gate_threshold = gate_threshold
     exit_setting = next((s for s in settings if s.criterion is not None and s.mode in ("adaptive", "exit_only")), None)
-    result: dict[str, Any] = {"budget": budget, "convention": "exact"}
+    calibrated: dict[str, Any] | None = None
+    reason = None
     if exit_setting is None:
         config.mode = "full"
-        result.update(calibration=None, reason="this method has no early exit; the model runs at full depth")
+        reason = "this method has no early exit; the model runs at full depth"
         chosen = SweepSetting("full", "full")
     else:
         template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, exit_setting.mode,
@@ -85,21 +84,22 @@ def calibrate_and_save(
         except ValueError as error:  # the budget cannot be met: say so, save the model at no early exit
             logger.warning("calibration: %s", error)
             config.criterion, config.threshold = criterion_name(exit_setting.criterion), _never_exit(exit_setting)
-            result.update(calibration={"error": str(error)})
+            calibrated = {"error": str(error)}
             chosen = SweepSetting("no early exit", exit_setting.mode, _with_threshold(exit_setting, config.threshold),
                                   config.threshold)
         else:
             config.criterion, config.threshold = calibration.criterion, calibration.threshold  # type: ignore[assignment]
             config.calibration = {**calibration.to_dict(), "data": "held-out part of train"}
-            result.update(calibration=calibration.to_dict())
+            calibrated = calibration.to_dict()
             logger.info("calibrated on held-out: %s=%.4g, relative cost (exact) %.3f, %s %.4f", calibration.criterion,
                         calibration.threshold, calibration.relative_cost, calibration.metric_name, calibration.metric)
             chosen = SweepSetting(f"calibrated {calibration.criterion}={calibration.threshold:.4g}", exit_setting.mode,
                                   calibration.make_criterion(), calibration.threshold)
-    result["dev"] = run_sweep(encoder, dev, [chosen], make_metrics, gate_threshold, padded_length)[0]
+    dev_row = run_sweep(encoder, dev, [chosen], make_metrics, gate_threshold, padded_length)[0]
     encoder.save_pretrained(run_dir / MODEL_DIR, tokenizer=tokenizer)
-    result["model_dir"] = MODEL_DIR  # relative to the run folder, which may move
-    return result
+    # model_dir is relative to the run folder, which may move.
+    return OperatingPoint(budget=budget, convention="exact", calibration=calibrated, dev=dev_row, model_dir=MODEL_DIR,
+                          reason=reason)
 
 
 def _metric(make_metrics: Callable[[], Any]) -> Callable[[Tensor, Tensor], float]:

@@ -12,35 +12,33 @@ Usage::
   ``p = 1..L-1`` unless ``thresholds`` lists others; engine mode ``"exit_only"``.
 
 No skip gates (``with_gates=False``). Regression tasks work too (agreement within a
-tolerance). Shared loops: :mod:`recipes.baselines`.
+tolerance). Shared loops: :mod:`recipes.baselines` and :mod:`recipes.run`.
 """
 
 from __future__ import annotations
 
 import sys
-from functools import partial
 
 from adaptive_depth.exits import PatienceExit
+from adaptive_depth.losses import pabee_weighted_loss
 from recipes import baselines
 
-METHOD = baselines.BaselineMethod(
+SPEC = baselines.BaselineSpec(
     name="pabee",
     description="PABEE: joint training of all heads (layer-weighted loss); patience exit.",
     head_type="pooler",
     stage1_heads="all",
-    stage1_loss=baselines.layer_weighted_loss,
+    stage1_loss=pabee_weighted_loss,
     make_criterion=lambda threshold: PatienceExit(int(threshold)),
     threshold_name="patience",
     default_thresholds=lambda num_steps: [float(patience) for patience in range(1, num_steps)],
     integer_thresholds=True,
     classification_only_exits=False,
 )
+METHOD = baselines.register_baseline(SPEC)
 
-
-# (run_dir, device="cpu") -> (encoder, tokenizer, config); see recipes.baselines.load_trained.
-load_trained = partial(baselines.load_trained, METHOD)
-# (argv=None) -> exit status; see recipes.baselines.main.
-main = partial(baselines.main, METHOD)
+# load_trained(run_dir, device="cpu") -> (encoder, tokenizer, config); main(argv=None) -> exit status.
+load_trained, main = baselines.entry_points(METHOD)
 
 if __name__ == "__main__":
     sys.exit(main())

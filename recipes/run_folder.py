@@ -78,7 +78,7 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
             without a checkpoint, a path that is a file, a folder that cannot be written, or a
             folder locked by a running process.
     """
-    from recipes.common import has_checkpoint
+    from recipes.checkpoint import has_checkpoint
 
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite exclude each other: continue the run or replace it, not both")

@@ -7,18 +7,19 @@ Usage::
 
 Paper sections 3.3-3.6 (eq. 3-8), as described in ``DESIGN.md``:
 
-* stage 1 (eq. 3): ``CE(z_L, y) + lambda / sum_i g_i + eta1 * L_contra1`` over the hidden
+* stage 1 (eq. 3, :func:`adaptive_depth.losses.smartbert_stage1_loss`): ``CE(z_L, y) +
+  lambda / sum_i g_i + eta1 * L_contra1`` over the hidden
   states ``X^1..X^L``; gates soft for the first ``soft_epochs`` epochs, hard after. The best
   epoch is chosen on a split held out from *train* (never on dev).
 * stage 2 (eq. 5-8): the best stage-1 weights are reloaded; backbone, gates and last head are
   frozen (``requires_grad`` off, not in the optimizer, eval mode); heads ``1..L-1`` and the
   stage-2 projection train on ``sum_i CE(z_i, y) + eta2 * L_contra2`` over the heads'
-  self-attention outputs, with hard gates.
+  self-attention outputs, with hard gates (:func:`adaptive_depth.losses.smartbert_stage2_loss`).
 * sweep: the inference engine on dev at full depth, skip only and entropy thresholds; writes
   ``results.json`` and ``plot.png`` into the run folder.
 
-The loops, checkpoints, ``--resume`` and the command line are shared with the baseline recipes
-(:mod:`recipes.two_stage`). With ``WORLD_SIZE > 1`` (torchrun) it trains with
+The method is :data:`METHOD` (a :class:`~recipes.methods.Method`); the loops, checkpoints,
+``--resume`` and the command line are the shared run composer's (:mod:`recipes.run`). With ``WORLD_SIZE > 1`` (torchrun) it trains with
 DistributedDataParallel (gloo on CPU); only rank 0 writes.
 """
 
@@ -30,15 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptive_depth.contrastive import CrossLayerInfoNCE
-from adaptive_depth.encoder import AdaptiveEncoder, skip_regularizer
+from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit
 from adaptive_depth.gates import GateSchedule
-from recipes.common import ConfigError, SweepSetting
-from recipes.two_stage import RESUME_ALLOWED_KEYS, RecipeConfig, StagedModel, TwoStageRecipe, load_run, run_cli
+from adaptive_depth.losses import LossTerms, smartbert_stage1_loss, smartbert_stage2_loss
+from recipes.cli import run_cli
+from recipes.config import RESUME_ALLOWED_KEYS, RecipeConfig
+from recipes.errors import ConfigError
+from recipes.glue import GlueTask
+from recipes.methods import Method, register_method
+from recipes.reload import load_run
+from recipes.results import SweepRow
+from recipes.sweep import SweepSetting
+
+__all__ = ["METHOD", "SmartBertConfig", "SmartBertModel", "load_trained", "main"]
 
 RECIPE = "smartbert"
 
@@ -48,7 +57,7 @@ class SmartBertConfig(RecipeConfig):
     """Hyper-parameters of the SmartBERT recipe (defaults: the official RTE run).
 
     The shared keys (data, schedule, optimizer) are those of
-    :class:`~recipes.two_stage.RecipeConfig`; ``stage1_head_lr`` applies to the last head and
+    :class:`~recipes.config.RecipeConfig`; ``stage1_head_lr`` applies to the last head and
     the stage-1 projection. SmartBERT adds:
 
     Attributes:
@@ -56,7 +65,12 @@ class SmartBertConfig(RecipeConfig):
         gate_lr: stage-1 learning rate of the gates; 0 uses ``stage1_lr``.
         initial_skip_bias: initial bias of every gate's score (0: ``p_skip`` near 0.5; negative
             values start with the layers running).
-        skip_weight: ``lambda`` of the skip regularizer.
+        skip_weight: ``lambda`` of the skip reward (``gate_objective="paper"``), or the weight of
+            the budget penalty (``"budget"``).
+        gate_objective: ``"paper"``: the skip reward ``lambda / sum_i g_i`` of eq. 3;
+            ``"budget"``: :func:`adaptive_depth.losses.budget_penalty`, which keeps the batch's
+            expected share of layers run at ``target_cost`` and leaves rows free to differ.
+        target_cost: the share of the layers' MACs the budget objective aims at.
         eta1, tau1: weight and temperature of the stage-1 contrastive loss.
         eta2, tau2: weight and temperature of the stage-2 contrastive loss.
         projection_dim: width of the contrastive projection heads.
@@ -77,6 +91,8 @@ class SmartBertConfig(RecipeConfig):
     gate_threshold: float = 0.5
     gate_inner_size: int = 128
     entropy_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    gate_objective: str = "paper"
+    target_cost: float = 0.5
 
     _positive = (*RecipeConfig._positive, "projection_dim", "gate_inner_size")
     _non_negative = (*RecipeConfig._non_negative, "soft_epochs", "skip_weight", "eta1", "eta2", "gate_lr")
@@ -86,12 +102,16 @@ class SmartBertConfig(RecipeConfig):
         super().__post_init__()
         if not 0.0 <= self.gate_threshold <= 1.0:
             raise ConfigError(f"gate_threshold must be in [0, 1], got {self.gate_threshold}")
+        if self.gate_objective not in ("paper", "budget"):
+            raise ConfigError(f"gate_objective must be 'paper' or 'budget', got {self.gate_objective!r}")
+        if not 0.0 <= self.target_cost <= 1.0:
+            raise ConfigError(f"target_cost must be in [0, 1], got {self.target_cost}")
         if any(value < 0 for value in self.entropy_thresholds):
             raise ConfigError(f"entropy_thresholds must be >= 0, got {self.entropy_thresholds}")
 
 
-class SmartBertModel(StagedModel):
-    """The trained modules, and the losses of both stages in ``forward`` (so DDP can wrap it).
+class SmartBertModel(nn.Module):
+    """The trained modules; ``forward(batch, stage)`` is the stage's loss terms (so DDP can wrap it).
 
     Attributes:
         encoder: the :class:`AdaptiveEncoder` (backbone, gates, exit heads).
@@ -108,39 +128,22 @@ class SmartBertModel(StagedModel):
         self.config_ = config
         self.is_regression = is_regression
 
-    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        if self.is_regression:
-            return F.mse_loss(logits[:, 0], labels.float())
-        return F.cross_entropy(logits, labels)
-
-    def forward(self, batch: dict[str, Tensor], stage: int, gate_mode: str = "hard") -> Tensor:
-        """The loss of ``stage`` (1: eq. 3 with ``gate_mode`` gates; 2: eq. 8 with hard gates)."""
+    def forward(self, batch: dict[str, Tensor], stage: int, gate_mode: str = "hard") -> LossTerms:
+        """The loss terms of ``stage`` (1: eq. 3 with ``gate_mode`` gates; 2: eq. 8 with hard gates)."""
         config = self.config_
         inputs = {key: value for key, value in batch.items() if key == "token_type_ids"}
         if stage == 1:
-            out = self.encoder(
-                batch["input_ids"], batch["attention_mask"], gate_mode=gate_mode, heads="last",
-                gate_threshold=config.gate_threshold, **inputs,
+            out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode=gate_mode, heads="last",
+                               gate_threshold=config.gate_threshold, **inputs)
+            return smartbert_stage1_loss(
+                out, batch["labels"], is_regression=self.is_regression, skip_weight=config.skip_weight,
+                contrastive=self.contrast1, contrastive_weight=config.eta1, gate_objective=config.gate_objective,
+                target_cost=config.target_cost,
             )
-            loss = self.task_loss(out.logits, batch["labels"])
-            loss = loss + skip_regularizer(out.gate_probs, config.skip_weight)
-            if config.eta1 > 0:
-                loss = loss + config.eta1 * self.contrast1(out.hidden_states[1:], out.attention_mask).loss
-            return loss
-        out = self.encoder(
-            batch["input_ids"], batch["attention_mask"], gate_mode="hard", heads="intermediate",
-            return_head_token_states=True, gate_threshold=config.gate_threshold, **inputs,
-        )
-        intermediate = range(self.encoder.num_steps - 1)
-        loss = sum(self.task_loss(out.exit_logits[step], batch["labels"]) for step in intermediate)
-        states = [out.head_token_states[step] for step in intermediate]
-        if config.eta2 > 0 and len(states) >= 2:
-            loss = loss + config.eta2 * self.contrast2(states, out.attention_mask).loss
-        return loss
-
-    def stage2_modules(self) -> list[nn.Module]:
-        """What stage 2 trains: heads ``1..L-1`` and the stage-2 projection."""
-        return [*self.encoder.exit_heads[:-1], self.contrast2]
+        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="hard", heads="intermediate",
+                           return_head_token_states=True, gate_threshold=config.gate_threshold, **inputs)
+        return smartbert_stage2_loss(out, batch["labels"], is_regression=self.is_regression,
+                                     contrastive=self.contrast2, contrastive_weight=config.eta2)
 
 
 def build_encoder(backbone: nn.Module, config: SmartBertConfig) -> AdaptiveEncoder:
@@ -153,66 +156,66 @@ def build_encoder(backbone: nn.Module, config: SmartBertConfig) -> AdaptiveEncod
     )
 
 
-class SmartBertRecipe(TwoStageRecipe):
-    """SmartBERT on the shared run (:class:`~recipes.two_stage.TwoStageRecipe`): gates in stage 1,
-    hard gates when picking the best epoch, the stage-2 projection untouched by stage 1."""
+def build_model(backbone: nn.Module, config: SmartBertConfig, task: GlueTask) -> SmartBertModel:
+    return SmartBertModel(build_encoder(backbone, config), config, task.is_regression)
 
-    name = RECIPE
-    resume_allowed_keys = (*RESUME_ALLOWED_KEYS, "entropy_thresholds")
-    heldout_gate_mode = "hard"
-    stage1_untrained_prefixes = ("contrast2.",)
 
-    @property
-    def gate_threshold(self) -> float:
-        return self.config.gate_threshold
+def stage1_param_groups(model: SmartBertModel, config: SmartBertConfig) -> list[dict[str, Any]]:
+    """Backbone at ``stage1_lr``, gates at ``gate_lr``, last head and projection 1 at ``stage1_head_lr``."""
+    groups = model.encoder.parameter_groups()
+    return [{"params": groups["backbone"], "lr": config.stage1_lr},
+            {"params": groups["gates"], "lr": config.gate_lr or config.stage1_lr},
+            {"params": [*groups["last_head"], *model.contrast1.parameters()],
+             "lr": config.stage1_head_lr or config.stage1_lr}]
 
-    def build_model(self, backbone: nn.Module) -> SmartBertModel:
-        return SmartBertModel(build_encoder(backbone, self.config), self.config, self.task.is_regression)
 
-    def stage1_param_groups(self) -> list[dict[str, Any]]:
-        """Backbone at ``stage1_lr``, gates at ``gate_lr``, last head and projection 1 at ``stage1_head_lr``."""
-        last = self.model.encoder.num_steps - 1
-        backbone, gates, new_modules = [], [], []
-        for name, parameter in self.model.named_parameters():
-            is_intermediate_head = name.startswith("encoder.exit_heads.") and int(name.split(".")[2]) != last
-            if name.startswith("contrast2.") or is_intermediate_head:
-                continue
-            if name.startswith("encoder.backbone."):
-                backbone.append(parameter)
-            elif name.startswith("encoder.gates."):
-                gates.append(parameter)
-            else:
-                new_modules.append(parameter)
-        config = self.config
-        return [{"params": backbone, "lr": config.stage1_lr},
-                {"params": gates, "lr": config.gate_lr or config.stage1_lr},
-                {"params": new_modules, "lr": config.stage1_head_lr or config.stage1_lr}]
+def stage2_modules(model: SmartBertModel) -> list[nn.Module]:
+    """What stage 2 trains: heads ``1..L-1`` and the stage-2 projection."""
+    return [*model.encoder.exit_heads[:-1], model.contrast2]
 
-    def stage1_options(self, epoch: int) -> dict[str, Any]:
-        """Soft gates for the first ``soft_epochs`` epochs, hard after (paper §3.6)."""
-        return {"gate_mode": GateSchedule(self.config.soft_epochs).mode(epoch)}
 
-    def sweep_settings(self) -> list[SweepSetting]:
-        settings = [SweepSetting("full", "full"), SweepSetting("skip_only", "skip_only")]
-        if not self.task.is_regression:  # entropy of a single regression output is always 0
-            settings += [
-                SweepSetting(f"entropy={value:g}", "adaptive", EntropyExit(value), value)
-                for value in self.config.entropy_thresholds
-            ]
-        return settings
+def stage1_options(config: SmartBertConfig, epoch: int) -> dict[str, Any]:
+    """Soft gates for the first ``soft_epochs`` epochs, hard after (paper §3.6)."""
+    return {"gate_mode": GateSchedule(config.soft_epochs).mode(epoch)}
 
-    def extra_results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Whether some setting reached the README's target: at most half the full-depth FLOPs
-        with the main metric within 1 point of full depth."""
-        main = self.task.main_metric
-        full = next(row for row in rows if row["mode"] == "full")
-        target = [row["name"] for row in rows if row["relative_cost_paper"] <= 0.5
-                  and row["metrics"][main] >= full["metrics"][main] - 0.01]
-        majority = self.majority_class_baseline()
-        return {"target_half_cost_within_1pt": {
-            "reached": bool(target), "settings": target, "full_depth_value": full["metrics"][main],
-            "full_depth_beats_majority_class": None if majority is None else full["metrics"][main] > majority[main],
-        }}
+
+def sweep_settings(config: SmartBertConfig, task: GlueTask, num_steps: int) -> list[SweepSetting]:
+    """Full depth, skip only, then entropy thresholds (not for regression: the entropy of one output is 0)."""
+    settings = [SweepSetting("full", "full"), SweepSetting("skip_only", "skip_only")]
+    if not task.is_regression:
+        settings += [SweepSetting(f"entropy={value:g}", "adaptive", EntropyExit(value), value)
+                     for value in config.entropy_thresholds]
+    return settings
+
+
+def extra_results(config: SmartBertConfig, task: GlueTask, rows: list[SweepRow],
+                  majority: dict[str, float] | None) -> dict[str, Any]:
+    """Whether some setting reached the README's target: at most half the full-depth FLOPs with
+    the main metric within 1 point of full depth."""
+    main = task.main_metric
+    full = next(row for row in rows if row.mode == "full")
+    target = [row.name for row in rows if row.relative_cost_paper <= 0.5 and row.metrics[main] >= full.metrics[main] - 0.01]
+    return {"target_half_cost_within_1pt": {
+        "reached": bool(target), "settings": target, "full_depth_value": full.metrics[main],
+        "full_depth_beats_majority_class": None if majority is None else full.metrics[main] > majority[main],
+    }}
+
+
+METHOD = register_method(Method(
+    name=RECIPE,
+    description=__doc__.split("\n")[0],
+    config_class=SmartBertConfig,
+    build_model=build_model,
+    stage1_param_groups=stage1_param_groups,
+    sweep_settings=sweep_settings,
+    stage2_modules=stage2_modules,
+    stage1_options=stage1_options,
+    gate_threshold=lambda config: config.gate_threshold,
+    extra_results=extra_results,
+    heldout_gate_mode="hard",  # the best epoch is picked with the gates skipping, as they will at inference
+    stage1_untrained_prefixes=("contrast2.",),
+    resume_allowed_keys=(*RESUME_ALLOWED_KEYS, "entropy_thresholds"),
+))
 
 
 def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[AdaptiveEncoder, Any, SmartBertConfig]:
@@ -227,18 +230,17 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
     Returns:
         ``(encoder, tokenizer, config)``: the :class:`AdaptiveEncoder` in eval mode with the
-        weights the run's sweep evaluated, its tokenizer, and the run's config. Use it with
-        :class:`adaptive_depth.engine.AdaptiveInferenceEngine`.
+        weights the run's sweep evaluated, its tokenizer, and the run's config.
 
     Raises:
         CheckpointError: a missing, corrupt or mismatched checkpoint.
     """
-    return load_run(run_dir, RECIPE, SmartBertConfig, build_encoder, device)
+    return load_run(run_dir, RECIPE, device)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m recipes.smartbert``; returns the exit status (2 on a user error)."""
-    return run_cli(RECIPE, __doc__.split("\n")[0], SmartBertConfig, SmartBertRecipe, argv)
+    return run_cli(METHOD, argv)
 
 
 if __name__ == "__main__":

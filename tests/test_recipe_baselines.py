@@ -16,8 +16,10 @@ import yaml
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.exits import EntropyExit, PatienceExit
 from benchmarks import tradeoff
-from recipes import baselines, common, deebert, fastbert, finetune, pabee
-from recipes.common import ConfigError
+from recipes import baselines, checkpoint, deebert, fastbert, finetune, pabee
+from recipes.config import load_config
+from recipes.methods import freeze_for_stage2
+from recipes.errors import ConfigError
 from tests.conftest import minilm_dir, save_tiny_bert
 
 pytestmark = [
@@ -84,8 +86,8 @@ def test_end_to_end_results(runs: dict[str, Path], name: str) -> None:
 
 @pytest.mark.parametrize("name", ["deebert", "fastbert"])
 def test_stage2_changes_only_intermediate_heads(runs: dict[str, Path], name: str) -> None:
-    best = common.load_weights(runs[name] / "stage1_best.safetensors")
-    final, state, _ = common.load_checkpoint(runs[name] / "checkpoint")
+    best = checkpoint.load_weights(runs[name] / "stage1_best.safetensors")
+    final, state, _ = checkpoint.load_checkpoint(runs[name] / "checkpoint")
     assert state["stage"] == 2
     frozen = [key for key in best if not key.startswith(("encoder.exit_heads.0.", "encoder.exit_heads.1."))]
     assert any(key.startswith("encoder.backbone.") for key in frozen)
@@ -99,10 +101,10 @@ def test_stage2_changes_only_intermediate_heads(runs: dict[str, Path], name: str
 def test_stage2_optimizer_and_grad_flags(tiny_model_dir: Path) -> None:
     from transformers import AutoModel
 
-    config = common.load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
-    encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir), deebert.METHOD, 2, config)
-    model = baselines.BaselineModel(encoder, deebert.METHOD, is_regression=False)
-    trainable = {id(parameter) for parameter in model.freeze_for_stage2()}
+    config = load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
+    encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir), deebert.SPEC, 2, config)
+    model = baselines.BaselineModel(encoder, deebert.SPEC, is_regression=False)
+    trainable = {id(parameter) for parameter in freeze_for_stage2(model, deebert.METHOD.stage2_modules(model))}
     for name, parameter in model.named_parameters():
         expected = name.startswith(("encoder.exit_heads.0.", "encoder.exit_heads.1."))
         assert (id(parameter) in trainable) == expected == parameter.requires_grad, name
@@ -124,38 +126,6 @@ def test_resume_continues_from_checkpoint(tiny_model_dir: Path, glue_dir: Path, 
     assert finetune.main([*base, "--resume"]) == 2  # a deebert checkpoint is not a finetune run
 
 
-# -- losses ----------------------------------------------------------------------------------
-
-
-def test_distillation_loss_zero_for_identical_and_positive_otherwise() -> None:
-    teacher = torch.tensor([[2.0, -1.0], [0.3, 0.1]])
-    assert float(baselines.distillation_loss([teacher.clone(), teacher.clone()], teacher)) == pytest.approx(0.0, abs=1e-7)
-    student = torch.tensor([[0.0, 1.0], [1.0, 0.0]], requires_grad=True)
-    loss = baselines.distillation_loss([student], teacher)
-    assert float(loss.detach()) > 0
-    p_teacher = teacher.softmax(-1)
-    expected = (p_teacher * (p_teacher.log() - student.log_softmax(-1))).sum(-1).mean()
-    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
-    # Teacher detached: the gradient reaches the student only.
-    teacher_param = teacher.clone().requires_grad_(True)
-    baselines.distillation_loss([student], teacher_param).backward()
-    assert teacher_param.grad is None and student.grad is not None
-    # The FastBERT stage-2 loss uses heads 1..L-1 as students and the last head as teacher.
-    stage2 = baselines.self_distillation_loss([student, teacher], torch.zeros(2, dtype=torch.long), False)
-    assert float(stage2.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
-
-
-def test_pabee_weighted_loss_matches_formula() -> None:
-    losses = [torch.tensor(0.9), torch.tensor(0.6), torch.tensor(0.3)]
-    assert float(baselines.weighted_layer_sum(losses)) == pytest.approx((1 * 0.9 + 2 * 0.6 + 3 * 0.3) / 6)
-    logits = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 0.0]])]
-    labels = torch.tensor([0])
-    ce = [float(torch.nn.functional.cross_entropy(z, labels)) for z in logits]
-    assert float(baselines.layer_weighted_loss(logits, labels, False)) == \
-        pytest.approx((ce[0] + 2 * ce[1] + 3 * ce[2]) / 6)
-    assert float(baselines.intermediate_heads_loss(logits, labels, False)) == pytest.approx(ce[0] + ce[1])
-
-
 # -- exit criteria at their extremes ----------------------------------------------------------
 
 
@@ -166,8 +136,8 @@ def test_pabee_weighted_loss_matches_formula() -> None:
 def test_exit_criteria_extremes(tiny_model_dir: Path, name: str, never: float | None, always: float) -> None:
     from transformers import AutoModel
 
-    config = common.load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
-    method = RECIPES[name].METHOD
+    config = load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
+    method = RECIPES[name].SPEC
     torch.manual_seed(0)
     encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir), method, 2, config).eval()
     input_ids = torch.randint(1000, 2000, (6, 9))
@@ -203,14 +173,14 @@ def test_shipped_config_is_valid(path: Path) -> None:
     recipe, task = path.stem.split("_", 1)
     first_line = path.read_text(encoding="utf-8").splitlines()[0]
     assert first_line.startswith(f"# python -m recipes.{recipe} --task {task} "), first_line
-    config = common.load_config(baselines.BaselineConfig, path, (), task=task)
+    config = load_config(baselines.BaselineConfig, path, (), task=task)
     assert config.task == yaml.safe_load(path.read_text(encoding="utf-8"))["task"] == task
 
 
 def test_bad_config_values_are_clear_errors(capsys: pytest.CaptureFixture[str], glue_dir: Path,
                                             tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="thresholds"):
-        common.load_config(baselines.BaselineConfig, None, ["thresholds=[-1]"], task="mrpc")
+        load_config(baselines.BaselineConfig, None, ["thresholds=[-1]"], task="mrpc")
     assert pabee.main(["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir),
                        "--output-dir", str(tmp_path / "p"), "thresholds=[1.5]", *TINY]) == 2
     assert "whole numbers" in capsys.readouterr().err

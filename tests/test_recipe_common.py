@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipes import common
+from adaptive_depth.losses import LossTerms
+from recipes import loop
 
 
 def test_progress_bar_is_quiet_when_stderr_is_a_file(capsys: pytest.CaptureFixture[str]) -> None:
@@ -13,7 +14,8 @@ def test_progress_bar_is_quiet_when_stderr_is_a_file(capsys: pytest.CaptureFixtu
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     batches = [{"labels": torch.zeros(2)} for _ in range(200)]
-    stats = common.run_epoch(batches, lambda batch: (weight - 1).pow(2).sum(), optimizer, [weight], "quiet epoch")
+    stats = loop.run_epoch(batches, lambda batch: LossTerms({"task": (weight - 1).pow(2).sum()}), optimizer, [weight],
+                           "quiet epoch")
     assert stats.samples == 400
     redraws = capsys.readouterr().err.count("quiet epoch")
     assert 1 <= redraws <= 3, redraws

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import torch
 
-from recipes import common, smartbert
+from recipes import checkpoint as ckpt
+from recipes import loop, smartbert, sweep
 from recipes.errors import RunFolderError
 from recipes.run_folder import LOCK_FILE, RunLock
 from tests.conftest import minilm_dir, save_tiny_bert
@@ -71,14 +72,14 @@ def reference(tiny_model_dir: Path, glue_dir: Path, tmp_path_factory: pytest.Tem
     """An uninterrupted run: its results (timings aside) and final weights."""
     out = tmp_path_factory.mktemp("reference") / "run"
     assert run_cli(*base(glue_dir, tiny_model_dir, out), *SCHEDULE) == 0
-    weights, _, _ = common.load_checkpoint(out / "checkpoint")
+    weights, _, _ = ckpt.load_checkpoint(out / "checkpoint")
     return {"results": without_timings(json.loads((out / "results.json").read_text())), "weights": weights,
-            "best": common.load_weights(out / "stage1_best.safetensors")}
+            "best": ckpt.load_weights(out / "stage1_best.safetensors")}
 
 
 def interrupt_epoch(monkeypatch: pytest.MonkeyPatch, epoch_call: int, signal_number: int) -> None:
     """Send ``signal_number`` to this process in the second batch of the ``epoch_call``-th epoch."""
-    original = common.run_epoch
+    original = loop.run_epoch
     calls = {"epochs": 0}
 
     def run_epoch(loader: Any, step: Any, *args: Any, **kwargs: Any) -> Any:
@@ -95,7 +96,7 @@ def interrupt_epoch(monkeypatch: pytest.MonkeyPatch, epoch_call: int, signal_num
 
         return original(loader, interrupted_step, *args, **kwargs)
 
-    monkeypatch.setattr(common, "run_epoch", run_epoch)
+    monkeypatch.setattr(loop, "run_epoch", run_epoch)
 
 
 @pytest.mark.parametrize(("where", "signal_number", "checkpoint"), [
@@ -109,13 +110,13 @@ def test_interrupted_run_resumes_to_the_same_results_and_weights(
     argv = [*base(glue_dir, tiny_model_dir, out), *SCHEDULE]
     with monkeypatch.context() as patch:
         if where == "sweep":
-            original = common.run_sweep
+            original = sweep.run_sweep
 
             def run_sweep(*args: Any, **kwargs: Any) -> Any:
                 os.kill(os.getpid(), signal_number)
                 return original(*args, **kwargs)
 
-            patch.setattr(common, "run_sweep", run_sweep)
+            patch.setattr(sweep, "run_sweep", run_sweep)
         else:
             interrupt_epoch(patch, 2 if where == "stage1" else 4, signal_number)
         assert run_cli(*argv) == 128 + signal_number
@@ -124,17 +125,17 @@ def test_interrupted_run_resumes_to_the_same_results_and_weights(
     assert f"interrupted ({name}); resume with: python -m recipes.smartbert " in err
     assert err.rstrip().endswith(f"--resume (last checkpoint: stage {checkpoint[0]}, epoch {checkpoint[1] + 1})")
     assert "Traceback" not in err and not (out / LOCK_FILE).exists() and not (out / "results.json").exists()
-    _, state, _ = common.load_checkpoint(out / "checkpoint")
+    _, state, _ = ckpt.load_checkpoint(out / "checkpoint")
     assert (state["stage"], state["epoch"]) == checkpoint
 
     assert run_cli(*argv, "--resume") == 0
     results = without_timings(json.loads((out / "results.json").read_text()))
     assert results == reference["results"]
-    final, _, _ = common.load_checkpoint(out / "checkpoint")
+    final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
     assert final.keys() == reference["weights"].keys()
     for key, value in reference["weights"].items():
         assert torch.equal(final[key], value), key
-    best = common.load_weights(out / "stage1_best.safetensors")
+    best = ckpt.load_weights(out / "stage1_best.safetensors")
     assert all(torch.equal(best[key], value) for key, value in reference["best"].items())
 
 
@@ -162,19 +163,19 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(
     def save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
         saves["count"] += 1
         if saves["count"] == 2:
-            assert (Path(path).parent / common.WEIGHTS_FILE).is_file()  # midway: the weights are written
+            assert (Path(path).parent / ckpt.WEIGHTS_FILE).is_file()  # midway: the weights are written
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         original_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(common.torch, "save", save)
+    monkeypatch.setattr(ckpt.torch, "save", save)
     argv = [*base(glue_dir, tiny_model_dir, out), "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=0",
             "entropy_thresholds=[0.3]"]
     assert run_cli(*argv) == 2
     assert_one_error_line(capsys.readouterr().err, "saving the checkpoint", "disk is full")
-    _, state, _ = common.load_checkpoint(out / "checkpoint", fallback=False)
+    _, state, _ = ckpt.load_checkpoint(out / "checkpoint", fallback=False)
     assert (state["stage"], state["epoch"]) == (1, 0)
     assert sorted(path.name for path in out.iterdir() if path.name.startswith(".")) == []  # no temp folder left
-    monkeypatch.setattr(common.torch, "save", original_save)
+    monkeypatch.setattr(ckpt.torch, "save", original_save)
     assert run_cli(*argv, "--resume") == 0
 
 
@@ -182,18 +183,18 @@ def test_load_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, caplog: 
     folder = tmp_path / "checkpoint"
     for epoch in range(2):
         weights = {"w": torch.full((3,), float(epoch))}
-        common.save_checkpoint(folder, weights, None, {"epoch": epoch}, extra_files={"best.safetensors": weights})
-    assert json.loads((common.previous_checkpoint(folder) / "state.json").read_text())["epoch"] == 0
+        ckpt.save_checkpoint(folder, weights, None, {"epoch": epoch}, extra_files={"best.safetensors": weights})
+    assert json.loads((ckpt.previous_checkpoint(folder) / "state.json").read_text())["epoch"] == 0
     # Damaged newest checkpoint: the previous one is read, with a warning.
     (folder / "best.safetensors").write_bytes(b"damaged")
-    weights, state, _ = common.load_checkpoint(folder)
+    weights, state, _ = ckpt.load_checkpoint(folder)
     assert state["epoch"] == 0 and torch.equal(weights["w"], torch.zeros(3))
     assert "checksum differs" in caplog.text and "using the previous checkpoint" in caplog.text
-    with pytest.raises(common.CheckpointError, match="checksum differs"):
-        common.load_checkpoint(folder, fallback=False)
+    with pytest.raises(ckpt.CheckpointError, match="checksum differs"):
+        ckpt.load_checkpoint(folder, fallback=False)
     # A crash between the two renames: no newest folder, only the previous one.
     shutil.rmtree(folder)
-    assert common.load_checkpoint(folder)[1]["epoch"] == 0
+    assert ckpt.load_checkpoint(folder)[1]["epoch"] == 0
 
 
 def test_a_used_folder_is_refused_unless_resume_or_overwrite(
@@ -328,7 +329,7 @@ def test_failures_that_were_tracebacks_are_one_line_errors(
     assert_one_error_line(capsys.readouterr().err, "the loss is nan at batch 1", "training diverged",
                           "lower stage1_lr (now 2e-05), e.g. stage1_lr=5e-06")
 
-    original = common.run_epoch
+    original = loop.run_epoch
 
     def poisoning_epoch(*args: Any, **kwargs: Any) -> Any:
         stats = original(*args, **kwargs)
@@ -337,7 +338,7 @@ def test_failures_that_were_tracebacks_are_one_line_errors(
         return stats
 
     with monkeypatch.context() as patch:
-        patch.setattr(common, "run_epoch", poisoning_epoch)
+        patch.setattr(loop, "run_epoch", poisoning_epoch)
         assert run_cli(*base(glue_dir, tiny_model_dir, tmp_path / "inf"), "stage1_epochs=1") == 2
     assert_one_error_line(capsys.readouterr().err, "after stage 1 epoch 1, 1 of", "NaN or infinity", "stage1_lr")
 

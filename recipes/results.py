@@ -1,0 +1,197 @@
+"""``results.json`` as typed records: written from and read into dataclasses, with a schema version.
+
+Readers (``benchmarks.tradeoff``, the tests, your notebooks) call :func:`read_results` and get
+attributes instead of string keys; a file of another schema version is refused with a message
+that says so, instead of failing on a missing key later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULTS_SCHEMA_VERSION", "BestEpoch", "EpochRecord", "OperatingPoint", "RunResults", "SweepRow",
+           "read_results"]
+
+RESULTS_SCHEMA_VERSION = 2  # 1: the untyped dicts of adaptive_depth <= 0.1.0.dev0 (no "schema_version" key)
+
+
+@dataclass
+class EpochRecord:
+    """One training epoch.
+
+    Attributes:
+        epoch: 0-based epoch of its stage.
+        loss: mean total loss per batch.
+        terms: mean per batch of each named loss term (they add up to ``loss``).
+        seconds, samples_per_second: wall time and throughput of the epoch.
+        options: the stage's per-epoch options (SmartBERT: ``gate_mode``).
+        heldout: task metrics of the last head on the held-out split (stage 1 only).
+    """
+
+    epoch: int
+    loss: float
+    terms: dict[str, float]
+    seconds: float
+    samples_per_second: float
+    options: dict[str, Any] = field(default_factory=dict)
+    heldout: dict[str, float] | None = None
+
+
+@dataclass
+class BestEpoch:
+    """The stage-1 epoch whose weights the run keeps: best ``metric`` on the held-out split."""
+
+    epoch: int
+    metric: str
+    value: float
+
+
+@dataclass
+class SweepRow:
+    """One dev-set evaluation setting (see :func:`recipes.sweep.run_sweep`).
+
+    Attributes:
+        name: ``"full"``, ``"skip_only"``, ``"entropy=0.3"``...
+        mode: engine mode.
+        threshold: the exit threshold (``None`` without exits).
+        metrics: task metrics (fractions, not percent).
+        count: rows evaluated.
+        mean_macs_exact, mean_macs_paper: MACs per row, both conventions.
+        relative_cost_exact, relative_cost_paper: over the same rows at full depth.
+        mean_layers_run: layers run per row.
+        exit_layer_histogram: rows per 1-based exit layer.
+        skip_rate_per_layer: share of rows whose gate skipped layer ``i`` (``None``: no gate ran).
+        ms_per_sample: wall clock of the engine calls per row.
+    """
+
+    name: str
+    mode: str
+    threshold: float | None
+    metrics: dict[str, float]
+    count: int
+    mean_macs_exact: float
+    mean_macs_paper: float
+    relative_cost_exact: float
+    relative_cost_paper: float
+    mean_layers_run: float
+    exit_layer_histogram: list[int]
+    skip_rate_per_layer: list[float | None]
+    ms_per_sample: float
+
+
+@dataclass
+class OperatingPoint:
+    """The exit threshold chosen on held-out data for a cost budget, and dev at that point.
+
+    Attributes:
+        budget: the largest mean relative cost allowed (exact convention).
+        convention: the FLOPs convention of ``budget``.
+        calibration: :meth:`adaptive_depth.Calibration.to_dict`, ``{"error": ...}`` when no
+            threshold met the budget, or ``None`` for a method without exits.
+        dev: the dev-set row at the chosen point.
+        model_dir: the saved model, relative to the run folder.
+        reason: why nothing was calibrated (methods without exits).
+    """
+
+    budget: float
+    convention: str
+    calibration: dict[str, Any] | None
+    dev: SweepRow
+    model_dir: str
+    reason: str | None = None
+
+
+@dataclass
+class RunResults:
+    """Everything a run records in ``results.json``.
+
+    ``extras`` holds the method's own fields (SmartBERT: whether the half-cost target was
+    reached; baselines: the curve label and threshold symbol of the plot).
+    """
+
+    recipe: str
+    task: str
+    command: str
+    model: str
+    data_dir: str
+    dev_split: str
+    config: dict[str, Any]
+    started: str
+    finished: str
+    wall_time_s: float
+    torch: str
+    threads: int
+    sizes: dict[str, int]
+    num_truncated: dict[str, int]
+    main_metric: str
+    history: dict[str, list[EpochRecord]]
+    best_stage1: BestEpoch | None
+    sweep: list[SweepRow]
+    majority_class_baseline: dict[str, float] | None
+    operating_point: OperatingPoint | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = RESULTS_SCHEMA_VERSION
+
+    def row(self, name: str) -> SweepRow:
+        """The sweep row called ``name``."""
+        for row in self.sweep:
+            if row.name == name:
+                return row
+        raise KeyError(f"no sweep row {name!r}; rows: {[row.name for row in self.sweep]}")
+
+    @property
+    def full_depth(self) -> SweepRow:
+        """The full-depth row (engine mode ``"full"``)."""
+        return next(row for row in self.sweep if row.mode == "full")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "results") -> RunResults:
+        """Rebuild from :meth:`to_dict`'s output.
+
+        Raises:
+            ValueError: another schema version, or missing/unknown fields.
+        """
+        version = values.get("schema_version", 1)
+        if version != RESULTS_SCHEMA_VERSION:
+            raise ValueError(
+                f"{source} has results schema version {version}, this code reads version {RESULTS_SCHEMA_VERSION}; "
+                "re-run the recipe (or read the file as plain JSON)"
+            )
+        values = dict(values)
+        try:
+            values["history"] = {stage: [EpochRecord(**record) for record in records]
+                                 for stage, records in values["history"].items()}
+            values["best_stage1"] = BestEpoch(**values["best_stage1"]) if values.get("best_stage1") else None
+            values["sweep"] = [SweepRow(**row) for row in values["sweep"]]
+            point = values.get("operating_point")
+            if point is not None:
+                values["operating_point"] = OperatingPoint(**{**point, "dev": SweepRow(**point["dev"])})
+            return cls(**values)
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{source} does not hold valid results: {error}") from error
+
+
+def read_results(path: str | os.PathLike[str]) -> RunResults:
+    """Read a ``results.json`` (or a run folder holding one).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, another schema version, or missing fields.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    return RunResults.from_dict(values, str(path))

@@ -1,0 +1,422 @@
+"""The run composer: any :class:`~recipes.methods.Method` on the loops every method shares.
+
+* ``setup``: GLUE train (minus a seeded held-out part for model selection) and dev, the
+  method's modules around the backbone, the run folder claimed (after the inputs are checked);
+* ``train``: stage 1 (the method's stage-1 parameters; after every epoch the last head is
+  scored on the held-out part and the best epoch's weights are kept, never chosen on dev);
+  stage 2 for two-stage methods (the best stage-1 weights reloaded, everything but the
+  method's stage-2 modules frozen); a checkpoint at the end of every epoch;
+* ``evaluate``: the dev sweep with the inference engine, the operating point calibrated on the
+  held-out part, the model saved to ``<run>/model``, ``results.json`` and ``plot.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recipes import checks, distributed, errors, loading, loop
+from recipes import sweep as sweeps
+from recipes.checkpoint import atomic_write, load_state_dict_strict
+from recipes.config import config_to_dict
+from recipes.errors import ConfigError, ResumeMismatchError, TrainingDivergedError
+from recipes.glue import EncodedDataset, GlueMetrics, collate, encode_examples, get_task, holdout_split, read_split
+from recipes.logs import logger
+from recipes.methods import Method, freeze_for_stage2, stage2_train_mode
+from recipes.operating_point import calibrate_and_save
+from recipes.results import BestEpoch, EpochRecord, RunResults
+from recipes.results_io import command_line, write_results
+from recipes.run_checkpoints import RunCheckpoints
+from recipes.run_folder import RUN_FILE, RunLock, clear_run, compare_data, config_differences, data_fingerprint
+
+__all__ = ["BACKBONE_DIR", "Run"]
+
+BACKBONE_DIR = "backbone"
+
+
+class Run:
+    """One training run of ``method``: ``setup`` -> ``train`` -> ``evaluate`` -> ``cleanup``.
+
+    Args:
+        method: what to train and how to evaluate it.
+        config: the method's config.
+        data_dir: the ``glue_data`` folder.
+        model_name: ``--model`` (``None``: the default all-MiniLM-L6-v2).
+        run_dir: the run folder.
+        resume: continue from the checkpoint in ``run_dir``.
+    """
+
+    def __init__(self, method: Method, config: Any, data_dir: Path, model_name: str | None, run_dir: Path,
+                 resume: bool) -> None:
+        self.method = method
+        self.config = config
+        self.data_dir = data_dir
+        self.model_name = model_name
+        self.run_dir = run_dir
+        self.resume = resume
+        self.task = get_task(config.task)
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.start_time = time.perf_counter()
+        self.history: dict[str, list[EpochRecord]] = {"stage1": [], "stage2": []}
+        self.best_stage1: BestEpoch | None = None
+        self.argv: list[str] | None = None
+        self.overwrite = False
+        self.rank, self.world_size = 0, 1
+        self.lock: RunLock | None = None
+        self.data_record: dict[str, Any] | None = None
+        self.resume_point: tuple[int, int, dict[str, Any]] | None = None
+        self.checkpoints = RunCheckpoints(run_dir)
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (as set up; stays right after the process group is gone)."""
+        return self.rank == 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoints.folder
+
+    @property
+    def checkpointed(self) -> tuple[int, int] | None:
+        """``(stage, epoch)`` of the last checkpoint written or resumed from."""
+        return self.checkpoints.checkpointed
+
+    @property
+    def gate_threshold(self) -> float:
+        return self.method.gate_threshold(self.config)
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Read and check the data and the model, then claim the run folder (lock, ``run.json``,
+        ``backbone/``) and, with ``--resume``, load the checkpoint. Nothing is written before the
+        inputs are checked."""
+        config = self.config
+        self.rank, self.world_size = distributed.distributed_setup()
+        self.checkpoints.is_main = self.is_main
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        distributed.seed_everything(config.seed)
+        dev_name = self.task.dev_splits[0]
+        train_examples = read_split(self.data_dir, self.task, "train").examples[: config.max_train_rows or None]
+        dev_examples = read_split(self.data_dir, self.task, dev_name).examples[: config.max_eval_rows or None]
+        if len(train_examples) < 2:
+            raise ConfigError(f"{len(train_examples)} training row(s) (max_train_rows={config.max_train_rows}): the run "
+                              "needs at least 2, one of them held out for model selection; raise max_train_rows")
+        train_part, heldout_part = holdout_split(train_examples, config.holdout_fraction, config.seed)
+        self.data_record = data_fingerprint({"train": train_examples, dev_name: dev_examples}, self.data_dir)
+
+        backbone, self.tokenizer, self.model_name = loading.load_model_and_tokenizer(self.model_name)
+        checks.check_model_inputs(backbone.config, self.tokenizer, config.max_length, self.model_name)
+        try:
+            self.model = self.method.build_model(backbone, config, self.task)
+        except ValueError as error:  # a module rejected a size from the config
+            raise ConfigError(f"cannot build the {self.name} model with this config: {error}") from error
+
+        self.collate = partial(collate, pad_token_id=self.tokenizer.pad_token_id)
+        encoded = {
+            "train": encode_examples(train_part, self.tokenizer, config.max_length),
+            "heldout": encode_examples(heldout_part, self.tokenizer, config.max_length),
+            "dev": encode_examples(dev_examples, self.tokenizer, config.max_length),
+        }
+        checks.check_unknown_tokens(encoded["train"].input_ids, self.tokenizer, self.model_name)
+        self.num_truncated = {name: split.num_truncated for name, split in encoded.items()}
+        self.datasets = {name: EncodedDataset(split) for name, split in encoded.items()}
+        self.sizes = {name: len(split) for name, split in encoded.items()}
+        self.dev_split_name = dev_name
+        if self.is_main:
+            self._claim_run_folder(backbone)
+        self.resume_point = self._load_resume_state()
+        if self.is_main:
+            logger.info("%s %s: %d train, %d held out (from train), %d %s rows; model %s (%d layers)",
+                        self.name, self.task.name, self.sizes["train"], self.sizes["heldout"], self.sizes["dev"],
+                        dev_name, self.model_name, self.model.encoder.num_steps)
+            for name, count in self.num_truncated.items():
+                if count:
+                    logger.warning("%s: %d of %d examples longer than max_length=%d tokens were truncated",
+                                   name, count, self.sizes[name], config.max_length)
+
+    def _claim_run_folder(self, backbone: nn.Module) -> None:
+        """Lock the run folder, clear it on ``--overwrite``, record ``run.json`` and the backbone's
+        config and tokenizer (which make the folder self-contained for :func:`recipes.reload.load_run`)."""
+        self.lock = RunLock(self.run_dir)
+        with errors.deferred_signals():  # an interrupt here must not leave a lock without an owner
+            self.lock.acquire()
+        if self.overwrite:
+            removed = clear_run(self.run_dir)
+            if removed:
+                logger.info("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
+        try:
+            backbone.config.save_pretrained(self.run_dir / BACKBONE_DIR)
+            self.tokenizer.save_pretrained(self.run_dir / BACKBONE_DIR)
+            record = {"recipe": self.name, "task": self.task.name, "model": self.model_name,
+                      "config": config_to_dict(self.config), "data": self.data_record,
+                      "command": command_line(f"recipes.{self.name}", self.argv)}
+            text = json.dumps(record, indent=2)
+            atomic_write(self.run_dir / RUN_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+        except OSError as error:
+            raise errors.storage_error(error, f"writing into the run folder {self.run_dir}") from error
+
+    def release(self) -> None:
+        """Give the run folder up (remove the lock); safe to call more than once."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _wrap(self) -> nn.Module:
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(self.model, find_unused_parameters=True)
+        return self.model
+
+    def loader(self, name: str, shuffle: bool = False, epoch: int = 0) -> Any:
+        """Batches of split ``name`` (``"train"``, ``"heldout"``, ``"dev"``), padded per batch."""
+        if name != "train":
+            return torch.utils.data.DataLoader(self.datasets[name], batch_size=self.config.eval_batch_size,
+                                               collate_fn=self.collate)
+        lengths = [len(ids) for ids in self.datasets[name].encoded.input_ids] if self.config.bucket_by_length else None
+        return loop.make_loader(self.datasets[name], self.config.batch_size, self.collate, shuffle, self.config.seed,
+                                epoch, lengths)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _save(self, stage: int, epoch: int, optimizer: Any, scheduler: Any, new_best: dict[str, Any] | None = None
+              ) -> None:
+        state = {
+            "recipe": self.name, "task": self.task.name, "model": self.model_name, "stage": stage, "epoch": epoch,
+            "config": config_to_dict(self.config), "data": self.data_record,
+            "history": {stage_name: [dataclasses.asdict(record) for record in records]
+                        for stage_name, records in self.history.items()},
+            "best_stage1": dataclasses.asdict(self.best_stage1) if self.best_stage1 else None,
+            "data_order": {"seed": self.config.seed, "epoch_offset": 0 if stage == 1 else 1000},
+        }
+        self.checkpoints.save(stage, epoch, self.model, optimizer, scheduler, state, new_best)
+
+    def _load_resume_state(self) -> tuple[int, int, dict[str, Any]] | None:
+        """``(stage, last completed epoch, optimizer payload)`` of the checkpoint, or None.
+
+        Raises:
+            ResumeMismatchError: the checkpoint is of another recipe, task or model, its config
+                differs in a key outside the method's ``resume_allowed_keys``, or it was trained
+                on other data rows.
+        """
+        if not self.resume:
+            return None
+        state_dict, state, payload = self.checkpoints.load_for_resume()
+        loaded_from = Path(state["loaded_from"])
+        for key, expected in (("recipe", self.name), ("task", self.task.name)):
+            if state.get(key) != expected:
+                raise ResumeMismatchError(
+                    f"checkpoint in {loaded_from} is for {key} {state.get(key)!r}, this run is {expected!r}"
+                )
+        if state.get("model") is not None and not checks.same_model(state["model"], self.model_name):
+            raise ResumeMismatchError(f"the checkpoint in {loaded_from} was trained from model {state['model']}, "
+                                      f"this run loads {self.model_name}; resume with the same --model")
+        allowed = self.method.resume_allowed_keys
+        differences = config_differences(state.get("config", {}), config_to_dict(self.config), ("task", *allowed))
+        if differences:
+            raise ResumeMismatchError(
+                f"the checkpoint in {loaded_from} was trained with another config ({'; '.join(differences)}); resume "
+                f"with the same values (only {', '.join(allowed)} may change) or start a new run"
+            )
+        moved = compare_data(state.get("data"), self.data_record, f"the checkpoint in {loaded_from}")
+        if moved:
+            logger.warning("%s", moved)
+        load_state_dict_strict(self.model, state_dict, str(loaded_from))
+        if "history" in state:
+            self.history = {stage: [EpochRecord(**record) for record in records]
+                            for stage, records in state["history"].items()}
+        self.best_stage1 = BestEpoch(**state["best_stage1"]) if state.get("best_stage1") else None
+        self.checkpoints.adopt(state, payload)
+        return state["stage"], state["epoch"], payload
+
+    # -- training --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_heldout(self) -> dict[str, float]:
+        """Task metrics of the last head on the held-out split of train (the method's held-out gate mode)."""
+        self.model.eval()
+        metrics = GlueMetrics(self.task)
+        for batch in self.loader("heldout"):
+            inputs = {key: value for key, value in batch.items() if key == "token_type_ids"}
+            logits = self.model.encoder(batch["input_ids"], batch["attention_mask"],
+                                        gate_mode=self.method.heldout_gate_mode, heads="last",
+                                        gate_threshold=self.gate_threshold, **inputs).logits
+            metrics.update(logits[:, 0] if self.task.is_regression else logits.argmax(-1), batch["labels"])
+        return metrics.compute()
+
+    def train(self) -> None:
+        """Stage 1 from its first unfinished epoch, the best stage-1 weights, then stage 2."""
+        stage, done_epoch, payload = self.resume_point if self.resume_point else (1, -1, None)
+        if stage == 1:
+            self.train_stage1(start_epoch=done_epoch + 1, payload=payload)
+            self._reload_best_stage1()
+            stage2_start, payload = 0, None
+        else:
+            stage2_start = done_epoch + 1
+        if self.method.has_stage2:
+            self.train_stage2(start_epoch=stage2_start, payload=payload)
+
+    def train_stage1(self, start_epoch: int, payload: dict[str, Any] | None) -> None:
+        config = self.config
+        optimizer = torch.optim.AdamW(self.method.stage1_param_groups(self.model, config),
+                                      weight_decay=config.weight_decay)
+        steps = config.stage1_epochs * len(self.loader("train", True))
+        scheduler = loop.linear_schedule(optimizer, steps, config.warmup_ratio)
+        self.checkpoints.restore_optimizer(optimizer, scheduler, payload)
+        trainable = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        model = self._wrap()
+        for epoch in range(start_epoch, config.stage1_epochs):
+            options = self.method.stage1_options(config, epoch)
+            shown = "".join(f", {key}={value}" for key, value in options.items())
+            self.model.train()
+            stats = loop.run_epoch(
+                self.loader("train", True, epoch), lambda batch: model(batch, stage=1, **options), optimizer, trainable,
+                f"{self.name} stage 1 epoch {epoch + 1}/{config.stage1_epochs}{shown}", scheduler,
+                config.max_grad_norm, self._divergence_hint(1),
+            )
+            self._check_finite(trainable, f"stage 1 epoch {epoch + 1}", 1)
+            heldout = self.evaluate_heldout()
+            main_value = heldout[self.task.main_metric]
+            self.history["stage1"].append(EpochRecord(
+                epoch=epoch, loss=stats.loss, terms=stats.terms, seconds=stats.seconds,
+                samples_per_second=stats.samples_per_second, options=options, heldout=heldout))
+            if self.is_main:
+                logger.info("stage 1 epoch %d: held-out %s", epoch + 1, heldout)
+            # Every process evaluates the same held-out rows, so all agree on the best epoch.
+            new_best = None
+            if self.best_stage1 is None or main_value > self.best_stage1.value:
+                self.best_stage1 = BestEpoch(epoch=epoch, metric=self.task.main_metric, value=main_value)
+                new_best = self._stage1_state()
+            self._save(1, epoch, optimizer, scheduler, new_best)
+        distributed.barrier()
+
+    def _untrained_in_stage1(self, key: str) -> bool:
+        prefixes = self.method.stage1_untrained_prefixes
+        return bool(prefixes) and key.startswith(prefixes)
+
+    def _stage1_state(self) -> dict[str, Any]:
+        return {key: value for key, value in self.model.state_dict().items() if not self._untrained_in_stage1(key)}
+
+    def _divergence_hint(self, stage: int) -> str:
+        """How to fix a diverged stage: the learning rates to lower, with their values."""
+        config = self.config
+        if stage == 2:
+            return f"lower stage2_lr (now {config.stage2_lr:g}), e.g. stage2_lr={config.stage2_lr / 4:g}"
+        extra = [f"{key} (now {getattr(config, key):g})" for key in ("stage1_head_lr", "gate_lr")
+                 if getattr(config, key, 0)]
+        return (f"lower stage1_lr (now {config.stage1_lr:g}), e.g. stage1_lr={config.stage1_lr / 4:g}"
+                + (f", or {' / '.join(extra)}" if extra else ""))
+
+    def _check_finite(self, parameters: list[nn.Parameter], when: str, stage: int) -> None:
+        """:class:`TrainingDivergedError` when a trained parameter holds NaN or infinity."""
+        bad = sum(1 for parameter in parameters if not bool(torch.isfinite(parameter.detach()).all()))
+        if bad:
+            raise TrainingDivergedError(
+                f"after {when}, {bad} of {len(parameters)} trained parameter tensors hold NaN or infinity: training "
+                f"diverged; {self._divergence_hint(stage)} (the last good checkpoint, if any, is in "
+                f"{self.checkpoint_dir}, but it would diverge the same way: start again with --overwrite)"
+            )
+
+    def _reload_best_stage1(self) -> None:
+        """Stage 1 ends with the weights of its best held-out epoch (what stage 2 and the sweep use)."""
+        if self.best_stage1 is None:
+            return
+        self.checkpoints.reload_best(self.model, self._untrained_in_stage1, self.best_stage1.epoch)
+        # Epochs are 0-based in results.json, 1-based in the log.
+        logger.info("reloaded the best stage-1 weights: epoch %d, held-out %s %.4f", self.best_stage1.epoch + 1,
+                    self.best_stage1.metric, self.best_stage1.value)
+
+    def train_stage2(self, start_epoch: int, payload: dict[str, Any] | None) -> None:
+        config = self.config
+        modules = self.method.stage2_modules(self.model)  # type: ignore[misc]
+        trainable = freeze_for_stage2(self.model, modules)
+        if config.stage2_epochs == 0:
+            return
+        optimizer = torch.optim.AdamW(trainable, lr=config.stage2_lr, weight_decay=config.weight_decay)
+        scheduler = loop.linear_schedule(
+            optimizer, config.stage2_epochs * len(self.loader("train", True)), config.warmup_ratio
+        )
+        self.checkpoints.restore_optimizer(optimizer, scheduler, payload)
+        model = self._wrap()
+        for epoch in range(start_epoch, config.stage2_epochs):
+            stage2_train_mode(self.model, modules)
+            stats = loop.run_epoch(
+                self.loader("train", True, 1000 + epoch), lambda batch: model(batch, stage=2), optimizer, trainable,
+                f"{self.name} stage 2 epoch {epoch + 1}/{config.stage2_epochs}", scheduler, config.max_grad_norm,
+                self._divergence_hint(2),
+            )
+            self._check_finite(trainable, f"stage 2 epoch {epoch + 1}", 2)
+            self.history["stage2"].append(EpochRecord(
+                epoch=epoch, loss=stats.loss, terms=stats.terms, seconds=stats.seconds,
+                samples_per_second=stats.samples_per_second))
+            self._save(2, epoch, optimizer, scheduler)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self) -> RunResults | None:
+        """The dev sweep, the calibrated operating point and the saved model; writes
+        ``results.json`` and ``plot.png`` (rank 0)."""
+        # Training is over: end the process group, so that rank 0 evaluates alone and its
+        # torchmetrics metrics compute locally instead of waiting for the other ranks.
+        distributed.barrier()
+        self.cleanup()
+        if not self.is_main:
+            return None
+        config, task, encoder = self.config, self.task, self.model.encoder
+        settings = self.method.sweep_settings(config, task, encoder.num_steps)
+        rows = sweeps.run_sweep(encoder, self.loader("dev"), settings, lambda: GlueMetrics(task),
+                                self.gate_threshold, config.padded_length)
+        majority = self.majority_class_baseline()
+        point = calibrate_and_save(
+            encoder, self.tokenizer, self.run_dir, settings, self.loader("heldout"), self.loader("dev"),
+            lambda: GlueMetrics(task), budget=config.calibration_budget, gate_threshold=self.gate_threshold,
+            padded_length=config.padded_length, label_names=task.labels, max_length=config.max_length,
+        )
+        finished = _dt.datetime.now(_dt.timezone.utc)
+        results = RunResults(
+            recipe=self.name, task=task.name, command=command_line(f"recipes.{self.name}", self.argv),
+            model=self.model_name, data_dir=str(self.data_dir), dev_split=self.dev_split_name,
+            config=config_to_dict(config), started=self.started.isoformat(timespec="seconds"),
+            finished=finished.isoformat(timespec="seconds"), wall_time_s=time.perf_counter() - self.start_time,
+            torch=torch.__version__, threads=torch.get_num_threads(), sizes=self.sizes,
+            num_truncated=self.num_truncated, main_metric=task.main_metric, history=self.history,
+            best_stage1=self.best_stage1, sweep=rows, majority_class_baseline=majority, operating_point=point,
+            extras=self.method.extra_results(config, task, rows, majority),
+        )
+        write_results(self.run_dir, results)
+        print(sweeps.format_table(rows, list(task.metrics)))
+        print(f"operating point (budget {point.budget:.0%} of full-depth MACs, chosen on held-out): "
+              f"{point.dev.name}: dev {point.dev.metrics}, relative cost (exact) {point.dev.relative_cost_exact:.3f}")
+        print(f"results: {self.run_dir / 'results.json'}  plot: {self.run_dir / 'plot.png'}  "
+              f"model: {self.run_dir / point.model_dir}")
+        return results
+
+    def majority_class_baseline(self) -> dict[str, float] | None:
+        """Dev metrics of always answering train's most frequent label (what a model that learned
+        nothing scores); ``None`` for regression."""
+        if self.task.is_regression:
+            return None
+        train_labels = torch.tensor(self.datasets["train"].encoded.labels)
+        dev_labels = torch.tensor(self.datasets["dev"].encoded.labels)
+        baseline = GlueMetrics(self.task)
+        baseline.update(torch.full_like(dev_labels, int(train_labels.mode().values)), dev_labels)
+        return baseline.compute()
+
+    def cleanup(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,95 @@
+"""The dev-set sweep: the inference engine at every evaluation setting, and its Markdown table."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from recipes.distributed import is_main_process
+from recipes.logs import logger
+from recipes.results import SweepRow
+
+__all__ = ["SweepSetting", "format_table", "run_sweep"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSetting:
+    """One point of the evaluation sweep.
+
+    Attributes:
+        name: row label (``"full"``, ``"skip_only"``, ``"entropy=0.3"``).
+        mode: engine mode (``"full"``, ``"skip_only"``, ``"adaptive"``).
+        criterion: exit criterion for ``"adaptive"`` (``None`` otherwise).
+        threshold: the criterion's threshold, for the table (``None`` if not adaptive).
+    """
+
+    name: str
+    mode: str
+    criterion: Any = None
+    threshold: float | None = None
+
+
+def run_sweep(
+    encoder: nn.Module,
+    loader: Iterable[Mapping[str, Tensor]],
+    settings: Sequence[SweepSetting],
+    make_metrics: Callable[[], Any],
+    gate_threshold: float = 0.5,
+    padded_length: int | None = 128,
+) -> list[SweepRow]:
+    """Evaluate every setting on ``loader`` with the inference engine.
+
+    Returns:
+        One :class:`~recipes.results.SweepRow` per setting: task metrics, the
+        :class:`~adaptive_depth.metrics.CostAccumulator` statistics and ``ms_per_sample``
+        (wall clock of the engine calls only).
+    """
+    from adaptive_depth.engine import AdaptiveInferenceEngine
+    from adaptive_depth.metrics import CostAccumulator
+
+    encoder.eval()
+    batches = list(loader)
+    rows = []
+    for setting in settings:
+        engine = AdaptiveInferenceEngine(
+            encoder, criterion=setting.criterion, gate_threshold=gate_threshold, mode=setting.mode,
+            padded_length=padded_length,
+        )
+        metrics = make_metrics()
+        costs = CostAccumulator(encoder.num_steps)
+        seconds, samples = 0.0, 0
+        for batch in batches:
+            inputs = {key: value for key, value in batch.items() if key not in ("labels", "input_ids", "attention_mask")}
+            start = time.perf_counter()
+            output = engine(batch["input_ids"], batch["attention_mask"], **inputs)
+            seconds += time.perf_counter() - start
+            samples += int(batch["input_ids"].shape[0])
+            metrics.update(output.predictions, batch["labels"])
+            costs.update(output)
+        statistics = costs.compute()
+        statistics["skip_rate_per_layer"] = [None if value != value else value
+                                             for value in statistics["skip_rate_per_layer"]]
+        row = SweepRow(name=setting.name, mode=setting.mode, threshold=setting.threshold, metrics=metrics.compute(),
+                       ms_per_sample=1000.0 * seconds / max(samples, 1), **statistics)
+        rows.append(row)
+        if is_main_process():
+            logger.info("sweep %s: %s, relative cost (paper) %.3f", setting.name, row.metrics, row.relative_cost_paper)
+    return rows
+
+
+def format_table(rows: Sequence[SweepRow], metric_names: Sequence[str]) -> str:
+    """A Markdown table of sweep rows."""
+    header = ["setting", *metric_names, "MACs/sample exact (M)", "MACs/sample paper (M)", "rel. cost paper",
+              "rel. cost exact", "mean layers", "ms/sample"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        values = [row.name, *(f"{100 * row.metrics[name]:.2f}" for name in metric_names),
+                  f"{row.mean_macs_exact / 1e6:.1f}", f"{row.mean_macs_paper / 1e6:.1f}",
+                  f"{row.relative_cost_paper:.3f}", f"{row.relative_cost_exact:.3f}",
+                  f"{row.mean_layers_run:.2f}", f"{row.ms_per_sample:.2f}"]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
