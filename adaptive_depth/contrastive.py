@@ -188,6 +188,11 @@ class CrossLayerInfoNCE(nn.Module):
             layer_states: ``L >= 2`` tensors ``[B, N, D]``.
             attention_mask: ``[B, N]``, 1 for real tokens, 0 for padding.
         """
+        if attention_mask is not None:
+            # Zero the padding before projecting: whatever it holds (even inf or NaN) must not
+            # reach the projection's weight gradient (0 * NaN is NaN).
+            padding = ~_check_inputs(layer_states, attention_mask).unsqueeze(-1)
+            layer_states = [states.masked_fill(padding, 0.0) for states in layer_states]
         projections = [self.projection(states) for states in layer_states]
         loss = cross_layer_info_nce(projections, attention_mask, self.temperature, self.similarity)
         return ContrastiveOutput(loss=loss, projections=projections)

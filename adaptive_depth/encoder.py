@@ -79,6 +79,19 @@ def skip_regularizer(gate_probs: Tensor, weight: float, eps: float = 1e-6) -> Te
     return (weight / (gate_probs.sum(dim=-1) + eps)).mean()
 
 
+def _raise_for_bad_mask(token_mask: Tensor) -> None:
+    """Explain why a ``[B, N]`` bool mask was refused (no real token, or not right-padded)."""
+    empty_rows = (~token_mask.any(dim=-1)).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(f"rows {empty_rows} of attention_mask have no real token.")
+    rows = (~token_mask[:, 0] | (token_mask[:, 1:] & ~token_mask[:, :-1]).any(dim=-1)).nonzero().flatten().tolist()
+    raise ValueError(
+        f"rows {rows} of attention_mask have padding before a real token (left padding?); adaptive_depth "
+        "needs right padding, because gates and exit heads read the first position as [CLS]. Set "
+        "tokenizer.padding_side = 'right' (or pad on the right yourself)."
+    )
+
+
 class AdaptiveEncoder(nn.Module):
     """Wraps a Hugging Face encoder with one :class:`SkipGate` and one :class:`ExitHead` per layer.
 
@@ -164,6 +177,12 @@ class AdaptiveEncoder(nn.Module):
             else PoolerExitHead(hidden_size, num_labels, dropout)
             for _ in range(num_steps)
         )
+        # Gates and heads live where the backbone lives, in its floating dtype (a bf16 or float64
+        # backbone would otherwise meet float32 gates in the first matmul).
+        reference = next((p for p in self.backbone.parameters() if p.is_floating_point()), None)
+        if reference is not None:
+            self.gates.to(device=reference.device, dtype=reference.dtype)
+            self.exit_heads.to(device=reference.device, dtype=reference.dtype)
 
     @property
     def config(self) -> Any:
@@ -197,8 +216,8 @@ class AdaptiveEncoder(nn.Module):
         """Validate the inputs, embed them and return a :class:`LayerRunner` and the ``[B, N]`` mask.
 
         Raises:
-            ValueError: on an empty batch, a mask whose shape differs from ``input_ids``, or a
-                row with no real token.
+            ValueError: on an empty batch, a mask whose shape differs from ``input_ids``, a
+                row with no real token, or padding before a real token (left padding).
         """
         reference = input_ids if input_ids is not None else model_inputs.get("inputs_embeds")
         if reference is None:
@@ -216,9 +235,12 @@ class AdaptiveEncoder(nn.Module):
                 f"got {tuple(attention_mask.shape)}."
             )
         token_mask = attention_mask.bool()
-        if not bool(token_mask.any(dim=-1).all()):
-            empty_rows = (~token_mask.any(dim=-1)).nonzero().flatten().tolist()
-            raise ValueError(f"rows {empty_rows} of attention_mask have no real token.")
+        # Padding must be on the right: gates and heads read position 0 as [CLS], and models with
+        # absolute positions (BERT) embed a left-padded row differently from the same row alone.
+        # One check (one host sync) covers empty rows and padding before a real token.
+        padding_before_token = token_mask[:, 1:] & ~token_mask[:, :-1]
+        if bool((~token_mask[:, 0] | padding_before_token.any(dim=-1)).any()):
+            _raise_for_bad_mask(token_mask)
         if input_ids is not None:
             model_inputs["input_ids"] = input_ids
         runner = LayerRunner.capture(self.backbone, attention_mask=attention_mask, **model_inputs)

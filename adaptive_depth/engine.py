@@ -4,7 +4,7 @@ The paper's algorithm (its Appendix A) runs one sample at a time. :class:`Adapti
 runs it on a whole batch by keeping only the rows still active: at every step
 
 1. each active row's gate scores the hidden states entering the layer;
-2. only the rows whose gate says "run" (``p_skip < gate_threshold``) go through the layer,
+2. only the rows whose gate says "run" (``p_skip < gate_threshold``; threshold 1 never skips) go through the layer,
    selected with ``index_select`` and written back with ``index_copy``;
 3. exit heads run only for rows whose layer ran; the criterion decides who leaves;
 4. rows that left are dropped from every tensor the loop carries.
@@ -27,6 +27,7 @@ from torchmetrics import Metric
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion
 from adaptive_depth.flops import Convention, encoder_cost
+from adaptive_depth.gates import skip_decision
 
 __all__ = ["AdaptiveInferenceEngine", "CostAccumulator", "EngineMode", "EngineOutput"]
 
@@ -73,7 +74,8 @@ class AdaptiveInferenceEngine:
     Args:
         encoder: the wrapped model (put it in eval mode and on its device first).
         criterion: the exit criterion for ``mode="adaptive"``; entropy ``S = 0.3`` by default.
-        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (0.5 in the paper).
+        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (0.5 in the paper);
+            1.0 never skips, 0.0 skips every layer (see :func:`adaptive_depth.gates.skip_decision`).
         mode: ``"adaptive"`` (skip and exit), ``"skip_only"`` (skip, answer at the last step),
             ``"exit_only"`` (every layer runs, heads exit: DeeBERT, FastBERT, PABEE) or ``"full"``
             (the baseline: every layer, the last head, no gate).
@@ -159,7 +161,8 @@ class AdaptiveInferenceEngine:
             last_step = step == steps - 1
             if use_gates:
                 gates_run[step].index_fill_(0, active, True)
-                running = (encoder.gates[step](hidden, mask).p_skip < self.gate_threshold).nonzero().flatten()
+                p_skip = encoder.gates[step](hidden, mask).p_skip
+                running = (~skip_decision(p_skip, self.gate_threshold)).nonzero().flatten()
                 all_run = len(running) == len(active)
             else:
                 running, all_run = active, True  # only its length and "all rows" are used below

@@ -22,6 +22,7 @@ __all__ = [
     "SkipGate",
     "SkipGateOutput",
     "StraightThroughHard",
+    "skip_decision",
     "straight_through_hard",
 ]
 
@@ -111,12 +112,36 @@ class SkipGate(nn.Module):
         return SkipGateOutput(p_skip=torch.sigmoid(logit), logit=logit)
 
 
+def skip_decision(p_skip: Tensor, threshold: float = 0.5) -> Tensor:
+    """Which rows skip: ``p_skip >= threshold``, except that ``threshold = 1`` never skips.
+
+    A float32 sigmoid saturates to exactly 1.0 for logits above about 17, so ``p_skip >= 1``
+    would still skip confident gates; ``threshold = 1`` is the documented "gates off" setting
+    and means no skipping at all. ``threshold = 0`` skips every layer.
+
+    Args:
+        p_skip: skip probabilities of any shape, in ``[0, 1]``.
+        threshold: in ``[0, 1]``.
+
+    Returns:
+        Bool tensor of the shape of ``p_skip``, True where the layer is skipped.
+
+    Example:
+        >>> p_skip = torch.tensor([0.2, 0.5, 1.0])
+        >>> skip_decision(p_skip, 0.5).tolist(), skip_decision(p_skip, 1.0).tolist()
+        ([False, True, True], [False, False, False])
+    """
+    if threshold >= 1.0:
+        return torch.zeros_like(p_skip, dtype=torch.bool)
+    return p_skip >= threshold
+
+
 class _StraightThrough(torch.autograd.Function):
-    """Forward: exactly ``1[soft >= threshold]``. Backward: the gradient passes unchanged."""
+    """Forward: exactly ``1[soft >= threshold]`` (never 1 at threshold 1). Backward: the gradient passes unchanged."""
 
     @staticmethod
     def forward(ctx, soft: Tensor, threshold: float) -> Tensor:  # type: ignore[override]
-        return (soft >= threshold).to(soft.dtype)
+        return skip_decision(soft, threshold).to(soft.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -132,7 +157,8 @@ def straight_through_hard(soft: Tensor, threshold: float = 0.5) -> Tensor:
 
     Args:
         soft: gate probabilities of any shape, in ``[0, 1]``.
-        threshold: values ``>= threshold`` become 1 (skip).
+        threshold: values ``>= threshold`` become 1 (skip); ``1`` never skips
+            (see :func:`skip_decision`).
 
     Returns:
         Tensor of the same shape and dtype holding only 0.0 and 1.0.

@@ -84,7 +84,7 @@ def test_threshold_zero_with_gates_off_predicts_like_the_plain_model(model_type:
     with torch.no_grad():
         expected = encoder(input_ids, attention_mask, gate_mode="run", heads="last").logits
     for mode, gate_threshold in (("full", 0.5), ("adaptive", 1.0)):
-        # gate_threshold 1.0: p_skip >= 1 never happens for a finite sigmoid, so gates never skip.
+        # gate_threshold 1.0 never skips, even a gate saturated at p_skip == 1.0 (test_robustness.py).
         engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.0), gate_threshold=gate_threshold, mode=mode)
         out = engine(input_ids, attention_mask)
         assert bool(out.layers_run.all()) and bool((out.exit_layer == encoder.num_steps).all())
