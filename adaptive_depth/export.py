@@ -342,17 +342,17 @@ def export_engine(
             layers = adapter.layer_list(base_model)
             for index in sorted(set(layer_index)):
                 step = LayerStep(layers[index], attn_implementation, dtype).eval()
-                _export_one(step, step_inputs, "hidden_states", staging / f"layer_{index}{suffix}", format, max_length, opset)
+                _export_one(step, step_inputs, "layer_output", staging / f"layer_{index}{suffix}", format, max_length, opset)
             uses_gates = mode in ("adaptive", "skip_only")
             for step_index in range(steps if uses_gates else 0):
-                _export_one(GateStep(encoder.gates[step_index]), step_inputs, "p_skip",
+                _export_one(GateStep(encoder.gates[step_index]).eval(), step_inputs, "p_skip",
                             staging / f"gate_{step_index}{suffix}", format, max_length, opset)
             uses_exits = mode in ("adaptive", "exit_only")
             for step_index in range(steps if uses_exits else 0):
-                _export_one(HeadStep(encoder.exit_heads[step_index]), step_inputs, "logits",
+                _export_one(HeadStep(encoder.exit_heads[step_index]).eval(), step_inputs, "logits",
                             staging / f"head_{step_index}{suffix}", format, max_length, opset)
             if not uses_exits:  # full and skip_only answer with the last head only
-                _export_one(HeadStep(encoder.exit_heads[steps - 1]), step_inputs, "logits",
+                _export_one(HeadStep(encoder.exit_heads[steps - 1]).eval(), step_inputs, "logits",
                             staging / f"head_{steps - 1}{suffix}", format, max_length, opset)
         manifest = {
             "manifest_version": MANIFEST_VERSION,
