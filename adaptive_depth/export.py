@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from adaptive_depth.backbones import UnsupportedModelError
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit
+from adaptive_depth.export_steps import EXPORT_EMBEDDINGS, EmbeddingStep, GateStep, HeadStep, LayerStep
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -57,124 +58,6 @@ ExportFormat = Literal["onnx", "torch-export"]
 EXPORT_FORMATS: dict[str, str] = {"onnx": ".onnx", "torch-export": ".pt2"}
 MANIFEST_VERSION = 1
 CRITERIA: dict[str, type] = {"EntropyExit": EntropyExit, "MaxProbExit": MaxProbExit, "PatienceExit": PatienceExit}
-
-
-def _embed_with_token_types(base_model: nn.Module, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-    return base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-
-
-def _embed_electra(base_model: nn.Module, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-    hidden = base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-    project = getattr(base_model, "embeddings_project", None)  # only when embedding_size != hidden_size
-    return project(hidden) if project is not None else hidden
-
-
-def _embed_albert(base_model: nn.Module, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-    hidden = base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-    return base_model.encoder.embedding_hidden_mapping_in(hidden)
-
-
-def _embed_distilbert(base_model: nn.Module, input_ids: Tensor) -> Tensor:
-    return base_model.embeddings(input_ids)
-
-
-# How each family turns ids into what its first layer receives, and whether it takes token types.
-# (The layer list and layer calls are in adaptive_depth.backbones.BACKBONES.)
-EXPORT_EMBEDDINGS: dict[str, tuple[Callable[..., Tensor], bool]] = {
-    "bert": (_embed_with_token_types, True),
-    "roberta": (_embed_with_token_types, True),
-    "electra": (_embed_electra, True),
-    "albert": (_embed_albert, True),
-    "distilbert": (_embed_distilbert, False),
-}
-
-
-class EmbeddingStep(nn.Module):
-    """``(input_ids [R, N], token_type_ids [R, N]) -> [R, N, H]``, the first layer's input.
-
-    DistilBERT's step takes ``input_ids`` only. Position ids are the model's defaults
-    (``0..N-1``; RoBERTa derives them from the padding in ``input_ids``), as in the model's forward.
-    """
-
-    def __init__(self, base_model: nn.Module) -> None:
-        super().__init__()
-        model_type = base_model.config.model_type
-        if model_type not in EXPORT_EMBEDDINGS:
-            raise UnsupportedModelError(
-                f"exporting model_type {model_type!r} is not supported; supported: {', '.join(sorted(EXPORT_EMBEDDINGS))}."
-            )
-        self.base_model = base_model
-        self._embed, self.takes_token_types = EXPORT_EMBEDDINGS[model_type]
-
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        if self.takes_token_types:
-            if token_type_ids is None:
-                token_type_ids = torch.zeros_like(input_ids)
-            return self._embed(self.base_model, input_ids, token_type_ids)
-        return self._embed(self.base_model, input_ids)
-
-
-def layer_attention_mask(attention_mask: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
-    """The ``[R, 1, N, N]`` mask a transformers 5.x layer receives, from a ``[R, N]`` token mask.
-
-    ``masking_utils.create_bidirectional_mask`` gives a bool mask (True = attend) for sdpa and an
-    additive mask (0 to attend, the dtype's minimum for padding keys) for eager attention. (It
-    gives ``None`` for a batch without padding; an all-True mask computes the same attention.)
-
-    Args:
-        attention_mask: ``[R, N]``, 1 (or True) for tokens, 0 for padding.
-        attn_implementation: ``"sdpa"`` or ``"eager"``.
-        dtype: the model's floating dtype (for the eager additive mask).
-    """
-    rows, length = attention_mask.shape
-    keys = attention_mask.bool()[:, None, None, :].expand(rows, 1, length, length)
-    if attn_implementation == "sdpa":
-        return keys
-    if attn_implementation == "eager":
-        zeros = torch.zeros(keys.shape, dtype=dtype, device=attention_mask.device)
-        return zeros.masked_fill(~keys, torch.finfo(dtype).min)
-    raise ValueError(
-        f"cannot export attn_implementation={attn_implementation!r}; load the model with "
-        "attn_implementation='sdpa' or 'eager'."
-    )
-
-
-class LayerStep(nn.Module):
-    """``(hidden [R, N, H], attention_mask [R, N]) -> [R, N, H]``: one encoder layer with its mask built inside."""
-
-    def __init__(self, layer: nn.Module, attn_implementation: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        layer_attention_mask(torch.ones(1, 1), attn_implementation, dtype)  # fail early on other implementations
-        self.layer = layer
-        self.attn_implementation = attn_implementation
-        self.dtype = dtype
-
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
-        mask = layer_attention_mask(attention_mask, self.attn_implementation, self.dtype)
-        output = self.layer(hidden_states, mask)
-        return output[0] if isinstance(output, tuple) else output
-
-
-class GateStep(nn.Module):
-    """``(hidden [R, N, H], attention_mask [R, N]) -> p_skip [R]``."""
-
-    def __init__(self, gate: nn.Module) -> None:
-        super().__init__()
-        self.gate = gate
-
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.gate(hidden_states, attention_mask).p_skip
-
-
-class HeadStep(nn.Module):
-    """``(hidden [R, N, H], attention_mask [R, N]) -> logits [R, C]``."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.head(hidden_states, attention_mask).logits
 
 
 def criterion_to_dict(criterion: ExitCriterion) -> dict[str, Any]:
@@ -380,3 +263,91 @@ def export_engine(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+CRITERION_NAMES: dict[str, Callable[[float], ExitCriterion]] = {
+    "entropy": lambda threshold: EntropyExit(threshold),
+    "normalized_entropy": lambda threshold: EntropyExit(threshold, normalized=True),
+    "maxprob": lambda threshold: MaxProbExit(threshold),
+    "max_prob": lambda threshold: MaxProbExit(threshold),
+    "patience": lambda threshold: PatienceExit(int(threshold)),
+}
+
+
+def _saved_operating_point(encoder: AdaptiveEncoder, model_dir: str) -> Any:
+    """The saved config carrying ``criterion`` / ``threshold`` / ``gate_threshold``, or ``None``."""
+    candidates = [getattr(encoder, name, None) for name in ("adaptive_config", "encoder_config", "config_")]
+    config_class = getattr(sys.modules["adaptive_depth.encoder"], "AdaptiveEncoderConfig", None)
+    loader = getattr(config_class, "from_pretrained", None) if config_class is not None else None
+    if loader is not None:
+        try:
+            candidates.append(loader(model_dir))
+        except (OSError, ValueError, TypeError):
+            pass
+    for candidate in candidates:
+        if candidate is not None and all(hasattr(candidate, name) for name in ("criterion", "threshold", "gate_threshold")):
+            return candidate
+    return None
+
+
+def _operating_point(encoder: AdaptiveEncoder, model_dir: str, args: argparse.Namespace) -> tuple[ExitCriterion, float, str]:
+    saved = _saved_operating_point(encoder, model_dir)
+    name = args.criterion or (str(saved.criterion) if saved is not None else None)
+    threshold = args.threshold if args.threshold is not None else (float(saved.threshold) if saved is not None else None)
+    if name is None or threshold is None:
+        raise ValueError(
+            f"{model_dir} has no saved operating point (criterion, threshold); pass --criterion and --threshold."
+        )
+    if name.lower() not in CRITERION_NAMES:
+        raise ValueError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERION_NAMES)}.")
+    gate_threshold = args.gate_threshold
+    if gate_threshold is None:
+        gate_threshold = float(saved.gate_threshold) if saved is not None and saved.gate_threshold is not None else 0.5
+    mode = args.mode or str(getattr(saved, "mode", None) or ("adaptive" if encoder.has_gates else "exit_only"))
+    return CRITERION_NAMES[name.lower()](threshold), gate_threshold, mode
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m adaptive_depth.export",
+        description="Export a saved AdaptiveEncoder (AdaptiveEncoder.save_pretrained) as step graphs plus a manifest.",
+    )
+    parser.add_argument("model_dir", help="folder written by AdaptiveEncoder.save_pretrained")
+    parser.add_argument("out_dir", help="new folder for the exported graphs (must not exist)")
+    parser.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="onnx or torch-export")
+    parser.add_argument("--criterion", default=None, choices=list(CRITERION_NAMES),
+                        help="exit criterion (default: the saved config's)")
+    parser.add_argument("--threshold", type=float, default=None, help="exit threshold (default: the saved config's)")
+    parser.add_argument("--gate-threshold", type=float, default=None,
+                        help="skip when p_skip >= this (default: the saved config's, else 0.5)")
+    parser.add_argument("--mode", default=None, choices=["adaptive", "skip_only", "exit_only", "full"],
+                        help="engine mode (default: the saved config's, else adaptive with gates, exit_only without)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 on a usage error)."""
+    args = parse_args(argv)
+    from_pretrained = getattr(AdaptiveEncoder, "from_pretrained", None)
+    if from_pretrained is None:
+        print("error: this adaptive_depth has no AdaptiveEncoder.from_pretrained to load MODEL_DIR; "
+              "upgrade adaptive_depth, or call adaptive_depth.export.export_engine on an encoder in Python.",
+              file=sys.stderr)
+        return 2
+    try:
+        if Path(args.out_dir).exists():
+            raise FileExistsError(f"{args.out_dir} already exists; choose a new folder or delete it first.")
+        encoder = from_pretrained(args.model_dir)
+        criterion, gate_threshold, mode = _operating_point(encoder, args.model_dir, args)
+        out_dir = export_engine(encoder, args.out_dir, args.format, criterion=criterion,
+                                gate_threshold=gate_threshold, mode=mode, opset=args.opset)
+    except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out_dir} ({args.format}, mode={mode}, gate_threshold={gate_threshold}, {criterion})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
