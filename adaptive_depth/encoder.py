@@ -22,6 +22,7 @@ from adaptive_depth.backbones import BackboneAdapter, LayerRunner, get_backbone
 from adaptive_depth.config import AdaptiveEncoderConfig
 from adaptive_depth.exits import ExitHead, PoolerExitHead
 from adaptive_depth.gates import GatePooling, SkipGate, straight_through_hard
+from adaptive_depth.inputs import check_batch, check_input_names
 
 __all__ = ["AdaptiveEncoder", "AdaptiveEncoderOutput", "GateMode", "HeadSelection"]
 
@@ -66,19 +67,6 @@ class AdaptiveEncoderOutput:
         if last is None:
             raise ValueError("the last exit head did not run; call forward with heads='all' or 'last'.")
         return last
-
-
-def _raise_for_bad_mask(token_mask: Tensor) -> None:
-    """Explain why a ``[B, N]`` bool mask was refused (no real token, or not right-padded)."""
-    empty_rows = (~token_mask.any(dim=-1)).nonzero().flatten().tolist()
-    if empty_rows:
-        raise ValueError(f"rows {empty_rows} of attention_mask have no real token.")
-    rows = (~token_mask[:, 0] | (token_mask[:, 1:] & ~token_mask[:, :-1]).any(dim=-1)).nonzero().flatten().tolist()
-    raise ValueError(
-        f"rows {rows} of attention_mask have padding before a real token (left padding?); adaptive_depth "
-        "needs right padding, because gates and exit heads read the first position as [CLS]. Set "
-        "tokenizer.padding_side = 'right' (or pad on the right yourself)."
-    )
 
 
 class AdaptiveEncoder(nn.Module):
@@ -291,49 +279,9 @@ class AdaptiveEncoder(nn.Module):
                 take (a misspelling would be ignored by it).
         """
         if model_inputs:
-            accepted = getattr(self, "_accepted_inputs", None)
-            if accepted is None:
-                import inspect
-
-                parameters = inspect.signature(self.backbone.forward).parameters.values()
-                accepted = frozenset(parameter.name for parameter in parameters
-                                     if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL))
-                self._accepted_inputs = accepted
-            unknown = sorted(set(model_inputs) - accepted)
-            if unknown:
-                raise ValueError(
-                    f"{type(self.backbone).__name__}.forward takes no input named {', '.join(map(repr, unknown))}; "
-                    f"it takes: {', '.join(sorted(accepted))}."
-                )
-        reference = input_ids if input_ids is not None else model_inputs.get("inputs_embeds")
-        if reference is None:
-            raise ValueError("pass input_ids (or inputs_embeds) of shape [B, N].")
-        if reference.ndim < 2:
-            raise ValueError(f"input_ids must be [B, N], got shape {tuple(reference.shape)}.")
-        batch_size, num_tokens = reference.shape[:2]
-        if batch_size == 0 or num_tokens == 0:
-            raise ValueError(f"empty batch: input_ids has shape {tuple(reference.shape)}.")
-        positions = self.adapter.max_tokens(self.config)
-        if positions is not None and "position_ids" not in model_inputs:
-            if num_tokens > positions:
-                raise ValueError(
-                    f"inputs have {num_tokens} tokens but the {self.config.model_type} position table holds "
-                    f"{positions}; truncate the inputs to at most {positions} tokens (max_length={positions})."
-                )
-        if attention_mask is None:
-            attention_mask = torch.ones(batch_size, num_tokens, dtype=torch.long, device=reference.device)
-        elif tuple(attention_mask.shape) != (batch_size, num_tokens):
-            raise ValueError(
-                f"attention_mask must have the shape of input_ids, [B, N] = {(batch_size, num_tokens)}, "
-                f"got {tuple(attention_mask.shape)}."
-            )
-        token_mask = attention_mask.bool()
-        # Padding must be on the right: gates and heads read position 0 as [CLS], and models with
-        # absolute positions (BERT) embed a left-padded row differently from the same row alone.
-        # One check (one host sync) covers empty rows and padding before a real token.
-        padding_before_token = token_mask[:, 1:] & ~token_mask[:, :-1]
-        if bool((~token_mask[:, 0] | padding_before_token.any(dim=-1)).any()):
-            _raise_for_bad_mask(token_mask)
+            check_input_names(self.backbone, model_inputs)
+        attention_mask, token_mask = check_batch(input_ids, attention_mask, model_inputs,
+                                                 self.adapter.max_tokens(self.config), self.config.model_type)
         if input_ids is not None:
             model_inputs["input_ids"] = input_ids
         runner = LayerRunner.capture(self.backbone, attention_mask=attention_mask, **model_inputs)

@@ -18,17 +18,19 @@ what it cost in both FLOPs conventions of :mod:`adaptive_depth.flops`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
+from adaptive_depth.backbones import LayerRunner
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion
 from adaptive_depth.flops import Convention, encoder_cost
 from adaptive_depth.gates import skip_decision
 
-__all__ = ["AdaptiveInferenceEngine", "CostAccumulator", "EngineMode", "EngineOutput"]
+__all__ = ["AdaptiveInferenceEngine", "CostAccumulator", "EngineMode", "EngineOutput", "LoopTrace", "StepRows",
+           "skip_exit_loop"]
 
 EngineMode = Literal["adaptive", "skip_only", "exit_only", "full"]
 
@@ -65,6 +67,147 @@ class EngineOutput:
     macs_paper: Tensor
     full_macs_exact: Tensor
     full_macs_paper: Tensor
+
+
+class StepRows(Protocol):
+    """What the skip/exit loop calls for the rows it carries (the engine's modules, or exported graphs).
+
+    ``select`` narrows the context to some of its rows (``[R']`` indices); the three step functions
+    take the hidden states ``[R, N, H]`` of exactly those rows.
+    """
+
+    def select(self, rows: Tensor) -> StepRows: ...
+
+    def gate(self, step: int, hidden: Tensor) -> Tensor: ...  # p_skip [R]
+
+    def layer(self, step: int, hidden: Tensor) -> Tensor: ...  # [R, N, H]
+
+    def head(self, step: int, hidden: Tensor) -> Tensor: ...  # logits [R, C]
+
+
+@dataclass
+class LoopTrace:
+    """What :func:`skip_exit_loop` decided: ``logits`` ``[B, C]``, ``exit_layer`` ``[B]`` (1-based) and
+    ``[B, L]`` bool records ``layers_run``, ``gates_run``, ``heads_run``."""
+
+    logits: Tensor
+    exit_layer: Tensor
+    layers_run: Tensor
+    gates_run: Tensor
+    heads_run: Tensor
+
+
+def skip_exit_loop(rows: StepRows, hidden: Tensor, *, num_steps: int, num_labels: int, mode: EngineMode,
+                   criterion: ExitCriterion, gate_threshold: float) -> LoopTrace:
+    """The per-sample skip and exit loop (paper eq. 9-10) on a batch, keeping only the active rows.
+
+    At every step the gates of the active rows decide who runs the layer (``index_select`` /
+    ``index_copy``), the heads of the rows whose layer ran decide who leaves, and rows that left
+    are dropped from every carried tensor. The last head answers for every row still there.
+
+    Args:
+        rows: the step functions for the batch (:class:`StepRows`).
+        hidden: ``[B, N, H]`` input of the first layer.
+        num_steps, num_labels: ``L`` and ``C``.
+        mode, criterion, gate_threshold: as in :class:`AdaptiveInferenceEngine`.
+
+    Raises:
+        FloatingPointError: an exit head gave NaN or infinite logits (such rows would never exit).
+    """
+    device, batch_size = hidden.device, hidden.shape[0]
+    use_gates = mode in ("adaptive", "skip_only")
+    use_exits = mode in ("adaptive", "exit_only")
+    # Per-step records as [L, B] rows, filled with index_fill_/index_copy_: tensor-indexed
+    # __setitem__ costs tens of microseconds a call, which shows at batch size 1.
+    layers_run = torch.zeros(num_steps, batch_size, dtype=torch.bool, device=device)
+    gates_run = torch.zeros_like(layers_run)
+    heads_run = torch.zeros_like(layers_run)
+    exit_layer = torch.zeros(batch_size, dtype=torch.long, device=device)
+    logits = torch.zeros(batch_size, num_labels, device=device, dtype=hidden.dtype)
+    # Everything below is carried for the active rows only; `active` maps them to the batch.
+    active = torch.arange(batch_size, device=device)
+    state = criterion.initial_state(batch_size, device) if use_exits else None
+    for step in range(num_steps):
+        last_step = step == num_steps - 1
+        if use_gates:
+            gates_run[step].index_fill_(0, active, True)
+            running = (~skip_decision(rows.gate(step, hidden), gate_threshold)).nonzero().flatten()
+            all_run = len(running) == len(active)
+        else:
+            running, all_run = active, True  # only its length and "all rows" are used below
+        running_rows = None
+        if all_run:
+            hidden = rows.layer(step, hidden)
+            layers_run[step].index_fill_(0, active, True)
+        elif len(running) > 0:
+            running_rows = rows.select(running)
+            hidden = hidden.index_copy(0, running, running_rows.layer(step, hidden.index_select(0, running)))
+            layers_run[step].index_fill_(0, active.index_select(0, running), True)
+
+        if last_step or (use_exits and all_run):  # the last head answers for every row still here
+            answering, answering_rows, head_logits = None, active, rows.head(step, hidden)
+        elif use_exits and running_rows is not None:
+            answering, answering_rows = running, active.index_select(0, running)
+            head_logits = running_rows.head(step, hidden.index_select(0, running))
+        else:
+            continue
+        if not bool(torch.isfinite(head_logits).all()):
+            # A NaN entropy is never below the threshold: these rows would silently never exit.
+            bad = int((~torch.isfinite(head_logits)).any(dim=-1).sum())
+            raise FloatingPointError(
+                f"exit head {step + 1} gave NaN or infinite logits for {bad} of {len(answering_rows)} rows; the "
+                "model's weights (or inputs_embeds) hold NaN/inf, e.g. from a diverged training run."
+            )
+        heads_run[step].index_fill_(0, answering_rows, True)
+        if last_step:
+            leaving_rows, leaving_logits = answering_rows, head_logits
+        else:
+            answering_state = state if answering is None else state.index_select(0, answering)
+            decision = criterion.decide(head_logits, answering_state)
+            state = decision.state if answering is None else state.index_copy(0, answering, decision.state)
+            exiting = decision.should_exit.nonzero().flatten()
+            if len(exiting) == 0:
+                continue
+            leaving_rows = answering_rows.index_select(0, exiting)
+            leaving_logits = head_logits.index_select(0, exiting)
+        logits.index_copy_(0, leaving_rows, leaving_logits.to(logits.dtype))
+        exit_layer.index_fill_(0, leaving_rows, step + 1)
+        if last_step:
+            break
+        local = exiting if answering is None else answering.index_select(0, exiting)
+        staying = torch.ones(len(active), dtype=torch.bool, device=device).index_fill_(0, local, False)
+        keep = staying.nonzero().flatten()
+        if len(keep) == 0:
+            break
+        active, hidden, rows = active.index_select(0, keep), hidden.index_select(0, keep), rows.select(keep)
+        state = state.index_select(0, keep)
+    return LoopTrace(logits=logits, exit_layer=exit_layer, layers_run=layers_run.T, gates_run=gates_run.T,
+                     heads_run=heads_run.T)
+
+
+class _EngineRows:
+    """:class:`StepRows` over an encoder's own modules; the layer runner is narrowed only when a
+    layer runs on the selected rows (heads need only the token mask)."""
+
+    def __init__(self, encoder: AdaptiveEncoder, runner: LayerRunner, mask: Tensor | None,
+                 pending: Tensor | None = None) -> None:
+        self.encoder, self.runner, self.mask, self.pending = encoder, runner, mask, pending
+
+    def select(self, rows: Tensor) -> _EngineRows:
+        mask = self.mask.index_select(0, rows) if self.mask is not None else None
+        pending = rows if self.pending is None else self.pending.index_select(0, rows)
+        return _EngineRows(self.encoder, self.runner, mask, pending)
+
+    def gate(self, step: int, hidden: Tensor) -> Tensor:
+        return self.encoder.gates[step](hidden, self.mask).p_skip
+
+    def layer(self, step: int, hidden: Tensor) -> Tensor:
+        if self.pending is not None:  # narrow once, then keep the narrowed runner
+            self.runner, self.pending = self.runner.select_rows(self.pending), None
+        return self.runner.run_layer(step, hidden)
+
+    def head(self, step: int, hidden: Tensor) -> Tensor:
+        return self.encoder.exit_heads[step](hidden, self.mask).logits
 
 
 class AdaptiveInferenceEngine:
@@ -142,83 +285,13 @@ class AdaptiveInferenceEngine:
                 f"inputs have {num_tokens} positions but padded_length is {self.padded_length}; "
                 "truncate the inputs or raise padded_length."
             )
-        device, steps = token_mask.device, encoder.num_steps
-        use_gates = self.mode in ("adaptive", "skip_only")
-        use_exits = self.mode in ("adaptive", "exit_only")
-
-        # Per-step records as [L, B] rows, filled with index_fill_/index_copy_: tensor-indexed
-        # __setitem__ costs tens of microseconds a call, which shows at batch size 1.
-        layers_run = torch.zeros(steps, batch_size, dtype=torch.bool, device=device)
-        gates_run = torch.zeros_like(layers_run)
-        heads_run = torch.zeros_like(layers_run)
-        exit_layer = torch.zeros(batch_size, dtype=torch.long, device=device)
-        logits = torch.zeros(batch_size, encoder.num_labels, device=device, dtype=runner.hidden_states.dtype)
-
-        # Everything below is carried for the active rows only; `active` maps them to the batch.
-        active = torch.arange(batch_size, device=device)
-        hidden = runner.hidden_states
         # Without padding, gates and heads need no mask (a few ops less per call at batch size 1).
         mask = token_mask if not bool(token_mask.all()) else None
-        state = self.criterion.initial_state(batch_size, device) if use_exits else None
-        for step in range(steps):
-            last_step = step == steps - 1
-            if use_gates:
-                gates_run[step].index_fill_(0, active, True)
-                p_skip = encoder.gates[step](hidden, mask).p_skip
-                running = (~skip_decision(p_skip, self.gate_threshold)).nonzero().flatten()
-                all_run = len(running) == len(active)
-            else:
-                running, all_run = active, True  # only its length and "all rows" are used below
-            if all_run:
-                hidden = runner.run_layer(step, hidden)
-                layers_run[step].index_fill_(0, active, True)
-            elif len(running) > 0:
-                layer_output = runner.select_rows(running).run_layer(step, hidden.index_select(0, running))
-                hidden = hidden.index_copy(0, running, layer_output)
-                layers_run[step].index_fill_(0, active.index_select(0, running), True)
-
-            if last_step or (use_exits and all_run):  # the last head answers for every row still here
-                answering, answering_rows, answering_hidden, answering_mask = None, active, hidden, mask
-            elif use_exits and len(running) > 0:
-                answering, answering_rows = running, active.index_select(0, running)
-                answering_hidden = hidden.index_select(0, running)
-                answering_mask = mask.index_select(0, running) if mask is not None else None
-            else:
-                continue
-            head_logits = encoder.exit_heads[step](answering_hidden, answering_mask).logits
-            if not bool(torch.isfinite(head_logits).all()):
-                # A NaN entropy is never below the threshold: these rows would silently never exit.
-                bad = int((~torch.isfinite(head_logits)).any(dim=-1).sum())
-                raise FloatingPointError(
-                    f"exit head {step + 1} gave NaN or infinite logits for {bad} of {len(answering_rows)} rows; the "
-                    "model's weights (or inputs_embeds) hold NaN/inf, e.g. from a diverged training run."
-                )
-            heads_run[step].index_fill_(0, answering_rows, True)
-            if last_step:
-                leaving_rows, leaving_logits = answering_rows, head_logits
-            else:
-                answering_state = state if answering is None else state.index_select(0, answering)
-                decision = self.criterion.decide(head_logits, answering_state)
-                state = decision.state if answering is None else state.index_copy(0, answering, decision.state)
-                exiting = decision.should_exit.nonzero().flatten()
-                if len(exiting) == 0:
-                    continue
-                leaving_rows = answering_rows.index_select(0, exiting)
-                leaving_logits = head_logits.index_select(0, exiting)
-            logits.index_copy_(0, leaving_rows, leaving_logits.to(logits.dtype))
-            exit_layer.index_fill_(0, leaving_rows, step + 1)
-            if last_step:
-                break
-            local = exiting if answering is None else answering.index_select(0, exiting)
-            staying = torch.ones(len(active), dtype=torch.bool, device=device).index_fill_(0, local, False)
-            keep = staying.nonzero().flatten()
-            if len(keep) == 0:
-                break
-            active, hidden = active.index_select(0, keep), hidden.index_select(0, keep)
-            mask = mask.index_select(0, keep) if mask is not None else None
-            runner = runner.select_rows(keep)
-            state = state.index_select(0, keep)
-        layers_run, gates_run, heads_run = layers_run.T, gates_run.T, heads_run.T
+        trace = skip_exit_loop(_EngineRows(encoder, runner, mask), runner.hidden_states, num_steps=encoder.num_steps,
+                               num_labels=encoder.num_labels, mode=self.mode, criterion=self.criterion,
+                               gate_threshold=self.gate_threshold)
+        logits, exit_layer = trace.logits, trace.exit_layer
+        layers_run, gates_run, heads_run = trace.layers_run, trace.gates_run, trace.heads_run
 
         lengths = token_mask.sum(dim=-1)
         macs = self._trace_macs(lengths, self.padded_length or num_tokens, layers_run, gates_run, heads_run)

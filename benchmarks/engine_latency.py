@@ -4,12 +4,16 @@ Runs, in one process, on real GLUE dev inputs and the real all-MiniLM-L6-v2:
 
 - the plain HF model, one sample at a time and at each batch size (the baseline);
 - the engine at batch size 1: full depth, skip only, and entropy exits at several thresholds;
-- the engine at larger batch sizes (32 and 64 on CPU; pass ``--batch-sizes 64 256`` on a GPU).
+- the engine at larger batch sizes (32 and 64 on CPU; pass ``--batch-sizes 64 256`` on a GPU);
+- when onnxruntime and onnxscript are installed (``pip install adaptive_depth[export]``) and the
+  device is the CPU, a peer row: the same model at full depth, exported to ONNX
+  (``adaptive_depth.export``) and run by ONNX Runtime through ``ExportedEngine``.
 
 For every setting it reports exact MACs per sample, wall-clock ms per sample (median over
 ``--repeats`` passes after a warm-up), the FLOPs speedup and the wall-clock speedup against the
 plain model at the same batch size, and their ratio (1.0 = every FLOP saved is time saved).
-It prints a table and writes JSON.
+It prints a table and writes JSON, by default to a new file under ``runs/`` (never over a
+tracked result in ``benchmarks/results/`` unless ``--output`` names it).
 
     python -m benchmarks.engine_latency --task mrpc --data-dir ../shared/data/glue
     python -m benchmarks.engine_latency --task mrpc --run runs/smartbert-mrpc-<stamp>
@@ -22,9 +26,12 @@ arbitrary, but the MACs and times measured for those patterns are real.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -34,6 +41,8 @@ from typing import Any
 import torch
 from adaptive_depth import AdaptiveEncoder, EntropyExit
 from adaptive_depth.engine import AdaptiveInferenceEngine, CostAccumulator
+from adaptive_depth.export import export_engine
+from adaptive_depth.export_runtime import ExportedEngine
 from adaptive_depth.flops import full_model_macs
 from recipes.loading import load_model_and_tokenizer
 from recipes.smartbert import load_trained
@@ -80,13 +89,17 @@ def interleaved_medians(passes: dict[str, Callable[[], None]], repeats: int, dev
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def onnx_runtime_available() -> bool:
+    """Whether the ONNX Runtime peer row can run (onnxruntime to run, onnx and onnxscript to export)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     task = get_task(args.task)
+    torch.manual_seed(args.seed)  # untrained gates and heads: the same skip/exit pattern on every run
     encoder, tokenizer, model_name = load_encoder(args.run, args.model, task.num_labels)
     encoder = encoder.to(device)
     examples = read_split(resolve_data_dir(args.data_dir), task, task.dev_splits[0]).examples[: args.samples]
@@ -97,6 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     settings: list[tuple[str, str, float | None]] = [("full", "full", None), ("skip_only", "skip_only", None)]
     settings += [(f"entropy S={s:g}", "adaptive", s) for s in args.thresholds]
+    onnx_engine = None
+    if args.onnx and device.type == "cpu" and onnx_runtime_available():
+        # The peer row: full depth through exported ONNX graphs (the export is not timed).
+        onnx_dir = Path(tempfile.mkdtemp(prefix="engine_latency-onnx-")) / "full"
+        export_engine(encoder, onnx_dir, "onnx", mode="full")
+        onnx_engine = ExportedEngine(onnx_dir, num_threads=torch.get_num_threads())
     rows = []
     for batch_size in [1, *args.batch_sizes]:
         batches = make_batches(dataset, batch_size, tokenizer.pad_token_id, device)
@@ -124,6 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return lambda: [engine(**batch) for batch in batches] and None
 
         passes = {"plain HF model": plain_pass} | {name: engine_pass(engine) for name, engine in engines.items()}
+        if onnx_engine is not None:
+            passes[ONNX_ROW] = engine_pass(onnx_engine)  # type: ignore[arg-type]
+            statistics_by_setting[ONNX_ROW] = statistics_by_setting["full"]  # same work: every layer, last head
         seconds = interleaved_medians(passes, args.repeats, device)
         plain_seconds = seconds.pop("plain HF model")
         rows.append(_row("plain HF model", batch_size, plain_macs, plain_seconds, plain_macs, plain_seconds, len(dataset)))
@@ -147,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples": len(dataset),
         "model": model_name,
         "trained": args.run is not None,
+        "seed": args.seed,
         "rows": rows,
     }
 
@@ -176,6 +199,7 @@ def _row(name: str, batch_size: int, macs: float, seconds: float, plain_macs: fl
     }
 
 
+ONNX_ROW = "onnxruntime full"
 HEADER = f"{'setting':<18} {'batch':>5} {'MMACs/sample':>13} {'ms/sample':>10} {'FLOPs x':>8} {'wall x':>7} {'wall/FLOPs':>10}"
 
 
@@ -186,34 +210,76 @@ def _format(row: dict) -> str:
     )
 
 
-def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="mrpc")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option's help names its default."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.engine_latency",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--task", default="mrpc", help="GLUE task whose dev split is timed (default: mrpc)")
     parser.add_argument("--data-dir", default=None, help="glue_data folder (default: $GLUE_DIR)")
     parser.add_argument("--model", default=None, help="HF model folder (default: the shipped all-MiniLM-L6-v2)")
-    parser.add_argument("--run", default=None, help="a trained smartbert run folder (default: untrained gates and heads)")
-    parser.add_argument("--samples", type=int, default=256, help="dev samples to time")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.6])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--run", default=None, help="a trained smartbert run folder (default: none, untrained gates and heads)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the untrained gates and heads when --run is not given (default: 0)")
+    parser.add_argument("--samples", type=int, default=256, help="dev samples to time, the first ones (default: 256)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per input after truncation (default: 128)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.6],
+                        help="entropy exit thresholds S; batch 1 times all, larger batches every other one "
+                             "(default: 0.1 0.3 0.5 0.6)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64], help="batch sizes besides 1 (default: 32 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round; the median is reported (default: 3)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1... (default: cpu)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch.set_num_threads for the whole run (0: torch's default, one per core)")
-    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/engine_latency-<task>-<device>.json)")
-    argv = list(argv) if argv is not None else None
-    args = parser.parse_args(argv)
-    import sys
+                        help="torch.set_num_threads for the whole run; 0 keeps torch's default, one per core (default: 0)")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false",
+                        help="skip the ONNX Runtime full-depth peer row (it runs when onnxruntime and onnxscript "
+                             "are installed and the device is the CPU; default: the row runs)")
+    parser.add_argument("--output", default=None,
+                        help="JSON path (default: a new runs/engine_latency-<task>-<device>-<UTC time>.json; "
+                             "results under benchmarks/results/ are only overwritten when named here)")
+    return parser
 
-    args.argv = argv if argv is not None else sys.argv[1:]
+
+def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
+    """Parse and check the options; a bad value exits with ``error: ...`` and status 2."""
+    parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    args = parser.parse_args(argv)
+    for name in ("samples", "max_length", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(size < 1 for size in args.batch_sizes):
+        parser.error(f"--batch-sizes must all be >= 1, got {args.batch_sizes}")
+    if any(not threshold >= 0 for threshold in args.thresholds):
+        parser.error(f"--thresholds must all be >= 0 (entropy thresholds), got {args.thresholds}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r} is not a torch device ({error})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} asked for, but torch sees no CUDA device; use --device cpu")
+    args.argv = argv
     return args
+
+
+def default_output(task: str, device: str) -> Path:
+    """A new file under ``runs/``: the time in its name, a counter if that name is taken."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = f"runs/engine_latency-{task}-{device.replace(':', '')}-{stamp}"
+    output, counter = Path(f"{base}.json"), 1
+    while output.exists():
+        output, counter = Path(f"{base}-{counter}.json"), counter + 1
+    return output
 
 
 def main(argv: Iterable[str] | None = None) -> None:
     args = parse_args(argv)
     print(HEADER, flush=True)
     result = run(args)
-    output = Path(args.output or f"benchmarks/results/engine_latency-{result['task']}-{args.device}.json")
+    output = Path(args.output) if args.output else default_output(result["task"], args.device)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {output}")

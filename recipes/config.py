@@ -29,7 +29,7 @@ RESUME_ALLOWED_KEYS = ("stage1_epochs", "stage2_epochs", "torch_threads", "eval_
 @dataclass
 class RecipeConfig:
     """Hyper-parameters every recipe has; each recipe's config extends it (defaults: the
-    official SmartBERT RTE run, DESIGN.md).
+    official SmartBERT RTE run, docs/design.md).
 
     Attributes:
         task: GLUE task name (set by ``--task``).

@@ -5,7 +5,7 @@ Usage::
     python -m recipes.smartbert --task mrpc [--data-dir DIR] [--model PATH] [--config FILE]
         [--output-dir DIR] [--resume] [key=value ...]
 
-Paper sections 3.3-3.6 (eq. 3-8), as described in ``DESIGN.md``:
+Paper sections 3.3-3.6 (eq. 3-8), as described in ``docs/design.md``:
 
 * stage 1 (eq. 3, :func:`adaptive_depth.losses.smartbert_stage1_loss`): ``CE(z_L, y) +
   lambda / sum_i g_i + eta1 * L_contra1`` over the hidden

@@ -171,6 +171,8 @@ def test_cuda_matches_cpu() -> None:
     cpu = AdaptiveInferenceEngine(encoder, EntropyExit(0.7))(input_ids, attention_mask)
     gpu = AdaptiveInferenceEngine(encoder.cuda(), EntropyExit(0.7))(input_ids.cuda(), attention_mask.cuda())
     assert torch.equal(cpu.exit_layer, gpu.exit_layer.cpu()) and torch.equal(cpu.layers_run, gpu.layers_run.cpu())
+    assert torch.equal(cpu.predictions, gpu.predictions.cpu())
+    torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "distilbert"])

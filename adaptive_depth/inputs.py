@@ -1,0 +1,83 @@
+"""Checks of what goes into an :class:`~adaptive_depth.AdaptiveEncoder`: shapes, padding side,
+the position table, and input names the wrapped model would silently ignore."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["check_batch", "check_input_names"]
+
+_ACCEPTED: dict[type, frozenset[str]] = {}
+
+
+def check_input_names(model: nn.Module, model_inputs: dict[str, Any]) -> None:
+    """Refuse keyword inputs the model's ``forward`` does not take (``token_type_id=`` would be
+    swallowed by its ``**kwargs``)."""
+    accepted = _ACCEPTED.get(type(model))
+    if accepted is None:
+        parameters = inspect.signature(model.forward).parameters.values()
+        accepted = frozenset(parameter.name for parameter in parameters
+                             if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL))
+        _ACCEPTED[type(model)] = accepted
+    unknown = sorted(set(model_inputs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no input named {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(sorted(accepted))}."
+        )
+
+
+def check_batch(input_ids: Tensor | None, attention_mask: Tensor | None, model_inputs: dict[str, Any],
+                max_tokens: int | None, model_type: str) -> tuple[Tensor, Tensor]:
+    """Validate one batch; returns ``(attention_mask, token_mask)`` (a default all-ones mask if none).
+
+    Raises:
+        ValueError: no ``input_ids`` (or ``inputs_embeds``), an empty batch, a mask whose shape
+            differs, more tokens than the position table holds (``max_tokens``), a row with no real
+            token, or padding before a real token (left padding).
+    """
+    reference = input_ids if input_ids is not None else model_inputs.get("inputs_embeds")
+    if reference is None:
+        raise ValueError("pass input_ids (or inputs_embeds) of shape [B, N].")
+    if reference.ndim < 2:
+        raise ValueError(f"input_ids must be [B, N], got shape {tuple(reference.shape)}.")
+    batch_size, num_tokens = reference.shape[:2]
+    if batch_size == 0 or num_tokens == 0:
+        raise ValueError(f"empty batch: input_ids has shape {tuple(reference.shape)}.")
+    if max_tokens is not None and "position_ids" not in model_inputs and num_tokens > max_tokens:
+        raise ValueError(
+            f"inputs have {num_tokens} tokens but the {model_type} position table holds "
+            f"{max_tokens}; truncate the inputs to at most {max_tokens} tokens (max_length={max_tokens})."
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones(batch_size, num_tokens, dtype=torch.long, device=reference.device)
+    elif tuple(attention_mask.shape) != (batch_size, num_tokens):
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids, [B, N] = {(batch_size, num_tokens)}, "
+            f"got {tuple(attention_mask.shape)}."
+        )
+    token_mask = attention_mask.bool()
+    # Padding must be on the right: gates and heads read position 0 as [CLS], and models with
+    # absolute positions (BERT) embed a left-padded row differently from the same row alone.
+    # One check (one host sync) covers empty rows and padding before a real token.
+    padding_before_token = token_mask[:, 1:] & ~token_mask[:, :-1]
+    if bool((~token_mask[:, 0] | padding_before_token.any(dim=-1)).any()):
+        _raise_for_bad_mask(token_mask)
+    return attention_mask, token_mask
+
+
+def _raise_for_bad_mask(token_mask: Tensor) -> None:
+    """Explain why a ``[B, N]`` bool mask was refused (no real token, or not right-padded)."""
+    empty_rows = (~token_mask.any(dim=-1)).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(f"rows {empty_rows} of attention_mask have no real token.")
+    rows = (~token_mask[:, 0] | (token_mask[:, 1:] & ~token_mask[:, :-1]).any(dim=-1)).nonzero().flatten().tolist()
+    raise ValueError(
+        f"rows {rows} of attention_mask have padding before a real token (left padding?); adaptive_depth "
+        "needs right padding, because gates and exit heads read the first position as [CLS]. Set "
+        "tokenizer.padding_side = 'right' (or pad on the right yourself)."
+    )
