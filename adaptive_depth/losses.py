@@ -153,14 +153,15 @@ def smartbert_stage1_loss(
     skip_weight: float,
     contrastive: CrossLayerInfoNCE | None = None,
     contrastive_weight: float = 0.0,
-    gate_objective: GateObjective = "paper",
+    gate_objective: GateObjective | None = "paper",
     target_cost: float = 0.5,
 ) -> LossTerms:
     """SmartBERT stage 1 (paper eq. 3 and 5): last head + gate objective + cross-layer contrast.
 
     Terms: ``task`` (CE of the last head), ``skip_reward`` (``gate_objective="paper"``:
     :func:`skip_reward` with ``lambda = skip_weight``) or ``budget`` (``"budget"``:
-    :func:`budget_penalty` with weight ``skip_weight``), and ``contrastive`` (``eta1`` times the
+    :func:`budget_penalty` with weight ``skip_weight``; ``None``: no gate term, e.g. while the gates
+    are held open in a warm-up), and ``contrastive`` (``eta1`` times the
     InfoNCE over the hidden states after each layer) when ``contrastive_weight > 0``.
 
     Args:
@@ -172,8 +173,8 @@ def smartbert_stage1_loss(
         terms["skip_reward"] = skip_reward(out.gate_probs, skip_weight)
     elif gate_objective == "budget":
         terms["budget"] = budget_penalty(out.gate_probs, target_cost, skip_weight)
-    else:
-        raise ValueError(f"gate_objective must be 'paper' or 'budget', got {gate_objective!r}.")
+    elif gate_objective is not None:
+        raise ValueError(f"gate_objective must be 'paper', 'budget' or None, got {gate_objective!r}.")
     if contrastive is not None and contrastive_weight > 0:
         terms["contrastive"] = contrastive_weight * contrastive(out.hidden_states[1:], out.attention_mask).loss
     return LossTerms(terms)

@@ -111,7 +111,10 @@ class RunResults:
     """Everything a run records in ``results.json``.
 
     ``extras`` holds the method's own fields (SmartBERT: whether the half-cost target was
-    reached; baselines: the curve label and threshold symbol of the plot).
+    reached; baselines: the curve label and threshold symbol of the plot). ``other_dev_splits``
+    holds the sweep on a task's further dev sets (MNLI mismatched); ``skipping`` how per-sample
+    the gates' skipping is (:func:`adaptive_depth.analysis.skip_statistics` on dev, with the
+    full-depth model's per-row loss as difficulty), for methods with gates.
     """
 
     recipe: str
@@ -135,6 +138,8 @@ class RunResults:
     majority_class_baseline: dict[str, float] | None
     operating_point: OperatingPoint | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    other_dev_splits: dict[str, list[SweepRow]] = field(default_factory=dict)
+    skipping: dict[str, Any] | None = None
     schema_version: int = RESULTS_SCHEMA_VERSION
 
     def row(self, name: str) -> SweepRow:
@@ -172,6 +177,8 @@ class RunResults:
                                  for stage, records in values["history"].items()}
             values["best_stage1"] = BestEpoch(**values["best_stage1"]) if values.get("best_stage1") else None
             values["sweep"] = [SweepRow(**row) for row in values["sweep"]]
+            values["other_dev_splits"] = {name: [SweepRow(**row) for row in rows]
+                                          for name, rows in values.get("other_dev_splits", {}).items()}
             point = values.get("operating_point")
             if point is not None:
                 values["operating_point"] = OperatingPoint(**{**point, "dev": SweepRow(**point["dev"])})

@@ -132,6 +132,10 @@ class Run:
             "dev": encode_examples(dev_examples, self.tokenizer, config.max_length),
         }
         checks.check_unknown_tokens(encoded["train"].input_ids, self.tokenizer, self.model_name)
+        # MNLI has a second dev set (mismatched genres): evaluated too, never used for any choice.
+        for name in self.task.dev_splits[1:]:
+            rows = read_split(self.data_dir, self.task, name).examples[: config.max_eval_rows or None]
+            encoded[name] = encode_examples(rows, self.tokenizer, config.max_length)
         self.num_truncated = {name: split.num_truncated for name, split in encoded.items()}
         self.datasets = {name: EncodedDataset(split) for name, split in encoded.items()}
         self.sizes = {name: len(split) for name, split in encoded.items()}
@@ -182,7 +186,8 @@ class Run:
         return self.model
 
     def loader(self, name: str, shuffle: bool = False, epoch: int = 0) -> Any:
-        """Batches of split ``name`` (``"train"``, ``"heldout"``, ``"dev"``), padded per batch."""
+        """Batches of split ``name`` (``"train"``, ``"heldout"``, ``"dev"``, or a second dev split such
+        as MNLI's ``"dev_mismatched"``), padded per batch."""
         if name != "train":
             return torch.utils.data.DataLoader(self.datasets[name], batch_size=self.config.eval_batch_size,
                                                collate_fn=self.collate)
@@ -379,6 +384,11 @@ class Run:
         settings = self.method.sweep_settings(config, task, encoder.num_steps)
         rows = sweeps.run_sweep(encoder, self.loader("dev"), settings, lambda: GlueMetrics(task),
                                 self.gate_threshold, config.padded_length)
+        other_dev = {name: sweeps.run_sweep(encoder, self.loader(name), settings, lambda: GlueMetrics(task),
+                                            self.gate_threshold, config.padded_length)
+                     for name in task.dev_splits[1:]}
+        skipping = (sweeps.skipping_statistics(encoder, self.loader("dev"), self.gate_threshold, task.is_regression)
+                    if encoder.has_gates else None)
         majority = self.majority_class_baseline()
         point = calibrate_and_save(
             encoder, self.tokenizer, self.run_dir, settings, self.loader("heldout"), self.loader("dev"),
@@ -394,7 +404,8 @@ class Run:
             torch=torch.__version__, threads=torch.get_num_threads(), sizes=self.sizes,
             num_truncated=self.num_truncated, main_metric=task.main_metric, history=self.history,
             best_stage1=self.best_stage1, sweep=rows, majority_class_baseline=majority, operating_point=point,
-            extras=self.method.extra_results(config, task, rows, majority),
+            extras=self.method.extra_results(config, task, rows, majority), other_dev_splits=other_dev,
+            skipping=skipping,
         )
         write_results(self.run_dir, results)
         print(sweeps.format_table(rows, list(task.metrics)))

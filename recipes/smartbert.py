@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoder
-from adaptive_depth.exits import EntropyExit
+from adaptive_depth.exits import EntropyExit, PatienceExit
 from adaptive_depth.gates import GateSchedule
 from adaptive_depth.losses import LossTerms, smartbert_stage1_loss, smartbert_stage2_loss
 from recipes.cli import run_cli
@@ -61,7 +61,11 @@ class SmartBertConfig(RecipeConfig):
     the stage-1 projection. SmartBERT adds:
 
     Attributes:
-        soft_epochs: how many of the stage-1 epochs use soft gates (the rest: hard).
+        gate_warmup_epochs: leading stage-1 epochs in which every layer runs and the gates are not
+            trained (no gate objective): the backbone and the last head learn the task first, so
+            the gates then learn which layers a trained model can spare, instead of starving
+            layers the model has not learned to use yet. 0 (default) is the paper's schedule.
+        soft_epochs: how many of the stage-1 epochs after the warm-up use soft gates (the rest: hard).
         gate_lr: stage-1 learning rate of the gates; 0 uses ``stage1_lr``.
         initial_skip_bias: initial bias of every gate's score (0: ``p_skip`` near 0.5; negative
             values start with the layers running).
@@ -71,6 +75,8 @@ class SmartBertConfig(RecipeConfig):
             ``"budget"``: :func:`adaptive_depth.losses.budget_penalty`, which keeps the batch's
             expected share of layers run at ``target_cost`` and leaves rows free to differ.
         target_cost: the share of the layers' MACs the budget objective aims at.
+        regression_tolerance: for regression tasks (STS-B), two heads agree when their scores
+            differ by less than this (patience exit).
         eta1, tau1: weight and temperature of the stage-1 contrastive loss.
         eta2, tau2: weight and temperature of the stage-2 contrastive loss.
         projection_dim: width of the contrastive projection heads.
@@ -79,6 +85,7 @@ class SmartBertConfig(RecipeConfig):
         entropy_thresholds: the ``S`` values of the sweep.
     """
 
+    gate_warmup_epochs: int = 0
     soft_epochs: int = 3
     gate_lr: float = 0.0
     initial_skip_bias: float = 0.0
@@ -93,15 +100,20 @@ class SmartBertConfig(RecipeConfig):
     entropy_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     gate_objective: str = "paper"
     target_cost: float = 0.5
+    regression_tolerance: float = 0.1
 
     _positive = (*RecipeConfig._positive, "projection_dim", "gate_inner_size")
-    _non_negative = (*RecipeConfig._non_negative, "soft_epochs", "skip_weight", "eta1", "eta2", "gate_lr")
+    _non_negative = (*RecipeConfig._non_negative, "gate_warmup_epochs", "soft_epochs", "skip_weight", "eta1", "eta2",
+                     "gate_lr")
     _strictly_positive = (*RecipeConfig._strictly_positive, "tau1", "tau2")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.gate_threshold <= 1.0:
             raise ConfigError(f"gate_threshold must be in [0, 1], got {self.gate_threshold}")
+        if self.gate_warmup_epochs >= self.stage1_epochs:
+            raise ConfigError(f"gate_warmup_epochs ({self.gate_warmup_epochs}) must be below stage1_epochs "
+                              f"({self.stage1_epochs}): the gates need at least one epoch to train")
         if self.gate_objective not in ("paper", "budget"):
             raise ConfigError(f"gate_objective must be 'paper' or 'budget', got {self.gate_objective!r}")
         if not 0.0 <= self.target_cost <= 1.0:
@@ -135,10 +147,11 @@ class SmartBertModel(nn.Module):
         if stage == 1:
             out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode=gate_mode, heads="last",
                                gate_threshold=config.gate_threshold, **inputs)
+            # In the gate warm-up every layer runs ("run"): no gate objective then.
             return smartbert_stage1_loss(
                 out, batch["labels"], is_regression=self.is_regression, skip_weight=config.skip_weight,
-                contrastive=self.contrast1, contrastive_weight=config.eta1, gate_objective=config.gate_objective,
-                target_cost=config.target_cost,
+                contrastive=self.contrast1, contrastive_weight=config.eta1,
+                gate_objective=None if gate_mode == "run" else config.gate_objective, target_cost=config.target_cost,
             )
         out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="hard", heads="intermediate",
                            return_head_token_states=True, gate_threshold=config.gate_threshold, **inputs)
@@ -175,14 +188,22 @@ def stage2_modules(model: SmartBertModel) -> list[nn.Module]:
 
 
 def stage1_options(config: SmartBertConfig, epoch: int) -> dict[str, Any]:
-    """Soft gates for the first ``soft_epochs`` epochs, hard after (paper §3.6)."""
-    return {"gate_mode": GateSchedule(config.soft_epochs).mode(epoch)}
+    """Every layer for the first ``gate_warmup_epochs`` epochs, then soft gates for ``soft_epochs``
+    epochs, hard after (paper §3.6)."""
+    if epoch < config.gate_warmup_epochs:
+        return {"gate_mode": "run"}
+    return {"gate_mode": GateSchedule(config.soft_epochs).mode(epoch - config.gate_warmup_epochs)}
 
 
 def sweep_settings(config: SmartBertConfig, task: GlueTask, num_steps: int) -> list[SweepSetting]:
-    """Full depth, skip only, then entropy thresholds (not for regression: the entropy of one output is 0)."""
+    """Full depth, skip only, then entropy thresholds; for regression (STS-B, where the entropy of
+    one output is always 0) patience ``1..L-1`` instead: exit once that many consecutive heads agree
+    within ``regression_tolerance``."""
     settings = [SweepSetting("full", "full"), SweepSetting("skip_only", "skip_only")]
-    if not task.is_regression:
+    if task.is_regression:
+        settings += [SweepSetting(f"patience={value}", "adaptive", PatienceExit(value, config.regression_tolerance),
+                                  float(value)) for value in range(1, num_steps)]
+    else:
         settings += [SweepSetting(f"entropy={value:g}", "adaptive", EntropyExit(value), value)
                      for value in config.entropy_thresholds]
     return settings

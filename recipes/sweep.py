@@ -13,7 +13,7 @@ from recipes.distributed import is_main_process
 from recipes.logs import logger
 from recipes.results import SweepRow
 
-__all__ = ["SweepSetting", "format_table", "run_sweep"]
+__all__ = ["SweepSetting", "format_table", "run_sweep", "skipping_statistics"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,3 +93,36 @@ def format_table(rows: Sequence[SweepRow], metric_names: Sequence[str]) -> str:
                   f"{row.mean_layers_run:.2f}", f"{row.ms_per_sample:.2f}"]
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def skipping_statistics(encoder: nn.Module, loader: Iterable[Mapping[str, Tensor]], gate_threshold: float,
+                        is_regression: bool) -> dict[str, Any]:
+    """How per-sample the gates' skipping is on ``loader``: the skip patterns of the engine in
+    ``"skip_only"`` mode against each row's difficulty, the full-depth model's loss on it
+    (cross-entropy, or squared error for regression); see
+    :func:`adaptive_depth.analysis.skip_statistics`. A fixed pattern gives one distinct pattern
+    and zero mutual information."""
+    import torch
+    import torch.nn.functional as F
+
+    from adaptive_depth.analysis import skip_statistics
+    from adaptive_depth.engine import AdaptiveInferenceEngine
+
+    skip_engine = AdaptiveInferenceEngine(encoder, gate_threshold=gate_threshold, mode="skip_only")
+    full_engine = AdaptiveInferenceEngine(encoder, mode="full")
+    skipped, difficulty = [], []
+    for batch in loader:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        skipped.append(skip_engine(**inputs).layers_skipped.cpu())
+        logits = full_engine(**inputs).logits.float().cpu()
+        labels = batch["labels"].cpu()
+        if is_regression:
+            difficulty.append((logits[:, 0] - labels.float()) ** 2)
+        else:
+            difficulty.append(F.cross_entropy(logits, labels.long(), reduction="none"))
+    statistics = skip_statistics(torch.cat(skipped), torch.cat(difficulty)).to_dict()
+    if is_main_process():
+        logger.info("skipping on dev: %d distinct skip patterns over %d rows, skip rate per layer %s, "
+                    "Spearman(skip count, full-depth loss) %s", statistics["num_patterns"], statistics["num_rows"],
+                    [round(rate, 3) for rate in statistics["skip_rate_per_layer"]], statistics.get("spearman"))
+    return statistics
