@@ -151,11 +151,13 @@ def mutual_information(labels_a: Tensor, labels_b: Tensor) -> float:
     """Plug-in mutual information in nats between two ``[N]`` integer labelings.
 
     ``sum_ab p(a, b) * log(p(a, b) / (p(a) * p(b)))`` over the empirical joint distribution
-    (as ``sklearn.metrics.mutual_info_score``); 0 when either labeling is constant.
+    (as ``sklearn.metrics.mutual_info_score``); exactly 0 when either labeling is constant.
     """
     _, a = torch.unique(labels_a, return_inverse=True)
     _, b = torch.unique(labels_b, return_inverse=True)
     num_a, num_b = int(a.max()) + 1, int(b.max()) + 1
+    if num_a == 1 or num_b == 1:
+        return 0.0  # exactly: the sum below would leave rounding residue of order 1e-16
     joint = torch.bincount(a * num_b + b, minlength=num_a * num_b).reshape(num_a, num_b).double()
     joint = joint / joint.sum()
     outer = joint.sum(dim=1, keepdim=True) * joint.sum(dim=0, keepdim=True)
