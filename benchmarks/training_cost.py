@@ -1,0 +1,167 @@
+"""What SmartBERT training would cost on this machine: time a few steps, extrapolate per epoch.
+
+Times, on random token ids of a fixed length (the cost does not depend on the ids):
+
+- a stage-1 step: soft gates, last head, ``CE + lambda / sum g + eta1 * InfoNCE`` over the
+  hidden states, backward through everything, AdamW step (paper eq. 3);
+- a stage-2 step: hard gates, the intermediate heads, ``sum CE + eta2 * InfoNCE`` over the heads'
+  token states, backward into the heads only (backbone and gates frozen);
+- a full-depth inference batch (no gradient), for the held-out evaluations and the sweep.
+
+at ``--length 128`` (the recipe's ``max_length``) and, when ``--data-dir`` holds MRPC, at the
+mean padded length of MRPC's length-bucketed training batches, then multiplies by the steps of an
+epoch. Nothing is trained to completion; the figures are estimates from medians of a few steps.
+
+    python -m benchmarks.training_cost --model mpnet-base --threads 2 --data-dir $GLUE_DIR
+    python -m benchmarks.training_cost --model all-minilm-l6-v2 --threads 2 --data-dir $GLUE_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+from adaptive_depth import AdaptiveEncoder, skip_regularizer
+from adaptive_depth.contrastive import CrossLayerInfoNCE
+from recipes.models import named_model_path
+
+# The recipe's MRPC settings (recipes/configs/smartbert_mrpc.yaml).
+SKIP_WEIGHT, ETA1, TAU1, ETA2, TAU2, INITIAL_SKIP_BIAS = 0.04, 0.01, 0.5, 0.05, 0.55, -1.0
+
+
+def mrpc_bucketed_length(data_dir: Path, tokenizer: Any, batch_size: int, max_length: int) -> tuple[float, int]:
+    """Mean padded length of MRPC train batches when rows are sorted by length (as bucketing
+    nearly does), and the number of train rows."""
+    with open(data_dir / "MRPC" / "train.tsv", encoding="utf-8-sig", newline="") as file:
+        rows = list(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    lengths = sorted(
+        len(ids) for ids in tokenizer([row[3] for row in rows], [row[4] for row in rows], truncation=True,
+                                      max_length=max_length)["input_ids"]
+    )
+    batches = [lengths[start:start + batch_size] for start in range(0, len(lengths), batch_size)]
+    return statistics.mean(max(batch) for batch in batches), len(rows)
+
+
+def median_seconds(step: Callable[[], None], steps: int) -> float:
+    step()  # warm-up: allocator, kernels
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_steps(encoder: AdaptiveEncoder, batch_size: int, length: int, steps: int) -> dict[str, float]:
+    """Median seconds of a stage-1 step, a stage-2 step and a no-grad inference batch."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 1000, (batch_size, length), generator=generator)
+    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+    labels = torch.randint(0, 2, (batch_size,), generator=generator)
+    hidden = int(encoder.config.hidden_size)
+    contrast1 = CrossLayerInfoNCE(hidden, 128, TAU1)
+    contrast2 = CrossLayerInfoNCE(encoder.exit_heads[0].prelim.in_features, 128, TAU2)
+
+    encoder.train()
+    stage1_parameters = [*encoder.parameters(), *contrast1.parameters()]
+    optimizer1 = torch.optim.AdamW(stage1_parameters, lr=1e-5)
+
+    def stage1_step() -> None:
+        out = encoder(input_ids, attention_mask, gate_mode="soft", heads="last")
+        loss = F.cross_entropy(out.logits, labels) + skip_regularizer(out.gate_probs, SKIP_WEIGHT)
+        loss = loss + ETA1 * contrast1(out.hidden_states[1:], out.attention_mask).loss
+        optimizer1.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer1.step()
+
+    stage1 = median_seconds(stage1_step, steps)
+    del optimizer1
+    heads = [*encoder.exit_heads[:-1], contrast2]
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    stage2_parameters = [parameter for module in heads for parameter in module.parameters()]
+    for parameter in stage2_parameters:
+        parameter.requires_grad_(True)
+    optimizer2 = torch.optim.AdamW(stage2_parameters, lr=5e-4)
+
+    def stage2_step() -> None:
+        out = encoder(input_ids, attention_mask, gate_mode="hard", heads="intermediate", return_head_token_states=True)
+        intermediate = range(encoder.num_steps - 1)
+        loss = sum(F.cross_entropy(out.exit_logits[step], labels) for step in intermediate)
+        states = [out.head_token_states[step] for step in intermediate]
+        loss = loss + ETA2 * contrast2(states, out.attention_mask).loss
+        optimizer2.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer2.step()
+
+    stage2 = median_seconds(stage2_step, steps)
+    encoder.eval()
+
+    def inference() -> None:
+        with torch.inference_mode():
+            encoder(input_ids, attention_mask, gate_mode="run", heads="last")
+
+    return {"stage1_step_s": stage1, "stage2_step_s": stage2, "inference_batch_s": median_seconds(inference, steps)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mpnet-base", help="a named model (recipes.models) or a local folder")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting, after one warm-up step")
+    parser.add_argument("--data-dir", type=Path, default=None, help="GLUE folder holding MRPC/train.tsv")
+    parser.add_argument("--train-rows", type=int, default=3668, help="rows per epoch (MRPC train)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    path = named_model_path(args.model) or Path(args.model)
+    backbone = AutoModel.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AdaptiveEncoder(backbone, num_labels=2, initial_skip_bias=INITIAL_SKIP_BIAS)
+    lengths = {"fixed": args.length}
+    if args.data_dir is not None:
+        mean_length, _ = mrpc_bucketed_length(args.data_dir, tokenizer, args.batch_size, args.length)
+        lengths["mrpc_bucketed"] = round(mean_length)
+    steps_per_epoch = -(-args.train_rows // args.batch_size)
+    report: dict[str, Any] = {
+        "model": str(args.model), "layers": encoder.num_steps, "hidden": int(encoder.config.hidden_size),
+        "threads": args.threads, "batch_size": args.batch_size, "train_rows": args.train_rows,
+        "steps_per_epoch": steps_per_epoch, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "settings": {},
+    }
+    for label, length in lengths.items():
+        figures = time_steps(encoder, args.batch_size, length, args.steps)
+        for parameter in encoder.parameters():
+            parameter.requires_grad_(True)
+        figures.update(
+            length=length,
+            stage1_epoch_min=figures["stage1_step_s"] * steps_per_epoch / 60,
+            stage2_epoch_min=figures["stage2_step_s"] * steps_per_epoch / 60,
+            inference_ms_per_row=1000 * figures["inference_batch_s"] / args.batch_size,
+        )
+        report["settings"][label] = figures
+        print(f"{label:>14} length {length:3d}: stage-1 step {figures['stage1_step_s']:.2f} s "
+              f"({figures['stage1_epoch_min']:.1f} min/epoch), stage-2 step {figures['stage2_step_s']:.2f} s "
+              f"({figures['stage2_epoch_min']:.1f} min/epoch), inference {figures['inference_ms_per_row']:.0f} ms/row")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
