@@ -10,7 +10,8 @@ Times, on random token ids of a fixed length (the cost does not depend on the id
 
 at ``--length 128`` (the recipe's ``max_length``) and, when ``--data-dir`` holds MRPC, at the
 mean padded length of MRPC's length-bucketed training batches, then multiplies by the steps of an
-epoch. Nothing is trained to completion; the figures are estimates from medians of a few steps.
+epoch. Nothing is trained to completion; the figures are estimates from the fastest of a few
+steps; the load average before and after is recorded, since other processes slow steps down.
 
     python -m benchmarks.training_cost --model mpnet-base --threads 2 --data-dir $GLUE_DIR
     python -m benchmarks.training_cost --model all-minilm-l6-v2 --threads 2 --data-dir $GLUE_DIR
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import statistics
 import time
@@ -53,18 +55,20 @@ def mrpc_bucketed_length(data_dir: Path, tokenizer: Any, batch_size: int, max_le
     return statistics.mean(max(batch) for batch in batches), len(rows)
 
 
-def median_seconds(step: Callable[[], None], steps: int) -> float:
+def best_seconds(step: Callable[[], None], steps: int) -> float:
+    """The fastest of ``steps`` timed runs after a warm-up: on a shared machine, other processes
+    only ever slow a step down, so the minimum is the least disturbed measurement."""
     step()  # warm-up: allocator, kernels
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def time_steps(encoder: AdaptiveEncoder, batch_size: int, length: int, steps: int) -> dict[str, float]:
-    """Median seconds of a stage-1 step, a stage-2 step and a no-grad inference batch."""
+    """Seconds (best of ``steps``) of a stage-1 step, a stage-2 step and a no-grad inference batch."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, 1000, (batch_size, length), generator=generator)
     attention_mask = torch.ones(batch_size, length, dtype=torch.long)
@@ -85,7 +89,7 @@ def time_steps(encoder: AdaptiveEncoder, batch_size: int, length: int, steps: in
         loss.backward()
         optimizer1.step()
 
-    stage1 = median_seconds(stage1_step, steps)
+    stage1 = best_seconds(stage1_step, steps)
     del optimizer1
     heads = [*encoder.exit_heads[:-1], contrast2]
     for parameter in encoder.parameters():
@@ -105,14 +109,14 @@ def time_steps(encoder: AdaptiveEncoder, batch_size: int, length: int, steps: in
         loss.backward()
         optimizer2.step()
 
-    stage2 = median_seconds(stage2_step, steps)
+    stage2 = best_seconds(stage2_step, steps)
     encoder.eval()
 
     def inference() -> None:
         with torch.inference_mode():
             encoder(input_ids, attention_mask, gate_mode="run", heads="last")
 
-    return {"stage1_step_s": stage1, "stage2_step_s": stage2, "inference_batch_s": median_seconds(inference, steps)}
+    return {"stage1_step_s": stage1, "stage2_step_s": stage2, "inference_batch_s": best_seconds(inference, steps)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model), "layers": encoder.num_steps, "hidden": int(encoder.config.hidden_size),
         "threads": args.threads, "batch_size": args.batch_size, "train_rows": args.train_rows,
         "steps_per_epoch": steps_per_epoch, "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "settings": {},
+        "torch": torch.__version__, "load_average_before": os.getloadavg(), "settings": {},
     }
     for label, length in lengths.items():
         figures = time_steps(encoder, args.batch_size, length, args.steps)
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:>14} length {length:3d}: stage-1 step {figures['stage1_step_s']:.2f} s "
               f"({figures['stage1_epoch_min']:.1f} min/epoch), stage-2 step {figures['stage2_step_s']:.2f} s "
               f"({figures['stage2_epoch_min']:.1f} min/epoch), inference {figures['inference_ms_per_row']:.0f} ms/row")
+    report["load_average_after"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {report['load_average_before']}, after {report['load_average_after']}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
