@@ -55,20 +55,25 @@ def mrpc_bucketed_length(data_dir: Path, tokenizer: Any, batch_size: int, max_le
     return statistics.mean(max(batch) for batch in batches), len(rows)
 
 
-def best_seconds(step: Callable[[], None], steps: int) -> float:
-    """The fastest of ``steps`` timed runs after a warm-up: on a shared machine, other processes
-    only ever slow a step down, so the minimum is the least disturbed measurement."""
+def best_seconds(step: Callable[[], None], steps: int) -> tuple[float, float]:
+    """Wall and process CPU seconds of the fastest of ``steps`` timed runs after a warm-up.
+
+    On a shared machine other processes only ever slow a step down, so the fastest run is the
+    least disturbed one; its CPU seconds over wall seconds say how many cores it really had
+    (close to ``--threads`` when nothing else ran).
+    """
     step()  # warm-up: allocator, kernels
-    times = []
+    runs = []
     for _ in range(steps):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        runs.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return min(runs)
 
 
 def time_steps(encoder: AdaptiveEncoder, batch_size: int, length: int, steps: int) -> dict[str, float]:
-    """Seconds (best of ``steps``) of a stage-1 step, a stage-2 step and a no-grad inference batch."""
+    """Wall seconds (best of ``steps``) of a stage-1 step, a stage-2 step and a no-grad inference
+    batch, each with the cores it used (process CPU seconds over wall seconds)."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, 1000, (batch_size, length), generator=generator)
     attention_mask = torch.ones(batch_size, length, dtype=torch.long)
@@ -116,7 +121,11 @@ def time_steps(encoder: AdaptiveEncoder, batch_size: int, length: int, steps: in
         with torch.inference_mode():
             encoder(input_ids, attention_mask, gate_mode="run", heads="last")
 
-    return {"stage1_step_s": stage1, "stage2_step_s": stage2, "inference_batch_s": best_seconds(inference, steps)}
+    inference_run = best_seconds(inference, steps)
+    figures = {}
+    for name, (wall, cpu) in (("stage1_step", stage1), ("stage2_step", stage2), ("inference_batch", inference_run)):
+        figures[f"{name}_s"], figures[f"{name}_cores_used"] = wall, cpu / wall
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         report["settings"][label] = figures
         print(f"{label:>14} length {length:3d}: stage-1 step {figures['stage1_step_s']:.2f} s "
-              f"({figures['stage1_epoch_min']:.1f} min/epoch), stage-2 step {figures['stage2_step_s']:.2f} s "
-              f"({figures['stage2_epoch_min']:.1f} min/epoch), inference {figures['inference_ms_per_row']:.0f} ms/row")
+              f"({figures['stage1_epoch_min']:.1f} min/epoch, {figures['stage1_step_cores_used']:.2f} cores), stage-2 step {figures['stage2_step_s']:.2f} s "
+              f"({figures['stage2_epoch_min']:.1f} min/epoch, {figures['stage2_step_cores_used']:.2f} cores), inference {figures['inference_ms_per_row']:.0f} ms/row")
     report["load_average_after"] = os.getloadavg()
     print(f"load average (1, 5, 15 min) before {report['load_average_before']}, after {report['load_average_after']}")
     if args.json is not None:

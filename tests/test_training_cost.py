@@ -30,6 +30,7 @@ def test_training_cost_times_both_stages_and_extrapolates(tmp_path: Path, glue_d
     assert 1 <= report["settings"]["mrpc_bucketed"]["length"] <= 24
     for figures in report["settings"].values():
         assert figures["stage1_step_s"] > 0 and figures["stage2_step_s"] > 0
+        assert 0 < figures["stage1_step_cores_used"] <= 1.5  # one thread (plus a little bookkeeping)
         assert figures["stage1_epoch_min"] == pytest.approx(figures["stage1_step_s"] * 3 / 60)
         assert figures["stage2_epoch_min"] == pytest.approx(figures["stage2_step_s"] * 3 / 60)
         assert figures["inference_ms_per_row"] == pytest.approx(1000 * figures["inference_batch_s"] / 4)
