@@ -18,7 +18,7 @@ def test_training_cost_times_both_stages_and_extrapolates(tmp_path: Path, glue_d
     output = tmp_path / "cost.json"
     threads = torch.get_num_threads()
     try:
-        training_cost.main(["--model", str(model), "--threads", "1", "--steps", "1", "--batch-size", "4",
+        training_cost.main(["--model", str(model), "--threads", "1", "--steps", "1", "--max-tries", "2", "--batch-size", "4",
                             "--length", "24", "--data-dir", str(glue_dir), "--train-rows", "10",
                             "--json", str(output)])
     finally:
@@ -31,6 +31,7 @@ def test_training_cost_times_both_stages_and_extrapolates(tmp_path: Path, glue_d
     for figures in report["settings"].values():
         assert figures["stage1_step_s"] > 0 and figures["stage2_step_s"] > 0
         assert 0 < figures["stage1_step_cores_used"] <= 1.5  # one thread (plus a little bookkeeping)
+        assert isinstance(figures["stage1_step_undisturbed"], bool)
         assert figures["stage1_epoch_min"] == pytest.approx(figures["stage1_step_s"] * 3 / 60)
         assert figures["stage2_epoch_min"] == pytest.approx(figures["stage2_step_s"] * 3 / 60)
         assert figures["inference_ms_per_row"] == pytest.approx(1000 * figures["inference_batch_s"] / 4)
