@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2, help="undisturbed timed steps wanted per setting")
-    parser.add_argument("--max-tries", type=int, default=8, help="give up waiting for undisturbed steps after this many")
+    parser.add_argument("--max-tries", type=int, default=8,
+                        help="give up waiting for undisturbed steps after this many")
     parser.add_argument("--data-dir", type=Path, default=None, help="GLUE folder holding MRPC/train.tsv")
     parser.add_argument("--train-rows", type=int, default=3668, help="rows per epoch (MRPC train)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -178,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             inference_ms_per_row=1000 * figures["inference_batch_s"] / args.batch_size,
         )
         report["settings"][label] = figures
-        print(f"{label:>14} length {length:3d}: stage-1 step {figures['stage1_step_s']:.2f} s "
-              f"({figures['stage1_epoch_min']:.1f} min/epoch, {figures['stage1_step_cores_used']:.2f} cores), stage-2 step {figures['stage2_step_s']:.2f} s "
-              f"({figures['stage2_epoch_min']:.1f} min/epoch, {figures['stage2_step_cores_used']:.2f} cores), inference {figures['inference_ms_per_row']:.0f} ms/row")
+        print(f"{label:>14} length {length:3d}:", ", ".join(
+            f"{stage} step {figures[f'{stage}_step_s']:.2f} s ({figures[f'{stage}_epoch_min']:.1f} min/epoch, "
+            f"{figures[f'{stage}_step_cores_used']:.2f} cores)" for stage in ("stage1", "stage2")
+        ), f"inference {figures['inference_ms_per_row']:.0f} ms/row")
     report["load_average_after"] = os.getloadavg()
     print(f"load average (1, 5, 15 min) before {report['load_average_before']}, after {report['load_average_after']}")
     if args.json is not None:

@@ -153,7 +153,8 @@ def test_weights_that_differ_from_the_published_checksum_are_refused(fake_model,
 def test_missing_packages_say_which_and_how_to_install(fake_model, tmp_path: Path) -> None:
     spec, _ = fake_model
     absent = replace(spec, distributions=(*spec.distributions[:2], "no-such-piece-distribution"))
-    with pytest.raises(ModelLoadError, match=r"no-such-piece-distribution \(not installed\); pip install -e '\.\[fake\]'"):
+    message = r"no-such-piece-distribution \(not installed\); pip install -e '\.\[fake\]'"
+    with pytest.raises(ModelLoadError, match=message):
         materialize(absent, tmp_path / "cache")
 
 

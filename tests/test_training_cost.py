@@ -18,8 +18,8 @@ def test_training_cost_times_both_stages_and_extrapolates(tmp_path: Path, glue_d
     output = tmp_path / "cost.json"
     threads = torch.get_num_threads()
     try:
-        training_cost.main(["--model", str(model), "--threads", "1", "--steps", "1", "--max-tries", "2", "--batch-size", "4",
-                            "--length", "24", "--data-dir", str(glue_dir), "--train-rows", "10",
+        training_cost.main(["--model", str(model), "--threads", "1", "--steps", "1", "--max-tries", "2",
+                            "--batch-size", "4", "--length", "24", "--data-dir", str(glue_dir), "--train-rows", "10",
                             "--json", str(output)])
     finally:
         torch.set_num_threads(threads)
