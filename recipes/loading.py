@@ -42,7 +42,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
 
 
 def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.Module, Any, str]:
-    """Load ``AutoModel`` and ``AutoTokenizer`` from a local folder or hub id.
+    """Load ``AutoModel`` and ``AutoTokenizer`` from a local folder, a name of
+    :func:`recipes.models.named_model_path` (``mpnet-base``: the 12-layer all-mpnet-base-v2 of
+    the ``mpnet`` extra) or a hub id.
 
     Runs offline (``HF_HUB_OFFLINE=1``) unless the variable is already set.
 
@@ -61,6 +63,12 @@ def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.M
     from recipes.errors import ModelLoadError
 
     name = str(default_model_path() if model is None else model)
+    if model is not None and not Path(name).expanduser().exists():
+        from recipes.models import named_model_path
+
+        named = named_model_path(name)  # "mpnet-base", "all-minilm-l6-v2": verified local copies
+        if named is not None:
+            name = str(named)
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir() or not (local / "config.json").is_file():

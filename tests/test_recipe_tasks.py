@@ -1,0 +1,75 @@
+"""SmartBERT beyond MRPC: STS-B (regression exits), MNLI (both dev sets), the gate warm-up, and the
+per-run skipping statistics; a named backbone resolves to a local folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recipes import smartbert
+from recipes.loading import load_model_and_tokenizer
+from tests.conftest import minilm_dir, requires_minilm, save_tiny_bert
+from tests.glue_fixtures import write_synthetic_glue
+
+pytestmark = [requires_minilm, pytest.mark.usefixtures("one_thread")]
+
+TINY = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8",
+        "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=1", "calibration_budget=0.95"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), num_layers=3)
+
+
+def run(task: str, data_dir: Path, model: Path, out: Path, *extra: str) -> dict:
+    status = smartbert.main(["--task", task, "--data-dir", str(data_dir), "--model", str(model),
+                             "--output-dir", str(out), *TINY, *extra])
+    assert status == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_stsb_sweeps_patience_and_calibrates_a_regression_exit(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_synthetic_glue(tmp_path / "glue", "stsb", n_train=40, n_dev=16)
+    results = run("stsb", data, tiny_model_dir, tmp_path / "run")
+    names = [row["name"] for row in results["sweep"]]
+    assert names == ["full", "skip_only", "patience=1", "patience=2"]
+    assert set(results["sweep"][0]["metrics"]) == {"pearson", "spearman"}
+    point = results["operating_point"]
+    calibration = point["calibration"]
+    assert "error" in calibration or (calibration["criterion"] == "patience"
+                                      and calibration["relative_cost"] <= 0.95)
+    assert results["majority_class_baseline"] is None and results["skipping"]["num_rows"] == 16
+
+
+def test_mnli_evaluates_the_mismatched_dev_set_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_synthetic_glue(tmp_path / "glue", "mnli", n_train=45, n_dev=18)
+    results = run("mnli", data, tiny_model_dir, tmp_path / "run", "entropy_thresholds=[0.5]")
+    assert results["dev_split"] == "dev_matched"
+    mismatched = results["other_dev_splits"]["dev_mismatched"]
+    assert [row["name"] for row in mismatched] == [row["name"] for row in results["sweep"]]
+    assert sum(mismatched[0]["exit_layer_histogram"]) == results["sizes"]["dev_mismatched"]
+
+
+def test_gate_warm_up_runs_every_layer_without_a_gate_objective_first(tiny_model_dir: Path, glue_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    results = run("mrpc", glue_dir, tiny_model_dir, tmp_path / "run", "stage1_epochs=3", "gate_warmup_epochs=1",
+                  "gate_objective=budget", "target_cost=0.6")
+    history = results["history"]["stage1"]
+    assert [record["options"]["gate_mode"] for record in history] == ["run", "soft", "hard"]
+    assert set(history[0]["terms"]) == {"task", "contrastive"}
+    assert set(history[1]["terms"]) == {"task", "budget", "contrastive"}
+    skipping = results["skipping"]
+    assert skipping["num_rows"] == 16 and len(skipping["skip_rate_per_layer"]) == 3
+    assert 1 <= skipping["num_patterns"] <= 8
+    with pytest.raises(SystemExit):
+        smartbert.main(["--help"])
+    assert smartbert.main(["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir),
+                           "--output-dir", str(tmp_path / "bad"), "stage1_epochs=2", "gate_warmup_epochs=2"]) == 2
+
+
+def test_a_known_model_name_resolves_to_its_local_folder() -> None:
+    _, tokenizer, name = load_model_and_tokenizer("all-minilm-l6-v2")
+    assert Path(name) == minilm_dir() and tokenizer("Hi.")["input_ids"][0] == tokenizer.cls_token_id
