@@ -210,14 +210,8 @@ class AdaptiveEncoder(nn.Module):
         attn_implementation: str | None = None,
         revision: str | None = None,
     ) -> AdaptiveEncoder:
-        """Rebuild a model written by :meth:`save_pretrained` (a folder or a Hub id), in eval mode.
-
-        Args:
-            name_or_path: the folder (or Hub id).
-            dtype: e.g. ``torch.bfloat16``; default: as saved.
-            device: default: the CPU.
-            attn_implementation: default: as saved.
-            revision: Hub revision.
+        """Rebuild a model written by :meth:`save_pretrained` (a folder or a Hub id), in eval mode;
+        the arguments are those of :func:`adaptive_depth.pretrained.load_pretrained`.
 
         Example:
             >>> import tempfile

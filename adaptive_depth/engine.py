@@ -29,15 +29,15 @@ from adaptive_depth.exits import EntropyExit, ExitCriterion
 from adaptive_depth.flops import Convention, encoder_cost
 from adaptive_depth.gates import skip_decision
 
-__all__ = ["AdaptiveInferenceEngine", "CostAccumulator", "EngineMode", "EngineOutput", "LoopTrace", "StepRows",
+__all__ = ["AdaptiveInferenceEngine", "CostAccumulator", "EngineMode", "EngineOutput", "ExitTrace", "LoopTrace", "StepRows",
            "skip_exit_loop"]
 
 EngineMode = Literal["adaptive", "skip_only", "exit_only", "full"]
 
 
 @dataclass
-class EngineOutput:
-    """What the engine returns for a batch of ``B`` rows over ``L`` steps.
+class ExitTrace:
+    """What the skip/exit loop decided for a batch of ``B`` rows over ``L`` steps.
 
     Attributes:
         logits: ``[B, C]`` logits of the head each row exited at.
@@ -47,12 +47,6 @@ class EngineOutput:
         layers_skipped: ``[B, L]`` bool, the row's gate skipped layer ``i``.
         heads_run: ``[B, L]`` bool, exit head ``i`` ran for the row.
         gates_run: ``[B, L]`` bool, gate ``i`` ran for the row.
-        num_tokens: ``[B]`` real (unpadded) length of each row.
-        macs_exact: ``[B]`` int64 MACs of what ran, every matmul at the row's real length.
-        macs_paper: ``[B]`` int64 MACs of what ran, Linear layers only at ``padded_length``
-            (the paper reports FLOPs = 2 x this).
-        full_macs_exact, full_macs_paper: ``[B]`` the same rows at full depth (every layer and
-            the last head, no gate), the denominator of relative cost.
     """
 
     logits: Tensor
@@ -62,6 +56,21 @@ class EngineOutput:
     layers_skipped: Tensor
     heads_run: Tensor
     gates_run: Tensor
+
+
+@dataclass
+class EngineOutput(ExitTrace):
+    """What the engine returns: the :class:`ExitTrace` fields and what the rows cost.
+
+    Attributes:
+        num_tokens: ``[B]`` real (unpadded) length of each row.
+        macs_exact: ``[B]`` int64 MACs of what ran, every matmul at the row's real length.
+        macs_paper: ``[B]`` int64 MACs of what ran, Linear layers only at ``padded_length``
+            (the paper reports FLOPs = 2 x this).
+        full_macs_exact, full_macs_paper: ``[B]`` the same rows at full depth (every layer and
+            the last head, no gate), the denominator of relative cost.
+    """
+
     num_tokens: Tensor
     macs_exact: Tensor
     macs_paper: Tensor

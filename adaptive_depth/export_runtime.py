@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,31 +18,16 @@ from torch import Tensor
 
 from adaptive_depth.exits import ExitCriterion
 from adaptive_depth.export import MANIFEST_VERSION, criterion_from_dict
-from adaptive_depth.engine import skip_exit_loop
+from adaptive_depth.engine import ExitTrace, skip_exit_loop
 
 __all__ = ["ExportedEngine", "ExportedEngineOutput"]
 
 StepFunction = Callable[..., Tensor]
 
 
-@dataclass
-class ExportedEngineOutput:
-    """What :class:`ExportedEngine` returns for ``B`` rows over ``L`` steps (fields as in ``EngineOutput``).
-
-    Attributes:
-        logits: ``[B, C]`` logits of the head each row exited at.
-        predictions: ``[B]`` argmax class (classification) or the score (regression).
-        exit_layer: ``[B]`` 1-based step whose head answered.
-        layers_run, layers_skipped, heads_run, gates_run: ``[B, L]`` bool.
-    """
-
-    logits: Tensor
-    predictions: Tensor
-    exit_layer: Tensor
-    layers_run: Tensor
-    layers_skipped: Tensor
-    heads_run: Tensor
-    gates_run: Tensor
+# What ExportedEngine returns: the engine's decisions without the MACs (the graphs run; the
+# cost of what ran is the eager engine's business).
+ExportedEngineOutput = ExitTrace
 
 
 def _torch_export_step(path: Path) -> StepFunction:
