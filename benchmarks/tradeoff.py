@@ -39,6 +39,7 @@ from typing import Any
 
 from recipes import errors
 from recipes.checkpoint import has_checkpoint
+from recipes.checks import same_model
 from recipes.cli import execute
 from recipes.config import config_to_dict, default_config_file, load_config, parse_overrides
 from recipes.errors import ConfigError, ResumeMismatchError
@@ -88,9 +89,8 @@ def check_reusable(method: str, run_dir: Path, results: RunResults, expected: di
                                   f"comparison asks for; {fix}")
     if results.task != task:
         raise ResumeMismatchError(f"{results_path} is a {results.task!r} run, not {task!r}; {fix}")
-    saved_model = str(results.model)
-    if not (saved_model == model_name or Path(saved_model).resolve() == Path(model_name).resolve()):
-        raise ResumeMismatchError(f"{results_path} was made with model {saved_model}, this comparison uses "
+    if not same_model(str(results.model), model_name):
+        raise ResumeMismatchError(f"{results_path} was made with model {results.model}, this comparison uses "
                                   f"{model_name}; {fix}")
     run_file = run_dir / RUN_FILE
     if run_file.is_file():

@@ -27,17 +27,12 @@ def same_model(saved: str, current: str) -> bool:
 
 
 def position_limit(model_config: Any) -> int | None:
-    """How many token positions the model's absolute position table holds (``None``: no limit).
+    """How many tokens the model's absolute position table holds (``None``: no limit); the
+    family's rule lives in :data:`adaptive_depth.backbones.BACKBONES` (RoBERTa-style and MPNet
+    models number positions from ``pad_token_id + 1``)."""
+    from adaptive_depth.backbones import get_backbone
 
-    RoBERTa-style models number positions from ``pad_token_id + 1``, so two of their 514
-    entries are unusable.
-    """
-    size = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(size, int) or getattr(model_config, "position_biased_input", True) is False:
-        return None
-    if getattr(model_config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        size -= int(getattr(model_config, "pad_token_id", 1) or 0) + 1
-    return size
+    return get_backbone(model_config).max_tokens(model_config)
 
 
 def check_model_inputs(model_config: Any, tokenizer: Any, max_length: int, model_name: str) -> None:
