@@ -382,13 +382,14 @@ class Run:
             return None
         config, task, encoder = self.config, self.task, self.model.encoder
         settings = self.method.sweep_settings(config, task, encoder.num_steps)
+        traces: dict[str, Any] = {}  # the full and skip-only passes, reused for the skipping statistics
         rows = sweeps.run_sweep(encoder, self.loader("dev"), settings, lambda: GlueMetrics(task),
-                                self.gate_threshold, config.padded_length)
+                                self.gate_threshold, config.padded_length, traces=traces)
         other_dev = {name: sweeps.run_sweep(encoder, self.loader(name), settings, lambda: GlueMetrics(task),
                                             self.gate_threshold, config.padded_length)
                      for name in task.dev_splits[1:]}
-        skipping = (sweeps.skipping_statistics(encoder, self.loader("dev"), self.gate_threshold, task.is_regression)
-                    if encoder.has_gates else None)
+        skipping = (sweeps.skipping_statistics(encoder, self.loader("dev"), self.gate_threshold, task.is_regression,
+                                               traces) if encoder.has_gates else None)
         majority = self.majority_class_baseline()
         point = calibrate_and_save(
             encoder, self.tokenizer, self.run_dir, settings, self.loader("heldout"), self.loader("dev"),

@@ -40,8 +40,14 @@ def run_sweep(
     make_metrics: Callable[[], Any],
     gate_threshold: float = 0.5,
     padded_length: int | None = 128,
+    traces: dict[str, list[tuple[Tensor, Tensor, Tensor]]] | None = None,
 ) -> list[SweepRow]:
     """Evaluate every setting on ``loader`` with the inference engine.
+
+    Args:
+        traces: when given, filled with the per-batch ``(layers_skipped, logits, labels)`` of the
+            settings without an exit criterion, keyed by engine mode (``"full"``,
+            ``"skip_only"``), for :func:`skipping_statistics` to reuse.
 
     Returns:
         One :class:`~recipes.results.SweepRow` per setting: task metrics, the
@@ -70,6 +76,9 @@ def run_sweep(
             samples += int(batch["input_ids"].shape[0])
             metrics.update(output.predictions, batch["labels"])
             costs.update(output)
+            if traces is not None and setting.criterion is None:
+                traces.setdefault(setting.mode, []).append(
+                    (output.layers_skipped.cpu(), output.logits.float().cpu(), batch["labels"].cpu()))
         statistics = costs.compute()
         statistics["skip_rate_per_layer"] = [None if value != value else value
                                              for value in statistics["skip_rate_per_layer"]]
@@ -96,33 +105,47 @@ def format_table(rows: Sequence[SweepRow], metric_names: Sequence[str]) -> str:
 
 
 def skipping_statistics(encoder: nn.Module, loader: Iterable[Mapping[str, Tensor]], gate_threshold: float,
-                        is_regression: bool) -> dict[str, Any]:
+                        is_regression: bool, traces: dict[str, list[tuple[Tensor, Tensor, Tensor]]] | None = None,
+                        ) -> dict[str, Any]:
     """How per-sample the gates' skipping is on ``loader``: the skip patterns of the engine in
     ``"skip_only"`` mode against each row's difficulty, the full-depth model's loss on it
     (cross-entropy, or squared error for regression); see
     :func:`adaptive_depth.analysis.skip_statistics`. A fixed pattern gives one distinct pattern
-    and zero mutual information."""
+    and zero mutual information.
+
+    Args:
+        traces: what :func:`run_sweep` recorded on the same ``loader``; the ``"skip_only"`` and
+            ``"full"`` passes it holds are reused, the missing ones are run here.
+    """
     import torch
     import torch.nn.functional as F
 
     from adaptive_depth.analysis import skip_statistics
-    from adaptive_depth.engine import AdaptiveInferenceEngine
 
-    skip_engine = AdaptiveInferenceEngine(encoder, gate_threshold=gate_threshold, mode="skip_only")
-    full_engine = AdaptiveInferenceEngine(encoder, mode="full")
-    skipped, difficulty = [], []
-    for batch in loader:
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        skipped.append(skip_engine(**inputs).layers_skipped.cpu())
-        logits = full_engine(**inputs).logits.float().cpu()
-        labels = batch["labels"].cpu()
+    traces = dict(traces or {})
+    missing = [SweepSetting(mode, mode) for mode in ("skip_only", "full") if mode not in traces]
+    if missing:
+        run_sweep(encoder, loader, missing, _NoMetrics, gate_threshold, None, traces=traces)
+    skipped = torch.cat([layers_skipped for layers_skipped, _, _ in traces["skip_only"]])
+    difficulty = []
+    for _, logits, labels in traces["full"]:
         if is_regression:
             difficulty.append((logits[:, 0] - labels.float()) ** 2)
         else:
             difficulty.append(F.cross_entropy(logits, labels.long(), reduction="none"))
-    statistics = skip_statistics(torch.cat(skipped), torch.cat(difficulty)).to_dict()
+    statistics = skip_statistics(skipped, torch.cat(difficulty)).to_dict()
     if is_main_process():
         logger.info("skipping on dev: %d distinct skip patterns over %d rows, skip rate per layer %s, "
                     "Spearman(skip count, full-depth loss) %s", statistics["num_patterns"], statistics["num_rows"],
                     [round(rate, 3) for rate in statistics["skip_rate_per_layer"]], statistics.get("spearman"))
     return statistics
+
+
+class _NoMetrics:
+    """Task metrics that measure nothing (for passes run only for their traces)."""
+
+    def update(self, predictions: Tensor, labels: Tensor) -> None:
+        pass
+
+    def compute(self) -> dict[str, float]:
+        return {}

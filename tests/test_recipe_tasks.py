@@ -73,3 +73,31 @@ def test_gate_warm_up_runs_every_layer_without_a_gate_objective_first(tiny_model
 def test_a_known_model_name_resolves_to_its_local_folder() -> None:
     _, tokenizer, name = load_model_and_tokenizer("all-minilm-l6-v2")
     assert Path(name) == minilm_dir() and tokenizer("Hi.")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_skipping_statistics_reuse_the_sweeps_passes() -> None:
+    """The statistics from the sweep's recorded full and skip-only passes equal those of fresh passes."""
+    import torch
+
+    from adaptive_depth import AdaptiveEncoder, EntropyExit
+    from recipes.glue import GlueMetrics
+    from recipes.sweep import SweepSetting, run_sweep, skipping_statistics
+    from tests.conftest import padded_batch, tiny_model
+
+    torch.manual_seed(0)
+    encoder = AdaptiveEncoder(tiny_model("bert", num_layers=4), num_labels=2, gate_inner_size=16,
+                              head_inner_size=16).eval()
+    for gate in encoder.gates:
+        gate.score.weight.data.normal_(0.0, 3.0)
+    batches = []
+    for seed in range(3):
+        input_ids, mask = padded_batch(batch_size=5, num_tokens=9, seed=seed)
+        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0, 1])})
+    traces: dict = {}
+    settings = [SweepSetting("full", "full"), SweepSetting("skip_only", "skip_only"),
+                SweepSetting("entropy=0.3", "adaptive", EntropyExit(0.3), 0.3)]
+    run_sweep(encoder, batches, settings, lambda: GlueMetrics("mrpc"), 0.5, None, traces=traces)
+    assert sorted(traces) == ["full", "skip_only"]
+    reused = skipping_statistics(encoder, batches, 0.5, False, traces)
+    fresh = skipping_statistics(encoder, batches, 0.5, False)
+    assert reused == fresh and reused["num_rows"] == 15 and reused["num_patterns"] > 1
