@@ -194,6 +194,8 @@ def build_table(task: str, all_results: dict[str, RunResults], run_dirs: dict[st
         "majority_class_baseline": first.majority_class_baseline,
         "runs": {method: str(run_dirs[method]) for method in all_results},
         "commands": {method: results.command for method, results in all_results.items()},
+        "wall_time_s": {method: results.wall_time_s for method, results in all_results.items()},
+        "skipping": {method: results.skipping for method, results in all_results.items() if results.skipping},
         "rows": rows,
         "at_cost": best_at_cost(rows, COST_BUDGETS),
     }

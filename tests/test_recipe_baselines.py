@@ -203,6 +203,7 @@ def test_tradeoff_end_to_end(tiny_model_dir: Path, glue_dir: Path, tmp_path: Pat
     assert table["at_cost"]["finetune"]["0.5"] is None  # full depth is its only setting
     assert (out / "tradeoff-mrpc.png").stat().st_size > 1000
     assert set(table["runs"]) == {"finetune", "deebert"}
+    assert set(table["wall_time_s"]) == {"finetune", "deebert"} and table["skipping"] == {}  # no gates
     reference = table["reference"]
     assert reference["mean_macs_paper"] == pytest.approx(reference["analytic_mean_macs_paper"])
     rows = {(row["method"], row["setting"]): row for row in table["rows"]}
