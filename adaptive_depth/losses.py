@@ -21,6 +21,7 @@ from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoderOutput
 
 __all__ = [
+    "ExitObjective",
     "GateObjective",
     "LossTerms",
     "budget_penalty",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 GateObjective = Literal["paper", "budget"]
+ExitObjective = Literal["paper", "distill"]
 
 
 @dataclass
@@ -187,19 +189,29 @@ def smartbert_stage2_loss(
     is_regression: bool,
     contrastive: CrossLayerInfoNCE | None = None,
     contrastive_weight: float = 0.0,
+    exit_objective: ExitObjective = "paper",
 ) -> LossTerms:
-    """SmartBERT stage 2 (paper eq. 6-8): every intermediate head's task loss + their contrast.
+    """SmartBERT stage 2 (paper eq. 6-8): every intermediate head's loss + their contrast.
 
-    Terms: ``exit_heads`` (sum of the heads ``1..L-1``), ``contrastive`` (``eta2`` times the
-    InfoNCE over those heads' token states) when ``contrastive_weight > 0`` and there are at
-    least two intermediate heads.
+    Terms: ``exit_heads`` (``exit_objective="paper"``: the sum of the task losses of heads
+    ``1..L-1`` against the labels) or ``distillation`` (``"distill"``: :func:`distillation_loss`
+    of heads ``1..L-1`` towards the frozen last head, FastBERT's self-distillation on top of the
+    gated backbone; labels unused), then ``contrastive`` (``eta2`` times the InfoNCE over those
+    heads' token states) when ``contrastive_weight > 0`` and there are at least two intermediate heads.
 
     Args:
-        out: the encoder's output with ``heads="intermediate"`` and
-            ``return_head_token_states=True``.
+        out: the encoder's output with ``return_head_token_states=True`` and the intermediate
+            heads run (``heads="intermediate"``; ``"all"`` for ``"distill"``, which needs the last head).
+        labels: ``[B]`` class ids or scores.
+        exit_objective: ``"paper"`` or ``"distill"``.
     """
     intermediate = range(len(out.exit_logits) - 1)
-    terms = {"exit_heads": sum(task_loss(out.exit_logits[step], labels, is_regression) for step in intermediate)}
+    if exit_objective == "paper":
+        terms = {"exit_heads": sum(task_loss(out.exit_logits[step], labels, is_regression) for step in intermediate)}
+    elif exit_objective == "distill":
+        terms = {"distillation": distillation_loss([out.exit_logits[step] for step in intermediate], out.logits)}
+    else:
+        raise ValueError(f"exit_objective must be 'paper' or 'distill', got {exit_objective!r}.")
     states = [out.head_token_states[step] for step in intermediate]
     if contrastive is not None and contrastive_weight > 0 and len(states) >= 2:
         terms["contrastive"] = contrastive_weight * contrastive(states, out.attention_mask).loss

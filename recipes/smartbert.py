@@ -75,6 +75,9 @@ class SmartBertConfig(RecipeConfig):
             ``"budget"``: :func:`adaptive_depth.losses.budget_penalty`, which keeps the batch's
             expected share of layers run at ``target_cost`` and leaves rows free to differ.
         target_cost: the share of the layers' MACs the budget objective aims at.
+        exit_objective: what the intermediate heads learn in stage 2: ``"paper"`` (eq. 7, the
+            labels) or ``"distill"`` (the frozen last head's softmax, as FastBERT's students do:
+            :func:`adaptive_depth.losses.distillation_loss`).
         regression_tolerance: for regression tasks (STS-B), two heads agree when their scores
             differ by less than this (patience exit).
         eta1, tau1: weight and temperature of the stage-1 contrastive loss.
@@ -100,6 +103,7 @@ class SmartBertConfig(RecipeConfig):
     entropy_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     gate_objective: str = "paper"
     target_cost: float = 0.5
+    exit_objective: str = "paper"
     regression_tolerance: float = 0.1
 
     _positive = (*RecipeConfig._positive, "projection_dim", "gate_inner_size")
@@ -116,6 +120,8 @@ class SmartBertConfig(RecipeConfig):
                               f"({self.stage1_epochs}): the gates need at least one epoch to train")
         if self.gate_objective not in ("paper", "budget"):
             raise ConfigError(f"gate_objective must be 'paper' or 'budget', got {self.gate_objective!r}")
+        if self.exit_objective not in ("paper", "distill"):
+            raise ConfigError(f"exit_objective must be 'paper' or 'distill', got {self.exit_objective!r}")
         if not 0.0 <= self.target_cost <= 1.0:
             raise ConfigError(f"target_cost must be in [0, 1], got {self.target_cost}")
         if any(value < 0 for value in self.entropy_thresholds):
@@ -141,7 +147,8 @@ class SmartBertModel(nn.Module):
         self.is_regression = is_regression
 
     def forward(self, batch: dict[str, Tensor], stage: int, gate_mode: str = "hard") -> LossTerms:
-        """The loss terms of ``stage`` (1: eq. 3 with ``gate_mode`` gates; 2: eq. 8 with hard gates)."""
+        """The loss terms of ``stage`` (1: eq. 3 with ``gate_mode`` gates; 2: eq. 8 with hard gates,
+        or self-distillation with ``exit_objective="distill"``)."""
         config = self.config_
         inputs = {key: value for key, value in batch.items() if key == "token_type_ids"}
         if stage == 1:
@@ -153,10 +160,13 @@ class SmartBertModel(nn.Module):
                 contrastive=self.contrast1, contrastive_weight=config.eta1,
                 gate_objective=None if gate_mode == "run" else config.gate_objective, target_cost=config.target_cost,
             )
-        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="hard", heads="intermediate",
+        # Distillation needs the teacher: the frozen last head, behind the same hard gates.
+        heads = "all" if config.exit_objective == "distill" else "intermediate"
+        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="hard", heads=heads,
                            return_head_token_states=True, gate_threshold=config.gate_threshold, **inputs)
         return smartbert_stage2_loss(out, batch["labels"], is_regression=self.is_regression,
-                                     contrastive=self.contrast2, contrastive_weight=config.eta2)
+                                     contrastive=self.contrast2, contrastive_weight=config.eta2,
+                                     exit_objective=config.exit_objective)  # type: ignore[arg-type]
 
 
 def build_encoder(backbone: nn.Module, config: SmartBertConfig) -> AdaptiveEncoder:

@@ -65,6 +65,30 @@ def test_smartbert_stage2_sums_the_intermediate_heads() -> None:
     assert list(terms) == ["exit_heads"] and float(terms.total) == pytest.approx(expected)
 
 
+def test_smartbert_stage2_distill_matches_the_frozen_last_head() -> None:
+    """``exit_objective="distill"``: FastBERT's KL of heads 1..L-1 towards the last head, labels unused,
+    and no gradient reaches the teacher."""
+    torch.manual_seed(0)
+    encoder = AdaptiveEncoder(tiny_model("bert", num_layers=3), num_labels=2, gate_inner_size=16, head_inner_size=16)
+    input_ids, mask = padded_batch(batch_size=4)
+    out = encoder(input_ids, mask, gate_mode="hard", heads="all", return_head_token_states=True)
+    terms = losses.smartbert_stage2_loss(out, torch.tensor([0, 1, 1, 0]), is_regression=False,
+                                         exit_objective="distill")
+    flipped = losses.smartbert_stage2_loss(out, torch.tensor([1, 0, 0, 1]), is_regression=False,
+                                           exit_objective="distill")
+    teacher = out.logits.detach().log_softmax(-1)
+    expected = sum(float(F.kl_div(out.exit_logits[step].log_softmax(-1), teacher, reduction="batchmean",
+                                  log_target=True)) for step in range(2))
+    assert list(terms) == ["distillation"] and float(terms.total) == pytest.approx(expected, rel=1e-5)
+    assert float(flipped.total) == pytest.approx(float(terms.total))
+    terms.total.backward()
+    assert all(parameter.grad is None for parameter in encoder.exit_heads[-1].parameters())
+    assert any(parameter.grad is not None for parameter in encoder.exit_heads[0].parameters())
+    with pytest.raises(ValueError, match="exit_objective must be 'paper' or 'distill'"):
+        losses.smartbert_stage2_loss(out, torch.tensor([0, 1, 1, 0]), is_regression=False,
+                                     exit_objective="labels")  # type: ignore[arg-type]
+
+
 def test_budget_objective_drives_the_mean_gate_towards_its_target() -> None:
     """Gates trained on the budget penalty alone settle where the batch runs the target share of layers."""
     torch.manual_seed(0)

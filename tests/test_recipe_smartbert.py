@@ -181,6 +181,29 @@ def test_stage2_optimizer_holds_only_intermediate_heads(tiny_model_dir: Path) ->
         assert (id(parameter) in trainable) == expected == parameter.requires_grad, name
 
 
+def test_stage2_exit_objective_picks_the_heads_loss(tiny_model_dir: Path) -> None:
+    """Stage 2 trains on the labels by default (eq. 7) and on the last head's softmax with
+    ``exit_objective=distill``; either way the last head stays frozen."""
+    from transformers import AutoModel
+
+    from adaptive_depth.encoder import AdaptiveEncoder
+
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 100, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    for objective, term in (("paper", "exit_heads"), ("distill", "distillation")):
+        config = load_config(smartbert.SmartBertConfig, None, [*TINY, f"exit_objective={objective}"], task="mrpc")
+        encoder = AdaptiveEncoder(AutoModel.from_pretrained(tiny_model_dir), num_labels=2, gate_inner_size=16,
+                                  head_inner_size=16)
+        model = smartbert.SmartBertModel(encoder, config, is_regression=False)
+        freeze_for_stage2(model, smartbert.METHOD.stage2_modules(model))
+        terms = model(batch, stage=2)
+        assert list(terms)[0] == term
+        terms.total.backward()
+        assert all(parameter.grad is None for parameter in encoder.exit_heads[-1].parameters())
+        assert all(parameter.grad is not None for parameter in encoder.exit_heads[0].parameters())
+
+
 def test_resume_rejects_corrupt_and_mismatched_checkpoints(
     tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -285,6 +308,8 @@ def test_overrides_are_typed_and_validated() -> None:
         load_config(smartbert.SmartBertConfig, None, ["holdout_fraction=1.5"], task="rte")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(smartbert.SmartBertConfig, None, ["stage1_lr"], task="rte")
+    with pytest.raises(ConfigError, match="exit_objective must be 'paper' or 'distill'"):
+        load_config(smartbert.SmartBertConfig, None, ["exit_objective=kd"], task="rte")
 
 
 def test_runs_under_torchrun_with_two_processes(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
