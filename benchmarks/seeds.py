@@ -11,7 +11,9 @@ is (the tables' ``skipping`` statistics, averaged over seeds).
         benchmarks/results/tradeoff-mrpc.json:fastbert --json runs/seeds-mrpc.json
 
 A path may end in ``:method[,method...]`` to take only those methods from that table (e.g. an
-older five-method table whose SmartBERT was trained another way). The same method, task,
+older five-method table whose SmartBERT was trained another way), and a method may be renamed
+with ``method=label``, so that two variants of one method can be compared
+(``old/tradeoff-mrpc.json:smartbert=smartbert_paper --compare smartbert smartbert_paper``). The same method, task,
 backbone and seed given twice is an error, as are tables of one task and backbone whose
 cost denominators differ (another padded length): their relative costs are not comparable.
 """
@@ -53,10 +55,16 @@ class Group:
     sources: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
-def split_source(argument: str) -> tuple[Path, list[str] | None]:
-    """``path[:method,method]`` -> (path, methods or None for all)."""
+def split_source(argument: str) -> tuple[Path, dict[str, str] | None]:
+    """``path[:method[=label],method...]`` -> (path, {method: label} or None for all, under their own names)."""
     path, _, methods = argument.partition(":") if not Path(argument).is_file() else (argument, "", "")
-    return Path(path), ([name for name in methods.split(",") if name] or None)
+    wanted: dict[str, str] = {}
+    for item in (item for item in methods.split(",") if item):
+        method, _, label = item.partition("=")
+        if not method or (_ and not label):
+            raise SeedsError(f"{argument}: {item!r} is not a method name or method=label")
+        wanted[method] = label or method
+    return Path(path), (wanted or None)
 
 
 def load_tables(arguments: list[str]) -> dict[tuple[str, str], Group]:
@@ -79,7 +87,7 @@ def load_tables(arguments: list[str]) -> dict[tuple[str, str], Group]:
         missing = [key for key in ("task", "model", "seed", "main_metric", "reference", "at_cost") if key not in table]
         if missing:
             raise SeedsError(f"{path}: not a benchmarks.tradeoff table (no {', '.join(missing)})")
-        methods = wanted or list(table["at_cost"])
+        methods = wanted or {method: method for method in table["at_cost"]}
         unknown = [method for method in methods if method not in table["at_cost"]]
         if unknown:
             raise SeedsError(f"{path}: has no method {unknown}; it has {list(table['at_cost'])}")
@@ -92,16 +100,16 @@ def load_tables(arguments: list[str]) -> dict[tuple[str, str], Group]:
                              f"from the other {key[0]} tables' ({group.reference_macs:.4g}); compare runs made alike "
                              "(same padded length and backbone)")
         seed = int(table["seed"])
-        for method in methods:
-            seen = group.sources.setdefault(method, {})
+        for method, label in methods.items():
+            seen = group.sources.setdefault(label, {})
             if seed in seen:
-                raise SeedsError(f"{method} seed {seed} on {key[0]} ({key[1]}) is given twice: {seen[seed]} and {path}; "
-                                 "pick one with path:method")
+                raise SeedsError(f"{label} seed {seed} on {key[0]} ({key[1]}) is given twice: {seen[seed]} and {path}; "
+                                 "pick one with path:method, or rename one with path:method=label")
             seen[seed] = str(path)
-            group.cells.setdefault(method, {})[seed] = table["at_cost"][method]
+            group.cells.setdefault(label, {})[seed] = table["at_cost"][method]
             stats = (table.get("skipping") or {}).get(method)
             if stats:
-                group.skipping.setdefault(method, {})[seed] = stats
+                group.skipping.setdefault(label, {})[seed] = stats
     return groups
 
 
@@ -204,7 +212,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.seeds", description=__doc__.split("\n")[0])
-    parser.add_argument("tables", nargs="+", help="tradeoff-<task>.json tables, each optionally path:method[,method]")
+    parser.add_argument("tables", nargs="+", help="tradeoff-<task>.json tables, each optionally path:method[=label][,method...]")
     parser.add_argument("--compare", nargs=2, default=["smartbert", "fastbert"], metavar=("A", "B"),
                         help="the two methods to compare paired by seed (default: smartbert fastbert)")
     parser.add_argument("--json", default=None, help="write the summaries here (a JSON list, one per task and backbone)")

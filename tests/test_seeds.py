@@ -103,3 +103,25 @@ def test_path_method_selection_and_errors(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "foreign.json").write_text(json.dumps({"rows": []}))
     assert seeds.main([str(tmp_path / "foreign.json")]) == 2
     assert "not a benchmarks.tradeoff table" in capsys.readouterr().err
+
+
+def test_a_renamed_method_compares_two_variants_of_one_method(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    new = [write_table(tmp_path / f"new{seed}.json", seed, {"smartbert": [0.9, 0.9, 0.88, 0.85]},
+                       skipping=stats(seed, 4, -0.1)) for seed in (42, 43)]
+    old = [write_table(tmp_path / f"old{seed}.json", seed, {"smartbert": [0.9, 0.89, 0.86, 0.86], "fastbert": [0.8] * 4})
+           for seed in (42, 43)]
+    groups = seeds.load_tables([*map(str, new), *(f"{path}:smartbert=smartbert_paper" for path in old)])
+    group = groups[("mrpc", "all-MiniLM-L6-v2")]
+    assert sorted(group.cells) == ["smartbert", "smartbert_paper"] and sorted(group.skipping) == ["smartbert"]
+    assert group.sources["smartbert_paper"] == {42: str(old[0]), 43: str(old[1])}
+    comparison = seeds.summarize(group, ("smartbert", "smartbert_paper"))["comparison"]["budgets"]
+    assert comparison["0.75"]["mean_difference"] == pytest.approx(0.01)
+    assert comparison["0.33"]["mean_difference"] == pytest.approx(-0.01)
+    assert comparison["0.5"]["a_at_or_above"] == 2
+
+    capsys.readouterr()
+    assert seeds.main([f"{old[0]}:smartbert="]) == 2
+    assert "is not a method name or method=label" in capsys.readouterr().err
+    assert seeds.main([str(new[0]), f"{old[0]}:fastbert=smartbert"]) == 2
+    assert "rename one with path:method=label" in capsys.readouterr().err
