@@ -37,6 +37,10 @@ def _default_gate_threshold(config: Any) -> float:
     return float(getattr(config, "gate_threshold", 0.5))
 
 
+def _every_epoch(config: Any, epoch: int) -> bool:
+    return True
+
+
 def _no_extra_results(config: Any, task: GlueTask, rows: list[dict[str, Any]],
                       majority: dict[str, float] | None) -> dict[str, Any]:
     return {}
@@ -65,6 +69,9 @@ class Method:
         extra_results: ``(config, task, sweep rows, majority-class metrics) -> fields`` added to
             ``results.json["extras"]``.
         heldout_gate_mode: gate mode of the held-out evaluation that picks the best epoch.
+        stage1_selectable: ``(config, epoch) -> bool``: whether stage-1 epoch ``epoch`` (0-based)
+            may be picked as the best (SmartBERT: not a gate warm-up epoch, whose gates are
+            untrained, so that its model would skip nothing).
         stage1_untrained_prefixes: state-dict prefixes of modules stage 1 never trains; they
             are left out of the best stage-1 weights and kept when those are reloaded.
         resume_allowed_keys: config keys a resumed run may change.
@@ -82,6 +89,7 @@ class Method:
     extra_results: Callable[[Any, GlueTask, list[dict[str, Any]], dict[str, float] | None], dict[str, Any]] = \
         _no_extra_results
     heldout_gate_mode: str = "run"
+    stage1_selectable: Callable[[Any, int], bool] = _every_epoch
     stage1_untrained_prefixes: tuple[str, ...] = ()
     resume_allowed_keys: tuple[str, ...] = RESUME_ALLOWED_KEYS
 

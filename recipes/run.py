@@ -302,7 +302,8 @@ class Run:
                 logger.info("stage 1 epoch %d: held-out %s", epoch + 1, heldout)
             # Every process evaluates the same held-out rows, so all agree on the best epoch.
             new_best = None
-            if self.best_stage1 is None or main_value > self.best_stage1.value:
+            selectable = self.method.stage1_selectable(config, epoch)
+            if selectable and (self.best_stage1 is None or main_value > self.best_stage1.value):
                 self.best_stage1 = BestEpoch(epoch=epoch, metric=self.task.main_metric, value=main_value)
                 new_best = self._stage1_state()
             self._save(1, epoch, optimizer, scheduler, new_best)

@@ -10,7 +10,7 @@ Paper sections 3.3-3.6 (eq. 3-8), as described in ``docs/design.md``:
 * stage 1 (eq. 3, :func:`adaptive_depth.losses.smartbert_stage1_loss`): ``CE(z_L, y) +
   lambda / sum_i g_i + eta1 * L_contra1`` over the hidden
   states ``X^1..X^L``; gates soft for the first ``soft_epochs`` epochs, hard after. The best
-  epoch is chosen on a split held out from *train* (never on dev).
+  epoch (never a gate warm-up epoch) is chosen on a split held out from *train* (never on dev).
 * stage 2 (eq. 5-8): the best stage-1 weights are reloaded; backbone, gates and last head are
   frozen (``requires_grad`` off, not in the optimizer, eval mode); heads ``1..L-1`` and the
   stage-2 projection train on ``sum_i CE(z_i, y) + eta2 * L_contra2`` over the heads'
@@ -64,7 +64,8 @@ class SmartBertConfig(RecipeConfig):
         gate_warmup_epochs: leading stage-1 epochs in which every layer runs and the gates are not
             trained (no gate objective): the backbone and the last head learn the task first, so
             the gates then learn which layers a trained model can spare, instead of starving
-            layers the model has not learned to use yet. 0 (default) is the paper's schedule.
+            layers the model has not learned to use yet. 0 (default) is the paper's schedule. A
+            warm-up epoch is never picked as the best stage-1 epoch (its gates are untrained).
         soft_epochs: how many of the stage-1 epochs after the warm-up use soft gates (the rest: hard).
         gate_lr: stage-1 learning rate of the gates; 0 uses ``stage1_lr``.
         initial_skip_bias: initial bias of every gate's score (0: ``p_skip`` near 0.5; negative
@@ -205,6 +206,13 @@ def stage1_options(config: SmartBertConfig, epoch: int) -> dict[str, Any]:
     return {"gate_mode": GateSchedule(config.soft_epochs).mode(epoch - config.gate_warmup_epochs)}
 
 
+def stage1_selectable(config: SmartBertConfig, epoch: int) -> bool:
+    """Only epochs after the gate warm-up may be the best: a warm-up epoch's gates are untrained
+    (with a negative ``initial_skip_bias`` its model skips nothing), and picking it because it
+    ties or beats the gated epochs on held-out would silently turn SmartBERT into fine-tuning."""
+    return epoch >= config.gate_warmup_epochs
+
+
 def sweep_settings(config: SmartBertConfig, task: GlueTask, num_steps: int) -> list[SweepSetting]:
     """Full depth, skip only, then entropy thresholds; for regression (STS-B, where the entropy of
     one output is always 0) patience ``1..L-1`` instead: exit once that many consecutive heads agree
@@ -244,6 +252,7 @@ METHOD = register_method(Method(
     gate_threshold=lambda config: config.gate_threshold,
     extra_results=extra_results,
     heldout_gate_mode="hard",  # the best epoch is picked with the gates skipping, as they will at inference
+    stage1_selectable=stage1_selectable,
     stage1_untrained_prefixes=("contrast2.",),
     resume_allowed_keys=(*RESUME_ALLOWED_KEYS, "entropy_thresholds"),
 ))

@@ -99,6 +99,30 @@ def interrupt_epoch(monkeypatch: pytest.MonkeyPatch, epoch_call: int, signal_num
     monkeypatch.setattr(loop, "run_epoch", run_epoch)
 
 
+def test_a_gate_warmup_epoch_is_never_the_best_stage1_epoch(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The warm-up epoch scores best on held-out here, but its gates are untrained (they would skip
+    nothing): the best stage-1 weights must come from the epoch that trained the gates."""
+    from recipes.run import Run
+
+    scores = iter([0.9, 0.6])
+    original = Run.evaluate_heldout
+
+    def evaluate_heldout(self: Run) -> dict[str, float]:
+        measured = original(self)
+        return {**measured, "f1": next(scores)}
+
+    monkeypatch.setattr(Run, "evaluate_heldout", evaluate_heldout)
+    out = tmp_path / "run"
+    argv = [*base(glue_dir, tiny_model_dir, out), "stage1_epochs=2", "gate_warmup_epochs=1", "soft_epochs=1",
+            "stage2_epochs=0", "entropy_thresholds=[0.3]"]
+    assert run_cli(*argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [epoch["options"]["gate_mode"] for epoch in results["history"]["stage1"]] == ["run", "soft"]
+    assert results["best_stage1"] == {"epoch": 1, "metric": "f1", "value": 0.6}
+
+
 @pytest.mark.parametrize(("where", "signal_number", "checkpoint"), [
     ("stage1", signal.SIGINT, (1, 0)), ("stage2", signal.SIGTERM, (2, 0)), ("sweep", signal.SIGINT, (2, 1)),
 ])
