@@ -21,6 +21,7 @@ from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoderOutput
 
 __all__ = [
+    "BudgetOn",
     "ExitObjective",
     "GateObjective",
     "LossTerms",
@@ -40,6 +41,7 @@ __all__ = [
 
 GateObjective = Literal["paper", "budget"]
 ExitObjective = Literal["paper", "distill"]
+BudgetOn = Literal["probabilities", "decisions"]
 
 
 @dataclass
@@ -157,6 +159,7 @@ def smartbert_stage1_loss(
     contrastive_weight: float = 0.0,
     gate_objective: GateObjective | None = "paper",
     target_cost: float = 0.5,
+    budget_on: BudgetOn = "probabilities",
 ) -> LossTerms:
     """SmartBERT stage 1 (paper eq. 3 and 5): last head + gate objective + cross-layer contrast.
 
@@ -169,12 +172,21 @@ def smartbert_stage1_loss(
     Args:
         out: the encoder's output with the last head run (``heads="last"`` or ``"all"``).
         labels: ``[B]`` class ids or scores.
+        budget_on: what the budget measures: ``"probabilities"``, the expected share of layers
+            run under the soft skip probabilities (``out.gate_probs``); ``"decisions"``, the share
+            the gates actually let run (``out.gate_values``: with hard gates the 0/1 decisions,
+            with the straight-through gradient). With soft gates the two are the same; with hard
+            gates probabilities just under the threshold meet an expected budget while
+            nothing is skipped, which ``"decisions"`` does not allow.
     """
     terms = {"task": task_loss(out.logits, labels, is_regression)}
     if gate_objective == "paper":
         terms["skip_reward"] = skip_reward(out.gate_probs, skip_weight)
     elif gate_objective == "budget":
-        terms["budget"] = budget_penalty(out.gate_probs, target_cost, skip_weight)
+        if budget_on not in ("probabilities", "decisions"):
+            raise ValueError(f"budget_on must be 'probabilities' or 'decisions', got {budget_on!r}.")
+        measured = out.gate_probs if budget_on == "probabilities" else out.gate_values
+        terms["budget"] = budget_penalty(measured, target_cost, skip_weight)
     elif gate_objective is not None:
         raise ValueError(f"gate_objective must be 'paper', 'budget' or None, got {gate_objective!r}.")
     if contrastive is not None and contrastive_weight > 0:

@@ -76,6 +76,10 @@ class SmartBertConfig(RecipeConfig):
             ``"budget"``: :func:`adaptive_depth.losses.budget_penalty`, which keeps the batch's
             expected share of layers run at ``target_cost`` and leaves rows free to differ.
         target_cost: the share of the layers' MACs the budget objective aims at.
+        budget_on: what the budget objective measures in hard epochs: ``"probabilities"``
+            (default; the expected share run under the soft skip probabilities) or
+            ``"decisions"`` (the share the hard gates actually run, straight-through gradient);
+            see :func:`adaptive_depth.losses.smartbert_stage1_loss`.
         exit_objective: what the intermediate heads learn in stage 2: ``"paper"`` (eq. 7, the
             labels) or ``"distill"`` (the frozen last head's softmax, as FastBERT's students do:
             :func:`adaptive_depth.losses.distillation_loss`).
@@ -105,6 +109,7 @@ class SmartBertConfig(RecipeConfig):
     gate_objective: str = "paper"
     target_cost: float = 0.5
     exit_objective: str = "paper"
+    budget_on: str = "probabilities"
     regression_tolerance: float = 0.1
 
     _positive = (*RecipeConfig._positive, "projection_dim", "gate_inner_size")
@@ -121,6 +126,8 @@ class SmartBertConfig(RecipeConfig):
                               f"({self.stage1_epochs}): the gates need at least one epoch to train")
         if self.gate_objective not in ("paper", "budget"):
             raise ConfigError(f"gate_objective must be 'paper' or 'budget', got {self.gate_objective!r}")
+        if self.budget_on not in ("probabilities", "decisions"):
+            raise ConfigError(f"budget_on must be 'probabilities' or 'decisions', got {self.budget_on!r}")
         if self.exit_objective not in ("paper", "distill"):
             raise ConfigError(f"exit_objective must be 'paper' or 'distill', got {self.exit_objective!r}")
         if not 0.0 <= self.target_cost <= 1.0:
@@ -160,6 +167,7 @@ class SmartBertModel(nn.Module):
                 out, batch["labels"], is_regression=self.is_regression, skip_weight=config.skip_weight,
                 contrastive=self.contrast1, contrastive_weight=config.eta1,
                 gate_objective=None if gate_mode == "run" else config.gate_objective, target_cost=config.target_cost,
+                budget_on=config.budget_on,  # type: ignore[arg-type]
             )
         # Distillation needs the teacher: the frozen last head, behind the same hard gates.
         heads = "all" if config.exit_objective == "distill" else "intermediate"

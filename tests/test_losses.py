@@ -89,6 +89,7 @@ def test_smartbert_stage2_distill_matches_the_frozen_last_head() -> None:
                                      exit_objective="labels")  # type: ignore[arg-type]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_budget_objective_drives_the_mean_gate_towards_its_target() -> None:
     """Gates trained on the budget penalty alone settle where the batch runs the target share of layers."""
     torch.manual_seed(0)
@@ -105,6 +106,42 @@ def test_budget_objective_drives_the_mean_gate_towards_its_target() -> None:
     with torch.no_grad():
         probs = encoder(input_ids, mask, gate_mode="soft", heads="none").gate_probs
     assert float((1 - probs).mean()) == pytest.approx(0.4, abs=0.02)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_budget_on_decisions_holds_what_the_hard_gates_run() -> None:
+    """Hard gates whose probabilities sit under the threshold (here 0.6) meet a 50% budget in
+    expectation while skipping nothing. ``budget_on="decisions"`` measures what runs: its penalty sees the gap,
+    and training the gates on it (straight-through) brings the layers actually run towards the target."""
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    input_ids, mask = padded_batch(batch_size=8, num_tokens=9)
+    results = {}
+    for budget_on in ("probabilities", "decisions"):
+        torch.manual_seed(0)
+        encoder = AdaptiveEncoder(tiny_model("bert", num_layers=4), num_labels=2, gate_inner_size=16,
+                                  head_inner_size=16)  # p_skip ~0.5: expected cost 50%, nothing skipped at 0.6
+        optimizer = torch.optim.Adam(encoder.gates.parameters(), lr=0.03)
+        for step in range(100):
+            out = encoder(input_ids, mask, gate_mode="hard", heads="last", gate_threshold=0.6)
+            terms = losses.smartbert_stage1_loss(out, labels, is_regression=False, skip_weight=1.0,
+                                                 gate_objective="budget", target_cost=0.5, budget_on=budget_on)
+            if step == 0:
+                run = float(1 - out.gate_values.detach().mean())
+                expected = float(1 - out.gate_probs.detach().mean())
+                target = run if budget_on == "decisions" else expected
+                assert run == 1.0 and float(terms["budget"]) == pytest.approx((target - 0.5) ** 2, rel=1e-5)
+            optimizer.zero_grad()
+            terms["budget"].backward()
+            optimizer.step()
+        with torch.no_grad():
+            final = encoder(input_ids, mask, gate_mode="hard", heads="none", gate_threshold=0.6)
+            results[budget_on] = float(1 - final.gate_values.mean())
+    assert results["probabilities"] == 1.0  # the expected budget was met from the start: nothing learned to skip
+    assert results["decisions"] == pytest.approx(0.5, abs=0.15)
+    with pytest.raises(ValueError, match="budget_on must be"):
+        losses.smartbert_stage1_loss(out, labels, is_regression=False, skip_weight=1.0, gate_objective="budget",
+                                     budget_on="soft")  # type: ignore[arg-type]
 
 
 def test_distillation_loss_zero_for_identical_and_positive_otherwise() -> None:

@@ -310,6 +310,8 @@ def test_overrides_are_typed_and_validated() -> None:
         load_config(smartbert.SmartBertConfig, None, ["stage1_lr"], task="rte")
     with pytest.raises(ConfigError, match="exit_objective must be 'paper' or 'distill'"):
         load_config(smartbert.SmartBertConfig, None, ["exit_objective=kd"], task="rte")
+    with pytest.raises(ConfigError, match="budget_on must be 'probabilities' or 'decisions'"):
+        load_config(smartbert.SmartBertConfig, None, ["budget_on=hard"], task="rte")
 
 
 def test_runs_under_torchrun_with_two_processes(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
