@@ -60,8 +60,8 @@ def split_source(argument: str) -> tuple[Path, dict[str, str] | None]:
     path, _, methods = argument.partition(":") if not Path(argument).is_file() else (argument, "", "")
     wanted: dict[str, str] = {}
     for item in (item for item in methods.split(",") if item):
-        method, _, label = item.partition("=")
-        if not method or (_ and not label):
+        method, separator, label = item.partition("=")
+        if not method or (separator and not label):
             raise SeedsError(f"{argument}: {item!r} is not a method name or method=label")
         wanted[method] = label or method
     return Path(path), (wanted or None)
