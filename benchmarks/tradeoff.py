@@ -157,17 +157,26 @@ def reference_macs(backbone_dir: Path, num_labels: int, padded_length: int) -> i
     return encoder.full_depth_macs(padded_length, "paper")
 
 
-def build_table(task: str, all_results: dict[str, RunResults], run_dirs: dict[str, Path]) -> dict[str, Any]:
-    """One JSON-ready table: every method's rows with cost relative to the fine-tuned full depth."""
-    first = next(iter(all_results.values()))
-    main_metric = first.main_metric
-    for key in ("seed", "padded_length", "max_length"):
+def check_alike(all_results: dict[str, RunResults]) -> None:
+    """Refuse to compare runs of different tasks, seeds, lengths or backbones.
+
+    Raises:
+        ConfigError: with the values that differ.
+    """
+    for key in ("task", "seed", "padded_length", "max_length"):
         values = {method: results.config.get(key) for method, results in all_results.items()}
         if len(set(values.values())) > 1:
             raise ConfigError(f"the runs differ in {key}: {values}; compare runs made alike")
     models = {method: results.model for method, results in all_results.items()}
     if len(set(models.values())) > 1:
         raise ConfigError(f"the runs use different backbones: {models}")
+
+
+def build_table(task: str, all_results: dict[str, RunResults], run_dirs: dict[str, Path]) -> dict[str, Any]:
+    """One JSON-ready table: every method's rows with cost relative to the fine-tuned full depth."""
+    check_alike(all_results)
+    first = next(iter(all_results.values()))
+    main_metric = first.main_metric
     padded_length = first.config["padded_length"]
     analytic = reference_macs(run_dirs[next(iter(all_results))] / "backbone", get_task(task).num_labels, padded_length)
     if REFERENCE in all_results:

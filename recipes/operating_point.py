@@ -22,7 +22,7 @@ from adaptive_depth.engine import AdaptiveInferenceEngine
 from recipes.results import OperatingPoint
 from recipes.sweep import SweepSetting, run_sweep
 
-__all__ = ["MODEL_DIR", "calibrate_and_save"]
+__all__ = ["MODEL_DIR", "calibrate_and_save", "main_metric_function"]
 
 logger = logging.getLogger("recipes")
 
@@ -80,7 +80,7 @@ def calibrate_and_save(
                                            padded_length)
         config.mode = exit_setting.mode
         try:
-            calibration = calibrate_threshold(template, list(heldout), budget, metric=_metric(make_metrics))
+            calibration = calibrate_threshold(template, list(heldout), budget, metric=main_metric_function(make_metrics))
         except ValueError as error:  # the budget cannot be met: say so, save the model at no early exit
             logger.warning("calibration: %s", error)
             config.criterion, config.threshold = criterion_name(exit_setting.criterion), _never_exit(exit_setting)
@@ -102,7 +102,7 @@ def calibrate_and_save(
                           reason=reason)
 
 
-def _metric(make_metrics: Callable[[], Any]) -> Callable[[Tensor, Tensor], float]:
+def main_metric_function(make_metrics: Callable[[], Any]) -> Callable[[Tensor, Tensor], float]:
     """The task's main metric as a ``(predictions, labels) -> float`` function."""
 
     probe = make_metrics()

