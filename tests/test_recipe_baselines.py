@@ -214,9 +214,12 @@ def test_tradeoff_end_to_end(tiny_model_dir: Path, glue_dir: Path, tmp_path: Pat
         assert row["relative_cost"] == pytest.approx(
             row["mean_macs_paper"] / reference["mean_macs_paper"])
         assert 0.0 <= row["main_metric"] <= 1.0
-    # A second call reuses both finished runs (no training).
-    assert tradeoff.main(argv) == 0
+    # A second call reuses both finished runs (no training); --calibrate adds the calibrated table.
+    assert tradeoff.main([*argv, "--calibrate"]) == 0
     assert "epoch" not in capsys.readouterr().err
+    calibrated = json.loads((out / "calibrated-mrpc.json").read_text())
+    assert set(calibrated["runs"]) == {"deebert"} and calibrated["budgets"] == [0.75, 0.5, 0.33]
+    assert calibrated["reference"]["mean_macs_paper"] == pytest.approx(reference["mean_macs_paper"])
     # A run made with another config is not silently reused.
     assert tradeoff.main([*argv, "seed=7"]) == 2
     assert "another config" in capsys.readouterr().err
