@@ -50,6 +50,8 @@ from recipes.run_folder import RUN_FILE, compare_data
 
 logger = logging.getLogger("recipes")
 
+SELECTION = "threshold calibrated to each budget on held-out rows"
+
 __all__ = ["calibrate_run", "format_calibrated", "heldout_and_dev", "main"]
 
 
@@ -215,7 +217,7 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
                for method, cells in calibration.items()}
     return {
         "task": task, "model": first.model, "main_metric": first.main_metric, "seed": first.config["seed"],
-        "padded_length": padded_length, "convention": "paper", "calibrated_on": "held-out part of train",
+        "padded_length": padded_length, "convention": "paper", "selection": SELECTION,
         "reference": {"method": REFERENCE, "mean_macs_paper": reference,
                       "source": "computed (pooler head, every layer)", "analytic_mean_macs_paper": reference},
         "budgets": list(budgets),

@@ -31,6 +31,8 @@ from typing import Any
 from recipes.loading import model_label
 
 VERDICT_BUDGETS = (0.75, 0.5, 0.33)
+# How a table picked each method's setting per budget (its "selection"; tradeoff tables have none).
+GRID = "best dev setting of the threshold grid within each cost budget"
 
 
 class SeedsError(ValueError):
@@ -50,6 +52,7 @@ class Group:
     main_metric: str
     reference_macs: float
     majority: float | None
+    selection: str = GRID
     cells: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     skipping: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     sources: dict[str, dict[int, str]] = field(default_factory=dict)
@@ -93,8 +96,12 @@ def load_tables(arguments: list[str]) -> dict[tuple[str, str], Group]:
             raise SeedsError(f"{path}: has no method {unknown}; it has {list(table['at_cost'])}")
         key = (table["task"], model_label(table["model"]))
         majority = (table.get("majority_class_baseline") or {}).get(table["main_metric"])
+        selection = table.get("selection", GRID)
         group = groups.setdefault(key, Group(*key, table["main_metric"], float(table["reference"]["mean_macs_paper"]),
-                                             majority))
+                                             majority, selection))
+        if group.selection != selection:
+            raise SeedsError(f"{path}: its settings are picked as '{selection}', the other {key[0]} tables' as "
+                             f"'{group.selection}'; summarise the two kinds of table separately")
         if not math.isclose(group.reference_macs, float(table["reference"]["mean_macs_paper"]), rel_tol=1e-6):
             raise SeedsError(f"{path}: its cost denominator ({table['reference']['mean_macs_paper']:.4g} MACs) differs "
                              f"from the other {key[0]} tables' ({group.reference_macs:.4g}); compare runs made alike "
@@ -165,7 +172,7 @@ def summarize(group: Group, compare: tuple[str, str], verdict_budgets: tuple[flo
         rates = [stats["skip_rate_per_layer"] for stats in seeds.values()]
         skipping[method]["skip_rate_per_layer"] = [sum(layer) / len(layer) for layer in zip(*rates)]
         skipping[method]["seeds"] = sorted(seeds)
-    return {"task": group.task, "model": group.model, "main_metric": group.main_metric,
+    return {"task": group.task, "model": group.model, "main_metric": group.main_metric, "selection": group.selection,
             "majority_class_baseline": group.majority, "reference_mean_macs_paper": group.reference_macs,
             "sources": group.sources, "methods": methods, "comparison": comparison, "skipping": skipping}
 
@@ -176,8 +183,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     metric = summary["main_metric"]
     methods = summary["methods"]
     budgets = list(next(iter(methods.values())))
-    lines = [f"### {summary['task']} ({summary['model']}): dev {metric} (%), best setting within each cost budget",
-             "", "| method | seeds | " + " | ".join(f"cost <= {100 * float(budget):.0f}%" for budget in budgets) + " |",
+    selection = summary.get("selection", GRID)
+    what = "best setting within each cost budget" if selection == GRID else selection
+    column = "cost <= {:.0f}%" if selection == GRID else "budget {:.0f}%"
+    lines = [f"### {summary['task']} ({summary['model']}): dev {metric} (%), {what}",
+             "", "| method | seeds | " + " | ".join(column.format(100 * float(budget)) for budget in budgets) + " |",
              "|" + "---|" * (len(budgets) + 2)]
     for method, cells in methods.items():
         seeds = list(next(iter(cells.values()))["per_seed"])

@@ -125,3 +125,17 @@ def test_a_renamed_method_compares_two_variants_of_one_method(tmp_path: Path,
     assert "is not a method name or method=label" in capsys.readouterr().err
     assert seeds.main([str(new[0]), f"{old[0]}:fastbert=smartbert"]) == 2
     assert "rename one with path:method=label" in capsys.readouterr().err
+
+
+def test_calibrated_tables_are_summarised_apart_from_grid_tables(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.calibrated import SELECTION
+
+    grid = write_table(tmp_path / "grid.json", 42, {"smartbert": [0.9] * 4})
+    calibrated = write_table(tmp_path / "cal.json", 43, {"smartbert": [0.8] * 4})
+    calibrated.write_text(json.dumps({**json.loads(calibrated.read_text()), "selection": SELECTION}))
+    assert seeds.main([str(calibrated)]) == 0
+    text = capsys.readouterr().out
+    assert f"dev f1 (%), {SELECTION}" in text and "| budget 50% |" in text and "cost <= 50%" not in text
+    assert seeds.main([str(grid), str(calibrated)]) == 2
+    assert "summarise the two kinds of table separately" in capsys.readouterr().err
