@@ -26,12 +26,15 @@ __all__ = [
     "GateObjective",
     "LossTerms",
     "budget_penalty",
+    "difficulty_targets",
     "deebert_highway_loss",
     "distillation_loss",
     "expected_relative_cost",
     "fastbert_distillation_loss",
     "last_head_loss",
     "pabee_weighted_loss",
+    "routed_budget_penalty",
+    "row_task_losses",
     "skip_reward",
     "smartbert_stage1_loss",
     "smartbert_stage2_loss",
@@ -149,6 +152,73 @@ def budget_penalty(gate_probs: Tensor, target_cost: float, weight: float,
     return weight * gap * gap
 
 
+def difficulty_targets(row_losses: Tensor, target_cost: float, spread: float) -> Tensor:
+    """Per-row cost targets that give harder rows more layers: ``target_cost +- spread`` by loss rank.
+
+    The row with the lowest loss in the batch gets ``target_cost - spread``, the highest
+    ``target_cost + spread``, the others linearly by rank in between (so the targets average
+    ``target_cost``), clamped to ``[0, 1]``. Ranks, not loss values, so one outlier does not
+    set everyone's target; the losses are detached (a target, not a path for gradients).
+
+    Args:
+        row_losses: ``[B]`` per-row losses (any scale; only their order counts).
+        target_cost: the batch's mean target, in ``[0, 1]``.
+        spread: half the range of targets, ``>= 0``.
+
+    Returns:
+        ``[B]`` targets.
+
+    Example:
+        >>> targets = difficulty_targets(torch.tensor([0.1, 2.0, 0.7]), target_cost=0.5, spread=0.2)
+        >>> [round(value, 3) for value in targets.tolist()]
+        [0.3, 0.7, 0.5]
+    """
+    if spread < 0:
+        raise ValueError(f"spread must be >= 0, got {spread}.")
+    batch = row_losses.shape[0]
+    if batch < 2:
+        return torch.full_like(row_losses, target_cost, dtype=torch.float32)
+    ranks = row_losses.detach().argsort().argsort().float() / (batch - 1)  # 0 for the easiest row, 1 the hardest
+    return (target_cost + spread * (2.0 * ranks - 1.0)).clamp(0.0, 1.0)
+
+
+def routed_budget_penalty(gate_probs: Tensor, row_losses: Tensor, target_cost: float, spread: float, weight: float,
+                          layer_costs: Tensor | Sequence[float] | None = None) -> Tensor:
+    """The budget per row, aimed by difficulty: ``weight * mean_b (e_b - t_b)^2``.
+
+    ``e_b`` is row ``b``'s expected share of the layers run (:func:`expected_relative_cost`) and
+    ``t_b`` its :func:`difficulty_targets` target. :func:`budget_penalty` constrains only the
+    batch mean, and on MRPC and CoLA the gates meet it with one fixed pattern for every row (see
+    ``docs/results.md``): nothing in the objective asks rows to differ. Here each row is held to
+    its own target, higher for rows the model currently finds harder (higher ``row_losses``),
+    so the gates must learn, from the hidden states they see, which rows need depth. The targets
+    average ``target_cost``, so the batch budget is the same; ``spread=0`` holds every row to it.
+
+    Args:
+        gate_probs: ``[B, L]`` skip probabilities (or the hard decisions, straight-through).
+        row_losses: ``[B]`` per-row task losses of the last head (detached here).
+        target_cost, spread: see :func:`difficulty_targets`.
+        weight: penalty weight.
+        layer_costs: ``[L]`` per-step MACs (``None``: equal).
+
+    Example:
+        >>> probs = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # row 0 runs half the layers, row 1 all
+        >>> float(routed_budget_penalty(probs, torch.tensor([0.1, 3.0]), 0.75, 0.25, weight=1.0))
+        0.0
+    """
+    if not 0.0 <= target_cost <= 1.0:
+        raise ValueError(f"target_cost must be in [0, 1], got {target_cost}.")
+    gap = expected_relative_cost(gate_probs, layer_costs) - difficulty_targets(row_losses, target_cost, spread)
+    return weight * (gap * gap).mean()
+
+
+def row_task_losses(logits: Tensor, labels: Tensor, is_regression: bool) -> Tensor:
+    """:func:`task_loss` per row, ``[B]``: cross-entropy, or squared error for regression."""
+    if is_regression:
+        return (logits[:, 0] - labels.float()) ** 2
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
 def smartbert_stage1_loss(
     out: AdaptiveEncoderOutput,
     labels: Tensor,
@@ -160,6 +230,7 @@ def smartbert_stage1_loss(
     gate_objective: GateObjective | None = "paper",
     target_cost: float = 0.5,
     budget_on: BudgetOn = "probabilities",
+    difficulty_spread: float = 0.0,
 ) -> LossTerms:
     """SmartBERT stage 1 (paper eq. 3 and 5): last head + gate objective + cross-layer contrast.
 
@@ -178,6 +249,9 @@ def smartbert_stage1_loss(
             with the straight-through gradient). With soft gates the two are the same; with hard
             gates probabilities just under the threshold meet an expected budget while
             nothing is skipped, which ``"decisions"`` does not allow.
+        difficulty_spread: ``> 0`` (with ``"budget"``) holds each row to its own target,
+            ``target_cost +- difficulty_spread`` by its last-head loss rank in the batch
+            (:func:`routed_budget_penalty`), instead of only the batch mean; ``0``: the batch mean.
     """
     terms = {"task": task_loss(out.logits, labels, is_regression)}
     if gate_objective == "paper":
@@ -186,7 +260,11 @@ def smartbert_stage1_loss(
         if budget_on not in ("probabilities", "decisions"):
             raise ValueError(f"budget_on must be 'probabilities' or 'decisions', got {budget_on!r}.")
         measured = out.gate_probs if budget_on == "probabilities" else out.gate_values
-        terms["budget"] = budget_penalty(measured, target_cost, skip_weight)
+        if difficulty_spread > 0:
+            row_losses = row_task_losses(out.logits.detach(), labels, is_regression)
+            terms["budget"] = routed_budget_penalty(measured, row_losses, target_cost, difficulty_spread, skip_weight)
+        else:
+            terms["budget"] = budget_penalty(measured, target_cost, skip_weight)
     elif gate_objective is not None:
         raise ValueError(f"gate_objective must be 'paper', 'budget' or None, got {gate_objective!r}.")
     if contrastive is not None and contrastive_weight > 0:

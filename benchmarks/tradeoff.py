@@ -86,7 +86,7 @@ def check_reusable(method: str, run_dir: Path, results: RunResults, expected: di
     """
     results_path = run_dir / "results.json"
     fix = "delete the folder or pick another --output-dir"
-    differences = config_differences(results.config, expected, REUSE_ALLOWED_KEYS)
+    differences = config_differences(results.config, expected, REUSE_ALLOWED_KEYS, get_method(method).config_class)
     if differences:
         raise ResumeMismatchError(f"{results_path} was made with another config ({'; '.join(differences)}) than this "
                                   f"comparison asks for; {fix}")

@@ -230,7 +230,8 @@ class Run:
             raise ResumeMismatchError(f"the checkpoint in {loaded_from} was trained from model {state['model']}, "
                                       f"this run loads {self.model_name}; resume with the same --model")
         allowed = self.method.resume_allowed_keys
-        differences = config_differences(state.get("config", {}), config_to_dict(self.config), ("task", *allowed))
+        differences = config_differences(state.get("config", {}), config_to_dict(self.config), ("task", *allowed),
+                                         type(self.config))
         if differences:
             raise ResumeMismatchError(
                 f"the checkpoint in {loaded_from} was trained with another config ({'; '.join(differences)}); resume "

@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -227,12 +229,22 @@ def data_fingerprint(splits: Mapping[str, Sequence[Any]], data_dir: Path) -> dic
             "rows": {name: len(rows) for name, rows in sorted(splits.items())}, "sha256": digest.hexdigest()}
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str]) -> list[str]:
-    """``key: saved -> current`` for every config key that differs, except the ``allowed`` ones."""
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str],
+                       config_class: type | None = None) -> list[str]:
+    """``key: saved -> current`` for every config key that differs, except the ``allowed`` ones.
+
+    With ``config_class`` (a config dataclass), a key that ``saved`` lacks is no difference when
+    ``current`` holds that key's default: an option added after the run was made, whose default
+    is what the run did.
+    """
     allowed = set(allowed)
+    defaults = {} if config_class is None else {
+        field.name: field.default for field in dataclasses.fields(config_class)
+        if field.default is not dataclasses.MISSING}
     keys = sorted((set(saved) | set(current)) - allowed)
     return [f"{key}: {saved.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
-            for key in keys if saved.get(key) != current.get(key)]
+            for key in keys if saved.get(key) != current.get(key)
+            and not (key not in saved and key in defaults and current.get(key) == defaults[key])]
 
 
 def compare_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any], what: str) -> str | None:

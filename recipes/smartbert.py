@@ -80,6 +80,10 @@ class SmartBertConfig(RecipeConfig):
             (default; the expected share run under the soft skip probabilities) or
             ``"decisions"`` (the share the hard gates actually run, straight-through gradient);
             see :func:`adaptive_depth.losses.smartbert_stage1_loss`.
+        difficulty_spread: with ``gate_objective="budget"``, ``> 0`` holds each row to its own
+            target, ``target_cost +- difficulty_spread`` by the rank of its last-head loss in the
+            batch (:func:`adaptive_depth.losses.routed_budget_penalty`), so that harder rows are
+            given more layers; ``0`` (default) constrains only the batch mean.
         exit_objective: what the intermediate heads learn in stage 2: ``"paper"`` (eq. 7, the
             labels) or ``"distill"`` (the frozen last head's softmax, as FastBERT's students do:
             :func:`adaptive_depth.losses.distillation_loss`).
@@ -110,6 +114,7 @@ class SmartBertConfig(RecipeConfig):
     target_cost: float = 0.5
     exit_objective: str = "paper"
     budget_on: str = "probabilities"
+    difficulty_spread: float = 0.0
     regression_tolerance: float = 0.1
 
     _positive = (*RecipeConfig._positive, "projection_dim", "gate_inner_size")
@@ -132,6 +137,11 @@ class SmartBertConfig(RecipeConfig):
             raise ConfigError(f"exit_objective must be 'paper' or 'distill', got {self.exit_objective!r}")
         if not 0.0 <= self.target_cost <= 1.0:
             raise ConfigError(f"target_cost must be in [0, 1], got {self.target_cost}")
+        if not 0.0 <= self.difficulty_spread <= 0.5:
+            raise ConfigError(f"difficulty_spread must be in [0, 0.5], got {self.difficulty_spread}")
+        if self.difficulty_spread > 0 and self.gate_objective != "budget":
+            raise ConfigError(f"difficulty_spread={self.difficulty_spread} aims the budget objective; set "
+                              "gate_objective=budget (or difficulty_spread=0)")
         if any(value < 0 for value in self.entropy_thresholds):
             raise ConfigError(f"entropy_thresholds must be >= 0, got {self.entropy_thresholds}")
 
@@ -167,7 +177,7 @@ class SmartBertModel(nn.Module):
                 out, batch["labels"], is_regression=self.is_regression, skip_weight=config.skip_weight,
                 contrastive=self.contrast1, contrastive_weight=config.eta1,
                 gate_objective=None if gate_mode == "run" else config.gate_objective, target_cost=config.target_cost,
-                budget_on=config.budget_on,  # type: ignore[arg-type]
+                budget_on=config.budget_on, difficulty_spread=config.difficulty_spread,  # type: ignore[arg-type]
             )
         # Distillation needs the teacher: the frozen last head, behind the same hard gates.
         heads = "all" if config.exit_objective == "distill" else "intermediate"

@@ -52,6 +52,11 @@ def test_smartbert_stage1_terms_match_an_independent_computation() -> None:
                                           target_cost=0.5)
     assert list(budget) == ["task", "budget"]
     assert float(budget["budget"]) == pytest.approx(float(((1 - out.gate_probs).mean() - 0.5) ** 2), rel=1e-5)
+    routed = losses.smartbert_stage1_loss(out, labels, is_regression=False, skip_weight=1.0, gate_objective="budget",
+                                          target_cost=0.5, difficulty_spread=0.2)
+    row_losses = F.cross_entropy(out.logits, labels, reduction="none")
+    expected = losses.routed_budget_penalty(out.gate_probs, row_losses, 0.5, 0.2, weight=1.0)
+    assert list(routed) == ["task", "budget"] and float(routed["budget"]) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_smartbert_stage2_sums_the_intermediate_heads() -> None:
@@ -142,6 +147,55 @@ def test_budget_on_decisions_holds_what_the_hard_gates_run() -> None:
     with pytest.raises(ValueError, match="budget_on must be"):
         losses.smartbert_stage1_loss(out, labels, is_regression=False, skip_weight=1.0, gate_objective="budget",
                                      budget_on="soft")  # type: ignore[arg-type]
+
+
+def test_difficulty_targets_follow_the_loss_rank_and_keep_the_batch_budget() -> None:
+    row_losses = torch.tensor([0.9, 0.1, 2.5, 0.4, 0.4001])
+    targets = losses.difficulty_targets(row_losses, target_cost=0.5, spread=0.2)
+    # Ranks 3, 0, 4, 1, 2 of 4: targets 0.3 + 0.1 * rank.
+    assert targets.tolist() == pytest.approx([0.6, 0.3, 0.7, 0.4, 0.5])
+    assert float(targets.mean()) == pytest.approx(0.5)
+    assert losses.difficulty_targets(row_losses, 0.5, 0.0).tolist() == pytest.approx([0.5] * 5)
+    assert losses.difficulty_targets(row_losses, 0.9, 0.3).max() == 1.0  # clamped
+    assert losses.difficulty_targets(torch.tensor([3.0]), 0.4, 0.2).tolist() == pytest.approx([0.4])
+    with pytest.raises(ValueError, match="spread must be >= 0"):
+        losses.difficulty_targets(row_losses, 0.5, -0.1)
+    # Against a hand computation: row 0 (easy, target 0.25) runs 0.5, row 1 (hard, target 0.75) runs 1.0.
+    probs = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    penalty = losses.routed_budget_penalty(probs, torch.tensor([0.2, 1.0]), 0.5, 0.25, weight=2.0)
+    assert float(penalty) == pytest.approx(2.0 * (0.25 ** 2 + 0.25 ** 2) / 2)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_routed_budget_gives_harder_rows_more_layers() -> None:
+    """Gates trained on the per-row budget alone, with fixed row difficulties, run more layers on
+    the harder rows and keep the batch mean at the target; on the batch-mean budget they have no
+    reason to tell rows apart."""
+    input_ids, mask = padded_batch(batch_size=8, num_tokens=20)  # lengths 20, 18, ..., 6: rows the gates can tell apart
+    row_losses = torch.tensor([0.1, 2.0, 0.3, 1.5, 0.2, 1.0, 0.05, 3.0])  # the rows' (fixed) difficulty
+    for spread in (0.0, 0.3):
+        torch.manual_seed(0)
+        encoder = AdaptiveEncoder(tiny_model("bert", num_layers=4), num_labels=2, gate_inner_size=16, head_inner_size=16,
+                                  initial_skip_bias=-3.0)
+        optimizer = torch.optim.Adam(encoder.gates.parameters(), lr=0.05)
+        for _ in range(200):
+            out = encoder(input_ids, mask, gate_mode="soft", heads="none")
+            if spread:
+                loss = losses.routed_budget_penalty(out.gate_probs, row_losses, 0.5, spread, weight=1.0)
+            else:
+                loss = losses.budget_penalty(out.gate_probs, 0.5, weight=1.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            run = losses.expected_relative_cost(encoder(input_ids, mask, gate_mode="soft", heads="none").gate_probs)
+        assert float(run.mean()) == pytest.approx(0.5, abs=0.03)
+        if spread:
+            rank = lambda values: values.argsort().argsort().float()  # noqa: E731
+            assert float(torch.corrcoef(torch.stack([rank(run), rank(row_losses)]))[0, 1]) > 0.95
+            assert float((run - losses.difficulty_targets(row_losses, 0.5, spread)).abs().max()) < 0.1
+        else:
+            assert float(run.max() - run.min()) < 0.05  # every row at the mean: one pattern
 
 
 def test_distillation_loss_zero_for_identical_and_positive_otherwise() -> None:

@@ -312,6 +312,10 @@ def test_overrides_are_typed_and_validated() -> None:
         load_config(smartbert.SmartBertConfig, None, ["exit_objective=kd"], task="rte")
     with pytest.raises(ConfigError, match="budget_on must be 'probabilities' or 'decisions'"):
         load_config(smartbert.SmartBertConfig, None, ["budget_on=hard"], task="rte")
+    with pytest.raises(ConfigError, match=r"difficulty_spread must be in \[0, 0.5\]"):
+        load_config(smartbert.SmartBertConfig, None, ["gate_objective=budget", "difficulty_spread=0.7"], task="rte")
+    with pytest.raises(ConfigError, match="set gate_objective=budget"):
+        load_config(smartbert.SmartBertConfig, None, ["difficulty_spread=0.2"], task="rte")
 
 
 def test_runs_under_torchrun_with_two_processes(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
