@@ -207,7 +207,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         for budget, cell in comparison["budgets"].items():
             if cell["n"]:
                 difference = "n/a" if cell["mean_difference"] is None else f"{100 * cell['mean_difference']:+.2f}"
-                parts.append(f"<= {100 * float(budget):.0f}%: {difference} "
+                parts.append(f"{'<=' if selection == GRID else 'at'} {100 * float(budget):.0f}%: {difference} "
                              f"({cell['a_at_or_above']}/{cell['n']} seeds at or above)")
         lines.append(f"\n{comparison['a']} minus {comparison['b']}, paired by seed: " + "; ".join(parts))
         lines.append(f"{comparison['a']} at or above {comparison['b']} on the mean at every budget of "

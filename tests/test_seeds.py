@@ -132,10 +132,11 @@ def test_calibrated_tables_are_summarised_apart_from_grid_tables(tmp_path: Path,
     from benchmarks.calibrated import SELECTION
 
     grid = write_table(tmp_path / "grid.json", 42, {"smartbert": [0.9] * 4})
-    calibrated = write_table(tmp_path / "cal.json", 43, {"smartbert": [0.8] * 4})
+    calibrated = write_table(tmp_path / "cal.json", 43, {"smartbert": [0.8] * 4, "fastbert": [0.7] * 4})
     calibrated.write_text(json.dumps({**json.loads(calibrated.read_text()), "selection": SELECTION}))
     assert seeds.main([str(calibrated)]) == 0
     text = capsys.readouterr().out
     assert f"dev f1 (%), {SELECTION}" in text and "| budget 50% |" in text and "cost <= 50%" not in text
+    assert "at 50%:" in text and "<= 50%" not in text
     assert seeds.main([str(grid), str(calibrated)]) == 2
     assert "summarise the two kinds of table separately" in capsys.readouterr().err
