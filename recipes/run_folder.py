@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import os
