@@ -135,6 +135,8 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     from recipes.reload import load_run
     from recipes.sweep import SweepSetting, run_sweep
 
+    if reference is not None and convention != "paper":
+        raise ValueError("a shared reference is in paper-convention MACs; use convention='paper' or reference=None")
     method = get_method(method_name)
     encoder, tokenizer, config = load_run(run_dir, method_name)
     check_data(run_dir, data_dir, config)
@@ -146,8 +148,6 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
                           "(benchmarks.tradeoff shows its full depth)")
     gate_threshold = method.gate_threshold(config)
     heldout, dev = heldout_and_dev(data_dir, config, tokenizer)
-    if reference is not None and convention != "paper":
-        raise ValueError("a shared reference is in paper-convention MACs; use convention='paper' or reference=None")
     own_full = float(encoder.full_depth_macs(config.padded_length, "paper"))
     scale = 1.0 if reference is None else own_full / reference  # own relative cost -> relative to reference
     template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, exit_setting.mode,
