@@ -55,20 +55,21 @@ SELECTION = "threshold calibrated to each budget on held-out rows"
 __all__ = ["calibrate_run", "format_calibrated", "heldout_and_dev", "main"]
 
 
-def heldout_and_dev(data_dir: Path, config: Any, tokenizer: Any) -> tuple[list[dict[str, torch.Tensor]],
-                                                                          list[dict[str, torch.Tensor]]]:
+def heldout_and_dev(examples: tuple[list[Any], list[Any]], config: Any, tokenizer: Any
+                    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     """The batches of a run's held-out part of train and of its dev split, as the run made them.
 
-    The same rows (``max_train_rows``, ``max_eval_rows``, the seeded ``holdout_fraction`` split),
-    the same tokenizer and ``max_length``, ``eval_batch_size`` rows per batch.
+    Args:
+        examples: the run's train and dev rows (:func:`recipes.reload.run_examples`).
+
+    The held-out part is the seeded ``holdout_fraction`` split of train; the same tokenizer and
+    ``max_length``, ``eval_batch_size`` rows per batch.
     """
     from functools import partial
 
-    from recipes.glue import EncodedDataset, collate, encode_examples, get_task, holdout_split, read_split
+    from recipes.glue import EncodedDataset, collate, encode_examples, holdout_split
 
-    task = get_task(config.task)
-    train = read_split(data_dir, task, "train").examples[: config.max_train_rows or None]
-    dev = read_split(data_dir, task, task.dev_splits[0]).examples[: config.max_eval_rows or None]
+    train, dev = examples
     _, heldout = holdout_split(train, config.holdout_fraction, config.seed)
 
     def batches(examples: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
@@ -80,8 +81,9 @@ def heldout_and_dev(data_dir: Path, config: Any, tokenizer: Any) -> tuple[list[d
     return batches(heldout), batches(dev)
 
 
-def check_data(run_dir: Path, data_dir: Path, config: Any) -> None:
-    """Refuse a data folder whose rows differ from those the run was trained and selected on.
+def check_data(run_dir: Path, data_dir: Path, config: Any, examples: tuple[list[Any], list[Any]]) -> None:
+    """Refuse a data folder whose rows (``examples``, read from ``data_dir``) differ from those the
+    run was trained and selected on.
 
     Raises:
         ResumeMismatchError: other rows, or a run folder without ``run.json``.
@@ -92,7 +94,7 @@ def check_data(run_dir: Path, data_dir: Path, config: Any) -> None:
     if not run_file.is_file():
         raise ResumeMismatchError(f"{run_dir} has no {RUN_FILE}: its data cannot be checked; is it a finished run folder?")
     saved = json.loads(run_file.read_text(encoding="utf-8")).get("data")
-    moved = compare_data(saved, split_fingerprint(data_dir, config.task, config), str(run_dir))
+    moved = compare_data(saved, split_fingerprint(data_dir, config.task, config, examples), str(run_dir))
     if moved:
         logger.warning("%s", moved)
 
@@ -132,14 +134,15 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from recipes.glue import GlueMetrics, get_task
     from recipes.operating_point import main_metric_function
-    from recipes.reload import load_run
+    from recipes.reload import load_run, run_examples
     from recipes.sweep import SweepSetting, run_sweep
 
     if reference is not None and convention != "paper":
         raise ValueError("a shared reference is in paper-convention MACs; use convention='paper' or reference=None")
     method = get_method(method_name)
     encoder, tokenizer, config = load_run(run_dir, method_name)
-    check_data(run_dir, data_dir, config)
+    examples = run_examples(data_dir, config.task, config)
+    check_data(run_dir, data_dir, config, examples)
     task = get_task(config.task)
     settings = method.sweep_settings(config, task, encoder.num_steps)
     exit_setting = next((s for s in settings if s.criterion is not None and s.mode in ("adaptive", "exit_only")), None)
@@ -147,7 +150,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
         raise ConfigError(f"{method_name} has no early exit, so no threshold trades accuracy for cost; leave it out "
                           "(benchmarks.tradeoff shows its full depth)")
     gate_threshold = method.gate_threshold(config)
-    heldout, dev = heldout_and_dev(data_dir, config, tokenizer)
+    heldout, dev = heldout_and_dev(examples, config, tokenizer)
     own_full = float(encoder.full_depth_macs(config.padded_length, "paper"))
     scale = 1.0 if reference is None else own_full / reference  # own relative cost -> relative to reference
     template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, exit_setting.mode,
