@@ -133,7 +133,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     from adaptive_depth.calibration import calibrate_threshold, criterion_name
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from recipes.glue import GlueMetrics, get_task
-    from recipes.operating_point import main_metric_function
+    from recipes.operating_point import first_exit_setting, main_metric_function
     from recipes.reload import load_run, run_examples
     from recipes.sweep import SweepSetting, run_sweep
 
@@ -145,7 +145,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     check_data(run_dir, data_dir, config, examples)
     task = get_task(config.task)
     settings = method.sweep_settings(config, task, encoder.num_steps)
-    exit_setting = next((s for s in settings if s.criterion is not None and s.mode in ("adaptive", "exit_only")), None)
+    exit_setting = first_exit_setting(settings)
     if exit_setting is None:
         raise ConfigError(f"{method_name} has no early exit, so no threshold trades accuracy for cost; leave it out "
                           "(benchmarks.tradeoff shows its full depth)")

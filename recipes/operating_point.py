@@ -22,7 +22,7 @@ from adaptive_depth.engine import AdaptiveInferenceEngine
 from recipes.results import OperatingPoint
 from recipes.sweep import SweepSetting, run_sweep
 
-__all__ = ["MODEL_DIR", "calibrate_and_save", "main_metric_function"]
+__all__ = ["MODEL_DIR", "calibrate_and_save", "first_exit_setting", "main_metric_function"]
 
 logger = logging.getLogger("recipes")
 
@@ -68,7 +68,7 @@ def calibrate_and_save(
     config.label_names = list(label_names) if label_names is not None else None
     config.max_length = max_length
     config.gate_threshold = gate_threshold
-    exit_setting = next((s for s in settings if s.criterion is not None and s.mode in ("adaptive", "exit_only")), None)
+    exit_setting = first_exit_setting(settings)
     calibrated: dict[str, Any] | None = None
     reason = None
     if exit_setting is None:
@@ -100,6 +100,12 @@ def calibrate_and_save(
     # model_dir is relative to the run folder, which may move.
     return OperatingPoint(budget=budget, convention="exact", calibration=calibrated, dev=dev_row, model_dir=MODEL_DIR,
                           reason=reason)
+
+
+def first_exit_setting(settings: Sequence[SweepSetting]) -> SweepSetting | None:
+    """The first sweep setting with an exit criterion in a mode that exits early: the criterion
+    and mode a run calibrates (``None`` for a method without early exit)."""
+    return next((s for s in settings if s.criterion is not None and s.mode in ("adaptive", "exit_only")), None)
 
 
 def main_metric_function(make_metrics: Callable[[], Any]) -> Callable[[Tensor, Tensor], float]:
