@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -161,6 +162,21 @@ def run_epoch(
             description, stats.loss, shown, stats.samples, stats.seconds, stats.samples_per_second,
         )
     return stats
+
+
+@contextlib.contextmanager
+def frozen(parameters: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Inside the block ``parameters`` get no gradient (``requires_grad=False``), so an optimizer
+    step leaves them exactly as they are (AdamW skips a parameter without a gradient, weight decay
+    included); their previous ``requires_grad`` is restored after it, also on error."""
+    previous = [parameter.requires_grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(parameters, previous):
+            parameter.requires_grad_(flag)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> Any:

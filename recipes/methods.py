@@ -41,6 +41,10 @@ def _every_epoch(config: Any, epoch: int) -> bool:
     return True
 
 
+def _nothing_frozen(module: nn.Module, config: Any, epoch: int) -> list[nn.Parameter]:
+    return []
+
+
 def _no_extra_results(config: Any, task: GlueTask, rows: list[dict[str, Any]],
                       majority: dict[str, float] | None) -> dict[str, Any]:
     return {}
@@ -72,6 +76,9 @@ class Method:
         stage1_selectable: ``(config, epoch) -> bool``: whether stage-1 epoch ``epoch`` (0-based)
             may be picked as the best (SmartBERT: not a gate warm-up epoch, whose gates are
             untrained, so that its model would skip nothing).
+        stage1_frozen: ``(module, config, epoch) -> parameters`` that stage-1 epoch ``epoch``
+            (0-based) leaves as they are (e.g. SmartBERT's backbone while only its gates train,
+            ``gated_epochs_train="gates"``); the other parameters of the optimizer train.
         stage1_untrained_prefixes: state-dict prefixes of modules stage 1 never trains; they
             are left out of the best stage-1 weights and kept when those are reloaded.
         resume_allowed_keys: config keys a resumed run may change.
@@ -90,6 +97,7 @@ class Method:
         _no_extra_results
     heldout_gate_mode: str = "run"
     stage1_selectable: Callable[[Any, int], bool] = _every_epoch
+    stage1_frozen: Callable[[nn.Module, Any, int], list[nn.Parameter]] = _nothing_frozen
     stage1_untrained_prefixes: tuple[str, ...] = ()
     resume_allowed_keys: tuple[str, ...] = RESUME_ALLOWED_KEYS
 

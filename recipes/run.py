@@ -283,16 +283,27 @@ class Run:
         scheduler = loop.linear_schedule(optimizer, steps, config.warmup_ratio)
         self.checkpoints.restore_optimizer(optimizer, scheduler, payload)
         trainable = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        if self.world_size > 1 and any(self.method.stage1_frozen(self.model, config, epoch)
+                                       for epoch in range(start_epoch, config.stage1_epochs)):
+            # DistributedDataParallel registers its gradient hooks once, on the parameters that
+            # require a gradient when it wraps the model; freezing some per epoch is not supported.
+            raise ConfigError(f"{self.name}: this config freezes part of the model in some stage-1 epochs "
+                              "(e.g. gated_epochs_train=gates), which distributed training does not support; "
+                              "train it in one process")
         model = self._wrap()
         for epoch in range(start_epoch, config.stage1_epochs):
             options = self.method.stage1_options(config, epoch)
+            frozen = self.method.stage1_frozen(self.model, config, epoch)
             shown = "".join(f", {key}={value}" for key, value in options.items())
+            if frozen:
+                shown += f", frozen={len(frozen)}/{len(trainable)} tensors"
             self.model.train()
-            stats = loop.run_epoch(
-                self.loader("train", True, epoch), lambda batch: model(batch, stage=1, **options), optimizer, trainable,
-                f"{self.name} stage 1 epoch {epoch + 1}/{config.stage1_epochs}{shown}", scheduler,
-                config.max_grad_norm, self._divergence_hint(1),
-            )
+            with loop.frozen(frozen):
+                stats = loop.run_epoch(
+                    self.loader("train", True, epoch), lambda batch: model(batch, stage=1, **options), optimizer,
+                    trainable, f"{self.name} stage 1 epoch {epoch + 1}/{config.stage1_epochs}{shown}", scheduler,
+                    config.max_grad_norm, self._divergence_hint(1),
+                )
             self._check_finite(trainable, f"stage 1 epoch {epoch + 1}", 1)
             heldout = self.evaluate_heldout()
             main_value = heldout[self.task.main_metric]

@@ -66,6 +66,13 @@ class SmartBertConfig(RecipeConfig):
             the gates then learn which layers a trained model can spare, instead of starving
             layers the model has not learned to use yet. 0 (default) is the paper's schedule. A
             warm-up epoch is never picked as the best stage-1 epoch (its gates are untrained).
+        gated_epochs_train: what the stage-1 epochs after the warm-up train. ``"all"`` (default,
+            the paper): the backbone, the last head and the gates together. ``"gates"``: only the
+            gates, on the backbone and last head exactly as the warm-up left them (fine-tune first,
+            then train the gates, as the baselines' two-stage schemes do), so full depth is the
+            warm-up's fine-tuned model and no layer is starved while the gates learn to skip it.
+            Needs ``gate_warmup_epochs >= 1``. The learning-rate schedule still spans all
+            ``stage1_epochs``, so the warm-up ends at a non-zero backbone learning rate.
         soft_epochs: how many of the stage-1 epochs after the warm-up use soft gates (the rest: hard).
         gate_lr: stage-1 learning rate of the gates; 0 uses ``stage1_lr``.
         initial_skip_bias: initial bias of every gate's score (0: ``p_skip`` near 0.5; negative
@@ -98,6 +105,7 @@ class SmartBertConfig(RecipeConfig):
     """
 
     gate_warmup_epochs: int = 0
+    gated_epochs_train: str = "all"
     soft_epochs: int = 3
     gate_lr: float = 0.0
     initial_skip_bias: float = 0.0
@@ -129,6 +137,12 @@ class SmartBertConfig(RecipeConfig):
         if self.gate_warmup_epochs >= self.stage1_epochs:
             raise ConfigError(f"gate_warmup_epochs ({self.gate_warmup_epochs}) must be below stage1_epochs "
                               f"({self.stage1_epochs}): the gates need at least one epoch to train")
+        if self.gated_epochs_train not in ("all", "gates"):
+            raise ConfigError(f"gated_epochs_train must be 'all' or 'gates', got {self.gated_epochs_train!r}")
+        if self.gated_epochs_train == "gates" and self.gate_warmup_epochs < 1:
+            raise ConfigError("gated_epochs_train=gates trains only the gates after the warm-up, so the backbone "
+                              "and last head must be fine-tuned first: set gate_warmup_epochs >= 1 (e.g. "
+                              "stage1_epochs=5 gate_warmup_epochs=3)")
         if self.gate_objective not in ("paper", "budget"):
             raise ConfigError(f"gate_objective must be 'paper' or 'budget', got {self.gate_objective!r}")
         if self.budget_on not in ("probabilities", "decisions"):
@@ -231,6 +245,15 @@ def stage1_selectable(config: SmartBertConfig, epoch: int) -> bool:
     return epoch >= config.gate_warmup_epochs
 
 
+def stage1_frozen(model: SmartBertModel, config: SmartBertConfig, epoch: int) -> list[nn.Parameter]:
+    """With ``gated_epochs_train="gates"``, every stage-1 parameter but the gates' after the warm-up."""
+    if config.gated_epochs_train == "all" or epoch < config.gate_warmup_epochs:
+        return []
+    gates = {id(parameter) for parameter in model.encoder.gates.parameters()}
+    return [parameter for group in stage1_param_groups(model, config) for parameter in group["params"]
+            if id(parameter) not in gates]
+
+
 def sweep_settings(config: SmartBertConfig, task: GlueTask, num_steps: int) -> list[SweepSetting]:
     """Full depth, skip only, then entropy thresholds; for regression (STS-B, where the entropy of
     one output is always 0) patience ``1..L-1`` instead: exit once that many consecutive heads agree
@@ -271,6 +294,7 @@ METHOD = register_method(Method(
     extra_results=extra_results,
     heldout_gate_mode="hard",  # the best epoch is picked with the gates skipping, as they will at inference
     stage1_selectable=stage1_selectable,
+    stage1_frozen=stage1_frozen,
     stage1_untrained_prefixes=("contrast2.",),
     resume_allowed_keys=(*RESUME_ALLOWED_KEYS, "entropy_thresholds"),
 ))

@@ -70,6 +70,48 @@ def test_gate_warm_up_runs_every_layer_without_a_gate_objective_first(tiny_model
                            "--output-dir", str(tmp_path / "bad"), "stage1_epochs=2", "gate_warmup_epochs=2"]) == 2
 
 
+@pytest.mark.parametrize("trained", ["all", "gates"])
+def test_gated_epochs_train_gates_keeps_the_fine_tuned_backbone(trained: str, tiny_model_dir: Path, glue_dir: Path,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gated_epochs_train=gates``: after the warm-up, the backbone and last head stay exactly as the
+    warm-up left them while the gates train; the paper's ``all`` trains the backbone on."""
+    import torch
+
+    from recipes.run import Run
+
+    snapshots: list[dict[str, torch.Tensor]] = []
+    original = Run.evaluate_heldout
+
+    def evaluate_heldout(self: Run) -> dict[str, float]:  # called once after every stage-1 epoch
+        snapshots.append({key: value.detach().clone() for key, value in self.model.state_dict().items()})
+        return original(self)
+
+    monkeypatch.setattr(Run, "evaluate_heldout", evaluate_heldout)
+    results = run("mrpc", glue_dir, tiny_model_dir, tmp_path / "run", "stage1_epochs=3", "gate_warmup_epochs=1",
+                  "gate_objective=budget", "target_cost=0.5", "stage2_epochs=0", f"gated_epochs_train={trained}")
+    assert [record["options"]["gate_mode"] for record in results["history"]["stage1"]] == ["run", "soft", "hard"]
+    warm, last = snapshots[0], snapshots[-1]
+    fine_tuned = [key for key in warm if key.startswith(("encoder.backbone.", "encoder.exit_heads.2."))]
+    gates = [key for key in warm if key.startswith("encoder.gates.")]
+    assert fine_tuned and gates
+    assert any(not torch.equal(warm[key], last[key]) for key in gates)
+    unchanged = [key for key in fine_tuned if torch.equal(warm[key], last[key])]
+    if trained == "gates":
+        assert unchanged == fine_tuned
+    else:
+        assert len(unchanged) < len(fine_tuned)
+
+
+def test_gated_epochs_train_is_validated(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir",
+            str(tmp_path / "bad"), "stage1_epochs=2"]
+    assert smartbert.main([*argv, "gated_epochs_train=gates"]) == 2
+    assert "set gate_warmup_epochs >= 1" in capsys.readouterr().err
+    assert smartbert.main([*argv, "gate_warmup_epochs=1", "gated_epochs_train=frozen"]) == 2
+    assert "gated_epochs_train must be 'all' or 'gates'" in capsys.readouterr().err
+
+
 def test_a_known_model_name_resolves_to_its_local_folder() -> None:
     _, tokenizer, name = load_model_and_tokenizer("all-minilm-l6-v2")
     assert Path(name) == minilm_dir() and tokenizer("Hi.")["input_ids"][0] == tokenizer.cls_token_id
