@@ -46,7 +46,7 @@ from recipes.errors import ConfigError, ResumeMismatchError
 from recipes.logs import setup_logging
 from recipes.methods import get_method
 from recipes.results import RunResults, read_results
-from recipes.run_folder import RUN_FILE, compare_data
+from recipes.run_folder import RUN_FILE, compare_data, run_examples, split_fingerprint
 
 logger = logging.getLogger("recipes")
 
@@ -60,7 +60,7 @@ def heldout_and_dev(examples: tuple[list[Any], list[Any]], config: Any, tokenize
     """The batches of a run's held-out part of train and of its dev split, as the run made them.
 
     Args:
-        examples: the run's train and dev rows (:func:`recipes.reload.run_examples`).
+        examples: the run's train and dev rows (:func:`recipes.run_folder.run_examples`).
 
     The held-out part is the seeded ``holdout_fraction`` split of train; the same tokenizer and
     ``max_length``, ``eval_batch_size`` rows per batch.
@@ -88,8 +88,6 @@ def check_data(run_dir: Path, data_dir: Path, config: Any, examples: tuple[list[
     Raises:
         ResumeMismatchError: other rows, or a run folder without ``run.json``.
     """
-    from recipes.reload import split_fingerprint
-
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
         raise ResumeMismatchError(f"{run_dir} has no {RUN_FILE}: its data cannot be checked; is it a finished run folder?")
@@ -134,7 +132,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from recipes.glue import GlueMetrics, get_task
     from recipes.operating_point import first_exit_setting, main_metric_function
-    from recipes.reload import load_run, run_examples
+    from recipes.reload import load_run
     from recipes.sweep import SweepSetting, run_sweep
 
     if reference is not None and convention != "paper":

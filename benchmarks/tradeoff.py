@@ -50,9 +50,8 @@ from recipes.glue import TASKS, get_task, resolve_data_dir
 from recipes.loading import default_model_path, model_label
 from recipes.logs import setup_logging
 from recipes.methods import BUILTIN_METHODS, get_method
-from recipes.reload import split_fingerprint
 from recipes.results import RunResults, read_results
-from recipes.run_folder import RUN_FILE, compare_data, config_differences, run_contents
+from recipes.run_folder import RUN_FILE, compare_data, config_differences, run_contents, split_fingerprint
 
 logger = logging.getLogger("recipes")
 

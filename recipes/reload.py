@@ -11,14 +11,13 @@ import torch
 from adaptive_depth.encoder import AdaptiveEncoder
 from recipes import checkpoint
 from recipes.errors import CheckpointError
-from recipes.glue import get_task, read_split
+from recipes.glue import get_task
 from recipes.methods import get_method
 from recipes.operating_point import MODEL_DIR
 from recipes.run import BACKBONE_DIR
 from recipes.run_checkpoints import BEST_STAGE1_FILE
-from recipes.run_folder import data_fingerprint
 
-__all__ = ["load_run", "run_examples", "split_fingerprint"]
+__all__ = ["load_run"]
 
 
 def load_run(run_dir: str | Path, recipe: str, device: str | torch.device = "cpu") -> tuple[AdaptiveEncoder, Any, Any]:
@@ -83,21 +82,3 @@ def _load_saved_model(run_dir: Path, recipe: str, config_class: type, device: st
     model_dir = run_dir / MODEL_DIR
     encoder = AdaptiveEncoder.from_pretrained(model_dir, device=device)
     return encoder, AutoTokenizer.from_pretrained(str(model_dir)), config_class(**results["config"])
-
-
-def run_examples(data_dir: Path, task: str, config: Any) -> tuple[list[Any], list[Any]]:
-    """The train and first dev split rows a run with ``config`` reads, as :meth:`recipes.run.Run.setup`
-    reads them (``max_train_rows``, ``max_eval_rows``); the held-out part is ``holdout_split`` of train."""
-    glue_task = get_task(task)
-    train = read_split(data_dir, glue_task, "train").examples[: config.max_train_rows or None]
-    dev = read_split(data_dir, glue_task, glue_task.dev_splits[0]).examples[: config.max_eval_rows or None]
-    return list(train), list(dev)
-
-
-def split_fingerprint(data_dir: Path, task: str, config: Any, examples: tuple[list[Any], list[Any]] | None = None
-                      ) -> dict[str, Any]:
-    """:func:`recipes.run_folder.data_fingerprint` of the rows a run with ``config`` reads, as
-    :meth:`recipes.run.Run.setup` computes it (for ``benchmarks.tradeoff`` to check a run);
-    ``examples``: those rows when already read (:func:`run_examples`)."""
-    train, dev = examples if examples is not None else run_examples(data_dir, task, config)
-    return data_fingerprint({"train": train, get_task(task).dev_splits[0]: dev}, data_dir)

@@ -35,7 +35,8 @@ from recipes.operating_point import calibrate_and_save
 from recipes.results import BestEpoch, EpochRecord, RunResults
 from recipes.results_io import command_line, write_results
 from recipes.run_checkpoints import RunCheckpoints
-from recipes.run_folder import RUN_FILE, RunLock, clear_run, compare_data, config_differences, data_fingerprint
+from recipes.run_folder import (RUN_FILE, RunLock, clear_run, compare_data, config_differences, run_examples,
+                                split_fingerprint)
 
 __all__ = ["BACKBONE_DIR", "Run"]
 
@@ -110,13 +111,12 @@ class Run:
             torch.set_num_threads(config.torch_threads)
         distributed.seed_everything(config.seed)
         dev_name = self.task.dev_splits[0]
-        train_examples = read_split(self.data_dir, self.task, "train").examples[: config.max_train_rows or None]
-        dev_examples = read_split(self.data_dir, self.task, dev_name).examples[: config.max_eval_rows or None]
+        train_examples, dev_examples = run_examples(self.data_dir, self.task.name, config)
         if len(train_examples) < 2:
             raise ConfigError(f"{len(train_examples)} training row(s) (max_train_rows={config.max_train_rows}): the run "
                               "needs at least 2, one of them held out for model selection; raise max_train_rows")
         train_part, heldout_part = holdout_split(train_examples, config.holdout_fraction, config.seed)
-        self.data_record = data_fingerprint({"train": train_examples, dev_name: dev_examples}, self.data_dir)
+        self.data_record = split_fingerprint(self.data_dir, self.task.name, config, (train_examples, dev_examples))
 
         backbone, self.tokenizer, self.model_name = loading.load_model_and_tokenizer(self.model_name)
         checks.check_model_inputs(backbone.config, self.tokenizer, config.max_length, self.model_name)

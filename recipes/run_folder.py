@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.errors import RunFolderError
+from recipes.glue import get_task, read_split
 
 __all__ = [
     "LOCK_FILE",
@@ -226,6 +227,24 @@ def data_fingerprint(splits: Mapping[str, Sequence[Any]], data_dir: Path) -> dic
             digest.update(json.dumps([example.text_a, example.text_b, example.label]).encode("utf-8") + b"\n")
     return {"data_dir": str(Path(data_dir).expanduser().resolve()),
             "rows": {name: len(rows) for name, rows in sorted(splits.items())}, "sha256": digest.hexdigest()}
+
+
+def run_examples(data_dir: Path, task: str, config: Any) -> tuple[list[Any], list[Any]]:
+    """The train and first dev split rows a run with ``config`` reads, as :meth:`recipes.run.Run.setup`
+    reads them (``max_train_rows``, ``max_eval_rows``); the held-out part is ``holdout_split`` of train."""
+    glue_task = get_task(task)
+    train = read_split(data_dir, glue_task, "train").examples[: config.max_train_rows or None]
+    dev = read_split(data_dir, glue_task, glue_task.dev_splits[0]).examples[: config.max_eval_rows or None]
+    return list(train), list(dev)
+
+
+def split_fingerprint(data_dir: Path, task: str, config: Any, examples: tuple[list[Any], list[Any]] | None = None
+                      ) -> dict[str, Any]:
+    """:func:`data_fingerprint` of the rows a run with ``config`` reads, as
+    :meth:`recipes.run.Run.setup` computes it (for ``benchmarks.tradeoff`` to check a run);
+    ``examples``: those rows when already read (:func:`run_examples`)."""
+    train, dev = examples if examples is not None else run_examples(data_dir, task, config)
+    return data_fingerprint({"train": train, get_task(task).dev_splits[0]: dev}, data_dir)
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str],
