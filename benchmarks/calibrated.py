@@ -19,6 +19,10 @@ differ a little from the budget: held-out and dev rows differ.
         --json runs/calibrated-mrpc-seed42.json
     python -m benchmarks.calibrated --table runs/tradeoff-rte/tradeoff-rte.json --json runs/calibrated-rte.json
 
+``--calibrate-on dev-half`` calibrates on a seeded, label-stratified half of dev instead and
+scores the other half: for a task whose train rows differ from dev (SST-2 trains on phrases and
+is evaluated on sentences), where a threshold calibrated on train overshoots the budget on dev.
+
 The JSON has the shape of a ``benchmarks.tradeoff`` table where it matters (``task``, ``model``,
 ``seed``, ``main_metric``, ``reference``, ``at_cost``, ``skipping``), so ``benchmarks.seeds``
 summarises several seeds of it as it does the grid tables; ``calibration`` holds every
@@ -51,26 +55,45 @@ from recipes.run_folder import RUN_FILE, compare_data, run_examples, split_finge
 logger = logging.getLogger("recipes")
 
 SELECTION = "threshold calibrated to each budget on held-out rows"
+# What ``--calibrate-on`` may name, and the selection each gives (``benchmarks.seeds`` keeps kinds apart).
+CALIBRATE_ON = ("heldout", "dev-half")
+SELECTIONS = {"heldout": SELECTION,
+              "dev-half": "threshold calibrated to each budget on half of dev, scored on the other half"}
 
-__all__ = ["calibrate_run", "format_calibrated", "heldout_and_dev", "main"]
+__all__ = ["calibrate_run", "calibration_rows", "format_calibrated", "heldout_and_dev", "main"]
 
 
-def heldout_and_dev(examples: tuple[list[Any], list[Any]], config: Any, tokenizer: Any
-                    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
-    """The batches of a run's held-out part of train and of its dev split, as the run made them.
+def calibration_rows(examples: tuple[list[Any], list[Any]], config: Any, calibrate_on: str = "heldout"
+                     ) -> tuple[list[Any], list[Any]]:
+    """``(rows to calibrate on, rows to report on)`` of a run.
 
     Args:
         examples: the run's train and dev rows (:func:`recipes.run_folder.run_examples`).
-
-    The held-out part is the seeded ``holdout_fraction`` split of train; the same tokenizer and
-    ``max_length``, ``eval_batch_size`` rows per batch.
+        calibrate_on: ``"heldout"``: the run's held-out part of train (the seeded
+            ``holdout_fraction`` split, the rows model selection used), reported on the whole dev
+            set; ``"dev-half"``: a seeded, label-stratified half of dev, reported on the other half
+            (for a task whose train rows differ from dev, like SST-2's phrases).
     """
-    from functools import partial
-
-    from recipes.glue import EncodedDataset, collate, encode_examples, holdout_split
+    from recipes.glue import holdout_split
 
     train, dev = examples
-    _, heldout = holdout_split(train, config.holdout_fraction, config.seed)
+    if calibrate_on == "heldout":
+        return holdout_split(train, config.holdout_fraction, config.seed)[1], dev
+    if calibrate_on == "dev-half":
+        report, calibrate = holdout_split(dev, 0.5, config.seed)
+        return calibrate, report
+    raise ValueError(f"calibrate_on must be one of {CALIBRATE_ON}, got {calibrate_on!r}")
+
+
+def heldout_and_dev(examples: tuple[list[Any], list[Any]], config: Any, tokenizer: Any, calibrate_on: str = "heldout"
+                    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """The batches to calibrate on and to report on (:func:`calibration_rows`), as the run made
+    batches: the same tokenizer and ``max_length``, ``eval_batch_size`` rows per batch."""
+    from functools import partial
+
+    from recipes.glue import EncodedDataset, collate, encode_examples
+
+    heldout, dev = calibration_rows(examples, config, calibrate_on)
 
     def batches(examples: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
         dataset = EncodedDataset(encode_examples(examples, tokenizer, config.max_length))
@@ -98,8 +121,8 @@ def check_data(run_dir: Path, data_dir: Path, config: Any, examples: tuple[list[
 
 
 def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequence[float],
-                  reference: float | None, *, convention: str = "paper", tolerance: float = 1e-3, progress: bool = True
-                  ) -> dict[str, dict[str, Any]]:
+                  reference: float | None, *, convention: str = "paper", tolerance: float = 1e-3, progress: bool = True,
+                  calibrate_on: str = "heldout") -> dict[str, dict[str, Any]]:
     """Calibrate one finished run to every budget on its held-out rows; evaluate dev there.
 
     Args:
@@ -114,6 +137,8 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
             ``"exact"`` (every row at its real length).
         tolerance: of the threshold bisection (:func:`adaptive_depth.calibrate_threshold`).
         progress: a progress bar per calibration.
+        calibrate_on: which rows to calibrate on and which to report on (:func:`calibration_rows`;
+            ``"dev-half"``: every "dev" below is the reported half of dev).
 
     Returns:
         ``{str(budget): cell}`` where a cell is ``{"error": ...}`` when no threshold meets the
@@ -148,7 +173,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
         raise ConfigError(f"{method_name} has no early exit, so no threshold trades accuracy for cost; leave it out "
                           "(benchmarks.tradeoff shows its full depth)")
     gate_threshold = method.gate_threshold(config)
-    heldout, dev = heldout_and_dev(examples, config, tokenizer)
+    heldout, dev = heldout_and_dev(examples, config, tokenizer, calibrate_on)
     own_full = float(encoder.full_depth_macs(config.padded_length, "paper"))
     scale = 1.0 if reference is None else own_full / reference  # own relative cost -> relative to reference
     template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, exit_setting.mode,
@@ -184,14 +209,16 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
 
 
 def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Sequence[float], *,
-                           tolerance: float = 1e-3, progress: bool = True) -> dict[str, Any]:
-    """Every run calibrated to every budget: a JSON-ready table (see the module docstring).
+                           tolerance: float = 1e-3, progress: bool = True, calibrate_on: str = "heldout"
+                           ) -> dict[str, Any]:
+    """Every run calibrated to every budget: a JSON-ready table (see the module docstring);
+    ``calibrate_on``: see :func:`calibration_rows`.
 
     Raises:
         ConfigError: runs of different tasks, seeds, lengths or backbones; a run without exits.
         CheckpointError, ResumeMismatchError: see :func:`calibrate_run`.
     """
-    from recipes.glue import get_task
+    from recipes.glue import get_task, holdout_split, majority_class_metrics
 
     all_results: dict[str, RunResults] = {}
     for method, run_dir in runs.items():
@@ -210,19 +237,29 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
     padded_length = first.config["padded_length"]
     reference = float(reference_macs(next(iter(runs.values())) / "backbone", get_task(task).num_labels, padded_length))
     calibration = {method: calibrate_run(method, run_dir, data_dir, budgets, reference, tolerance=tolerance,
-                                         progress=progress)
+                                         progress=progress, calibrate_on=calibrate_on)
                    for method, run_dir in runs.items()}
+    majority = first.majority_class_baseline
+    rows: dict[str, int] = {}
+    if calibrate_on != "heldout":  # scored on part of dev: its majority class and sizes
+        config = get_method(first.recipe).config_class(**first.config)
+        examples = run_examples(data_dir, task, config)
+        calibrate, report = calibration_rows(examples, config, calibrate_on)
+        train_part = holdout_split(examples[0], config.holdout_fraction, config.seed)[0]
+        majority = majority_class_metrics(task, [row.label for row in train_part], [row.label for row in report])
+        rows = {"calibrated_on": len(calibrate), "reported_on": len(report)}
     at_cost = {method: {key: None if "error" in cell else {name: cell[name] for name in
                                                            ("setting", "main_metric", "relative_cost")}
                         for key, cell in cells.items()}
                for method, cells in calibration.items()}
     return {
         "task": task, "model": first.model, "main_metric": first.main_metric, "seed": first.config["seed"],
-        "padded_length": padded_length, "convention": "paper", "selection": SELECTION,
+        "padded_length": padded_length, "convention": "paper", "selection": SELECTIONS[calibrate_on],
+        "calibrate_on": calibrate_on, **({"rows": rows} if rows else {}),
         "reference": {"method": REFERENCE, "mean_macs_paper": reference,
                       "source": "computed (pooler head, every layer)", "analytic_mean_macs_paper": reference},
         "budgets": list(budgets),
-        "majority_class_baseline": first.majority_class_baseline,
+        "majority_class_baseline": majority,
         "runs": {method: str(run_dir) for method, run_dir in runs.items()},
         "skipping": {method: results.skipping for method, results in all_results.items() if results.skipping},
         "calibration": calibration,
@@ -233,7 +270,9 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
 def format_calibrated(table: dict[str, Any]) -> str:
     """Markdown: per method and budget, dev metric (%) at the calibrated threshold, dev and held-out cost (%)."""
     main_metric = table["main_metric"]
-    header = ["method", *(f"{main_metric} at {100 * budget:.0f}% (dev cost, held-out cost)" for budget in table["budgets"])]
+    on_dev_half = table.get("calibrate_on") == "dev-half"
+    costs = "cost on the scored half, on the calibration half" if on_dev_half else "dev cost, held-out cost"
+    header = ["method", *(f"{main_metric} at {100 * budget:.0f}% ({costs})" for budget in table["budgets"])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, cells in table["calibration"].items():
         values = [method]
@@ -247,7 +286,8 @@ def format_calibrated(table: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(values) + " |")
     majority = (table.get("majority_class_baseline") or {}).get(main_metric)
     if majority is not None:
-        lines.append(f"\nmajority-class baseline on dev: {main_metric} {100 * majority:.2f}")
+        where = "the scored half of dev" if on_dev_half else "dev"
+        lines.append(f"\nmajority-class baseline on {where}: {main_metric} {100 * majority:.2f}")
     return "\n".join(lines)
 
 
@@ -269,6 +309,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", nargs="+", type=float, default=list(VERDICT_BUDGETS),
                         help="relative costs (fractions of the fine-tuned full depth, paper convention); "
                              f"default {' '.join(map(str, VERDICT_BUDGETS))}")
+    parser.add_argument("--calibrate-on", choices=CALIBRATE_ON, default="heldout",
+                        help="heldout (default): calibrate on each run's held-out part of train, score all of dev; "
+                             "dev-half: calibrate on a seeded half of dev, score the other half (for a task whose "
+                             "train rows differ from dev, e.g. SST-2's phrases)")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="threshold bisection tolerance (default 1e-3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", required=True, help="where to write the table")
@@ -313,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         started = time.perf_counter()
-        table = build_calibrated_table(runs, data_dir, args.budgets, tolerance=args.tolerance)
+        table = build_calibrated_table(runs, data_dir, args.budgets, tolerance=args.tolerance,
+                                       calibrate_on=args.calibrate_on)
         table["wall_time_s"] = time.perf_counter() - started
         table["threads"] = torch.get_num_threads()
         table["command"] = " ".join(["python", "-m", "benchmarks.calibrated", *(argv if argv is not None else sys.argv[1:])])

@@ -28,7 +28,8 @@ from recipes import sweep as sweeps
 from recipes.checkpoint import atomic_write, load_state_dict_strict
 from recipes.config import config_to_dict
 from recipes.errors import ConfigError, ResumeMismatchError, TrainingDivergedError
-from recipes.glue import EncodedDataset, GlueMetrics, collate, encode_examples, get_task, holdout_split, read_split
+from recipes.glue import (EncodedDataset, GlueMetrics, collate, encode_examples, get_task, holdout_split,
+                          majority_class_metrics, read_split)
 from recipes.logs import logger
 from recipes.methods import Method, freeze_for_stage2, stage2_train_mode
 from recipes.operating_point import calibrate_and_save
@@ -432,13 +433,8 @@ class Run:
     def majority_class_baseline(self) -> dict[str, float] | None:
         """Dev metrics of always answering train's most frequent label (what a model that learned
         nothing scores); ``None`` for regression."""
-        if self.task.is_regression:
-            return None
-        train_labels = torch.tensor(self.datasets["train"].encoded.labels)
-        dev_labels = torch.tensor(self.datasets["dev"].encoded.labels)
-        baseline = GlueMetrics(self.task)
-        baseline.update(torch.full_like(dev_labels, int(train_labels.mode().values)), dev_labels)
-        return baseline.compute()
+        return majority_class_metrics(self.task, self.datasets["train"].encoded.labels,
+                                      self.datasets["dev"].encoded.labels)
 
     def cleanup(self) -> None:
         import torch.distributed as dist

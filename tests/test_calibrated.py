@@ -94,6 +94,52 @@ def test_end_to_end_table(runs: dict[str, Path], data: Path, tmp_path: Path,
     assert set(groups[("mrpc", next(iter(groups))[1])].cells) == {"fastbert", "smartbert"}
 
 
+def test_calibrate_on_half_of_dev_scores_the_other_half(runs: dict[str, Path], data: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--calibrate-on dev-half``: the threshold meets the budget on one half of dev; the metrics,
+    cost and majority class are those of the other half, disjoint from it."""
+    from recipes.glue import holdout_split, majority_class_metrics
+    from recipes.run_folder import run_examples
+
+    out = tmp_path / "calibrated-dev-half.json"
+    argv = ["--data-dir", str(data), "--run", f"deebert={runs['deebert']}", "--budgets", "0.8", "--calibrate-on",
+            "dev-half", "--json", str(out)]
+    assert calibrated.main(argv) == 0
+    assert "cost on the scored half, on the calibration half" in capsys.readouterr().out
+    table = json.loads(out.read_text())
+    assert table["calibrate_on"] == "dev-half" and table["rows"] == {"calibrated_on": 12, "reported_on": 12}
+    assert table["selection"] != calibrated.SELECTION  # benchmarks.seeds will not mix it with held-out tables
+    cell = table["calibration"]["deebert"]["0.8"]
+    assert cell["heldout_rows"] == 12 and cell["heldout_relative_cost"] <= cell["budget_own_full_depth"] + 1e-9
+
+    config = deebert.METHOD.config_class(**json.loads((runs["deebert"] / "results.json").read_text())["config"])
+    examples = run_examples(data, "mrpc", config)
+    calibrate, report = calibrated.calibration_rows(examples, config, "dev-half")
+    assert not {row.source for row in calibrate} & {row.source for row in report}
+    assert len(calibrate) + len(report) == len(examples[1])
+    # The calibration ran on the calibration half's rows and dev was scored on the other half's.
+    from adaptive_depth.engine import AdaptiveInferenceEngine
+    from adaptive_depth.exits import EntropyExit
+    from recipes.reload import load_run
+
+    encoder, tokenizer, _ = load_run(runs["deebert"], "deebert")
+    calibrate_batches, report_batches = calibrated.heldout_and_dev(examples, config, tokenizer, "dev-half")
+    first = tokenizer(calibrate[0].text_a, calibrate[0].text_b, truncation=True, max_length=config.max_length)
+    assert calibrate_batches[0]["input_ids"][0, :len(first["input_ids"])].tolist() == first["input_ids"]
+    assert sum(len(batch["labels"]) for batch in report_batches) == len(report)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(cell["threshold"]), mode="exit_only",
+                                     padded_length=config.padded_length)
+    traces = [(engine(batch["input_ids"], batch["attention_mask"]), batch["labels"]) for batch in report_batches]
+    hits = sum(int((trace.predictions == labels).sum()) for trace, labels in traces)
+    layers = sum(float(trace.layers_run.sum()) for trace, _ in traces)
+    assert hits / len(report) == pytest.approx(cell["metrics"]["accuracy"])
+    assert layers / len(report) == pytest.approx(cell["mean_layers_run"])
+    # The majority class: train's (less its held-out part) most frequent label, on the reported half.
+    train_part = holdout_split(examples[0], config.holdout_fraction, config.seed)[0]
+    assert table["majority_class_baseline"] == pytest.approx(majority_class_metrics(
+        "mrpc", [row.label for row in train_part], [row.label for row in report]))
+
+
 def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path: Path) -> None:
     table = tmp_path / "tradeoff-mrpc.json"
     table.write_text(json.dumps({"runs": {"finetune": str(runs["finetune"]), "deebert": str(runs["deebert"])}}))

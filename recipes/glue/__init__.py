@@ -10,7 +10,7 @@
 
 from recipes.glue.encoding import EncodedDataset, EncodedSplit, collate, encode_examples
 from recipes.glue.hub import load_hf_split
-from recipes.glue.metrics import GlueMetrics, matthews_corrcoef
+from recipes.glue.metrics import GlueMetrics, majority_class_metrics, matthews_corrcoef
 from recipes.glue.tasks import GLUE_DIR_ENV, TASKS, ColumnLayout, GlueDataError, GlueTask, get_task
 from recipes.glue.tsv import GlueExample, GlueSplit, SkippedRow, holdout_split, read_split, resolve_data_dir
 
@@ -31,6 +31,7 @@ __all__ = [
     "get_task",
     "holdout_split",
     "load_hf_split",
+    "majority_class_metrics",
     "matthews_corrcoef",
     "read_split",
     "resolve_data_dir",

@@ -126,3 +126,16 @@ class GlueMetrics:
         """Forget all batches."""
         for metric in self._metrics.values():
             metric.reset()
+
+
+def majority_class_metrics(task: GlueTask | str, train_labels: Sequence[int], eval_labels: Sequence[int]
+                           ) -> dict[str, float] | None:
+    """The metrics on ``eval_labels`` of always answering the most frequent of ``train_labels``
+    (what a model that learned nothing scores); ``None`` for a regression task."""
+    task = get_task(task)
+    if task.is_regression:
+        return None
+    target = torch.tensor(list(eval_labels))
+    baseline = GlueMetrics(task)
+    baseline.update(torch.full_like(target, int(torch.tensor(list(train_labels)).mode().values)), target)
+    return baseline.compute()
