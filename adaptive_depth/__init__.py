@@ -21,7 +21,14 @@ from adaptive_depth.exits import (
     PoolerExitHead,
     entropy,
 )
-from adaptive_depth.gates import GateSchedule, SkipGate, SkipGateOutput, StraightThroughHard, straight_through_hard
+from adaptive_depth.gates import (
+    GateSchedule,
+    SkipGate,
+    SkipGateOutput,
+    StraightThroughHard,
+    layer_drop_values,
+    straight_through_hard,
+)
 from adaptive_depth.losses import LossTerms, budget_penalty, skip_reward
 
 # The paper's skip term under its earlier name.
@@ -85,6 +92,7 @@ __all__ = [
     "cross_layer_info_nce",
     "entropy",
     "get_backbone",
+    "layer_drop_values",
     "skip_regularizer",
     "skip_reward",
     "straight_through_hard",
