@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, PatienceExit
-from adaptive_depth.gates import GateSchedule
+from adaptive_depth.gates import GateSchedule, layer_drop_values
 from adaptive_depth.losses import LossTerms, smartbert_stage1_loss, smartbert_stage2_loss
 from recipes.cli import run_cli
 from recipes.config import RESUME_ALLOWED_KEYS, RecipeConfig
@@ -66,6 +66,11 @@ class SmartBertConfig(RecipeConfig):
             the gates then learn which layers a trained model can spare, instead of starving
             layers the model has not learned to use yet. 0 (default) is the paper's schedule. A
             warm-up epoch is never picked as the best stage-1 epoch (its gates are untrained).
+        warmup_layer_drop: in the gate warm-up epochs, the probability that each layer is skipped
+            for each training row (LayerDrop, Fan et al. 2019; :func:`adaptive_depth.gates.layer_drop_values`),
+            so the backbone learns to work with layers missing and the gates trained after it have
+            layers to skip that cost little accuracy. 0 (default) runs every layer. Needs
+            ``gate_warmup_epochs >= 1``; evaluation always runs every layer.
         gated_epochs_train: what the stage-1 epochs after the warm-up train. ``"all"`` (default,
             the paper): the backbone, the last head and the gates together. ``"gates"``: only the
             gates, on the backbone and last head exactly as the warm-up left them (fine-tune first,
@@ -105,6 +110,7 @@ class SmartBertConfig(RecipeConfig):
     """
 
     gate_warmup_epochs: int = 0
+    warmup_layer_drop: float = 0.0
     gated_epochs_train: str = "all"
     soft_epochs: int = 3
     gate_lr: float = 0.0
@@ -137,6 +143,12 @@ class SmartBertConfig(RecipeConfig):
         if self.gate_warmup_epochs >= self.stage1_epochs:
             raise ConfigError(f"gate_warmup_epochs ({self.gate_warmup_epochs}) must be below stage1_epochs "
                               f"({self.stage1_epochs}): the gates need at least one epoch to train")
+        if not 0.0 <= self.warmup_layer_drop < 1.0:
+            raise ConfigError(f"warmup_layer_drop must be in [0, 1) (the probability that a layer is skipped), "
+                              f"got {self.warmup_layer_drop}")
+        if self.warmup_layer_drop > 0 and self.gate_warmup_epochs < 1:
+            raise ConfigError(f"warmup_layer_drop={self.warmup_layer_drop} drops layers in the gate warm-up, which "
+                              "this config does not have: set gate_warmup_epochs >= 1 (or warmup_layer_drop=0)")
         if self.gated_epochs_train not in ("all", "gates"):
             raise ConfigError(f"gated_epochs_train must be 'all' or 'gates', got {self.gated_epochs_train!r}")
         if self.gated_epochs_train == "gates" and self.gate_warmup_epochs < 1:
@@ -178,14 +190,23 @@ class SmartBertModel(nn.Module):
         self.config_ = config
         self.is_regression = is_regression
 
-    def forward(self, batch: dict[str, Tensor], stage: int, gate_mode: str = "hard") -> LossTerms:
+    def forward(self, batch: dict[str, Tensor], stage: int, gate_mode: str = "hard",
+                layer_drop: float = 0.0) -> LossTerms:
         """The loss terms of ``stage`` (1: eq. 3 with ``gate_mode`` gates; 2: eq. 8 with hard gates,
-        or self-distillation with ``exit_objective="distill"``)."""
+        or self-distillation with ``exit_objective="distill"``). In training mode, ``layer_drop > 0``
+        (stage 1 with ``gate_mode="run"`` only) skips each layer for each row with that probability."""
         config = self.config_
         inputs = {key: value for key, value in batch.items() if key == "token_type_ids"}
         if stage == 1:
+            dropped = None
+            if layer_drop > 0 and self.training:
+                if gate_mode != "run":
+                    raise ValueError(f"layer_drop replaces the gates' decisions, so it needs gate_mode='run', "
+                                     f"got {gate_mode!r}")
+                dropped = layer_drop_values(batch["input_ids"].shape[0], self.encoder.num_steps, layer_drop,
+                                            device=batch["input_ids"].device)
             out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode=gate_mode, heads="last",
-                               gate_threshold=config.gate_threshold, **inputs)
+                               gate_values=dropped, gate_threshold=config.gate_threshold, **inputs)
             # In the gate warm-up every layer runs ("run"): no gate objective then.
             return smartbert_stage1_loss(
                 out, batch["labels"], is_regression=self.is_regression, skip_weight=config.skip_weight,
@@ -231,9 +252,11 @@ def stage2_modules(model: SmartBertModel) -> list[nn.Module]:
 
 
 def stage1_options(config: SmartBertConfig, epoch: int) -> dict[str, Any]:
-    """Every layer for the first ``gate_warmup_epochs`` epochs, then soft gates for ``soft_epochs``
-    epochs, hard after (paper §3.6)."""
+    """Every layer for the first ``gate_warmup_epochs`` epochs (each dropped per row with probability
+    ``warmup_layer_drop``), then soft gates for ``soft_epochs`` epochs, hard after (paper §3.6)."""
     if epoch < config.gate_warmup_epochs:
+        if config.warmup_layer_drop > 0:
+            return {"gate_mode": "run", "layer_drop": config.warmup_layer_drop}
         return {"gate_mode": "run"}
     return {"gate_mode": GateSchedule(config.soft_epochs).mode(epoch - config.gate_warmup_epochs)}
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from recipes import smartbert
 from recipes.loading import load_model_and_tokenizer
@@ -100,6 +101,45 @@ def test_gated_epochs_train_gates_keeps_the_fine_tuned_backbone(trained: str, ti
         assert unchanged == fine_tuned
     else:
         assert len(unchanged) < len(fine_tuned)
+
+
+def test_warmup_layer_drop_skips_random_layers_per_row_only_in_warm_up_training(
+        tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``warmup_layer_drop``: the warm-up's training passes force random per-row skips; its held-out
+    passes, the gated epochs and stage 2 do not."""
+    from adaptive_depth.encoder import AdaptiveEncoder
+
+    seen: list[tuple[bool, str, object]] = []
+    original = AdaptiveEncoder.forward
+
+    def forward(self: AdaptiveEncoder, *args: object, **kwargs: object) -> object:
+        values = kwargs.get("gate_values")
+        seen.append((self.training, str(kwargs.get("gate_mode")), None if values is None else values.clone()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptiveEncoder, "forward", forward)
+    results = run("mrpc", glue_dir, tiny_model_dir, tmp_path / "run", "stage1_epochs=3", "gate_warmup_epochs=1",
+                  "gate_objective=budget", "gated_epochs_train=gates", "warmup_layer_drop=0.5", "stage2_epochs=1")
+    history = results["history"]["stage1"]
+    assert [record["options"] for record in history] == [
+        {"gate_mode": "run", "layer_drop": 0.5}, {"gate_mode": "soft"}, {"gate_mode": "hard"}]
+    forced = [values for training, _, values in seen if values is not None]
+    assert forced and all(training for training, _, values in seen if values is not None)
+    assert all(mode == "run" for _, mode, values in seen if values is not None)
+    dropped = torch.cat(forced)
+    assert dropped.shape[1] == 3 and 0.2 < float(dropped.mean()) < 0.8
+    assert len({tuple(row) for row in dropped.tolist()}) > 1  # rows differ, not one pattern per batch
+    assert sum(1 for training, mode, _ in seen if training and mode == "run") == len(forced)
+
+
+def test_warmup_layer_drop_is_validated(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir",
+            str(tmp_path / "bad"), "stage1_epochs=2"]
+    assert smartbert.main([*argv, "warmup_layer_drop=0.2"]) == 2
+    assert "set gate_warmup_epochs >= 1" in capsys.readouterr().err
+    assert smartbert.main([*argv, "gate_warmup_epochs=1", "warmup_layer_drop=1"]) == 2
+    assert "warmup_layer_drop must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_gated_epochs_train_is_validated(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
