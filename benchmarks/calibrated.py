@@ -19,6 +19,10 @@ differ a little from the budget: held-out and dev rows differ.
         --json runs/calibrated-mrpc-seed42.json
     python -m benchmarks.calibrated --table runs/tradeoff-rte/tradeoff-rte.json --json runs/calibrated-rte.json
 
+``--gates-off smartbert`` also calibrates that run with its skip gates turned off (engine mode
+``exit_only``: every layer runs until the exit, the gates cost nothing), reported as
+``smartbert_gates_off``: at a budget, what do the gates add to the exits of the same model?
+
 ``--calibrate-on dev-half`` calibrates on a seeded, label-stratified half of dev instead and
 scores the other half: for a task whose train rows differ from dev (SST-2 trains on phrases and
 is evaluated on sentences), where a threshold calibrated on train overshoots the budget on dev.
@@ -55,6 +59,7 @@ from recipes.run_folder import RUN_FILE, compare_data, run_examples, split_finge
 logger = logging.getLogger("recipes")
 
 SELECTION = "threshold calibrated to each budget on held-out rows"
+GATES_OFF = "_gates_off"  # suffix of a method calibrated with its skip gates off (--gates-off)
 # What ``--calibrate-on`` may name, and the selection each gives (``benchmarks.seeds`` keeps kinds apart).
 CALIBRATE_ON = ("heldout", "dev-half")
 SELECTIONS = {"heldout": SELECTION,
@@ -122,7 +127,7 @@ def check_data(run_dir: Path, data_dir: Path, config: Any, examples: tuple[list[
 
 def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequence[float],
                   reference: float | None, *, convention: str = "paper", tolerance: float = 1e-3, progress: bool = True,
-                  calibrate_on: str = "heldout") -> dict[str, dict[str, Any]]:
+                  calibrate_on: str = "heldout", gates_off: bool = False) -> dict[str, dict[str, Any]]:
     """Calibrate one finished run to every budget on its held-out rows; evaluate dev there.
 
     Args:
@@ -139,6 +144,8 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
         progress: a progress bar per calibration.
         calibrate_on: which rows to calibrate on and which to report on (:func:`calibration_rows`;
             ``"dev-half"``: every "dev" below is the reported half of dev).
+        gates_off: run the engine with the skip gates off (mode ``"exit_only"``) instead of the
+            method's own exit mode, to measure what the gates add at each budget.
 
     Returns:
         ``{str(budget): cell}`` where a cell is ``{"error": ...}`` when no threshold meets the
@@ -151,7 +158,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     Raises:
         CheckpointError: ``run_dir`` is not a finished run of ``method_name``.
         ResumeMismatchError: ``data_dir`` holds other rows than the run's.
-        ConfigError: the method has no exit threshold to calibrate.
+        ConfigError: the method has no exit threshold to calibrate, or (``gates_off``) no skip gates.
     """
     from adaptive_depth.calibration import calibrate_threshold, criterion_name
     from adaptive_depth.engine import AdaptiveInferenceEngine
@@ -172,11 +179,17 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     if exit_setting is None:
         raise ConfigError(f"{method_name} has no early exit, so no threshold trades accuracy for cost; leave it out "
                           "(benchmarks.tradeoff shows its full depth)")
+    mode = exit_setting.mode
+    if gates_off:
+        if mode != "adaptive" or not encoder.has_gates:
+            raise ConfigError(f"--gates-off {method_name}: its runs have no skip gates to turn off (it exits with "
+                              f"mode {mode!r}); name a method with gates, e.g. smartbert")
+        mode = "exit_only"
     gate_threshold = method.gate_threshold(config)
     heldout, dev = heldout_and_dev(examples, config, tokenizer, calibrate_on)
     own_full = float(encoder.full_depth_macs(config.padded_length, "paper"))
     scale = 1.0 if reference is None else own_full / reference  # own relative cost -> relative to reference
-    template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, exit_setting.mode,
+    template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, mode,  # type: ignore[arg-type]
                                        config.padded_length)
     make_metrics = lambda: GlueMetrics(task)  # noqa: E731
     cells: dict[str, dict[str, Any]] = {}
@@ -190,7 +203,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
             cells[str(budget)] = {"error": str(error), "budget_own_full_depth": own_budget}
             continue
         name = f"{criterion_name(template.criterion)}={calibration.threshold:.4g}"
-        setting = SweepSetting(f"calibrated {name}", exit_setting.mode, calibration.make_criterion(),
+        setting = SweepSetting(f"calibrated {name}", mode, calibration.make_criterion(),
                                calibration.threshold)
         row = run_sweep(encoder, dev, [setting], make_metrics, gate_threshold, config.padded_length)[0]
         own_cost = row.relative_cost_paper if convention == "paper" else row.relative_cost_exact
@@ -209,13 +222,15 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
 
 
 def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Sequence[float], *,
-                           tolerance: float = 1e-3, progress: bool = True, calibrate_on: str = "heldout"
-                           ) -> dict[str, Any]:
+                           tolerance: float = 1e-3, progress: bool = True, calibrate_on: str = "heldout",
+                           gates_off: Sequence[str] = ()) -> dict[str, Any]:
     """Every run calibrated to every budget: a JSON-ready table (see the module docstring);
-    ``calibrate_on``: see :func:`calibration_rows`.
+    ``calibrate_on``: see :func:`calibration_rows`. Each method in ``gates_off`` is calibrated a
+    second time with its skip gates off, as ``<method>_gates_off``.
 
     Raises:
-        ConfigError: runs of different tasks, seeds, lengths or backbones; a run without exits.
+        ConfigError: runs of different tasks, seeds, lengths or backbones; a run without exits;
+            a ``gates_off`` method that is not among ``runs`` or has no gates.
         CheckpointError, ResumeMismatchError: see :func:`calibrate_run`.
     """
     from recipes.glue import get_task, holdout_split, majority_class_metrics
@@ -236,9 +251,21 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
     task = first.task
     padded_length = first.config["padded_length"]
     reference = float(reference_macs(next(iter(runs.values())) / "backbone", get_task(task).num_labels, padded_length))
+    unknown = sorted(set(gates_off) - set(runs))
+    if unknown:
+        raise ConfigError(f"--gates-off {', '.join(unknown)}: not among the runs ({', '.join(runs)}); give its run "
+                          "with --run too")
+    gateless = [method for method in gates_off if not all_results[method].skipping]
+    if gateless:
+        raise ConfigError(f"--gates-off {', '.join(gateless)}: its run has no skip gates to turn off; name a method "
+                          "with gates, e.g. smartbert")
     calibration = {method: calibrate_run(method, run_dir, data_dir, budgets, reference, tolerance=tolerance,
                                          progress=progress, calibrate_on=calibrate_on)
                    for method, run_dir in runs.items()}
+    for method in gates_off:
+        calibration[f"{method}{GATES_OFF}"] = calibrate_run(method, runs[method], data_dir, budgets, reference,
+                                                           tolerance=tolerance, progress=progress,
+                                                           calibrate_on=calibrate_on, gates_off=True)
     majority = first.majority_class_baseline
     rows: dict[str, int] = {}
     if calibrate_on != "heldout":  # scored on part of dev: its majority class and sizes
@@ -261,6 +288,7 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
         "budgets": list(budgets),
         "majority_class_baseline": majority,
         "runs": {method: str(run_dir) for method, run_dir in runs.items()},
+        **({"gates_off": list(gates_off)} if gates_off else {}),
         "skipping": {method: results.skipping for method, results in all_results.items() if results.skipping},
         "calibration": calibration,
         "at_cost": at_cost,
@@ -309,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", nargs="+", type=float, default=list(VERDICT_BUDGETS),
                         help="relative costs (fractions of the fine-tuned full depth, paper convention); "
                              f"default {' '.join(map(str, VERDICT_BUDGETS))}")
+    parser.add_argument("--gates-off", action="append", default=[], metavar="METHOD",
+                        help=f"also calibrate METHOD's run with its skip gates off (reported as METHOD{GATES_OFF}): "
+                             "what the gates add at each budget (repeatable)")
     parser.add_argument("--calibrate-on", choices=CALIBRATE_ON, default="heldout",
                         help="heldout (default): calibrate on each run's held-out part of train, score all of dev; "
                              "dev-half: calibrate on a seeded half of dev, score the other half (for a task whose "
@@ -358,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         started = time.perf_counter()
         table = build_calibrated_table(runs, data_dir, args.budgets, tolerance=args.tolerance,
-                                       calibrate_on=args.calibrate_on)
+                                       calibrate_on=args.calibrate_on, gates_off=args.gates_off)
         table["wall_time_s"] = time.perf_counter() - started
         table["threads"] = torch.get_num_threads()
         table["command"] = " ".join(["python", "-m", "benchmarks.calibrated", *(argv if argv is not None else sys.argv[1:])])

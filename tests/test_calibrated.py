@@ -140,6 +140,37 @@ def test_calibrate_on_half_of_dev_scores_the_other_half(runs: dict[str, Path], d
         "mrpc", [row.label for row in train_part], [row.label for row in report]))
 
 
+def test_gates_off_calibrates_the_same_run_without_its_skip_gates(runs: dict[str, Path], data: Path,
+                                                                 tmp_path: Path) -> None:
+    """``--gates-off smartbert``: a second calibration of the same run in engine mode ``exit_only``
+    (no layer skipped, no gate run), reported as ``smartbert_gates_off``."""
+    from adaptive_depth.engine import AdaptiveInferenceEngine
+    from adaptive_depth.exits import EntropyExit
+    from recipes.reload import load_run
+    from recipes.run_folder import run_examples
+
+    out = tmp_path / "gates-off.json"
+    argv = ["--data-dir", str(data), "--run", f"smartbert={runs['smartbert']}", "--gates-off", "smartbert",
+            "--budgets", "0.8", "--json", str(out)]
+    assert calibrated.main(argv) == 0
+    table = json.loads(out.read_text())
+    assert list(table["calibration"]) == ["smartbert", "smartbert_gates_off"] and table["gates_off"] == ["smartbert"]
+    assert set(table["at_cost"]) == {"smartbert", "smartbert_gates_off"}
+    cell = table["calibration"]["smartbert_gates_off"]["0.8"]
+    assert "error" not in cell and cell["heldout_relative_cost"] <= 0.8 + 1e-9
+    # Dev at that threshold with the gates off: every layer up to the exit runs.
+    encoder, tokenizer, config = load_run(runs["smartbert"], "smartbert")
+    _, dev = calibrated.heldout_and_dev(run_examples(data, "mrpc", config), config, tokenizer)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(cell["threshold"]), mode="exit_only",
+                                     padded_length=config.padded_length)
+    traces = [engine(batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+              for batch in dev]
+    assert not any(bool(trace.layers_skipped.any() or trace.gates_run.any()) for trace in traces)
+    rows = sum(len(trace.exit_layer) for trace in traces)
+    assert sum(float(trace.layers_run.sum()) for trace in traces) / rows == pytest.approx(cell["mean_layers_run"])
+    assert sum(float(trace.exit_layer.sum()) for trace in traces) / rows == pytest.approx(cell["mean_layers_run"])
+
+
 def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path: Path) -> None:
     table = tmp_path / "tradeoff-mrpc.json"
     table.write_text(json.dumps({"runs": {"finetune": str(runs["finetune"]), "deebert": str(runs["deebert"])}}))
@@ -156,6 +187,8 @@ def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path:
     ("no_exits", "finetune has no early exit"),
     ("other_data", "was made on other data"),
     ("nothing", "nothing to calibrate"),
+    ("gates_off_missing", "not among the runs"),
+    ("gates_off_gateless", "has no skip gates to turn off"),
 ])
 def test_bad_input_is_a_clear_error(runs: dict[str, Path], data: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str], case: str, message: str) -> None:
@@ -175,6 +208,10 @@ def test_bad_input_is_a_clear_error(runs: dict[str, Path], data: Path, tmp_path:
         data_dir = str(write_synthetic_glue(tmp_path / "other", "mrpc", n_train=120, n_dev=24, seed=1))
     elif case == "nothing":
         run = []
+    elif case == "gates_off_missing":
+        run += ["--gates-off", "smartbert"]
+    elif case == "gates_off_gateless":
+        run += ["--gates-off", "deebert"]
     argv = ["--data-dir", data_dir, *run, *budgets, "--json", str(tmp_path / "t.json")]
     assert calibrated.main(argv) == 2
     assert message in capsys.readouterr().err
