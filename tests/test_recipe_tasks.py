@@ -132,24 +132,20 @@ def test_warmup_layer_drop_skips_random_layers_per_row_only_in_warm_up_training(
     assert sum(1 for training, mode, _ in seen if training and mode == "run") == len(forced)
 
 
-def test_warmup_layer_drop_is_validated(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("overrides, message", [
+    (["gated_epochs_train=gates"], "set gate_warmup_epochs >= 1"),
+    (["gate_warmup_epochs=1", "gated_epochs_train=frozen"], "gated_epochs_train must be 'all' or 'gates'"),
+    (["warmup_layer_drop=0.2"], "set gate_warmup_epochs >= 1"),
+    (["gate_warmup_epochs=1", "warmup_layer_drop=1"], "warmup_layer_drop must be in [0, 1)"),
+])
+def test_the_gate_warm_up_keys_are_validated(overrides: list[str], message: str, tiny_model_dir: Path,
+                                             glue_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir",
-            str(tmp_path / "bad"), "stage1_epochs=2"]
-    assert smartbert.main([*argv, "warmup_layer_drop=0.2"]) == 2
-    assert "set gate_warmup_epochs >= 1" in capsys.readouterr().err
-    assert smartbert.main([*argv, "gate_warmup_epochs=1", "warmup_layer_drop=1"]) == 2
-    assert "warmup_layer_drop must be in [0, 1)" in capsys.readouterr().err
-
-
-def test_gated_epochs_train_is_validated(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir",
-            str(tmp_path / "bad"), "stage1_epochs=2"]
-    assert smartbert.main([*argv, "gated_epochs_train=gates"]) == 2
-    assert "set gate_warmup_epochs >= 1" in capsys.readouterr().err
-    assert smartbert.main([*argv, "gate_warmup_epochs=1", "gated_epochs_train=frozen"]) == 2
-    assert "gated_epochs_train must be 'all' or 'gates'" in capsys.readouterr().err
+            str(tmp_path / "bad"), "stage1_epochs=2", *overrides]
+    assert smartbert.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_known_model_name_resolves_to_its_local_folder() -> None:
