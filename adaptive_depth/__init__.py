@@ -43,6 +43,7 @@ _LAZY = {
     "Calibration": "adaptive_depth.calibration",
     "CostAccumulator": "adaptive_depth.metrics",
     "Prediction": "adaptive_depth.pipeline",
+    "calibrate_operating_point": "adaptive_depth.calibration",
     "calibrate_threshold": "adaptive_depth.calibration",
 }
 
@@ -88,6 +89,7 @@ __all__ = [
     "StraightThroughHard",
     "UnsupportedModelError",
     "budget_penalty",
+    "calibrate_operating_point",
     "calibrate_threshold",
     "cross_layer_info_nce",
     "entropy",

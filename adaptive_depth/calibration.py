@@ -6,13 +6,18 @@ earlier, and the gates' decisions do not depend on the threshold, so the mean co
 :func:`calibrate_threshold` therefore bisects: it runs the real engine on the data at each
 candidate and returns the least aggressive threshold whose measured mean relative cost is
 within the budget. Calibrate on data held out from training, never on the set you report.
+
+With skip gates there is a second knob: the gate threshold (skip a layer when
+``p_skip >= gate_threshold``). :func:`calibrate_operating_point` calibrates the exit threshold at
+each of several gate thresholds (1.0: the gates never skip) and keeps the pair that scores best
+on the held-out labels, so the gates are used at a budget only where they help there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +29,7 @@ from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit
 
-__all__ = ["Calibration", "calibrate_threshold", "criterion_name"]
+__all__ = ["Calibration", "calibrate_operating_point", "calibrate_threshold", "criterion_name"]
 
 Metric = Callable[[Tensor, Tensor], float]
 
@@ -58,6 +63,11 @@ class Calibration:
         metric_name, metric: the task metric at ``threshold`` (``None`` without labels).
         num_rows: rows of calibration data.
         evaluations: every ``(threshold, relative_cost)`` the search measured, in order.
+        gate_threshold: the engine's gate threshold at this point (a layer is skipped when
+            ``p_skip >= gate_threshold``; 1.0 never skips).
+        candidates: from :func:`calibrate_operating_point` only: for every gate threshold tried,
+            ``{"gate_threshold", "threshold", "relative_cost", "mean_layers_run", "metric"}``, or
+            ``{"gate_threshold", "error"}`` when no exit threshold met the budget with it.
     """
 
     criterion: str
@@ -72,6 +82,8 @@ class Calibration:
     metric: float | None
     num_rows: int
     evaluations: list[tuple[float, float]] = field(default_factory=list)
+    gate_threshold: float | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
 
     def make_criterion(self) -> ExitCriterion:
         """The exit criterion at the chosen threshold."""
@@ -155,13 +167,7 @@ def calibrate_threshold(
         raise ValueError(f"max_relative_cost must be in (0, 1], got {max_relative_cost}.")
     if convention not in ("exact", "paper"):
         raise ValueError(f"convention must be 'exact' or 'paper', got {convention!r}.")
-    if isinstance(engine_or_model, AdaptiveInferenceEngine):
-        template = engine_or_model
-    elif isinstance(engine_or_model, AdaptiveEncoder):
-        config = engine_or_model.adaptive_config
-        template = AdaptiveInferenceEngine(engine_or_model, config.make_criterion(), config.gate_threshold, config.mode)
-    else:
-        raise TypeError(f"calibrate an AdaptiveInferenceEngine or an AdaptiveEncoder, got {type(engine_or_model).__name__}.")
+    template = _template(engine_or_model)
     if template.mode not in ("adaptive", "exit_only"):
         raise ValueError(f"mode {template.mode!r} never exits early, so no threshold changes its cost; "
                          "use 'adaptive' or 'exit_only'.")
@@ -212,7 +218,104 @@ def calibrate_threshold(
         relative_cost=_cost(chosen, convention), relative_cost_exact=chosen.relative_cost_exact,
         relative_cost_paper=chosen.relative_cost_paper, mean_layers_run=chosen.mean_layers_run,
         metric_name=metric_name, metric=value, num_rows=len(chosen.predictions), evaluations=evaluations,
+        gate_threshold=template.gate_threshold,
     )
+
+
+def calibrate_operating_point(
+    engine_or_model: AdaptiveInferenceEngine | AdaptiveEncoder,
+    data: Iterable[Mapping[str, Tensor]],
+    max_relative_cost: float = 0.5,
+    *,
+    gate_thresholds: Sequence[float] = (0.5, 0.6, 1.0),
+    convention: str = "exact",
+    metric: Metric | None = None,
+    tolerance: float = 1e-3,
+    progress: bool = False,
+) -> Calibration:
+    """The gate threshold and exit threshold that score best on ``data`` within the budget.
+
+    The gate threshold is a second knob on cost: a lower one skips more layers, a higher one
+    fewer (1.0 never skips, leaving the exits alone to meet the budget). For each gate threshold
+    in ``gate_thresholds``, :func:`calibrate_threshold` finds the least aggressive exit threshold
+    within ``max_relative_cost``; the pair with the best metric on ``data`` wins (ties: the
+    cheaper, then the earlier in ``gate_thresholds``). ``data`` must hold labels: the choice is
+    made by the metric, so calibrate on held-out rows and report on others.
+
+    Args:
+        engine_or_model, max_relative_cost, convention, metric, tolerance, progress: as in
+            :func:`calibrate_threshold`; the engine (or the encoder's operating point) must run
+            with skip gates (mode ``"adaptive"``).
+        data: batches with ``labels``, iterated once and kept in memory.
+        gate_thresholds: the gate thresholds to try, each in ``[0, 1]``.
+
+    Returns:
+        the winning :class:`Calibration`, with ``gate_threshold`` set and ``candidates`` listing
+        every gate threshold tried.
+
+    Raises:
+        ValueError: no gate thresholds or one outside ``[0, 1]``, a model without gates or a
+            mode without them, data without labels, a regression model without a ``metric``, or
+            a budget that no gate threshold meets (as :func:`calibrate_threshold`).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4,
+        ...                             num_attention_heads=4, intermediate_size=37))
+        >>> encoder = AdaptiveEncoder(bert, num_labels=2, head_inner_size=16, gate_inner_size=16).eval()
+        >>> data = [{"input_ids": torch.randint(0, 99, (8, 6)), "labels": torch.randint(0, 2, (8,))}]
+        >>> point = calibrate_operating_point(encoder, data, max_relative_cost=0.8, gate_thresholds=(0.5, 1.0))
+        >>> point.gate_threshold in (0.5, 1.0), len(point.candidates)
+        (True, 2)
+    """
+    template = _template(engine_or_model)
+    gate_thresholds = [float(value) for value in gate_thresholds]
+    if not gate_thresholds:
+        raise ValueError("gate_thresholds is empty; give at least one, e.g. (0.5, 1.0).")
+    outside = [value for value in gate_thresholds if not 0.0 <= value <= 1.0]
+    if outside:
+        raise ValueError(f"gate thresholds must be in [0, 1], got {outside}.")
+    if template.mode != "adaptive" or not template.encoder.has_gates:
+        raise ValueError(f"calibrate_operating_point chooses a gate threshold, but this engine runs no gates (mode "
+                         f"{template.mode!r}, gates: {template.encoder.has_gates}); use calibrate_threshold.")
+    batches = list(data)
+    if not batches or any(batch.get("labels") is None for batch in batches):
+        raise ValueError("calibrate_operating_point picks the pair with the best metric, so every batch needs "
+                         "'labels' (held-out rows, never the rows you report on).")
+    if template.encoder.num_labels == 1 and metric is None:
+        raise ValueError("a regression model has no default metric; pass metric=(predictions, labels) -> float.")
+    best: Calibration | None = None
+    candidates: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for gate_threshold in gate_thresholds:
+        engine = AdaptiveInferenceEngine(template.encoder, template.criterion, gate_threshold, template.mode,
+                                         template.padded_length)
+        try:
+            calibration = calibrate_threshold(engine, batches, max_relative_cost, convention=convention, metric=metric,
+                                              tolerance=tolerance, progress=progress)
+        except ValueError as error:  # no exit threshold meets the budget at this gate threshold
+            candidates.append({"gate_threshold": gate_threshold, "error": str(error)})
+            errors.append(f"gate_threshold={gate_threshold:g}: {error}")
+            continue
+        candidates.append({"gate_threshold": gate_threshold, "threshold": calibration.threshold,
+                           "relative_cost": calibration.relative_cost, "mean_layers_run": calibration.mean_layers_run,
+                           "metric": calibration.metric})
+        if best is None or (calibration.metric, -calibration.relative_cost) > (best.metric, -best.relative_cost):
+            best = calibration
+    if best is None:
+        raise ValueError("no gate threshold meets the budget: " + "; ".join(errors))
+    best.candidates = candidates
+    return best
+
+
+def _template(engine_or_model: AdaptiveInferenceEngine | AdaptiveEncoder) -> AdaptiveInferenceEngine:
+    """The engine to calibrate: the one given, or the encoder's saved operating point."""
+    if isinstance(engine_or_model, AdaptiveInferenceEngine):
+        return engine_or_model
+    if isinstance(engine_or_model, AdaptiveEncoder):
+        config = engine_or_model.adaptive_config
+        return AdaptiveInferenceEngine(engine_or_model, config.make_criterion(), config.gate_threshold, config.mode)
+    raise TypeError(f"calibrate an AdaptiveInferenceEngine or an AdaptiveEncoder, got {type(engine_or_model).__name__}.")
 
 
 def _cost(measurement: _Measurement, convention: str) -> float:

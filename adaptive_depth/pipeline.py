@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adaptive_depth.calibration import Calibration, calibrate_threshold, criterion_name
+from adaptive_depth.calibration import Calibration, calibrate_operating_point, calibrate_threshold, criterion_name
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine, EngineMode
 from adaptive_depth.exits import ExitCriterion
@@ -214,18 +214,27 @@ class AdaptivePipeline:
         labels: Sequence[Any] | None = None,
         text_pairs: Sequence[str] | None = None,
         max_relative_cost: float = 0.5,
+        gate_thresholds: Sequence[float] | None = None,
         **options: Any,
     ) -> Calibration:
         """Choose the exit threshold on held-out texts (see :func:`calibrate_threshold`) and use it.
 
-        The chosen operating point is also written into ``encoder.adaptive_config``, so a
-        later ``save_pretrained`` keeps it.
+        With ``gate_thresholds`` (a model with gates; needs ``labels``), the gate threshold is
+        chosen too, among these, by the metric on the texts (see
+        :func:`calibrate_operating_point`). The chosen operating point is also written into
+        ``encoder.adaptive_config``, so a later ``save_pretrained`` keeps it.
         """
         data = [inputs for _, inputs in self.batches(texts, text_pairs, labels)]
-        calibration = calibrate_threshold(self.engine, data, max_relative_cost, **options)
+        if gate_thresholds is None:
+            calibration = calibrate_threshold(self.engine, data, max_relative_cost, **options)
+        else:
+            calibration = calibrate_operating_point(self.engine, data, max_relative_cost,
+                                                    gate_thresholds=gate_thresholds, **options)
         self.engine.criterion = calibration.make_criterion()
         config = self.encoder.adaptive_config
         config.criterion, config.threshold = calibration.criterion, calibration.threshold  # type: ignore[assignment]
+        if calibration.gate_threshold is not None and self.engine.mode in ("adaptive", "skip_only"):
+            self.engine.gate_threshold = config.gate_threshold = calibration.gate_threshold
         config.calibration = calibration.to_dict()
         return calibration
 

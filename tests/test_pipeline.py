@@ -1,4 +1,4 @@
-"""AdaptivePipeline on raw texts, calibrate_threshold, and the predict command line."""
+"""AdaptivePipeline on raw texts, calibrate_threshold, calibrate_operating_point, and the predict command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptive_depth import AdaptiveEncoder, AdaptivePipeline, EntropyExit, calibrate_threshold
+from adaptive_depth import (
+    AdaptiveEncoder,
+    AdaptivePipeline,
+    EntropyExit,
+    calibrate_operating_point,
+    calibrate_threshold,
+)
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.predict import main as predict_main
 from tests.conftest import minilm_dir, requires_minilm
@@ -121,6 +127,63 @@ def test_pipeline_calibrate_sets_the_operating_point_that_is_saved(saved_pair_mo
     reloaded = AdaptivePipeline.from_pretrained(folder)
     assert reloaded.engine.criterion == EntropyExit(calibration.threshold)
     assert reloaded.encoder.adaptive_config.calibration["max_relative_cost"] == 0.8
+
+
+def _labelled_batches(pipeline: AdaptivePipeline) -> list[dict[str, torch.Tensor]]:
+    labels = [0, 1, 1, 0, 1, 0]
+    return [inputs for _, inputs in pipeline.batches(SENTENCES * 3, PAIRS * 3, labels * 3, batch_size=5)]
+
+
+def test_calibrate_operating_point_keeps_the_gate_threshold_that_scores_best(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    data = _labelled_batches(pipeline)
+    gate_thresholds, budget = (0.3, 0.5, 1.0), 0.8
+    point = calibrate_operating_point(pipeline.engine, data, budget, gate_thresholds=gate_thresholds)
+    # Each candidate is calibrate_threshold at that gate threshold, measured independently.
+    alone = [calibrate_threshold(AdaptiveInferenceEngine(pipeline.encoder, EntropyExit(0.5), gate), data, budget)
+             for gate in gate_thresholds]
+    assert [c["gate_threshold"] for c in point.candidates] == list(gate_thresholds)
+    for candidate, calibration in zip(point.candidates, alone):
+        assert candidate["threshold"] == calibration.threshold and candidate["metric"] == calibration.metric
+        assert candidate["relative_cost"] == pytest.approx(calibration.relative_cost)
+        assert calibration.relative_cost <= budget
+    assert len({(c.threshold, c.metric) for c in alone}) > 1  # the gate threshold changes the operating point
+    best = max(range(len(alone)), key=lambda i: (alone[i].metric, -alone[i].relative_cost))
+    assert point.gate_threshold == gate_thresholds[best] and point.threshold == alone[best].threshold
+    assert point.metric == alone[best].metric and point.relative_cost <= budget
+    # At gate threshold 1.0 the gates run but never skip.
+    never = AdaptiveInferenceEngine(pipeline.encoder, EntropyExit(point.candidates[-1]["threshold"]), 1.0)
+    assert not any(bool(never(**{k: v for k, v in batch.items() if k != "labels"}).layers_skipped.any())
+                   for batch in data)
+
+
+def test_calibrate_operating_point_refuses_bad_input(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    data = _labelled_batches(pipeline)
+    with pytest.raises(ValueError, match="gate_thresholds is empty"):
+        calibrate_operating_point(pipeline.engine, data, gate_thresholds=())
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got \[1.5\]"):
+        calibrate_operating_point(pipeline.engine, data, gate_thresholds=(0.5, 1.5))
+    with pytest.raises(ValueError, match="needs 'labels'"):
+        calibrate_operating_point(pipeline.engine, [{k: v for k, v in batch.items() if k != "labels"} for batch in data])
+    with pytest.raises(ValueError, match="runs no gates.*use calibrate_threshold"):
+        calibrate_operating_point(AdaptiveInferenceEngine(pipeline.encoder, EntropyExit(0.5), mode="exit_only"), data)
+    with pytest.raises(ValueError, match=r"no gate threshold meets the budget: gate_threshold=0.5: .*gate_threshold=1: "):
+        calibrate_operating_point(pipeline.engine, data, 0.01, gate_thresholds=(0.5, 1.0))
+
+
+def test_pipeline_calibrate_over_gate_thresholds_saves_the_gate_threshold(saved_pair_model: Path,
+                                                                          tmp_path: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    labels = [0, 1, 1, 0, 1, 0] * 3
+    calibration = pipeline.calibrate(SENTENCES * 3, labels, PAIRS * 3, max_relative_cost=0.8,
+                                     gate_thresholds=(0.3, 1.0))
+    assert pipeline.engine.gate_threshold == calibration.gate_threshold in (0.3, 1.0)
+    assert len(calibration.candidates) == 2
+    reloaded = AdaptivePipeline.from_pretrained(
+        pipeline.encoder.save_pretrained(tmp_path / "calibrated", tokenizer=pipeline.tokenizer))
+    assert reloaded.engine.gate_threshold == calibration.gate_threshold
+    assert reloaded.engine.criterion == EntropyExit(calibration.threshold)
 
 
 def test_predict_command_line_on_a_glue_style_tsv(saved_pair_model: Path, tmp_path: Path, capsys) -> None:
