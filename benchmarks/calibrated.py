@@ -23,6 +23,13 @@ differ a little from the budget: held-out and dev rows differ.
 ``exit_only``: every layer runs until the exit, the gates cost nothing), reported as
 ``smartbert_gates_off``: at a budget, what do the gates add to the exits of the same model?
 
+``--joint smartbert`` also calibrates that run over both knobs
+(:func:`adaptive_depth.calibrate_operating_point`): at each budget, the exit threshold at each of
+the ``--gate-thresholds`` (default 0.5 0.6 1.0; 1.0 never skips), keeping the pair with the
+best held-out metric, reported as ``smartbert_joint``. Its cells also give the gate threshold
+chosen, the dev skip rate per layer there, and dev at every gate threshold tried (for the record,
+not for choosing).
+
 ``--calibrate-on dev-half`` calibrates on a seeded, label-stratified half of dev instead and
 scores the other half: for a task whose train rows differ from dev (SST-2 trains on phrases and
 is evaluated on sentences), where a threshold calibrated on train overshoots the budget on dev.
@@ -60,6 +67,8 @@ logger = logging.getLogger("recipes")
 
 SELECTION = "threshold calibrated to each budget on held-out rows"
 GATES_OFF = "_gates_off"  # suffix of a method calibrated with its skip gates off (--gates-off)
+JOINT = "_joint"  # suffix of a method calibrated over gate and exit thresholds together (--joint)
+GATE_THRESHOLDS = (0.5, 0.6, 1.0)  # --joint's default gate thresholds
 # What ``--calibrate-on`` may name, and the selection each gives (``benchmarks.seeds`` keeps kinds apart).
 CALIBRATE_ON = ("heldout", "dev-half")
 SELECTIONS = {"heldout": SELECTION,
@@ -127,7 +136,8 @@ def check_data(run_dir: Path, data_dir: Path, config: Any, examples: tuple[list[
 
 def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequence[float],
                   reference: float | None, *, convention: str = "paper", tolerance: float = 1e-3, progress: bool = True,
-                  calibrate_on: str = "heldout", gates_off: bool = False) -> dict[str, dict[str, Any]]:
+                  calibrate_on: str = "heldout", gates_off: bool = False,
+                  gate_thresholds: Sequence[float] | None = None) -> dict[str, dict[str, Any]]:
     """Calibrate one finished run to every budget on its held-out rows; evaluate dev there.
 
     Args:
@@ -146,6 +156,8 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
             ``"dev-half"``: every "dev" below is the reported half of dev).
         gates_off: run the engine with the skip gates off (mode ``"exit_only"``) instead of the
             method's own exit mode, to measure what the gates add at each budget.
+        gate_thresholds: choose the gate threshold too, among these, by the held-out metric
+            (:func:`adaptive_depth.calibrate_operating_point`); ``None``: the method's own.
 
     Returns:
         ``{str(budget): cell}`` where a cell is ``{"error": ...}`` when no threshold meets the
@@ -153,14 +165,20 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
         ``relative_cost`` (dev, over ``reference``) as in ``benchmarks.tradeoff``'s ``at_cost``, plus
         ``criterion``, ``threshold``, ``heldout_relative_cost``, ``heldout_metric``, ``metrics``
         (dev), ``mean_layers_run`` (dev) and ``budget_own_full_depth`` (the budget over this run's
-        own full depth, as calibrated).
+        own full depth, as calibrated). With ``gate_thresholds`` a cell also has
+        ``gate_threshold`` (chosen), ``skip_rate_per_layer`` (dev, there), ``candidates``
+        (held-out, per gate threshold) and ``dev_candidates`` (dev metric, cost and mean layers
+        at every gate threshold's calibrated exit threshold: for the record, not for choosing).
 
     Raises:
         CheckpointError: ``run_dir`` is not a finished run of ``method_name``.
         ResumeMismatchError: ``data_dir`` holds other rows than the run's.
-        ConfigError: the method has no exit threshold to calibrate, or (``gates_off``) no skip gates.
+        ConfigError: the method has no exit threshold to calibrate, or (``gates_off``,
+            ``gate_thresholds``) no skip gates; both given.
     """
-    from adaptive_depth.calibration import calibrate_threshold, criterion_name
+    from functools import partial
+
+    from adaptive_depth.calibration import calibrate_operating_point, calibrate_threshold, criterion_name
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from recipes.glue import GlueMetrics, get_task
     from recipes.operating_point import first_exit_setting, main_metric_function
@@ -180,10 +198,13 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
         raise ConfigError(f"{method_name} has no early exit, so no threshold trades accuracy for cost; leave it out "
                           "(benchmarks.tradeoff shows its full depth)")
     mode = exit_setting.mode
+    if gates_off and gate_thresholds is not None:
+        raise ConfigError("calibrate either with the gates off or over gate thresholds, not both")
+    if (gates_off or gate_thresholds is not None) and (mode != "adaptive" or not encoder.has_gates):
+        option = "--gates-off" if gates_off else "--joint"
+        raise ConfigError(f"{option} {method_name}: its runs have no skip gates (it exits with mode {mode!r}); "
+                          "name a method with gates, e.g. smartbert")
     if gates_off:
-        if mode != "adaptive" or not encoder.has_gates:
-            raise ConfigError(f"--gates-off {method_name}: its runs have no skip gates to turn off (it exits with "
-                              f"mode {mode!r}); name a method with gates, e.g. smartbert")
         mode = "exit_only"
     gate_threshold = method.gate_threshold(config)
     heldout, dev = heldout_and_dev(examples, config, tokenizer, calibrate_on)
@@ -192,21 +213,26 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, mode,  # type: ignore[arg-type]
                                        config.padded_length)
     make_metrics = lambda: GlueMetrics(task)  # noqa: E731
+    calibrate = (calibrate_threshold if gate_thresholds is None
+                 else partial(calibrate_operating_point, gate_thresholds=gate_thresholds))
+    own_cost_of = lambda row: row.relative_cost_paper if convention == "paper" else row.relative_cost_exact  # noqa: E731
     cells: dict[str, dict[str, Any]] = {}
     for budget in budgets:
         own_budget = min(1.0, budget / scale)
         try:
-            calibration = calibrate_threshold(template, heldout, own_budget, convention=convention,
-                                              metric=main_metric_function(make_metrics), tolerance=tolerance, progress=progress)
+            calibration = calibrate(template, heldout, own_budget, convention=convention,
+                                    metric=main_metric_function(make_metrics), tolerance=tolerance, progress=progress)
         except ValueError as error:  # even the first head that runs costs more
             logger.info("%s at %.0f%%: %s", method_name, 100 * budget, error)
             cells[str(budget)] = {"error": str(error), "budget_own_full_depth": own_budget}
             continue
         name = f"{criterion_name(template.criterion)}={calibration.threshold:.4g}"
+        if gate_thresholds is not None:
+            name += f", gate={calibration.gate_threshold:g}"
         setting = SweepSetting(f"calibrated {name}", mode, calibration.make_criterion(),
                                calibration.threshold)
-        row = run_sweep(encoder, dev, [setting], make_metrics, gate_threshold, config.padded_length)[0]
-        own_cost = row.relative_cost_paper if convention == "paper" else row.relative_cost_exact
+        row = run_sweep(encoder, dev, [setting], make_metrics, calibration.gate_threshold, config.padded_length)[0]
+        own_cost = own_cost_of(row)
         cells[str(budget)] = {
             "setting": name, "main_metric": row.metrics[task.main_metric], "relative_cost": own_cost * scale,
             "criterion": calibration.criterion, "threshold": calibration.threshold,
@@ -215,22 +241,47 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
             "metrics": row.metrics, "mean_layers_run": row.mean_layers_run,
             "budget_own_full_depth": own_budget, "engine_passes": len(calibration.evaluations),
         }
+        if gate_thresholds is not None:
+            cells[str(budget)].update(gate_threshold=calibration.gate_threshold,
+                                      skip_rate_per_layer=row.skip_rate_per_layer, candidates=[
+                {**candidate, **({} if "error" in candidate else {"relative_cost": candidate["relative_cost"] * scale})}
+                for candidate in calibration.candidates])
+            cells[str(budget)]["dev_candidates"] = [_dev_at(candidate, encoder, dev, template, make_metrics, config,
+                                                            task.main_metric, scale, own_cost_of)
+                                                    for candidate in calibration.candidates if "error" not in candidate]
         logger.info("%s at %.0f%%: %s (held-out cost %.3f), dev %s %.4f at cost %.3f", method_name, 100 * budget, name,
                     cells[str(budget)]["heldout_relative_cost"], task.main_metric, cells[str(budget)]["main_metric"],
                     cells[str(budget)]["relative_cost"])
     return cells
 
 
+def _dev_at(candidate: dict[str, Any], encoder: Any, dev: list[dict[str, torch.Tensor]], template: Any,
+            make_metrics: Any, config: Any, main_metric: str, scale: float, own_cost_of: Any) -> dict[str, Any]:
+    """Dev at one gate threshold's calibrated exit threshold (``--joint``'s record of every candidate)."""
+    from adaptive_depth.config import criterion_from_name
+    from adaptive_depth.calibration import criterion_name
+    from recipes.sweep import SweepSetting, run_sweep
+
+    name = criterion_name(template.criterion)
+    setting = SweepSetting(f"{name}={candidate['threshold']:.4g}", "adaptive",
+                           criterion_from_name(name, candidate["threshold"]), candidate["threshold"])
+    row = run_sweep(encoder, dev, [setting], make_metrics, candidate["gate_threshold"], config.padded_length)[0]
+    return {"gate_threshold": candidate["gate_threshold"], "main_metric": row.metrics[main_metric],
+            "relative_cost": own_cost_of(row) * scale, "mean_layers_run": row.mean_layers_run}
+
+
 def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Sequence[float], *,
                            tolerance: float = 1e-3, progress: bool = True, calibrate_on: str = "heldout",
-                           gates_off: Sequence[str] = ()) -> dict[str, Any]:
+                           gates_off: Sequence[str] = (), joint: Sequence[str] = (),
+                           gate_thresholds: Sequence[float] = GATE_THRESHOLDS) -> dict[str, Any]:
     """Every run calibrated to every budget: a JSON-ready table (see the module docstring);
     ``calibrate_on``: see :func:`calibration_rows`. Each method in ``gates_off`` is calibrated a
-    second time with its skip gates off, as ``<method>_gates_off``.
+    second time with its skip gates off, as ``<method>_gates_off``; each in ``joint`` a second
+    time over ``gate_thresholds`` and exit thresholds together, as ``<method>_joint``.
 
     Raises:
         ConfigError: runs of different tasks, seeds, lengths or backbones; a run without exits;
-            a ``gates_off`` method that is not among ``runs`` or has no gates.
+            a ``gates_off`` or ``joint`` method that is not among ``runs`` or has no gates.
         CheckpointError, ResumeMismatchError: see :func:`calibrate_run`.
     """
     from recipes.glue import get_task, holdout_split, majority_class_metrics
@@ -251,14 +302,15 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
     task = first.task
     padded_length = first.config["padded_length"]
     reference = float(reference_macs(next(iter(runs.values())) / "backbone", get_task(task).num_labels, padded_length))
-    unknown = sorted(set(gates_off) - set(runs))
-    if unknown:
-        raise ConfigError(f"--gates-off {', '.join(unknown)}: not among the runs ({', '.join(runs)}); give its run "
-                          "with --run too")
-    gateless = [method for method in gates_off if not all_results[method].skipping]
-    if gateless:
-        raise ConfigError(f"--gates-off {', '.join(gateless)}: its run has no skip gates to turn off; name a method "
-                          "with gates, e.g. smartbert")
+    for option, methods in (("--gates-off", gates_off), ("--joint", joint)):
+        unknown = sorted(set(methods) - set(runs))
+        if unknown:
+            raise ConfigError(f"{option} {', '.join(unknown)}: not among the runs ({', '.join(runs)}); give its run "
+                              "with --run too")
+        gateless = [method for method in methods if not all_results[method].skipping]
+        if gateless:
+            raise ConfigError(f"{option} {', '.join(gateless)}: its run has no skip gates; name a method with gates, "
+                              "e.g. smartbert")
     calibration = {method: calibrate_run(method, run_dir, data_dir, budgets, reference, tolerance=tolerance,
                                          progress=progress, calibrate_on=calibrate_on)
                    for method, run_dir in runs.items()}
@@ -266,6 +318,10 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
         calibration[f"{method}{GATES_OFF}"] = calibrate_run(method, runs[method], data_dir, budgets, reference,
                                                            tolerance=tolerance, progress=progress,
                                                            calibrate_on=calibrate_on, gates_off=True)
+    for method in joint:
+        calibration[f"{method}{JOINT}"] = calibrate_run(method, runs[method], data_dir, budgets, reference,
+                                                       tolerance=tolerance, progress=progress, calibrate_on=calibrate_on,
+                                                       gate_thresholds=gate_thresholds)
     majority = first.majority_class_baseline
     rows: dict[str, int] = {}
     if calibrate_on != "heldout":  # scored on part of dev: its majority class and sizes
@@ -289,6 +345,7 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
         "majority_class_baseline": majority,
         "runs": {method: str(run_dir) for method, run_dir in runs.items()},
         **({"gates_off": list(gates_off)} if gates_off else {}),
+        **({"joint": list(joint), "gate_thresholds": list(gate_thresholds)} if joint else {}),
         "skipping": {method: results.skipping for method, results in all_results.items() if results.skipping},
         "calibration": calibration,
         "at_cost": at_cost,
@@ -340,6 +397,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gates-off", action="append", default=[], metavar="METHOD",
                         help=f"also calibrate METHOD's run with its skip gates off (reported as METHOD{GATES_OFF}): "
                              "what the gates add at each budget (repeatable)")
+    parser.add_argument("--joint", action="append", default=[], metavar="METHOD",
+                        help=f"also calibrate METHOD's run over gate and exit thresholds together, keeping the pair "
+                             f"with the best held-out metric (reported as METHOD{JOINT}; repeatable)")
+    parser.add_argument("--gate-thresholds", nargs="+", type=float, default=list(GATE_THRESHOLDS),
+                        help="the gate thresholds --joint tries (1.0: the gates never skip); default "
+                             f"{' '.join(map(str, GATE_THRESHOLDS))}")
     parser.add_argument("--calibrate-on", choices=CALIBRATE_ON, default="heldout",
                         help="heldout (default): calibrate on each run's held-out part of train, score all of dev; "
                              "dev-half: calibrate on a seeded half of dev, score the other half (for a task whose "
@@ -372,6 +435,10 @@ def runs_of(args: argparse.Namespace) -> dict[str, Path]:
     bad = [budget for budget in args.budgets if not (0.0 < budget <= 1.0 and math.isfinite(budget))]
     if bad:
         raise ConfigError(f"--budgets {bad}: each budget must be in (0, 1], a fraction of the fine-tuned full depth")
+    bad = [value for value in args.gate_thresholds if not 0.0 <= value <= 1.0]
+    if bad:
+        raise ConfigError(f"--gate-thresholds {bad}: each must be in [0, 1] (a layer is skipped when p_skip >= it; "
+                          "1 never skips)")
     return runs
 
 
@@ -389,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         started = time.perf_counter()
         table = build_calibrated_table(runs, data_dir, args.budgets, tolerance=args.tolerance,
-                                       calibrate_on=args.calibrate_on, gates_off=args.gates_off)
+                                       calibrate_on=args.calibrate_on, gates_off=args.gates_off, joint=args.joint,
+                                       gate_thresholds=args.gate_thresholds)
         table["wall_time_s"] = time.perf_counter() - started
         table["threads"] = torch.get_num_threads()
         table["command"] = " ".join(["python", "-m", "benchmarks.calibrated", *(argv if argv is not None else sys.argv[1:])])

@@ -171,6 +171,35 @@ def test_gates_off_calibrates_the_same_run_without_its_skip_gates(runs: dict[str
     assert sum(float(trace.exit_layer.sum()) for trace in traces) / rows == pytest.approx(cell["mean_layers_run"])
 
 
+def test_joint_calibrates_gate_and_exit_thresholds_together(runs: dict[str, Path], data: Path,
+                                                            tmp_path: Path) -> None:
+    """``--joint smartbert``: at each gate threshold the exit threshold is calibrated as plain
+    calibration does (0.5, the run's own, reproduces the ``smartbert`` row), the best held-out
+    metric wins, and dev is scored at the winner's gate threshold."""
+    out = tmp_path / "joint.json"
+    argv = ["--data-dir", str(data), "--run", f"smartbert={runs['smartbert']}", "--joint", "smartbert",
+            "--gate-thresholds", "0.5", "0.3", "1.0", "--budgets", "0.8", "--json", str(out)]
+    assert calibrated.main(argv) == 0
+    table = json.loads(out.read_text())
+    assert list(table["calibration"]) == ["smartbert", "smartbert_joint"] and table["joint"] == ["smartbert"]
+    assert table["gate_thresholds"] == [0.5, 0.3, 1.0]
+    own, cell = table["calibration"]["smartbert"]["0.8"], table["calibration"]["smartbert_joint"]["0.8"]
+    candidates = cell["candidates"]
+    assert [c["gate_threshold"] for c in candidates] == [0.5, 0.3, 1.0]
+    assert candidates[0]["threshold"] == own["threshold"] and candidates[0]["metric"] == own["heldout_metric"]
+    assert candidates[0]["relative_cost"] == pytest.approx(own["heldout_relative_cost"])
+    feasible = [c for c in candidates if "error" not in c]
+    best = max(feasible, key=lambda c: (c["metric"], -c["relative_cost"]))
+    assert cell["gate_threshold"] == best["gate_threshold"] and cell["threshold"] == best["threshold"]
+    assert cell["heldout_metric"] == best["metric"] and cell["setting"].endswith(f"gate={best['gate_threshold']:g}")
+    dev = {c["gate_threshold"]: c for c in cell["dev_candidates"]}
+    assert dev[0.5]["main_metric"] == own["main_metric"] and dev[0.5]["relative_cost"] == pytest.approx(own["relative_cost"])
+    assert dev[cell["gate_threshold"]]["main_metric"] == cell["main_metric"]
+    assert len(cell["skip_rate_per_layer"]) == 3
+    if cell["gate_threshold"] == 1.0:
+        assert not any(cell["skip_rate_per_layer"])
+
+
 def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path: Path) -> None:
     table = tmp_path / "tradeoff-mrpc.json"
     table.write_text(json.dumps({"runs": {"finetune": str(runs["finetune"]), "deebert": str(runs["deebert"])}}))
@@ -188,7 +217,10 @@ def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path:
     ("other_data", "was made on other data"),
     ("nothing", "nothing to calibrate"),
     ("gates_off_missing", "not among the runs"),
-    ("gates_off_gateless", "has no skip gates to turn off"),
+    ("gates_off_gateless", "--gates-off deebert: its run has no skip gates"),
+    ("joint_missing", "--joint smartbert: not among the runs"),
+    ("joint_gateless", "--joint deebert: its run has no skip gates"),
+    ("gate_thresholds", "--gate-thresholds [1.2]: each must be in [0, 1]"),
 ])
 def test_bad_input_is_a_clear_error(runs: dict[str, Path], data: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str], case: str, message: str) -> None:
@@ -212,6 +244,12 @@ def test_bad_input_is_a_clear_error(runs: dict[str, Path], data: Path, tmp_path:
         run += ["--gates-off", "smartbert"]
     elif case == "gates_off_gateless":
         run += ["--gates-off", "deebert"]
+    elif case == "joint_missing":
+        run += ["--joint", "smartbert"]
+    elif case == "joint_gateless":
+        run += ["--joint", "deebert"]
+    elif case == "gate_thresholds":
+        run += ["--gate-thresholds", "0.5", "1.2"]
     argv = ["--data-dir", data_dir, *run, *budgets, "--json", str(tmp_path / "t.json")]
     assert calibrated.main(argv) == 2
     assert message in capsys.readouterr().err
