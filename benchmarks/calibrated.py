@@ -28,7 +28,7 @@ differ a little from the budget: held-out and dev rows differ.
 the ``--gate-thresholds`` (default 0.5 0.6 1.0; 1.0 never skips), keeping the pair with the
 best held-out metric, reported as ``smartbert_joint``. Its cells also give the gate threshold
 chosen, the dev skip rate per layer there, and dev at every gate threshold tried (for the record,
-not for choosing).
+not for choosing), and ``joint_skipping`` how per-sample the skipping is at each gate threshold.
 
 ``--calibrate-on dev-half`` calibrates on a seeded, label-stratified half of dev instead and
 scores the other half: for a task whose train rows differ from dev (SST-2 trains on phrases and
@@ -270,6 +270,25 @@ def _dev_at(candidate: dict[str, Any], encoder: Any, dev: list[dict[str, torch.T
             "relative_cost": own_cost_of(row) * scale, "mean_layers_run": row.mean_layers_run}
 
 
+def joint_skipping(method_name: str, run_dir: Path, data_dir: Path, gate_thresholds: Sequence[float],
+                   calibrate_on: str = "heldout") -> dict[str, dict[str, Any]]:
+    """How per-sample the skipping is on the reported rows at each gate threshold (``--joint``):
+    :func:`recipes.sweep.skipping_statistics` (distinct skip patterns, skip rate per layer,
+    Spearman and mutual information between a row's skip count and its full-depth loss).
+
+    Returns:
+        ``{str(gate_threshold): statistics}``.
+    """
+    from recipes.glue import get_task
+    from recipes.reload import load_run
+    from recipes.sweep import skipping_statistics
+
+    encoder, tokenizer, config = load_run(run_dir, method_name)
+    _, dev = heldout_and_dev(run_examples(data_dir, config.task, config), config, tokenizer, calibrate_on)
+    is_regression = get_task(config.task).is_regression
+    return {str(gate): skipping_statistics(encoder, dev, gate, is_regression) for gate in gate_thresholds}
+
+
 def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Sequence[float], *,
                            tolerance: float = 1e-3, progress: bool = True, calibrate_on: str = "heldout",
                            gates_off: Sequence[str] = (), joint: Sequence[str] = (),
@@ -322,6 +341,8 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
         calibration[f"{method}{JOINT}"] = calibrate_run(method, runs[method], data_dir, budgets, reference,
                                                        tolerance=tolerance, progress=progress, calibrate_on=calibrate_on,
                                                        gate_thresholds=gate_thresholds)
+    skipping_by_gate = {method: joint_skipping(method, runs[method], data_dir, gate_thresholds, calibrate_on)
+                        for method in joint}
     majority = first.majority_class_baseline
     rows: dict[str, int] = {}
     if calibrate_on != "heldout":  # scored on part of dev: its majority class and sizes
@@ -345,7 +366,8 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
         "majority_class_baseline": majority,
         "runs": {method: str(run_dir) for method, run_dir in runs.items()},
         **({"gates_off": list(gates_off)} if gates_off else {}),
-        **({"joint": list(joint), "gate_thresholds": list(gate_thresholds)} if joint else {}),
+        **({"joint": list(joint), "gate_thresholds": list(gate_thresholds),
+            "joint_skipping": skipping_by_gate} if joint else {}),
         "skipping": {method: results.skipping for method, results in all_results.items() if results.skipping},
         "calibration": calibration,
         "at_cost": at_cost,

@@ -198,6 +198,13 @@ def test_joint_calibrates_gate_and_exit_thresholds_together(runs: dict[str, Path
     assert len(cell["skip_rate_per_layer"]) == 3
     if cell["gate_threshold"] == 1.0:
         assert not any(cell["skip_rate_per_layer"])
+    # How per-sample the skipping is at each gate threshold: the run's own statistics at 0.5, none at 1.0.
+    skipping = table["joint_skipping"]["smartbert"]
+    assert list(skipping) == ["0.5", "0.3", "1.0"]
+    own_skipping = table["skipping"]["smartbert"]
+    assert skipping["0.5"]["num_patterns"] == own_skipping["num_patterns"]
+    assert skipping["0.5"]["skip_rate_per_layer"] == pytest.approx(own_skipping["skip_rate_per_layer"])
+    assert skipping["1.0"]["num_patterns"] == 1 and not any(skipping["1.0"]["skip_rate_per_layer"])
 
 
 def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path: Path) -> None:
