@@ -129,7 +129,8 @@ def test_calibrate_on_half_of_dev_scores_the_other_half(runs: dict[str, Path], d
     assert sum(len(batch["labels"]) for batch in report_batches) == len(report)
     engine = AdaptiveInferenceEngine(encoder, EntropyExit(cell["threshold"]), mode="exit_only",
                                      padded_length=config.padded_length)
-    traces = [(engine(batch["input_ids"], batch["attention_mask"]), batch["labels"]) for batch in report_batches]
+    traces = [(engine(batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"]),
+               batch["labels"]) for batch in report_batches]
     hits = sum(int((trace.predictions == labels).sum()) for trace, labels in traces)
     layers = sum(float(trace.layers_run.sum()) for trace, _ in traces)
     assert hits / len(report) == pytest.approx(cell["metrics"]["accuracy"])
