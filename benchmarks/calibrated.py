@@ -258,8 +258,8 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
 def _dev_at(candidate: dict[str, Any], encoder: Any, dev: list[dict[str, torch.Tensor]], template: Any,
             make_metrics: Any, config: Any, main_metric: str, scale: float, own_cost_of: Any) -> dict[str, Any]:
     """Dev at one gate threshold's calibrated exit threshold (``--joint``'s record of every candidate)."""
-    from adaptive_depth.config import criterion_from_name
     from adaptive_depth.calibration import criterion_name
+    from adaptive_depth.config import criterion_from_name
     from recipes.sweep import SweepSetting, run_sweep
 
     name = criterion_name(template.criterion)
