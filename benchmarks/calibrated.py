@@ -179,6 +179,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     from functools import partial
 
     from adaptive_depth.calibration import calibrate_operating_point, calibrate_threshold, criterion_name
+    from adaptive_depth.config import criterion_from_name
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from recipes.glue import GlueMetrics, get_task
     from recipes.operating_point import first_exit_setting, main_metric_function
@@ -216,6 +217,12 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     calibrate = (calibrate_threshold if gate_thresholds is None
                  else partial(calibrate_operating_point, gate_thresholds=gate_thresholds))
     own_cost_of = lambda row: row.relative_cost_paper if convention == "paper" else row.relative_cost_exact  # noqa: E731
+
+    def dev_row(gate_threshold: float | None, threshold: float, name: str) -> Any:
+        """Dev scored once at an operating point: a :class:`~recipes.results.SweepRow`."""
+        setting = SweepSetting(name, mode, criterion_from_name(criterion_name(template.criterion), threshold), threshold)
+        return run_sweep(encoder, dev, [setting], make_metrics, gate_threshold, config.padded_length)[0]
+
     cells: dict[str, dict[str, Any]] = {}
     for budget in budgets:
         own_budget = min(1.0, budget / scale)
@@ -229,9 +236,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
         name = f"{criterion_name(template.criterion)}={calibration.threshold:.4g}"
         if gate_thresholds is not None:
             name += f", gate={calibration.gate_threshold:g}"
-        setting = SweepSetting(f"calibrated {name}", mode, calibration.make_criterion(),
-                               calibration.threshold)
-        row = run_sweep(encoder, dev, [setting], make_metrics, calibration.gate_threshold, config.padded_length)[0]
+        row = dev_row(calibration.gate_threshold, calibration.threshold, f"calibrated {name}")
         own_cost = own_cost_of(row)
         cells[str(budget)] = {
             "setting": name, "main_metric": row.metrics[task.main_metric], "relative_cost": own_cost * scale,
@@ -246,28 +251,19 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
                                       skip_rate_per_layer=row.skip_rate_per_layer, candidates=[
                 {**candidate, **({} if "error" in candidate else {"relative_cost": candidate["relative_cost"] * scale})}
                 for candidate in calibration.candidates])
-            cells[str(budget)]["dev_candidates"] = [_dev_at(candidate, encoder, dev, template, make_metrics, config,
-                                                            task.main_metric, scale, own_cost_of)
-                                                    for candidate in calibration.candidates if "error" not in candidate]
+            rows = {calibration.gate_threshold: row}  # dev at every candidate, for the record: the chosen one is scored
+            for candidate in calibration.candidates:
+                if "error" not in candidate and candidate["gate_threshold"] not in rows:
+                    rows[candidate["gate_threshold"]] = dev_row(candidate["gate_threshold"], candidate["threshold"],
+                                                                f"candidate gate={candidate['gate_threshold']:g}")
+            cells[str(budget)]["dev_candidates"] = [
+                {"gate_threshold": gate, "main_metric": rows[gate].metrics[task.main_metric],
+                 "relative_cost": own_cost_of(rows[gate]) * scale, "mean_layers_run": rows[gate].mean_layers_run}
+                for gate in (candidate["gate_threshold"] for candidate in calibration.candidates if "error" not in candidate)]
         logger.info("%s at %.0f%%: %s (held-out cost %.3f), dev %s %.4f at cost %.3f", method_name, 100 * budget, name,
                     cells[str(budget)]["heldout_relative_cost"], task.main_metric, cells[str(budget)]["main_metric"],
                     cells[str(budget)]["relative_cost"])
     return cells
-
-
-def _dev_at(candidate: dict[str, Any], encoder: Any, dev: list[dict[str, torch.Tensor]], template: Any,
-            make_metrics: Any, config: Any, main_metric: str, scale: float, own_cost_of: Any) -> dict[str, Any]:
-    """Dev at one gate threshold's calibrated exit threshold (``--joint``'s record of every candidate)."""
-    from adaptive_depth.calibration import criterion_name
-    from adaptive_depth.config import criterion_from_name
-    from recipes.sweep import SweepSetting, run_sweep
-
-    name = criterion_name(template.criterion)
-    setting = SweepSetting(f"{name}={candidate['threshold']:.4g}", "adaptive",
-                           criterion_from_name(name, candidate["threshold"]), candidate["threshold"])
-    row = run_sweep(encoder, dev, [setting], make_metrics, candidate["gate_threshold"], config.padded_length)[0]
-    return {"gate_threshold": candidate["gate_threshold"], "main_metric": row.metrics[main_metric],
-            "relative_cost": own_cost_of(row) * scale, "mean_layers_run": row.mean_layers_run}
 
 
 def joint_skipping(method_name: str, run_dir: Path, data_dir: Path, gate_thresholds: Sequence[float],
