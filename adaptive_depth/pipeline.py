@@ -233,8 +233,8 @@ class AdaptivePipeline:
         self.engine.criterion = calibration.make_criterion()
         config = self.encoder.adaptive_config
         config.criterion, config.threshold = calibration.criterion, calibration.threshold  # type: ignore[assignment]
-        if calibration.gate_threshold is not None and self.engine.mode in ("adaptive", "skip_only"):
-            self.engine.gate_threshold = config.gate_threshold = calibration.gate_threshold
+        if gate_thresholds is not None:  # a gate threshold was chosen too
+            self.engine.gate_threshold = config.gate_threshold = calibration.gate_threshold  # type: ignore[assignment]
         config.calibration = calibration.to_dict()
         return calibration
 
