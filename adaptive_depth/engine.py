@@ -4,8 +4,9 @@ The paper's algorithm (its Appendix A) runs one sample at a time. :class:`Adapti
 runs it on a whole batch by keeping only the rows still active: at every step
 
 1. each active row's gate scores the hidden states entering the layer;
-2. only the rows whose gate says "run" (``p_skip < gate_threshold``; threshold 1 never skips) go through the layer,
-   selected with ``index_select`` and written back with ``index_copy``;
+2. only the rows whose gate says "run" (``p_skip < gate_threshold``) go through the layer,
+   selected with ``index_select`` and written back with ``index_copy``; at threshold 1, which
+   never skips, the gates are not run at all (nor counted: the run is then ``exit_only``'s);
 3. exit heads run only for rows whose layer ran; the criterion decides who leaves;
 4. rows that left are dropped from every tensor the loop carries.
 
@@ -118,13 +119,15 @@ def skip_exit_loop(rows: StepRows, hidden: Tensor, *, num_steps: int, num_labels
         rows: the step functions for the batch (:class:`StepRows`).
         hidden: ``[B, N, H]`` input of the first layer.
         num_steps, num_labels: ``L`` and ``C``.
-        mode, criterion, gate_threshold: as in :class:`AdaptiveInferenceEngine`.
+        mode, criterion, gate_threshold: as in :class:`AdaptiveInferenceEngine`. At
+            ``gate_threshold >= 1`` no gate could skip, so none runs (``gates_run`` stays false).
 
     Raises:
         FloatingPointError: an exit head gave NaN or infinite logits (such rows would never exit).
     """
     device, batch_size = hidden.device, hidden.shape[0]
-    use_gates = mode in ("adaptive", "skip_only")
+    # Threshold 1 never skips (skip_decision): running the gates would only cost their MACs.
+    use_gates = mode in ("adaptive", "skip_only") and gate_threshold < 1.0
     use_exits = mode in ("adaptive", "exit_only")
     # Per-step records as [L, B] rows, filled with index_fill_/index_copy_: tensor-indexed
     # __setitem__ costs tens of microseconds a call, which shows at batch size 1.
@@ -226,7 +229,9 @@ class AdaptiveInferenceEngine:
         encoder: the wrapped model (put it in eval mode and on its device first).
         criterion: the exit criterion for ``mode="adaptive"``; entropy ``S = 0.3`` by default.
         gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (0.5 in the paper);
-            1.0 never skips, 0.0 skips every layer (see :func:`adaptive_depth.gates.skip_decision`).
+            1.0 never skips, so the gates are then not run or counted (``"adaptive"`` becomes
+            ``"exit_only"``, ``"skip_only"`` becomes ``"full"``); 0.0 skips every layer (see
+            :func:`adaptive_depth.gates.skip_decision`).
         mode: ``"adaptive"`` (skip and exit), ``"skip_only"`` (skip, answer at the last step),
             ``"exit_only"`` (every layer runs, heads exit: DeeBERT, FastBERT, PABEE) or ``"full"``
             (the baseline: every layer, the last head, no gate).

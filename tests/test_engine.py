@@ -119,6 +119,30 @@ def test_reported_macs_equal_flop_counter_of_what_ran(model_type: str) -> None:
         assert abs(reported - counted) <= 0.01 * counted, (seed, reported, counted, output["out"].layers_run)
 
 
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_gate_threshold_one_runs_no_gate_and_counts_none(model_type: str) -> None:
+    """Threshold 1 never skips, so the gates are not run: adaptive is exit_only, skip_only is full,
+    in every output, and FlopCounterMode sees no gate MACs (exact convention)."""
+    encoder = random_encoder(model_type, seed=5, attn_implementation="eager", num_layers=3)
+    input_ids, attention_mask = padded_batch(batch_size=5, num_tokens=9, seed=5)
+    for gated, plain in (("adaptive", "exit_only"), ("skip_only", "full")):
+        engines = [AdaptiveInferenceEngine(encoder, EntropyExit(0.6), gate_threshold=1.0, mode=gated),
+                   AdaptiveInferenceEngine(encoder, EntropyExit(0.6), mode=plain)]
+        one, other = (engine(input_ids, attention_mask) for engine in engines)
+        assert not bool(one.gates_run.any()) and not bool(one.layers_skipped.any())
+        for field in ("exit_layer", "layers_run", "heads_run", "macs_exact", "macs_paper", "full_macs_exact"):
+            assert torch.equal(getattr(one, field), getattr(other, field)), (gated, field)
+        torch.testing.assert_close(one.logits, other.logits)
+        flops = [count_flops(lambda engine=engine: engine(input_ids[:1])) for engine in engines]
+        assert flops[0] == flops[1], (gated, flops)
+    # Just below 1 the gates run, and are counted: a row that ran the same layers and heads costs more.
+    no_gates = AdaptiveInferenceEngine(encoder, EntropyExit(0.6), mode="exit_only")(input_ids, attention_mask)
+    below = AdaptiveInferenceEngine(encoder, EntropyExit(0.6), gate_threshold=0.999)(input_ids, attention_mask)
+    assert bool(below.gates_run[:, 0].all())
+    same = (below.layers_run == no_gates.layers_run).all(-1) & (below.heads_run == no_gates.heads_run).all(-1)
+    assert bool(same.any()) and bool((below.macs_exact[same] > no_gates.macs_exact[same]).all())
+
+
 def test_accumulator_aggregates_traces() -> None:
     encoder = random_encoder("bert", seed=2, num_layers=4)
     engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.8), padded_length=16)
