@@ -236,7 +236,8 @@ def calibrate_operating_point(
     """The gate threshold and exit threshold that score best on ``data`` within the budget.
 
     The gate threshold is a second knob on cost: a lower one skips more layers, a higher one
-    fewer (1.0 never skips, leaving the exits alone to meet the budget). For each gate threshold
+    fewer (1.0 never skips, so the engine runs no gate there and the exits alone meet the
+    budget, as in ``exit_only`` mode). For each gate threshold
     in ``gate_thresholds``, :func:`calibrate_threshold` finds the least aggressive exit threshold
     within ``max_relative_cost``; the pair with the best metric on ``data`` wins (ties: the
     cheaper, then the earlier in ``gate_thresholds``). ``data`` must hold labels: the choice is

@@ -25,7 +25,8 @@ differ a little from the budget: held-out and dev rows differ.
 
 ``--joint smartbert`` also calibrates that run over both knobs
 (:func:`adaptive_depth.calibrate_operating_point`): at each budget, the exit threshold at each of
-the ``--gate-thresholds`` (default 0.5 0.6 1.0; 1.0 never skips), keeping the pair with the
+the ``--gate-thresholds`` (default 0.5 0.6 1.0; 1.0 never skips, and
+the engine then runs no gate: that candidate is the gates-off calibration), keeping the pair with the
 best held-out metric, reported as ``smartbert_joint``. Its cells also give the gate threshold
 chosen, the dev skip rate per layer there, and dev at every gate threshold tried (for the record,
 not for choosing), and ``joint_skipping`` how per-sample the skipping is at each gate threshold.

@@ -206,6 +206,14 @@ def test_joint_calibrates_gate_and_exit_thresholds_together(runs: dict[str, Path
     assert skipping["0.5"]["num_patterns"] == own_skipping["num_patterns"]
     assert skipping["0.5"]["skip_rate_per_layer"] == pytest.approx(own_skipping["skip_rate_per_layer"])
     assert skipping["1.0"]["num_patterns"] == 1 and not any(skipping["1.0"]["skip_rate_per_layer"])
+    # At 1.0 the engine runs no gate, so that candidate is exactly the gates-off calibration.
+    off_out = tmp_path / "gates-off.json"
+    assert calibrated.main([*argv[:4], "--gates-off", "smartbert", "--budgets", "0.8", "--json", str(off_out)]) == 0
+    off = json.loads(off_out.read_text())["calibration"]["smartbert_gates_off"]["0.8"]
+    assert candidates[2]["threshold"] == off["threshold"] and candidates[2]["metric"] == off["heldout_metric"]
+    assert candidates[2]["relative_cost"] == pytest.approx(off["heldout_relative_cost"], rel=1e-12)
+    assert dev[1.0]["main_metric"] == off["main_metric"]
+    assert dev[1.0]["relative_cost"] == pytest.approx(off["relative_cost"], rel=1e-12)
 
 
 def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path: Path) -> None:
