@@ -19,6 +19,7 @@ from adaptive_depth.exits import (
     MaxProbExit,
     PatienceExit,
     PoolerExitHead,
+    ToleranceExit,
     entropy,
 )
 from adaptive_depth.gates import (
@@ -82,6 +83,7 @@ __all__ = [
     "LayerRunner",
     "MaxProbExit",
     "PatienceExit",
+    "ToleranceExit",
     "PoolerExitHead",
     "Prediction",
     "SkipGate",

@@ -1,8 +1,8 @@
 """Pick an exit threshold for a compute budget, on held-out data.
 
 The exit criteria are monotone in their threshold: a larger entropy threshold (or a smaller
-max-probability threshold, or a smaller patience) lets every row leave at the same layer or
-earlier, and the gates' decisions do not depend on the threshold, so the mean cost only falls.
+max-probability threshold, a smaller patience, or a larger regression tolerance) lets every
+row leave at the same layer or earlier, and the gates' decisions do not depend on the threshold, so the mean cost only falls.
 :func:`calibrate_threshold` therefore bisects: it runs the real engine on the data at each
 candidate and returns the least aggressive threshold whose measured mean relative cost is
 within the budget. Calibrate on data held out from training, never on the set you report.
@@ -27,7 +27,7 @@ from torch import Tensor
 from adaptive_depth.config import criterion_from_name
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
-from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit
+from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 
 __all__ = ["Calibration", "calibrate_operating_point", "calibrate_threshold", "criterion_name"]
 
@@ -42,9 +42,11 @@ def criterion_name(criterion: ExitCriterion) -> str:
         return "max_prob"
     if isinstance(criterion, PatienceExit):
         return "patience"
+    if isinstance(criterion, ToleranceExit):
+        return "tolerance"
     raise TypeError(
-        f"cannot calibrate a {type(criterion).__name__}; calibrate_threshold knows EntropyExit, MaxProbExit "
-        "and PatienceExit."
+        f"cannot calibrate a {type(criterion).__name__}; calibrate_threshold knows EntropyExit, MaxProbExit, "
+        "PatienceExit and ToleranceExit."
     )
 
 
@@ -324,7 +326,9 @@ def _cost(measurement: _Measurement, convention: str) -> float:
 
 
 def _threshold_field(name: str, threshold: float) -> dict[str, Any]:
-    return {"patience": int(threshold)} if name == "patience" else {"threshold": threshold}
+    if name == "patience":
+        return {"patience": int(threshold)}
+    return {"tolerance": threshold} if name == "tolerance" else {"threshold": threshold}
 
 
 def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[float], _Measurement],
@@ -338,7 +342,14 @@ def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[flo
             if _cost(measure(candidate), convention) <= budget:
                 return candidate
         return _impossible(name, candidates[-1], _cost(measure(candidates[-1]), convention), budget)
-    if name in ("entropy", "normalized_entropy"):
+    if name == "tolerance":
+        if num_labels != 1:
+            raise ValueError("tolerance exits are for regression (one output); calibrate a classifier with "
+                             "EntropyExit, MaxProbExit or PatienceExit.")
+
+        def threshold_at(fraction: float) -> float:  # 0 -> 0 (never exits early), 1 -> inf (earliest)
+            return math.inf if fraction >= 1.0 else fraction / (1.0 - fraction)
+    elif name in ("entropy", "normalized_entropy"):
         if num_labels < 2:
             raise ValueError("entropy exits need at least 2 classes; calibrate a regression model with PatienceExit.")
         top = 1.0 if name == "normalized_entropy" else math.log(num_labels)
@@ -366,8 +377,9 @@ def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[flo
 
 
 def _impossible(name: str, threshold: float, cost: float, budget: float) -> float:
+    earliest = "the second head that runs" if name == "tolerance" else "the first head that runs"
     raise ValueError(
         f"no {name} threshold meets max_relative_cost={budget:g}: even {name}={threshold:.4g}, which exits "
-        f"at the first head that runs, costs {cost:.3f} of full depth on this data (the first layer, the gates "
+        f"at {earliest}, costs {cost:.3f} of full depth on this data (the first layer, the gates "
         "and the heads cost that much); raise the budget or train gates that skip more."
     )

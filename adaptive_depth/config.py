@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit
+from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 
 __all__ = ["CONFIG_FORMAT_VERSION", "AdaptiveEncoderConfig", "CriterionName", "criterion_from_name"]
 
 CONFIG_FORMAT_VERSION = 1
 
-CriterionName = Literal["entropy", "normalized_entropy", "max_prob", "patience"]
+CriterionName = Literal["entropy", "normalized_entropy", "max_prob", "patience", "tolerance"]
 ProblemType = Literal["single_label_classification", "regression"]
 _MODES = ("adaptive", "skip_only", "exit_only", "full")
 
@@ -30,7 +30,9 @@ def criterion_from_name(name: str, threshold: float) -> ExitCriterion:
 
     Args:
         name: ``"entropy"`` (nats), ``"normalized_entropy"`` (fraction of ``log C``, FastBERT's
-            "speed"), ``"max_prob"`` or ``"patience"`` (an integer number of heads).
+            "speed"), ``"max_prob"``, ``"patience"`` (an integer number of heads) or ``"tolerance"``
+            (regression: :class:`~adaptive_depth.exits.ToleranceExit` with patience 1, the
+            threshold in score units).
         threshold: the criterion's threshold.
 
     Example:
@@ -47,8 +49,10 @@ def criterion_from_name(name: str, threshold: float) -> ExitCriterion:
         if threshold != int(threshold):
             raise ValueError(f"the patience criterion takes a whole number of heads, got {threshold}.")
         return PatienceExit(int(threshold))
+    if name == "tolerance":
+        return ToleranceExit(threshold)
     raise ValueError(
-        f"unknown exit criterion {name!r}; use 'entropy', 'normalized_entropy', 'max_prob' or 'patience'."
+        f"unknown exit criterion {name!r}; use 'entropy', 'normalized_entropy', 'max_prob', 'patience' or 'tolerance'."
     )
 
 

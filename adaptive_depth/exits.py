@@ -1,4 +1,4 @@
-"""Exit heads (SmartBERT §3.2, eq. 2) and exit criteria (§3.4, eq. 10; PABEE; max-prob).
+"""Exit heads (SmartBERT §3.2, eq. 2) and exit criteria (§3.4, eq. 10; PABEE; max-prob; regression tolerance).
 
 Every criterion decides per row of a batch and carries its per-row state as a ``[B, k]``
 tensor, so an inference engine can drop rows that left with one ``index_select``.
@@ -24,6 +24,7 @@ __all__ = [
     "MaxProbExit",
     "PatienceExit",
     "PoolerExitHead",
+    "ToleranceExit",
     "entropy",
 ]
 
@@ -284,3 +285,44 @@ class PatienceExit:
         counter = torch.where(agrees, counter + 1, torch.zeros_like(counter))
         new_state = torch.stack([prediction.to(state.dtype), counter], dim=-1)
         return ExitDecision(should_exit=counter >= self.patience, state=new_state, score=counter)
+
+
+@dataclass(frozen=True)
+class ToleranceExit:
+    """Regression exit with a continuous knob: leave once ``patience`` consecutive heads' scores
+    each differ from the previous head's by less than ``tolerance`` (score units).
+
+    It decides exactly as ``PatienceExit(patience, regression_tolerance=tolerance)``, but its
+    threshold is the tolerance, so calibration can bisect it to a cost budget, where patience
+    alone offers only ``L + 1`` operating points (on STS-B often none between "exit at the first
+    heads" and nearly full depth). ``tolerance = 0`` never exits early; a larger one exits
+    earlier; ``inf`` exits at head ``patience + 1`` of those that run.
+
+    Args:
+        tolerance: the agreement tolerance, ``>= 0`` (may be ``inf``).
+        patience: number of agreeing consecutive heads, ``>= 1``.
+
+    State: ``[B, 2]`` as :class:`PatienceExit`'s.
+
+    Raises:
+        ValueError: (``decide``) on logits with more than one output: for classes, use
+            :class:`PatienceExit`, :class:`EntropyExit` or :class:`MaxProbExit`.
+    """
+
+    tolerance: float
+    patience: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.tolerance >= 0:  # also refuses NaN
+            raise ValueError(f"tolerance must be >= 0 (score units), got {self.tolerance}.")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1 (a first head has nothing to agree with), got {self.patience}.")
+
+    def initial_state(self, batch_size: int, device: torch.device) -> Tensor:
+        return PatienceExit(self.patience, self.tolerance).initial_state(batch_size, device)
+
+    def decide(self, logits: Tensor, state: Tensor) -> ExitDecision:
+        if logits.shape[-1] != 1:
+            raise ValueError(f"ToleranceExit is for regression (one output), got logits of shape "
+                             f"{tuple(logits.shape)}; for classes use PatienceExit, EntropyExit or MaxProbExit.")
+        return PatienceExit(self.patience, self.tolerance).decide(logits, state)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from adaptive_depth.backbones import UnsupportedModelError
 from adaptive_depth.config import criterion_from_name
 from adaptive_depth.encoder import AdaptiveEncoder
-from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit
+from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 from adaptive_depth.export_steps import EXPORT_EMBEDDINGS, EmbeddingStep, GateStep, HeadStep, LayerStep
 
 __all__ = [
@@ -58,7 +58,8 @@ __all__ = [
 ExportFormat = Literal["onnx", "torch-export"]
 EXPORT_FORMATS: dict[str, str] = {"onnx": ".onnx", "torch-export": ".pt2"}
 MANIFEST_VERSION = 1
-CRITERIA: dict[str, type] = {"EntropyExit": EntropyExit, "MaxProbExit": MaxProbExit, "PatienceExit": PatienceExit}
+CRITERIA: dict[str, type] = {"EntropyExit": EntropyExit, "MaxProbExit": MaxProbExit, "PatienceExit": PatienceExit,
+                             "ToleranceExit": ToleranceExit}
 
 
 def criterion_to_dict(criterion: ExitCriterion) -> dict[str, Any]:
@@ -268,7 +269,7 @@ def export_engine(
     return out_dir
 
 
-CRITERION_NAMES = ("entropy", "normalized_entropy", "max_prob", "patience")
+CRITERION_NAMES = ("entropy", "normalized_entropy", "max_prob", "patience", "tolerance")
 
 
 def _operating_point(encoder: AdaptiveEncoder, args: argparse.Namespace) -> tuple[ExitCriterion, float, str]:

@@ -31,6 +31,11 @@ best held-out metric, reported as ``smartbert_joint``. Its cells also give the g
 chosen, the dev skip rate per layer there, and dev at every gate threshold tried (for the record,
 not for choosing), and ``joint_skipping`` how per-sample the skipping is at each gate threshold.
 
+``--criterion NAME`` calibrates every run with that exit criterion instead of its method's own:
+``tolerance`` on a regression task (STS-B) exits once two consecutive heads' scores differ by less
+than the threshold, a continuous knob where patience has only a few operating points (often none
+between "exit at the first heads" and nearly full depth).
+
 ``--calibrate-on dev-half`` calibrates on a seeded, label-stratified half of dev instead and
 scores the other half: for a task whose train rows differ from dev (SST-2 trains on phrases and
 is evaluated on sentences), where a threshold calibrated on train overshoots the budget on dev.
@@ -70,6 +75,9 @@ SELECTION = "threshold calibrated to each budget on held-out rows"
 GATES_OFF = "_gates_off"  # suffix of a method calibrated with its skip gates off (--gates-off)
 JOINT = "_joint"  # suffix of a method calibrated over gate and exit thresholds together (--joint)
 GATE_THRESHOLDS = (0.5, 0.6, 1.0)  # --joint's default gate thresholds
+# What --criterion may name, by the task's outputs (adaptive_depth.config.criterion_from_name).
+CLASSIFICATION_CRITERIA = ("entropy", "normalized_entropy", "max_prob", "patience")
+REGRESSION_CRITERIA = ("patience", "tolerance")
 # What ``--calibrate-on`` may name, and the selection each gives (``benchmarks.seeds`` keeps kinds apart).
 CALIBRATE_ON = ("heldout", "dev-half")
 SELECTIONS = {"heldout": SELECTION,
@@ -138,7 +146,8 @@ def check_data(run_dir: Path, data_dir: Path, config: Any, examples: tuple[list[
 def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequence[float],
                   reference: float | None, *, convention: str = "paper", tolerance: float = 1e-3, progress: bool = True,
                   calibrate_on: str = "heldout", gates_off: bool = False,
-                  gate_thresholds: Sequence[float] | None = None) -> dict[str, dict[str, Any]]:
+                  gate_thresholds: Sequence[float] | None = None, criterion: str | None = None
+                  ) -> dict[str, dict[str, Any]]:
     """Calibrate one finished run to every budget on its held-out rows; evaluate dev there.
 
     Args:
@@ -157,6 +166,8 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
             ``"dev-half"``: every "dev" below is the reported half of dev).
         gates_off: run the engine with the skip gates off (mode ``"exit_only"``) instead of the
             method's own exit mode, to measure what the gates add at each budget.
+        criterion: the exit criterion to calibrate (a :func:`adaptive_depth.config.criterion_from_name`
+            name, e.g. ``"tolerance"`` for a regression task); ``None``: the method's own.
         gate_thresholds: choose the gate threshold too, among these, by the held-out metric
             (:func:`adaptive_depth.calibrate_operating_point`); ``None``: the method's own.
 
@@ -212,7 +223,9 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     heldout, dev = heldout_and_dev(examples, config, tokenizer, calibrate_on)
     own_full = float(encoder.full_depth_macs(config.padded_length, "paper"))
     scale = 1.0 if reference is None else own_full / reference  # own relative cost -> relative to reference
-    template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, mode,  # type: ignore[arg-type]
+    # Any valid threshold: calibration replaces it.
+    exit_criterion = exit_setting.criterion if criterion is None else criterion_from_name(criterion, 1.0)
+    template = AdaptiveInferenceEngine(encoder, exit_criterion, gate_threshold, mode,  # type: ignore[arg-type]
                                        config.padded_length)
     make_metrics = lambda: GlueMetrics(task)  # noqa: E731
     calibrate = (calibrate_threshold if gate_thresholds is None
@@ -289,15 +302,18 @@ def joint_skipping(method_name: str, run_dir: Path, data_dir: Path, gate_thresho
 def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Sequence[float], *,
                            tolerance: float = 1e-3, progress: bool = True, calibrate_on: str = "heldout",
                            gates_off: Sequence[str] = (), joint: Sequence[str] = (),
-                           gate_thresholds: Sequence[float] = GATE_THRESHOLDS) -> dict[str, Any]:
+                           gate_thresholds: Sequence[float] = GATE_THRESHOLDS, criterion: str | None = None
+                           ) -> dict[str, Any]:
     """Every run calibrated to every budget: a JSON-ready table (see the module docstring);
-    ``calibrate_on``: see :func:`calibration_rows`. Each method in ``gates_off`` is calibrated a
+    ``calibrate_on``: see :func:`calibration_rows`; ``criterion``: calibrate every run with that
+    exit criterion instead of its method's own (:func:`calibrate_run`). Each method in ``gates_off`` is calibrated a
     second time with its skip gates off, as ``<method>_gates_off``; each in ``joint`` a second
     time over ``gate_thresholds`` and exit thresholds together, as ``<method>_joint``.
 
     Raises:
         ConfigError: runs of different tasks, seeds, lengths or backbones; a run without exits;
-            a ``gates_off`` or ``joint`` method that is not among ``runs`` or has no gates.
+            a ``gates_off`` or ``joint`` method that is not among ``runs`` or has no gates; a
+            ``criterion`` the task's outputs cannot use.
         CheckpointError, ResumeMismatchError: see :func:`calibrate_run`.
     """
     from recipes.glue import get_task, holdout_split, majority_class_metrics
@@ -318,6 +334,11 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
     task = first.task
     padded_length = first.config["padded_length"]
     reference = float(reference_macs(next(iter(runs.values())) / "backbone", get_task(task).num_labels, padded_length))
+    if criterion is not None:
+        usable = REGRESSION_CRITERIA if get_task(task).is_regression else CLASSIFICATION_CRITERIA
+        if criterion not in usable:
+            kind = "a regression task (one output)" if get_task(task).is_regression else "a classification task"
+            raise ConfigError(f"--criterion {criterion}: {task} is {kind}, whose exits can use {', '.join(usable)}")
     for option, methods in (("--gates-off", gates_off), ("--joint", joint)):
         unknown = sorted(set(methods) - set(runs))
         if unknown:
@@ -327,17 +348,15 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
         if gateless:
             raise ConfigError(f"{option} {', '.join(gateless)}: its run has no skip gates; name a method with gates, "
                               "e.g. smartbert")
-    calibration = {method: calibrate_run(method, run_dir, data_dir, budgets, reference, tolerance=tolerance,
-                                         progress=progress, calibrate_on=calibrate_on)
+    common = {"tolerance": tolerance, "progress": progress, "calibrate_on": calibrate_on, "criterion": criterion}
+    calibration = {method: calibrate_run(method, run_dir, data_dir, budgets, reference, **common)
                    for method, run_dir in runs.items()}
     for method in gates_off:
         calibration[f"{method}{GATES_OFF}"] = calibrate_run(method, runs[method], data_dir, budgets, reference,
-                                                           tolerance=tolerance, progress=progress,
-                                                           calibrate_on=calibrate_on, gates_off=True)
+                                                           gates_off=True, **common)
     for method in joint:
         calibration[f"{method}{JOINT}"] = calibrate_run(method, runs[method], data_dir, budgets, reference,
-                                                       tolerance=tolerance, progress=progress, calibrate_on=calibrate_on,
-                                                       gate_thresholds=gate_thresholds)
+                                                       gate_thresholds=gate_thresholds, **common)
     skipping_by_gate = {method: joint_skipping(method, runs[method], data_dir, gate_thresholds, calibrate_on)
                         for method in joint}
     majority = first.majority_class_baseline
@@ -357,6 +376,7 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
         "task": task, "model": first.model, "main_metric": first.main_metric, "seed": first.config["seed"],
         "padded_length": padded_length, "convention": "paper", "selection": SELECTIONS[calibrate_on],
         "calibrate_on": calibrate_on, **({"rows": rows} if rows else {}),
+        "criterion": criterion,  # None: each method's own
         "reference": {"method": REFERENCE, "mean_macs_paper": reference,
                       "source": "computed (pooler head, every layer)", "analytic_mean_macs_paper": reference},
         "budgets": list(budgets),
@@ -426,6 +446,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="heldout (default): calibrate on each run's held-out part of train, score all of dev; "
                              "dev-half: calibrate on a seeded half of dev, score the other half (for a task whose "
                              "train rows differ from dev, e.g. SST-2's phrases)")
+    parser.add_argument("--criterion", choices=sorted({*CLASSIFICATION_CRITERIA, *REGRESSION_CRITERIA}), default=None,
+                        help="calibrate every run with this exit criterion instead of its method's own, e.g. "
+                             "tolerance (regression: exit once two heads' scores differ by less than it, a "
+                             "continuous knob where patience has few operating points)")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="threshold bisection tolerance (default 1e-3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", required=True, help="where to write the table")
@@ -476,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         table = build_calibrated_table(runs, data_dir, args.budgets, tolerance=args.tolerance,
                                        calibrate_on=args.calibrate_on, gates_off=args.gates_off, joint=args.joint,
-                                       gate_thresholds=args.gate_thresholds)
+                                       gate_thresholds=args.gate_thresholds, criterion=args.criterion)
         table["wall_time_s"] = time.perf_counter() - started
         table["threads"] = torch.get_num_threads()
         table["command"] = " ".join(["python", "-m", "benchmarks.calibrated", *(argv if argv is not None else sys.argv[1:])])

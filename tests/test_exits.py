@@ -1,4 +1,4 @@
-"""Exit heads and the three exit criteria, at ordinary and extreme thresholds."""
+"""Exit heads and the exit criteria, at ordinary and extreme thresholds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from adaptive_depth import EntropyExit, ExitCriterion, ExitHead, MaxProbExit, PatienceExit, entropy
+from adaptive_depth import EntropyExit, ExitCriterion, ExitHead, MaxProbExit, PatienceExit, ToleranceExit, entropy
 
 logit_rows = st.tuples(st.integers(1, 8), st.integers(2, 6)).flatmap(
     lambda shape: arrays("float32", shape, elements=st.floats(-30, 30, width=32))
@@ -69,6 +69,37 @@ def test_patience_regression() -> None:
     assert decision.should_exit.tolist() == [True, False]
 
 
+def exit_steps(criterion: ExitCriterion, scores: torch.Tensor) -> list[int]:
+    """1-based step at which each row of ``scores`` ``[L, B]`` (one regression output per head)
+    first exits, ``L + 1`` for never."""
+    steps, batch = scores.shape
+    state = criterion.initial_state(batch, torch.device("cpu"))
+    first = [steps + 1] * batch
+    for step in range(steps):
+        decision = criterion.decide(scores[step, :, None], state)
+        state = decision.state
+        for row in decision.should_exit.nonzero().flatten().tolist():
+            first[row] = min(first[row], step + 1)
+    return first
+
+
+@settings(max_examples=60, deadline=None)
+@given(scores=st.tuples(st.integers(1, 6), st.integers(1, 5)).flatmap(
+           lambda shape: arrays("float32", shape, elements=st.floats(-3, 3, width=32))),
+       tolerances=st.tuples(st.floats(0, 4), st.floats(0, 4)), patience=st.integers(1, 3))
+def test_tolerance_exit_is_patience_with_the_tolerance_as_threshold(scores, tolerances, patience) -> None:
+    scores = torch.from_numpy(scores)
+    low, high = sorted(tolerances)
+    assert exit_steps(ToleranceExit(low, patience), scores) == exit_steps(PatienceExit(patience, low), scores)
+    # Monotone in the tolerance, which calibration bisects: a larger one never exits a row later.
+    assert all(a >= b for a, b in zip(exit_steps(ToleranceExit(low, patience), scores),
+                                      exit_steps(ToleranceExit(high, patience), scores)))
+    # The ends: 0 never exits (no difference is below 0); inf exits at head patience + 1.
+    assert exit_steps(ToleranceExit(0.0, patience), scores) == [scores.shape[0] + 1] * scores.shape[1]
+    expected = patience + 1 if patience + 1 <= scores.shape[0] else scores.shape[0] + 1
+    assert exit_steps(ToleranceExit(math.inf, patience), scores) == [expected] * scores.shape[1]
+
+
 def test_criteria_follow_the_protocol_and_validate() -> None:
     for criterion in (EntropyExit(0.3), MaxProbExit(0.9), PatienceExit(2)):
         assert isinstance(criterion, ExitCriterion)
@@ -78,6 +109,14 @@ def test_criteria_follow_the_protocol_and_validate() -> None:
         MaxProbExit(1.5)
     with pytest.raises(ValueError, match="patience must be >= 0"):
         PatienceExit(-1)
+    assert isinstance(ToleranceExit(0.1), ExitCriterion)
+    for bad in (-0.1, math.nan):
+        with pytest.raises(ValueError, match=r"tolerance must be >= 0 \(score units\)"):
+            ToleranceExit(bad)
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        ToleranceExit(0.1, patience=0)
+    with pytest.raises(ValueError, match="ToleranceExit is for regression"):
+        ToleranceExit(0.1).decide(torch.zeros(2, 3), ToleranceExit(0.1).initial_state(2, torch.device("cpu")))
     with pytest.raises(ValueError, match="at least 2 classes"):
         EntropyExit(0.3).decide(torch.zeros(2, 1), torch.zeros(2, 0))
 

@@ -149,6 +149,17 @@ def test_exported_engine_equals_the_eager_engine_on_real_mrpc_rows(
     assert_same_run(eager(**first), exported(**first))  # batch size 1, no padding
 
 
+def test_every_exportable_criterion_round_trips_through_the_manifest() -> None:
+    from adaptive_depth import MaxProbExit, ToleranceExit
+    from adaptive_depth.export import CRITERIA, criterion_from_dict, criterion_to_dict
+
+    examples = [EntropyExit(0.3, normalized=True), MaxProbExit(0.8), PatienceExit(2, regression_tolerance=0.05),
+                ToleranceExit(0.25, patience=2)]
+    assert {type(example).__name__ for example in examples} == set(CRITERIA)
+    for example in examples:
+        assert criterion_from_dict(json.loads(json.dumps(criterion_to_dict(example)))) == example
+
+
 def test_bad_exports_fail_with_a_hint(tmp_path: Path) -> None:
     encoder = spread_encoder(tiny_model("bert"), seed=0)
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):

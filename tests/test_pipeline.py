@@ -12,6 +12,7 @@ from adaptive_depth import (
     AdaptiveEncoder,
     AdaptivePipeline,
     EntropyExit,
+    ToleranceExit,
     calibrate_operating_point,
     calibrate_threshold,
 )
@@ -127,6 +128,45 @@ def test_pipeline_calibrate_sets_the_operating_point_that_is_saved(saved_pair_mo
     reloaded = AdaptivePipeline.from_pretrained(folder)
     assert reloaded.engine.criterion == EntropyExit(calibration.threshold)
     assert reloaded.encoder.adaptive_config.calibration["max_relative_cost"] == 0.8
+
+
+def test_calibrate_a_regression_tolerance_to_the_budget(tmp_path: Path) -> None:
+    """A regression model's tolerance is bisected like an entropy threshold: within budget, and a
+    slightly smaller tolerance breaks it; the pipeline saves it as the operating point."""
+    encoder, tokenizer = tiny_encoder(num_labels=1, seed=3, num_layers=6)
+    encoder.adaptive_config.criterion, encoder.adaptive_config.threshold = "tolerance", 0.5
+    pipeline = AdaptivePipeline.from_pretrained(encoder.save_pretrained(tmp_path / "m", tokenizer=tokenizer))
+    assert pipeline.engine.criterion == ToleranceExit(0.5)
+    scores = [0.5, 4.0, 2.5, 1.0, 3.0, 0.0]
+    data = [inputs for _, inputs in pipeline.batches(SENTENCES * 3, PAIRS * 3, scores * 3, batch_size=5)]
+
+    def cost_at(tolerance: float) -> float:
+        engine = AdaptiveInferenceEngine(pipeline.encoder, ToleranceExit(tolerance), pipeline.engine.gate_threshold)
+        outs = [engine(**{k: v for k, v in batch.items() if k != "labels"}) for batch in data]
+        return sum(float(o.macs_exact.sum()) for o in outs) / sum(float(o.full_macs_exact.sum()) for o in outs)
+
+    cheapest, dearest = cost_at(float("inf")), cost_at(0.0)
+    assert cheapest < dearest
+    budget = (cheapest + dearest) / 2
+    negative_mse = lambda predictions, labels: -float(((predictions - labels) ** 2).mean())  # noqa: E731
+    calibration = calibrate_threshold(pipeline.engine, data, max_relative_cost=budget, tolerance=1e-4,
+                                      metric=negative_mse)
+    assert calibration.criterion == "tolerance" and 0.0 < calibration.threshold < float("inf")
+    assert calibration.relative_cost == pytest.approx(cost_at(calibration.threshold)) and calibration.relative_cost <= budget
+    assert cost_at(calibration.threshold * 0.95) > budget  # the least aggressive: the search did not stop early
+    assert calibration.metric is not None
+    saved = pipeline.calibrate(SENTENCES * 3, scores * 3, PAIRS * 3, max_relative_cost=budget)
+    reloaded = AdaptivePipeline.from_pretrained(pipeline.encoder.save_pretrained(tmp_path / "c", tokenizer=tokenizer))
+    assert reloaded.engine.criterion == ToleranceExit(saved.threshold)
+    with pytest.raises(ValueError, match=r"no tolerance threshold meets .*exits at the second head"):
+        calibrate_threshold(pipeline.engine, data, max_relative_cost=cheapest * 0.9)
+
+
+def test_tolerance_calibration_refuses_a_classifier(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    engine = AdaptiveInferenceEngine(pipeline.encoder, ToleranceExit(0.1))
+    with pytest.raises(ValueError, match="tolerance exits are for regression"):
+        calibrate_threshold(engine, _labelled_batches(pipeline), max_relative_cost=0.8)
 
 
 def _labelled_batches(pipeline: AdaptivePipeline) -> list[dict[str, torch.Tensor]]:

@@ -43,6 +43,19 @@ def test_stsb_sweeps_patience_and_calibrates_a_regression_exit(tiny_model_dir: P
     assert "error" in calibration or (calibration["criterion"] == "patience"
                                       and calibration["relative_cost"] <= 0.95)
     assert results["majority_class_baseline"] is None and results["skipping"]["num_rows"] == 16
+    # The same run calibrated on its regression tolerance (benchmarks.calibrated --criterion tolerance).
+    from benchmarks import calibrated
+
+    out = tmp_path / "calibrated.json"
+    assert calibrated.main(["--data-dir", str(data), "--run", f"smartbert={tmp_path / 'run'}", "--criterion",
+                            "tolerance", "--budgets", "1.0", "0.95", "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["criterion"] == "tolerance"
+    cells = table["calibration"]["smartbert"]
+    assert cells["1.0"]["criterion"] == "tolerance" and cells["1.0"]["threshold"] == 0.0  # no early exit needed
+    for budget, cell in cells.items():
+        assert "error" in cell or (cell["setting"].startswith("tolerance=")
+                                   and cell["heldout_relative_cost"] <= float(budget) + 1e-9)
 
 
 def test_mnli_evaluates_the_mismatched_dev_set_too(tiny_model_dir: Path, tmp_path: Path) -> None:
