@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoder
-from adaptive_depth.exits import EntropyExit, PatienceExit
+from adaptive_depth.exits import EntropyExit, PatienceExit, ToleranceExit
 from adaptive_depth.gates import GateSchedule, layer_drop_values
 from adaptive_depth.losses import LossTerms, smartbert_stage1_loss, smartbert_stage2_loss
 from recipes.cli import run_cli
@@ -100,7 +100,11 @@ class SmartBertConfig(RecipeConfig):
             labels) or ``"distill"`` (the frozen last head's softmax, as FastBERT's students do:
             :func:`adaptive_depth.losses.distillation_loss`).
         regression_tolerance: for regression tasks (STS-B), two heads agree when their scores
-            differ by less than this (patience exit).
+            differ by less than this (the patience settings of the sweep).
+        regression_tolerances: for regression tasks, the tolerances of the sweep's
+            :class:`~adaptive_depth.exits.ToleranceExit` settings (score units: exit once two
+            consecutive heads differ by less). They come first, so the run's operating point is
+            calibrated on the tolerance, a continuous knob, rather than on patience.
         eta1, tau1: weight and temperature of the stage-1 contrastive loss.
         eta2, tau2: weight and temperature of the stage-2 contrastive loss.
         projection_dim: width of the contrastive projection heads.
@@ -130,6 +134,7 @@ class SmartBertConfig(RecipeConfig):
     budget_on: str = "probabilities"
     difficulty_spread: float = 0.0
     regression_tolerance: float = 0.1
+    regression_tolerances: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
 
     _positive = (*RecipeConfig._positive, "projection_dim", "gate_inner_size")
     _non_negative = (*RecipeConfig._non_negative, "gate_warmup_epochs", "soft_epochs", "skip_weight", "eta1", "eta2",
@@ -170,6 +175,8 @@ class SmartBertConfig(RecipeConfig):
                               "gate_objective=budget (or difficulty_spread=0)")
         if any(value < 0 for value in self.entropy_thresholds):
             raise ConfigError(f"entropy_thresholds must be >= 0, got {self.entropy_thresholds}")
+        if not all(value >= 0 for value in self.regression_tolerances):  # also refuses NaN
+            raise ConfigError(f"regression_tolerances must be >= 0 (score units), got {self.regression_tolerances}")
 
 
 class SmartBertModel(nn.Module):
@@ -278,11 +285,14 @@ def stage1_frozen(model: SmartBertModel, config: SmartBertConfig, epoch: int) ->
 
 
 def sweep_settings(config: SmartBertConfig, task: GlueTask, num_steps: int) -> list[SweepSetting]:
-    """Full depth, skip only, then entropy thresholds; for regression (STS-B, where the entropy of
-    one output is always 0) patience ``1..L-1`` instead: exit once that many consecutive heads agree
-    within ``regression_tolerance``."""
+    """Full depth, skip only, then entropy thresholds. For regression (STS-B, where the entropy of
+    one output is always 0) instead: the ``regression_tolerances`` (exit once two consecutive heads
+    differ by less), then patience ``1..L-1`` (exit once that many consecutive heads agree within
+    ``regression_tolerance``, as PABEE does)."""
     settings = [SweepSetting("full", "full"), SweepSetting("skip_only", "skip_only")]
     if task.is_regression:
+        settings += [SweepSetting(f"tolerance={value:g}", "adaptive", ToleranceExit(value), value)
+                     for value in config.regression_tolerances]
         settings += [SweepSetting(f"patience={value}", "adaptive", PatienceExit(value, config.regression_tolerance),
                                   float(value)) for value in range(1, num_steps)]
     else:
@@ -319,7 +329,7 @@ METHOD = register_method(Method(
     stage1_selectable=stage1_selectable,
     stage1_frozen=stage1_frozen,
     stage1_untrained_prefixes=("contrast2.",),
-    resume_allowed_keys=(*RESUME_ALLOWED_KEYS, "entropy_thresholds"),
+    resume_allowed_keys=(*RESUME_ALLOWED_KEYS, "entropy_thresholds", "regression_tolerances"),
 ))
 
 

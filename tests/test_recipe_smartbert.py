@@ -316,6 +316,8 @@ def test_overrides_are_typed_and_validated() -> None:
         load_config(smartbert.SmartBertConfig, None, ["gate_objective=budget", "difficulty_spread=0.7"], task="rte")
     with pytest.raises(ConfigError, match="set gate_objective=budget"):
         load_config(smartbert.SmartBertConfig, None, ["difficulty_spread=0.2"], task="rte")
+    with pytest.raises(ConfigError, match=r"regression_tolerances must be >= 0 \(score units\)"):
+        load_config(smartbert.SmartBertConfig, None, ["regression_tolerances=[0.1,-1]"], task="stsb")
 
 
 def test_runs_under_torchrun_with_two_processes(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:

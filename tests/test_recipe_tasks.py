@@ -32,15 +32,15 @@ def run(task: str, data_dir: Path, model: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def test_stsb_sweeps_patience_and_calibrates_a_regression_exit(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_stsb_sweeps_tolerance_and_patience_and_calibrates_the_tolerance(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = write_synthetic_glue(tmp_path / "glue", "stsb", n_train=40, n_dev=16)
-    results = run("stsb", data, tiny_model_dir, tmp_path / "run")
+    results = run("stsb", data, tiny_model_dir, tmp_path / "run", "regression_tolerances=[0.1,1.0]")
     names = [row["name"] for row in results["sweep"]]
-    assert names == ["full", "skip_only", "patience=1", "patience=2"]
+    assert names == ["full", "skip_only", "tolerance=0.1", "tolerance=1", "patience=1", "patience=2"]
     assert set(results["sweep"][0]["metrics"]) == {"pearson", "spearman"}
     point = results["operating_point"]
     calibration = point["calibration"]
-    assert "error" in calibration or (calibration["criterion"] == "patience"
+    assert "error" in calibration or (calibration["criterion"] == "tolerance"
                                       and calibration["relative_cost"] <= 0.95)
     assert results["majority_class_baseline"] is None and results["skipping"]["num_rows"] == 16
     # The same run calibrated on its regression tolerance (benchmarks.calibrated --criterion tolerance).
