@@ -152,16 +152,18 @@ def summarize(group: Group, compare: tuple[str, str], verdict_budgets: tuple[flo
             comparison["budgets"][budget] = {
                 "seeds": seeds,
                 "mean_difference": (sum(differences) / len(differences)) if differences else None,
+                # A seed where only b has no setting that cheap counts for a; one where neither has does not.
                 "a_at_or_above": sum(difference >= -1e-12 for difference in differences)
-                + sum(value_b is None for _, value_b in pairs),
+                + sum(value_a is not None and value_b is None for value_a, value_b in pairs),
                 "only_a_missing": sum(value_a is None and value_b is not None for value_a, value_b in pairs),
+                "both_missing": sum(value_a is None and value_b is None for value_a, value_b in pairs),
                 "n": len(pairs),
             }
         comparison["verdict_budgets"] = list(verdict_budgets)
         comparison["a_at_or_above_on_mean_at"] = [
             budget for budget in verdict_budgets
             if (cell := comparison["budgets"].get(str(budget))) is not None and cell["n"] and not cell["only_a_missing"]
-            and (cell["mean_difference"] is None or cell["mean_difference"] >= -1e-12)]
+            and not cell["both_missing"] and (cell["mean_difference"] is None or cell["mean_difference"] >= -1e-12)]
         comparison["a_at_or_above_at_every_verdict_budget"] = \
             len(comparison["a_at_or_above_on_mean_at"]) == len(verdict_budgets)
     skipping = {}

@@ -81,6 +81,17 @@ def test_a_missing_budget_is_a_loss(tmp_path: Path) -> None:
     assert summary["comparison"]["a_at_or_above_on_mean_at"] == [0.75, 0.5]
 
 
+def test_a_budget_neither_method_reaches_is_not_a_win(tmp_path: Path) -> None:
+    path = write_table(tmp_path / "t.json", 42, {"smartbert": [0.9, 0.9, 0.9, None],
+                                                "fastbert": [0.8, 0.8, 0.8, None]})
+    summary = seeds.summarize(next(iter(seeds.load_tables([str(path)]).values())), ("smartbert", "fastbert"))
+    cell = summary["comparison"]["budgets"]["0.33"]
+    assert (cell["both_missing"], cell["a_at_or_above"], cell["mean_difference"]) == (1, 0, None)
+    assert summary["comparison"]["a_at_or_above_on_mean_at"] == [0.75, 0.5]
+    assert summary["comparison"]["a_at_or_above_at_every_verdict_budget"] is False
+    assert "33%: n/a (0/1 seeds at or above)" in seeds.format_summary(summary)
+
+
 def test_path_method_selection_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old = write_table(tmp_path / "old.json", 42, {"smartbert": [0.8] * 4, "fastbert": [0.85] * 4})
     new = write_table(tmp_path / "new.json", 42, {"smartbert": [0.9] * 4})
