@@ -2,7 +2,8 @@
 
 The exit criteria are monotone in their threshold: a larger entropy threshold (or a smaller
 max-probability threshold, a smaller patience, or a larger regression tolerance) lets every
-row leave at the same layer or earlier, and the gates' decisions do not depend on the threshold, so the mean cost only falls.
+row leave at the same layer or earlier, and the gates' decisions do not depend on the threshold,
+so the mean cost only falls.
 :func:`calibrate_threshold` therefore bisects: it runs the real engine on the data at each
 candidate and returns the least aggressive threshold whose measured mean relative cost is
 within the budget. Calibrate on data held out from training, never on the set you report.

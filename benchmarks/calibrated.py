@@ -25,11 +25,11 @@ differ a little from the budget: held-out and dev rows differ.
 
 ``--joint smartbert`` also calibrates that run over both knobs
 (:func:`adaptive_depth.calibrate_operating_point`): at each budget, the exit threshold at each of
-the ``--gate-thresholds`` (default 0.5 0.6 1.0; 1.0 never skips, and
-the engine then runs no gate: that candidate is the gates-off calibration), keeping the pair with the
-best held-out metric, reported as ``smartbert_joint``. Its cells also give the gate threshold
-chosen, the dev skip rate per layer there, and dev at every gate threshold tried (for the record,
-not for choosing), and ``joint_skipping`` how per-sample the skipping is at each gate threshold.
+the ``--gate-thresholds`` (default 0.5 0.6 1.0; 1.0 never skips, and the engine then runs no
+gate: that candidate is the gates-off calibration), keeping the pair with the best held-out
+metric, reported as ``smartbert_joint``. Its cells also give the gate threshold chosen, the dev
+skip rate per layer there, and dev at every gate threshold tried (for the record, not for
+choosing), and ``joint_skipping`` how per-sample the skipping is at each gate threshold.
 
 ``--criterion NAME`` calibrates every run with that exit criterion instead of its method's own:
 ``tolerance`` on a regression task (STS-B) exits once two consecutive heads' scores differ by less
@@ -306,9 +306,10 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
                            ) -> dict[str, Any]:
     """Every run calibrated to every budget: a JSON-ready table (see the module docstring);
     ``calibrate_on``: see :func:`calibration_rows`; ``criterion``: calibrate every run with that
-    exit criterion instead of its method's own (:func:`calibrate_run`). Each method in ``gates_off`` is calibrated a
-    second time with its skip gates off, as ``<method>_gates_off``; each in ``joint`` a second
-    time over ``gate_thresholds`` and exit thresholds together, as ``<method>_joint``.
+    exit criterion instead of its method's own (:func:`calibrate_run`). Each method in
+    ``gates_off`` is calibrated a second time with its skip gates off, as ``<method>_gates_off``;
+    each in ``joint`` a second time over ``gate_thresholds`` and exit thresholds together, as
+    ``<method>_joint``.
 
     Raises:
         ConfigError: runs of different tasks, seeds, lengths or backbones; a run without exits;
