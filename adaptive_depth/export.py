@@ -31,13 +31,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from adaptive_depth.backbones import UnsupportedModelError
-from adaptive_depth.config import criterion_from_name
+from adaptive_depth.config import CriterionName, criterion_from_name
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 from adaptive_depth.export_steps import EXPORT_EMBEDDINGS, EmbeddingStep, GateStep, HeadStep, LayerStep
@@ -269,7 +269,7 @@ def export_engine(
     return out_dir
 
 
-CRITERION_NAMES = ("entropy", "normalized_entropy", "max_prob", "patience", "tolerance")
+CRITERION_NAMES: tuple[str, ...] = get_args(CriterionName)
 
 
 def _operating_point(encoder: AdaptiveEncoder, args: argparse.Namespace) -> tuple[ExitCriterion, float, str]:

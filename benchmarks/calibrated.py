@@ -56,10 +56,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
+from adaptive_depth.config import CriterionName
 from benchmarks.seeds import VERDICT_BUDGETS
 from benchmarks.tradeoff import REFERENCE, check_alike, reference_macs
 from recipes import errors
@@ -76,8 +77,8 @@ GATES_OFF = "_gates_off"  # suffix of a method calibrated with its skip gates of
 JOINT = "_joint"  # suffix of a method calibrated over gate and exit thresholds together (--joint)
 GATE_THRESHOLDS = (0.5, 0.6, 1.0)  # --joint's default gate thresholds
 # What --criterion may name, by the task's outputs (adaptive_depth.config.criterion_from_name).
-CLASSIFICATION_CRITERIA = ("entropy", "normalized_entropy", "max_prob", "patience")
 REGRESSION_CRITERIA = ("patience", "tolerance")
+CLASSIFICATION_CRITERIA = tuple(name for name in get_args(CriterionName) if name != "tolerance")
 # What ``--calibrate-on`` may name, and the selection each gives (``benchmarks.seeds`` keeps kinds apart).
 CALIBRATE_ON = ("heldout", "dev-half")
 SELECTIONS = {"heldout": SELECTION,
