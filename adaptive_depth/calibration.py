@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adaptive_depth.config import criterion_from_name
+from adaptive_depth.config import criterion_from_name, criterion_spec
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
-from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
+from adaptive_depth.exits import ExitCriterion
 
 __all__ = ["Calibration", "calibrate_operating_point", "calibrate_threshold", "criterion_name"]
 
@@ -36,19 +36,9 @@ Metric = Callable[[Tensor, Tensor], float]
 
 
 def criterion_name(criterion: ExitCriterion) -> str:
-    """The :func:`~adaptive_depth.config.criterion_from_name` name of a built-in criterion."""
-    if isinstance(criterion, EntropyExit):
-        return "normalized_entropy" if criterion.normalized else "entropy"
-    if isinstance(criterion, MaxProbExit):
-        return "max_prob"
-    if isinstance(criterion, PatienceExit):
-        return "patience"
-    if isinstance(criterion, ToleranceExit):
-        return "tolerance"
-    raise TypeError(
-        f"cannot calibrate a {type(criterion).__name__}; calibrate_threshold knows EntropyExit, MaxProbExit, "
-        "PatienceExit and ToleranceExit."
-    )
+    """The :func:`~adaptive_depth.config.criterion_from_name` name of a built-in criterion
+    (:func:`~adaptive_depth.config.criterion_spec` gives its threshold and options too)."""
+    return criterion_spec(criterion)[0]
 
 
 @dataclass
@@ -68,6 +58,9 @@ class Calibration:
         evaluations: every ``(threshold, relative_cost)`` the search measured, in order.
         gate_threshold: the engine's gate threshold at this point (a layer is skipped when
             ``p_skip >= gate_threshold``; 1.0 never skips).
+        criterion_options: the criterion's other fields, kept from the engine calibrated (e.g.
+            ``{"regression_tolerance": 0.1}`` for patience), see
+            :func:`~adaptive_depth.config.criterion_spec`.
         candidates: from :func:`calibrate_operating_point` only: for every gate threshold tried,
             ``{"gate_threshold", "threshold", "relative_cost", "mean_layers_run", "metric"}``, or
             ``{"gate_threshold", "error"}`` when no exit threshold met the budget with it.
@@ -87,10 +80,11 @@ class Calibration:
     evaluations: list[tuple[float, float]] = field(default_factory=list)
     gate_threshold: float | None = None
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    criterion_options: dict[str, float] = field(default_factory=dict)
 
     def make_criterion(self) -> ExitCriterion:
-        """The exit criterion at the chosen threshold."""
-        return criterion_from_name(self.criterion, self.threshold)
+        """The exit criterion at the chosen threshold, with the calibrated engine's other fields."""
+        return criterion_from_name(self.criterion, self.threshold, self.criterion_options)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -174,7 +168,7 @@ def calibrate_threshold(
     if template.mode not in ("adaptive", "exit_only"):
         raise ValueError(f"mode {template.mode!r} never exits early, so no threshold changes its cost; "
                          "use 'adaptive' or 'exit_only'.")
-    name = criterion_name(template.criterion)
+    name, _, options = criterion_spec(template.criterion)
     batches = list(data)
     if not batches:
         raise ValueError("calibration data is empty.")
@@ -221,7 +215,7 @@ def calibrate_threshold(
         relative_cost=_cost(chosen, convention), relative_cost_exact=chosen.relative_cost_exact,
         relative_cost_paper=chosen.relative_cost_paper, mean_layers_run=chosen.mean_layers_run,
         metric_name=metric_name, metric=value, num_rows=len(chosen.predictions), evaluations=evaluations,
-        gate_threshold=template.gate_threshold,
+        gate_threshold=template.gate_threshold, criterion_options=options,
     )
 
 

@@ -10,35 +10,58 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 
-__all__ = ["CONFIG_FORMAT_VERSION", "AdaptiveEncoderConfig", "CriterionName", "criterion_from_name"]
+__all__ = ["CONFIG_FORMAT_VERSION", "AdaptiveEncoderConfig", "CriterionName", "criterion_from_name",
+           "criterion_spec", "criterion_with_threshold"]
 
-CONFIG_FORMAT_VERSION = 1
+# 1: the first format. 2: adds ``criterion_options`` (a version-1 file reads as no options, the
+# criteria's defaults, which is what version 1 rebuilt).
+CONFIG_FORMAT_VERSION = 2
 
 CriterionName = Literal["entropy", "normalized_entropy", "max_prob", "patience", "tolerance"]
 ProblemType = Literal["single_label_classification", "regression"]
 _MODES = ("adaptive", "skip_only", "exit_only", "full")
 
 
-def criterion_from_name(name: str, threshold: float) -> ExitCriterion:
+# The options each criterion takes besides its threshold (the other fields of its class).
+CRITERION_OPTIONS: dict[str, tuple[str, ...]] = {"patience": ("regression_tolerance",), "tolerance": ("patience",)}
+
+
+def criterion_from_name(name: str, threshold: float, options: Mapping[str, float] | None = None) -> ExitCriterion:
     """The exit criterion ``name`` at ``threshold``.
 
     Args:
         name: ``"entropy"`` (nats), ``"normalized_entropy"`` (fraction of ``log C``, FastBERT's
             "speed"), ``"max_prob"``, ``"patience"`` (an integer number of heads) or ``"tolerance"``
-            (regression: :class:`~adaptive_depth.exits.ToleranceExit` with patience 1, the
-            threshold in score units).
+            (regression: :class:`~adaptive_depth.exits.ToleranceExit`, the threshold in score units).
         threshold: the criterion's threshold.
+        options: the criterion's other fields, as :func:`criterion_spec` returns them:
+            ``{"regression_tolerance": ...}`` for ``"patience"``, ``{"patience": ...}`` (a whole
+            number) for ``"tolerance"``; the other criteria take none. Missing: the class default.
+
+    Raises:
+        ValueError: an unknown name, a fractional patience, or an option the criterion does not take.
 
     Example:
         >>> criterion_from_name("entropy", 0.4)
         EntropyExit(threshold=0.4, normalized=False)
+        >>> criterion_from_name("tolerance", 0.2, {"patience": 2})
+        ToleranceExit(tolerance=0.2, patience=2)
     """
+    options = dict(options or {})
+    if name not in get_args(CriterionName):
+        raise ValueError(f"unknown exit criterion {name!r}; use one of {', '.join(map(repr, get_args(CriterionName)))}.")
+    allowed = CRITERION_OPTIONS.get(name, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"the {name!r} exit criterion takes no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(map(repr, allowed)) or 'none'}.")
     if name == "entropy":
         return EntropyExit(threshold)
     if name == "normalized_entropy":
@@ -46,14 +69,52 @@ def criterion_from_name(name: str, threshold: float) -> ExitCriterion:
     if name == "max_prob":
         return MaxProbExit(threshold)
     if name == "patience":
-        if threshold != int(threshold):
-            raise ValueError(f"the patience criterion takes a whole number of heads, got {threshold}.")
-        return PatienceExit(int(threshold))
-    if name == "tolerance":
-        return ToleranceExit(threshold)
-    raise ValueError(
-        f"unknown exit criterion {name!r}; use 'entropy', 'normalized_entropy', 'max_prob', 'patience' or 'tolerance'."
+        return PatienceExit(_whole(threshold, "the patience criterion's threshold"),
+                            **{key: float(value) for key, value in options.items()})
+    if "patience" in options:
+        options["patience"] = _whole(options["patience"], "the tolerance criterion's patience option")
+    return ToleranceExit(threshold, **options)  # type: ignore[arg-type]
+
+
+def criterion_spec(criterion: ExitCriterion) -> tuple[CriterionName, float, dict[str, float]]:
+    """``(name, threshold, options)`` of a built-in criterion: the inverse of :func:`criterion_from_name`.
+
+    Example:
+        >>> criterion_spec(PatienceExit(3, regression_tolerance=0.2))
+        ('patience', 3.0, {'regression_tolerance': 0.2})
+
+    Raises:
+        TypeError: a criterion class that is not built in (it has no name to save).
+    """
+    if isinstance(criterion, EntropyExit):
+        return ("normalized_entropy" if criterion.normalized else "entropy"), criterion.threshold, {}
+    if isinstance(criterion, MaxProbExit):
+        return "max_prob", criterion.threshold, {}
+    if isinstance(criterion, PatienceExit):
+        return "patience", float(criterion.patience), {"regression_tolerance": criterion.regression_tolerance}
+    if isinstance(criterion, ToleranceExit):
+        return "tolerance", criterion.tolerance, {"patience": criterion.patience}
+    raise TypeError(
+        f"{type(criterion).__name__} is not a built-in exit criterion (EntropyExit, MaxProbExit, PatienceExit, "
+        "ToleranceExit), so it has no name to save or calibrate by."
     )
+
+
+def criterion_with_threshold(criterion: ExitCriterion, threshold: float) -> ExitCriterion:
+    """``criterion`` at another threshold, with its other fields kept.
+
+    Example:
+        >>> criterion_with_threshold(PatienceExit(3, regression_tolerance=0.2), 1)
+        PatienceExit(patience=1, regression_tolerance=0.2)
+    """
+    name, _, options = criterion_spec(criterion)
+    return criterion_from_name(name, threshold, options)
+
+
+def _whole(value: float, what: str) -> int:
+    if value != int(value):
+        raise ValueError(f"{what} is a whole number of heads, got {value}.")
+    return int(value)
 
 
 @dataclass
@@ -74,6 +135,8 @@ class AdaptiveEncoderConfig:
     Operating point (what :class:`~adaptive_depth.AdaptivePipeline` runs by default):
         criterion: exit criterion name (see :func:`criterion_from_name`).
         threshold: its threshold.
+        criterion_options: its other fields (e.g. ``{"regression_tolerance": 0.1}`` for
+            ``"patience"``); empty: the criterion's defaults. :meth:`set_criterion` fills all three.
         gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (1.0: never).
         mode: engine mode (``"adaptive"``, ``"skip_only"``, ``"exit_only"``, ``"full"``);
             defaults to ``"adaptive"`` with gates and ``"exit_only"`` without.
@@ -103,6 +166,7 @@ class AdaptiveEncoderConfig:
     initial_skip_bias: float = 0.0
     criterion: CriterionName = "entropy"
     threshold: float = 0.3
+    criterion_options: dict[str, float] = field(default_factory=dict)
     gate_threshold: float = 0.5
     mode: str | None = None
     calibration: dict[str, Any] | None = field(default=None, compare=False)
@@ -137,11 +201,18 @@ class AdaptiveEncoderConfig:
             raise ValueError(f"gate_threshold must be in [0, 1], got {self.gate_threshold}.")
         if math.isnan(self.threshold):
             raise ValueError("threshold is NaN.")
+        if not isinstance(self.criterion_options or {}, Mapping):
+            raise ValueError(f"criterion_options must map option names to numbers, got {self.criterion_options!r}.")
+        self.criterion_options = dict(self.criterion_options or {})
         self.make_criterion()  # validates criterion and threshold together
 
     def make_criterion(self) -> ExitCriterion:
         """The exit criterion of the operating point."""
-        return criterion_from_name(self.criterion, self.threshold)
+        return criterion_from_name(self.criterion, self.threshold, self.criterion_options)
+
+    def set_criterion(self, criterion: ExitCriterion) -> None:
+        """Make ``criterion`` the operating point's (its name, threshold and options)."""
+        self.criterion, self.threshold, self.criterion_options = criterion_spec(criterion)
 
     def architecture_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~adaptive_depth.AdaptiveEncoder` (after the model)."""

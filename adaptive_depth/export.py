@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_depth.backbones import UnsupportedModelError
-from adaptive_depth.config import CriterionName, criterion_from_name
+from adaptive_depth.config import CriterionName, criterion_from_name, criterion_with_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 from adaptive_depth.export_steps import EXPORT_EMBEDDINGS, EmbeddingStep, GateStep, HeadStep, LayerStep
@@ -275,8 +275,11 @@ CRITERION_NAMES: tuple[str, ...] = get_args(CriterionName)
 def _operating_point(encoder: AdaptiveEncoder, args: argparse.Namespace) -> tuple[ExitCriterion, float, str]:
     """The saved operating point (``encoder.adaptive_config``), with the command line's overrides."""
     saved = encoder.adaptive_config
-    criterion = criterion_from_name(args.criterion or saved.criterion,
-                                    saved.threshold if args.threshold is None else args.threshold)
+    threshold = saved.threshold if args.threshold is None else args.threshold
+    if args.criterion is None or args.criterion == saved.criterion:  # keep the saved criterion's options
+        criterion = criterion_with_threshold(saved.make_criterion(), threshold)
+    else:
+        criterion = criterion_from_name(args.criterion, threshold)
     gate_threshold = saved.gate_threshold if args.gate_threshold is None else args.gate_threshold
     return criterion, gate_threshold, args.mode or str(saved.mode)
 

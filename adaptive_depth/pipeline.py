@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adaptive_depth.calibration import Calibration, calibrate_operating_point, calibrate_threshold, criterion_name
+from adaptive_depth.calibration import Calibration, calibrate_operating_point, calibrate_threshold
+from adaptive_depth.config import criterion_spec
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine, EngineMode
 from adaptive_depth.exits import ExitCriterion
@@ -232,7 +233,7 @@ class AdaptivePipeline:
                                                     gate_thresholds=gate_thresholds, **options)
         self.engine.criterion = calibration.make_criterion()
         config = self.encoder.adaptive_config
-        config.criterion, config.threshold = calibration.criterion, calibration.threshold  # type: ignore[assignment]
+        config.set_criterion(self.engine.criterion)
         if gate_thresholds is not None:  # a gate threshold was chosen too
             self.engine.gate_threshold = config.gate_threshold = calibration.gate_threshold  # type: ignore[assignment]
         config.calibration = calibration.to_dict()
@@ -240,10 +241,13 @@ class AdaptivePipeline:
 
     def __repr__(self) -> str:
         criterion = self.engine.criterion
-        name = criterion_name(criterion)
-        threshold = getattr(criterion, "threshold", getattr(criterion, "patience", None))
+        try:
+            name, threshold, _ = criterion_spec(criterion)
+            shown = f"{name}={threshold:g}"
+        except TypeError:  # a criterion class of the user's own
+            shown = repr(criterion)
         return (f"AdaptivePipeline({self.encoder.config.model_type}, {self.encoder.num_steps} layers, mode="
-                f"{self.engine.mode!r}, {name}={threshold}, gate_threshold={self.engine.gate_threshold})")
+                f"{self.engine.mode!r}, {shown}, gate_threshold={self.engine.gate_threshold})")
 
 
 def _check_texts(texts: str | Sequence[str], text_pairs: str | Sequence[str] | None

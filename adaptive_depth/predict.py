@@ -122,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on bad input)."""
     args = parse_args(argv)
-    from adaptive_depth.config import criterion_from_name
+    from adaptive_depth.config import criterion_with_threshold
     from adaptive_depth.pipeline import AdaptivePipeline
 
     try:
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = pipeline.encoder.adaptive_config
         if args.threshold is not None:
             try:
-                pipeline.engine.criterion = criterion_from_name(config.criterion, args.threshold)
+                pipeline.engine.criterion = criterion_with_threshold(config.make_criterion(), args.threshold)
             except ValueError as error:
                 raise InputFileError(f"--threshold {args.threshold}: {error}") from error
         if args.gate_threshold is not None:

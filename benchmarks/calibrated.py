@@ -192,7 +192,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     from functools import partial
 
     from adaptive_depth.calibration import calibrate_operating_point, calibrate_threshold, criterion_name
-    from adaptive_depth.config import criterion_from_name
+    from adaptive_depth.config import criterion_from_name, criterion_with_threshold
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from recipes.glue import GlueMetrics, get_task
     from recipes.operating_point import first_exit_setting, main_metric_function
@@ -235,7 +235,7 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
 
     def dev_row(gate_threshold: float | None, threshold: float, name: str) -> Any:
         """Dev scored once at an operating point: a :class:`~recipes.results.SweepRow`."""
-        setting = SweepSetting(name, mode, criterion_from_name(criterion_name(template.criterion), threshold), threshold)
+        setting = SweepSetting(name, mode, criterion_with_threshold(template.criterion, threshold), threshold)
         return run_sweep(encoder, dev, [setting], make_metrics, gate_threshold, config.padded_length)[0]
 
     cells: dict[str, dict[str, Any]] = {}

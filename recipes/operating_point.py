@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from adaptive_depth.calibration import calibrate_threshold, criterion_name
+from adaptive_depth.config import criterion_with_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from recipes.results import OperatingPoint
@@ -83,12 +84,12 @@ def calibrate_and_save(
             calibration = calibrate_threshold(template, list(heldout), budget, metric=main_metric_function(make_metrics))
         except ValueError as error:  # the budget cannot be met: say so, save the model at no early exit
             logger.warning("calibration: %s", error)
-            config.criterion, config.threshold = criterion_name(exit_setting.criterion), _never_exit(exit_setting)
+            never = criterion_with_threshold(exit_setting.criterion, _never_exit(exit_setting))
+            config.set_criterion(never)
             calibrated = {"error": str(error)}
-            chosen = SweepSetting("no early exit", exit_setting.mode, _with_threshold(exit_setting, config.threshold),
-                                  config.threshold)
+            chosen = SweepSetting("no early exit", exit_setting.mode, never, config.threshold)
         else:
-            config.criterion, config.threshold = calibration.criterion, calibration.threshold  # type: ignore[assignment]
+            config.set_criterion(calibration.make_criterion())
             config.calibration = {**calibration.to_dict(), "data": "held-out part of train"}
             calibrated = calibration.to_dict()
             logger.info("calibrated on held-out: %s=%.4g, relative cost (exact) %.3f, %s %.4f", calibration.criterion,
@@ -131,8 +132,3 @@ def _never_exit(setting: SweepSetting) -> float:
         return 10_000.0
     return 0.0
 
-
-def _with_threshold(setting: SweepSetting, threshold: float) -> Any:
-    from adaptive_depth.config import criterion_from_name
-
-    return criterion_from_name(criterion_name(setting.criterion), threshold)

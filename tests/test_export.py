@@ -208,6 +208,17 @@ def test_cli_exports_the_saved_operating_point(tmp_path: Path, capsys) -> None:
     assert manifest["criterion"] == {"type": "EntropyExit", "threshold": 0.45, "normalized": False}
     assert export_module.main([str(saved), str(out_dir), "--format", "torch-export"]) == 2
     assert "already exists" in capsys.readouterr().err
+    # A saved criterion's other fields survive a --threshold override; another --criterion has its defaults.
+    encoder.adaptive_config.set_criterion(PatienceExit(3, regression_tolerance=0.25))
+    patience_model = encoder.save_pretrained(tmp_path / "patience-model")
+    assert export_module.main([str(patience_model), str(tmp_path / "p1"), "--format", "torch-export",
+                               "--threshold", "2"]) == 0
+    assert json.loads((tmp_path / "p1" / "manifest.json").read_text())["criterion"] == {
+        "type": "PatienceExit", "patience": 2, "regression_tolerance": 0.25}
+    assert export_module.main([str(patience_model), str(tmp_path / "p2"), "--format", "torch-export",
+                               "--criterion", "max_prob", "--threshold", "0.9"]) == 0
+    assert json.loads((tmp_path / "p2" / "manifest.json").read_text())["criterion"] == {
+        "type": "MaxProbExit", "threshold": 0.9}
     with pytest.raises(SystemExit) as exited:
         export_module.main([str(saved), str(tmp_path / "x"), "--format", "tflite"])
     assert exited.value.code == 2

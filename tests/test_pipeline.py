@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,32 @@ def test_calibrate_a_regression_tolerance_to_the_budget(tmp_path: Path) -> None:
     assert reloaded.engine.criterion == ToleranceExit(saved.threshold)
     with pytest.raises(ValueError, match=r"no tolerance threshold meets .*exits at the second head"):
         calibrate_threshold(pipeline.engine, data, max_relative_cost=cheapest * 0.9)
+
+
+def test_calibrate_and_predict_keep_the_criterions_other_fields(tmp_path: Path) -> None:
+    """A tolerance exit with patience 2 stays one through calibration, saving, loading and
+    ``predict --threshold``, which used to rebuild it with patience 1."""
+    encoder, tokenizer = tiny_encoder(num_labels=1, seed=3, num_layers=6)
+    encoder.adaptive_config.set_criterion(ToleranceExit(0.5, patience=2))
+    pipeline = AdaptivePipeline.from_pretrained(encoder.save_pretrained(tmp_path / "m", tokenizer=tokenizer))
+    assert pipeline.engine.criterion == ToleranceExit(0.5, patience=2)
+    scores = [0.5, 4.0, 2.5, 1.0, 3.0, 0.0] * 3
+    calibration = pipeline.calibrate(SENTENCES * 3, scores, PAIRS * 3, max_relative_cost=0.9)
+    assert calibration.criterion_options == {"patience": 2}
+    folder = pipeline.encoder.save_pretrained(tmp_path / "c", tokenizer=tokenizer)
+    assert AdaptivePipeline.from_pretrained(folder).engine.criterion == ToleranceExit(calibration.threshold, patience=2)
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": a, "text_pair": b}) + "\n" for a, b in zip(SENTENCES, PAIRS)))
+    output = tmp_path / "predictions.jsonl"
+    assert predict_main([str(folder), "--input", str(rows), "--output", str(output), "--threshold", "inf",
+                         "--no-progress"]) == 0
+    exits = [json.loads(line)["exit_layer"] for line in output.read_text().splitlines()]
+
+    def exit_layers(criterion: ToleranceExit) -> list[int]:
+        return [p.exit_layer for p in AdaptivePipeline(pipeline.encoder, tokenizer, criterion=criterion)(SENTENCES, PAIRS)]
+
+    assert exits == exit_layers(ToleranceExit(math.inf, patience=2)) != exit_layers(ToleranceExit(math.inf))
 
 
 def test_tolerance_calibration_refuses_a_classifier(saved_pair_model: Path) -> None:

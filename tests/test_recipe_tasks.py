@@ -192,3 +192,29 @@ def test_skipping_statistics_reuse_the_sweeps_passes() -> None:
     reused = skipping_statistics(encoder, batches, 0.5, False, traces)
     fresh = skipping_statistics(encoder, batches, 0.5, False)
     assert reused == fresh and reused["num_rows"] == 15 and reused["num_patterns"] > 1
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.01])  # calibrated; impossible (saved at no early exit)
+def test_the_saved_operating_point_keeps_the_criterions_options(tmp_path: Path, budget: float) -> None:
+    """A run whose patience exit agrees within a non-default tolerance saves that tolerance, on
+    either branch of the calibration, and the reloaded model rebuilds it."""
+    from adaptive_depth import AdaptiveEncoder, PatienceExit
+    from recipes.glue import GlueMetrics
+    from recipes.operating_point import calibrate_and_save
+    from recipes.sweep import SweepSetting
+    from tests.conftest import padded_batch, tiny_model
+
+    torch.manual_seed(0)
+    encoder = AdaptiveEncoder(tiny_model("bert", num_layers=4), num_labels=1, with_gates=False, head_inner_size=16)
+    batches = []
+    for seed in range(2):
+        input_ids, mask = padded_batch(batch_size=5, num_tokens=9, seed=seed)
+        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": torch.rand(5) * 5})
+    settings = [SweepSetting("full", "full"),
+                SweepSetting("patience=2", "exit_only", PatienceExit(2, regression_tolerance=0.3), 2.0)]
+    point = calibrate_and_save(encoder, None, tmp_path, settings, batches, batches, lambda: GlueMetrics("stsb"),
+                               budget=budget, gate_threshold=1.0, padded_length=None, label_names=None, max_length=9)
+    assert (point.calibration is not None and "error" in point.calibration) == (budget < 0.5)
+    saved = AdaptiveEncoder.from_pretrained(tmp_path / point.model_dir).adaptive_config
+    assert saved.criterion == "patience" and saved.criterion_options == {"regression_tolerance": 0.3}
+    assert saved.make_criterion().regression_tolerance == 0.3
