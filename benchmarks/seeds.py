@@ -4,8 +4,9 @@ Each ``benchmarks.tradeoff`` run writes one table (``tradeoff-<task>.json``) for
 reads any number of them, groups them by task and backbone, and reports, for every method and
 cost budget, the best dev metric of each seed (the table's ``at_cost`` cell), their mean,
 standard deviation, minimum and maximum; then a paired comparison of two methods (by default
-SmartBERT against FastBERT) over the seeds both have, and how per-sample each method's skipping
-is (the tables' ``skipping`` statistics, averaged over seeds).
+SmartBERT against FastBERT) over the seeds both have, with the 95% confidence interval of the
+mean difference (Student's t over seeds: how large a difference these seeds can resolve), and
+how per-sample each method's skipping is (the tables' ``skipping`` statistics, averaged over seeds).
 
     python -m benchmarks.seeds runs/i13/mrpc-s4*/tradeoff-mrpc.json \\
         benchmarks/results/tradeoff-mrpc.json:fastbert --json runs/seeds-mrpc.json
@@ -120,6 +121,33 @@ def load_tables(arguments: list[str]) -> dict[tuple[str, str], Group]:
     return groups
 
 
+# Student's t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom (standard tables).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(degrees_of_freedom: int) -> float:
+    """Student's t 0.975 quantile: the table up to 30 degrees of freedom, then the Cornish-Fisher
+    expansion around the normal 1.95996 (within 1e-3 of the exact value there)."""
+    if degrees_of_freedom < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {degrees_of_freedom}")
+    if degrees_of_freedom <= len(_T975):
+        return _T975[degrees_of_freedom - 1]
+    z, df = 1.959964, float(degrees_of_freedom)
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_interval(differences: list[float]) -> list[float] | None:
+    """95% confidence interval of the mean paired difference (Student's t over seeds), or
+    ``None`` for fewer than two pairs. It says how large a difference these seeds can resolve:
+    with three seeds the half-width is 2.48 standard deviations of the differences."""
+    if len(differences) < 2:
+        return None
+    stats = spread(differences)
+    half = t_quantile_975(len(differences) - 1) * stats["std"] / math.sqrt(len(differences))
+    return [stats["mean"] - half, stats["mean"] + half]
+
+
 def spread(values: list[float]) -> dict[str, Any]:
     """Mean, sample standard deviation (0 for one value), min, max and count."""
     mean = sum(values) / len(values)
@@ -152,6 +180,7 @@ def summarize(group: Group, compare: tuple[str, str], verdict_budgets: tuple[flo
             comparison["budgets"][budget] = {
                 "seeds": seeds,
                 "mean_difference": (sum(differences) / len(differences)) if differences else None,
+                "difference_ci95": paired_interval(differences),
                 # A seed where only b has no setting that cheap counts for a; one where neither has does not.
                 "a_at_or_above": sum(difference >= -1e-12 for difference in differences)
                 + sum(value_a is not None and value_b is None for value_a, value_b in pairs),
@@ -209,6 +238,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         for budget, cell in comparison["budgets"].items():
             if cell["n"]:
                 difference = "n/a" if cell["mean_difference"] is None else f"{100 * cell['mean_difference']:+.2f}"
+                if cell.get("difference_ci95") is not None:
+                    low, high = cell["difference_ci95"]
+                    difference += f" [95% CI {100 * low:+.2f}..{100 * high:+.2f}]"
                 parts.append(f"{'<=' if selection == GRID else 'at'} {100 * float(budget):.0f}%: {difference} "
                              f"({cell['a_at_or_above']}/{cell['n']} seeds at or above)")
         lines.append(f"\n{comparison['a']} minus {comparison['b']}, paired by seed: " + "; ".join(parts))

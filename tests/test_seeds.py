@@ -58,6 +58,10 @@ def test_mean_spread_and_paired_comparison(tmp_path: Path) -> None:
     # 50%: differences -0.005, +0.02, -0.01 -> mean +0.00167, 1 of 3 at or above.
     assert comparison["0.5"]["mean_difference"] == pytest.approx((-0.005 + 0.02 - 0.01) / 3)
     assert comparison["0.5"]["a_at_or_above"] == 1
+    half = 4.303 * statistics.stdev([-0.005, 0.02, -0.01]) / 3 ** 0.5  # Student's t, 2 degrees of freedom
+    assert comparison["0.5"]["difference_ci95"] == pytest.approx([(0.005 / 3) - half, (0.005 / 3) + half])
+    # 33%: two pairs (-0.005, -0.02), standard deviation 0.0075 * sqrt(2), so the half-width is 12.706 * 0.0075.
+    assert comparison["0.33"]["difference_ci95"] == pytest.approx([-0.0125 - 12.706 * 0.0075, -0.0125 + 12.706 * 0.0075])
     # 33%: seed 43 counts as at or above (FastBERT cannot reach it); the mean is over seeds 42 and 44.
     assert comparison["0.33"]["mean_difference"] == pytest.approx((-0.005 - 0.02) / 2)
     assert comparison["0.33"]["a_at_or_above"] == 1
@@ -71,6 +75,13 @@ def test_mean_spread_and_paired_comparison(tmp_path: Path) -> None:
     text = seeds.format_summary(summary)
     assert "| smartbert | 42, 43, 44 |" in text and "[85.00, 86.00, 84.00]" in text
     assert "at or above fastbert on the mean at every budget of [0.75, 0.5, 0.33]: no" in text
+    assert "at 50%" not in text and "<= 50%: +0.17 [95% CI " in text
+
+
+@pytest.mark.parametrize("degrees, expected", [(1, 12.706), (2, 4.303), (30, 2.042), (40, 2.0211), (60, 2.0003),
+                                               (120, 1.9799)])
+def test_t_quantile_matches_published_values(degrees: int, expected: float) -> None:
+    assert seeds.t_quantile_975(degrees) == pytest.approx(expected, abs=1e-3)
 
 
 def test_a_missing_budget_is_a_loss(tmp_path: Path) -> None:
