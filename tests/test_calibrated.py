@@ -273,3 +273,24 @@ def test_bad_input_is_a_clear_error(runs: dict[str, Path], data: Path, tmp_path:
     assert calibrated.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_each_head_scored_alone(runs: dict[str, Path], data: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``benchmarks.heads``: the last head, every layer running, is the run's own full-depth row."""
+    from benchmarks import heads
+
+    out = tmp_path / "heads.json"
+    argv = ["--data-dir", str(data), "--run", f"fastbert={runs['fastbert']}", "--run", f"smartbert={runs['smartbert']}",
+            "--json", str(out)]
+    assert heads.main(argv) == 0
+    assert "| smartbert | 42 | mrpc (f1) |" in capsys.readouterr().out
+    for score in json.loads(out.read_text())["runs"]:
+        results = json.loads((runs[score["method"]] / "results.json").read_text())
+        full = next(row for row in results["sweep"] if row["mode"] == "full")
+        assert [head["layer"] for head in score["heads"]] == [1, 2, 3] and score["num_rows"] == 24
+        assert score["heads"][-1]["metrics"] == pytest.approx(full["metrics"])
+        assert score["heads"][-1]["agreement_with_last"] == 1.0
+        assert all(0.0 <= head["agreement_with_last"] <= 1.0 for head in score["heads"])
+    assert heads.main(["--data-dir", str(data), "--run", f"finetune={runs['finetune']}", "--json", str(out)]) == 2
+    assert "finetune has no early exit" in capsys.readouterr().err
