@@ -38,6 +38,9 @@ def parse_args(recipe: str, description: str, argv: Sequence[str] | None = None)
     parser.add_argument("--output-dir", default=None, help=f"run folder (default: runs/{recipe}-<task>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir (its files are deleted)")
+    parser.add_argument("--stage1-from", default=None, metavar="RUN_DIR",
+                        help="take stage 1 from this finished run (same task, model, data and stage-1 config) and "
+                             "train only stage 2: for stage-2 variants at a fraction of the cost")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     return parser.parse_intermixed_args(argv)
 
@@ -110,14 +113,17 @@ def run_cli(method: Method | str, argv: Sequence[str] | None = None) -> int:
             run_dir = Path("runs") / f"{recipe}-{task.name}-{stamp}"
         logger.info("%s: run folder %s; config %s", recipe, run_dir, config_path or "(defaults)")
         context["run_dir"] = run_dir
+        stage1_from = Path(args.stage1_from) if args.stage1_from else None
+        if stage1_from is not None and stage1_from.resolve() == run_dir.resolve():
+            raise ConfigError(f"--stage1-from {stage1_from} is the run folder itself; give another run's folder")
         execute(method, config, data_dir, args.model, run_dir, resume=args.resume, overwrite=args.overwrite,
-                argv=argv, on_start=lambda run: context.update(run=run))
+                argv=argv, on_start=lambda run: context.update(run=run), stage1_from=stage1_from)
     return outcome.status
 
 
 def execute(method: Method, config: Any, data_dir: Path, model: str | None, run_dir: Path, *, resume: bool = False,
-            overwrite: bool = False, argv: Sequence[str] = (), on_start: Callable[[Run], Any] | None = None
-            ) -> RunResults | None:
+            overwrite: bool = False, argv: Sequence[str] = (), on_start: Callable[[Run], Any] | None = None,
+            stage1_from: Path | None = None) -> RunResults | None:
     """Run ``method`` with ``config`` in ``run_dir``: check the folder, set up, train, evaluate.
 
     The library form of the command line (``benchmarks.tradeoff`` calls it with configs it built);
@@ -131,13 +137,15 @@ def execute(method: Method, config: Any, data_dir: Path, model: str | None, run_
         resume, overwrite: as ``--resume`` / ``--overwrite``.
         argv: the equivalent command-line arguments, for the records (``run.json``, ``results.json``).
         on_start: called with the :class:`~recipes.run.Run` before it starts (e.g. to report an interrupt).
+        stage1_from: ``--stage1-from``: a finished run whose stage 1 this run takes (see
+            :class:`~recipes.run.Run`).
 
     Returns:
         The results (rank 0), or ``None`` on other ranks.
     """
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 owns the folder
         check_run_folder(run_dir, resume, overwrite)
-    run = Run(method, config, data_dir, model, run_dir, resume)
+    run = Run(method, config, data_dir, model, run_dir, resume, stage1_from=stage1_from)
     run.argv, run.overwrite = list(argv), overwrite
     if on_start is not None:
         on_start(run)

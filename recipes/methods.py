@@ -82,6 +82,9 @@ class Method:
         stage1_untrained_prefixes: state-dict prefixes of modules stage 1 never trains; they
             are left out of the best stage-1 weights and kept when those are reloaded.
         resume_allowed_keys: config keys a resumed run may change.
+        stage2_keys: config keys that change only stage 2 (and the evaluation after it): a run
+            started from another run's stage 1 (``--stage1-from``) may differ from it in these,
+            in ``calibration_budget`` and in the ``resume_allowed_keys`` other than ``stage1_epochs``.
     """
 
     name: str
@@ -100,6 +103,7 @@ class Method:
     stage1_frozen: Callable[[nn.Module, Any, int], list[nn.Parameter]] = _nothing_frozen
     stage1_untrained_prefixes: tuple[str, ...] = ()
     resume_allowed_keys: tuple[str, ...] = RESUME_ALLOWED_KEYS
+    stage2_keys: tuple[str, ...] = ("stage2_epochs", "stage2_lr")
 
     @property
     def has_stage2(self) -> bool:

@@ -25,9 +25,9 @@ from torch import nn
 
 from recipes import checks, distributed, errors, loading, loop
 from recipes import sweep as sweeps
-from recipes.checkpoint import atomic_write, load_state_dict_strict
+from recipes.checkpoint import STATE_FILE, atomic_write, load_state_dict_strict, load_weights
 from recipes.config import config_to_dict
-from recipes.errors import ConfigError, ResumeMismatchError, TrainingDivergedError
+from recipes.errors import CheckpointError, ConfigError, ResumeMismatchError, TrainingDivergedError
 from recipes.glue import (EncodedDataset, GlueMetrics, collate, encode_examples, get_task, holdout_split,
                           majority_class_metrics, read_split)
 from recipes.logs import logger
@@ -35,7 +35,7 @@ from recipes.methods import Method, freeze_for_stage2, stage2_train_mode
 from recipes.operating_point import calibrate_and_save
 from recipes.results import BestEpoch, EpochRecord, RunResults
 from recipes.results_io import command_line, write_results
-from recipes.run_checkpoints import RunCheckpoints
+from recipes.run_checkpoints import BEST_STAGE1_FILE, RunCheckpoints
 from recipes.run_folder import (RUN_FILE, RunLock, clear_run, compare_data, config_differences, run_examples,
                                 split_fingerprint)
 
@@ -54,16 +54,23 @@ class Run:
         model_name: ``--model`` (``None``: the default all-MiniLM-L6-v2).
         run_dir: the run folder.
         resume: continue from the checkpoint in ``run_dir``.
+        stage1_from: a finished run of the same method, task, model, data and stage-1 config whose
+            stage 1 this run takes instead of training its own (``--stage1-from``): its best
+            stage-1 weights, history and best epoch; this run trains only stage 2 (and may differ
+            in :attr:`Method.stage2_keys <recipes.methods.Method>`). Stage 2's random draws
+            (dropout) then differ from the source run's, which drew them after its stage 1.
     """
 
     def __init__(self, method: Method, config: Any, data_dir: Path, model_name: str | None, run_dir: Path,
-                 resume: bool) -> None:
+                 resume: bool, stage1_from: Path | None = None) -> None:
         self.method = method
         self.config = config
         self.data_dir = data_dir
         self.model_name = model_name
         self.run_dir = run_dir
         self.resume = resume
+        self.stage1_from = stage1_from
+        self.stage1_adopted = False
         self.task = get_task(config.task)
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.start_time = time.perf_counter()
@@ -141,6 +148,8 @@ class Run:
         self.datasets = {name: EncodedDataset(split) for name, split in encoded.items()}
         self.sizes = {name: len(split) for name, split in encoded.items()}
         self.dev_split_name = dev_name
+        if self.stage1_from is not None and not self.resume:  # checked before anything is written
+            self._adopt_stage1(self.stage1_from)
         if self.is_main:
             self._claim_run_folder(backbone)
         self.resume_point = self._load_resume_state()
@@ -210,6 +219,60 @@ class Run:
         }
         self.checkpoints.save(stage, epoch, self.model, optimizer, scheduler, state, new_best)
 
+    def _adopt_stage1(self, source: Path) -> None:
+        """Take stage 1 from the finished run in ``source`` (``--stage1-from``): its best stage-1
+        weights (checked against the checksum its checkpoint recorded), its stage-1 history and
+        its best epoch.
+
+        Raises:
+            CheckpointError: ``source`` holds no checkpoint that finished stage 1, or its best
+                stage-1 weights are missing or damaged.
+            ResumeMismatchError: it is a run of another recipe, task, model or data, or its config
+                differs in a key that changes stage 1.
+        """
+        if not self.method.has_stage2:
+            raise ConfigError(f"--stage1-from: {self.name} has no stage 2 to train on another run's stage 1")
+        what = f"--stage1-from {source}"
+        folder = source / "checkpoint"
+        state_path = folder / STATE_FILE
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{what}: no {state_path}; give the folder of a {self.name} run that finished "
+                                  "stage 1") from None
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{what}: cannot read {state_path} ({error})") from None
+        for key, expected in (("recipe", self.name), ("task", self.task.name)):
+            if state.get(key) != expected:
+                raise ResumeMismatchError(f"{what} is a run of {key} {state.get(key)!r}, this run is {expected!r}")
+        if state.get("model") is not None and not checks.same_model(state["model"], self.model_name):
+            raise ResumeMismatchError(f"{what} was trained from model {state['model']}, this run loads "
+                                      f"{self.model_name}; use the same --model")
+        config = self.config
+        allowed = tuple(dict.fromkeys((*self.method.stage2_keys, "calibration_budget",
+                                       *(key for key in self.method.resume_allowed_keys if key != "stage1_epochs"))))
+        differences = config_differences(state.get("config", {}), config_to_dict(config), ("task", *allowed),
+                                         type(config))
+        if differences:
+            raise ResumeMismatchError(f"{what} trained stage 1 with another config ({'; '.join(differences)}); only "
+                                      f"{', '.join(allowed)} may differ from it")
+        stage, epoch = state.get("stage"), state.get("epoch")
+        if not state.get("best_stage1") or not (stage == 2 or (stage == 1 and epoch == config.stage1_epochs - 1)):
+            raise CheckpointError(f"{what} has not finished stage 1 (its checkpoint is at stage {stage}, epoch "
+                                  f"{epoch if not isinstance(epoch, int) else epoch + 1}); finish it (--resume) first")
+        moved = compare_data(state.get("data"), self.data_record, what)
+        if moved:
+            logger.warning("%s", moved)
+        best = load_weights(folder / BEST_STAGE1_FILE, sha256=state.get("files", {}).get(BEST_STAGE1_FILE))
+        best.update({key: value for key, value in self.model.state_dict().items() if self._untrained_in_stage1(key)})
+        load_state_dict_strict(self.model, best, str(folder / BEST_STAGE1_FILE))
+        self.history["stage1"] = [EpochRecord(**record) for record in state.get("history", {}).get("stage1", [])]
+        self.best_stage1 = BestEpoch(**state["best_stage1"])
+        self.stage1_adopted = True
+        if self.is_main:
+            logger.info("stage 1 taken from %s: best epoch %d, held-out %s %.4f", source, self.best_stage1.epoch + 1,
+                        self.best_stage1.metric, self.best_stage1.value)
+
     def _load_resume_state(self) -> tuple[int, int, dict[str, Any]] | None:
         """``(stage, last completed epoch, optimizer payload)`` of the checkpoint, or None.
 
@@ -267,6 +330,9 @@ class Run:
     def train(self) -> None:
         """Stage 1 from its first unfinished epoch, the best stage-1 weights, then stage 2."""
         stage, done_epoch, payload = self.resume_point if self.resume_point else (1, -1, None)
+        if self.stage1_adopted:  # --stage1-from: stage 1 is done; checkpoint it as this run's own
+            done_epoch = self.config.stage1_epochs - 1
+            self._save(1, done_epoch, None, None, new_best=self._stage1_state())
         if stage == 1:
             self.train_stage1(start_epoch=done_epoch + 1, payload=payload)
             self._reload_best_stage1()

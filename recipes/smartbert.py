@@ -99,6 +99,11 @@ class SmartBertConfig(RecipeConfig):
         exit_objective: what the intermediate heads learn in stage 2: ``"paper"`` (eq. 7, the
             labels) or ``"distill"`` (the frozen last head's softmax, as FastBERT's students do:
             :func:`adaptive_depth.losses.distillation_loss`).
+        stage2_gate_mode: what the heads see in stage 2 (an encoder ``gate_mode``). ``"hard"``
+            (default, the paper): the states behind the trained gates' hard decisions, so a head
+            learns on the layers that run for each row (and with ``"distill"``, from the last head
+            behind the same gates). ``"run"``: every layer runs, as at full depth or with the gates
+            off at inference (``exit_only``); the distillation teacher is the full-depth last head.
         regression_tolerance: for regression tasks (STS-B), two heads agree when their scores
             differ by less than this (the patience settings of the sweep).
         regression_tolerances: for regression tasks, the tolerances of the sweep's
@@ -131,6 +136,7 @@ class SmartBertConfig(RecipeConfig):
     gate_objective: str = "paper"
     target_cost: float = 0.5
     exit_objective: str = "paper"
+    stage2_gate_mode: str = "hard"
     budget_on: str = "probabilities"
     difficulty_spread: float = 0.0
     regression_tolerance: float = 0.1
@@ -166,6 +172,9 @@ class SmartBertConfig(RecipeConfig):
             raise ConfigError(f"budget_on must be 'probabilities' or 'decisions', got {self.budget_on!r}")
         if self.exit_objective not in ("paper", "distill"):
             raise ConfigError(f"exit_objective must be 'paper' or 'distill', got {self.exit_objective!r}")
+        if self.stage2_gate_mode not in ("hard", "run"):
+            raise ConfigError(f"stage2_gate_mode must be 'hard' (the paper) or 'run' (every layer runs in stage 2), "
+                              f"got {self.stage2_gate_mode!r}")
         if not 0.0 <= self.target_cost <= 1.0:
             raise ConfigError(f"target_cost must be in [0, 1], got {self.target_cost}")
         if not 0.0 <= self.difficulty_spread <= 0.5:
@@ -199,8 +208,9 @@ class SmartBertModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor], stage: int, gate_mode: str = "hard",
                 layer_drop: float = 0.0) -> LossTerms:
-        """The loss terms of ``stage`` (1: eq. 3 with ``gate_mode`` gates; 2: eq. 8 with hard gates,
-        or self-distillation with ``exit_objective="distill"``). In training mode, ``layer_drop > 0``
+        """The loss terms of ``stage`` (1: eq. 3 with ``gate_mode`` gates; 2: eq. 8, or
+        self-distillation with ``exit_objective="distill"``, behind the hard gates or, with
+        ``stage2_gate_mode="run"``, with every layer running). In training mode, ``layer_drop > 0``
         (stage 1 with ``gate_mode="run"`` only) skips each layer for each row with that probability."""
         config = self.config_
         inputs = {key: value for key, value in batch.items() if key == "token_type_ids"}
@@ -221,10 +231,10 @@ class SmartBertModel(nn.Module):
                 gate_objective=None if gate_mode == "run" else config.gate_objective, target_cost=config.target_cost,
                 budget_on=config.budget_on, difficulty_spread=config.difficulty_spread,  # type: ignore[arg-type]
             )
-        # Distillation needs the teacher: the frozen last head, behind the same hard gates.
+        # Distillation needs the teacher: the frozen last head, behind the same gates (or none).
         heads = "all" if config.exit_objective == "distill" else "intermediate"
-        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="hard", heads=heads,
-                           return_head_token_states=True, gate_threshold=config.gate_threshold, **inputs)
+        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode=config.stage2_gate_mode,
+                           heads=heads, return_head_token_states=True, gate_threshold=config.gate_threshold, **inputs)
         return smartbert_stage2_loss(out, batch["labels"], is_regression=self.is_regression,
                                      contrastive=self.contrast2, contrastive_weight=config.eta2,
                                      exit_objective=config.exit_objective)  # type: ignore[arg-type]
@@ -330,6 +340,8 @@ METHOD = register_method(Method(
     stage1_frozen=stage1_frozen,
     stage1_untrained_prefixes=("contrast2.",),
     resume_allowed_keys=(*RESUME_ALLOWED_KEYS, "entropy_thresholds", "regression_tolerances"),
+    stage2_keys=("stage2_epochs", "stage2_lr", "eta2", "tau2", "exit_objective", "stage2_gate_mode",
+                 "regression_tolerance"),
 ))
 
 

@@ -204,6 +204,71 @@ def test_stage2_exit_objective_picks_the_heads_loss(tiny_model_dir: Path) -> Non
         assert all(parameter.grad is not None for parameter in encoder.exit_heads[0].parameters())
 
 
+def test_stage2_gate_mode_run_runs_every_layer_and_distils_from_full_depth(tiny_model_dir: Path) -> None:
+    """With gates that skip every layer they can, ``stage2_gate_mode=run`` still trains the heads on the
+    full-depth states and teacher: its loss is the one with every layer forced to run."""
+    from transformers import AutoModel
+
+    from adaptive_depth.encoder import AdaptiveEncoder
+    from adaptive_depth.losses import smartbert_stage2_loss
+
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 100, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    encoder = AdaptiveEncoder(AutoModel.from_pretrained(tiny_model_dir), num_labels=2, gate_inner_size=16,
+                              head_inner_size=16).eval()
+    for gate in encoder.gates:
+        gate.score.bias.data.fill_(20.0)  # p_skip ~ 1: the hard gates skip whatever they may
+    losses = {}
+    for mode in ("hard", "run"):
+        config = load_config(smartbert.SmartBertConfig, None, [*TINY, "exit_objective=distill", f"stage2_gate_mode={mode}"],
+                             task="mrpc")
+        with torch.no_grad():
+            losses[mode] = float(smartbert.SmartBertModel(encoder, config, is_regression=False)(batch, stage=2).total)
+    out = encoder(batch["input_ids"], batch["attention_mask"], gate_mode="run", heads="all",
+                  return_head_token_states=True)
+    model = smartbert.SmartBertModel(encoder, load_config(smartbert.SmartBertConfig, None, TINY, task="mrpc"), False)
+    expected = smartbert_stage2_loss(out, batch["labels"], is_regression=False, contrastive=model.contrast2,
+                                     contrastive_weight=0.05, exit_objective="distill")
+    assert losses["run"] == pytest.approx(float(expected.total.detach())) and losses["run"] != pytest.approx(losses["hard"])
+    with pytest.raises(ConfigError, match="stage2_gate_mode must be 'hard'"):
+        load_config(smartbert.SmartBertConfig, None, ["stage2_gate_mode=soft"], task="mrpc")
+
+
+def test_stage1_from_another_run_trains_only_stage2(
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--stage1-from``: the source's best stage-1 weights, history and best epoch, bit for bit;
+    stage 2 changes only the intermediate heads; a source that differs in stage 1 is refused."""
+    from safetensors.torch import load_file
+
+    common = ["--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "stage1_epochs=2",
+              "soft_epochs=1", "stage2_epochs=1", "exit_objective=distill", "calibration_budget=0.9", *TINY]
+    source, variant = tmp_path / "source", tmp_path / "variant"
+    assert run_cli(*common, "--output-dir", source) == 0
+    assert run_cli(*common, "--output-dir", variant, "stage2_gate_mode=run", "stage2_lr=1e-3", "--stage1-from", source) == 0
+    old, new = (json.loads((folder / "results.json").read_text()) for folder in (source, variant))
+    assert new["history"]["stage1"] == old["history"]["stage1"] and new["best_stage1"] == old["best_stage1"]
+    assert len(new["history"]["stage2"]) == 1 and new["config"]["stage2_gate_mode"] == "run"
+    best_old, best_new = (load_file(folder / "stage1_best.safetensors") for folder in (source, variant))
+    assert best_old.keys() == best_new.keys() and all(torch.equal(best_old[key], best_new[key]) for key in best_old)
+    (old_encoder, *_), (new_encoder, *_) = (smartbert.load_trained(folder) for folder in (source, variant))
+    trained_old, trained_new = old_encoder.state_dict(), new_encoder.state_dict()
+    last = f"exit_heads.{old_encoder.num_steps - 1}."
+    for key, value in trained_old.items():
+        intermediate = key.startswith("exit_heads.") and not key.startswith(last)
+        assert torch.equal(value, trained_new[key]) != intermediate, key
+    # resuming the new run finds its own checkpoint, at the end of its stage 2
+    assert json.loads((variant / "checkpoint" / "state.json").read_text())["stage"] == 2
+    capsys.readouterr()
+
+    assert run_cli(*common, "--output-dir", tmp_path / "x", "stage1_lr=1e-4", "--stage1-from", source) == 2
+    assert "trained stage 1 with another config (stage1_lr" in capsys.readouterr().err
+    assert run_cli(*common, "--output-dir", tmp_path / "y", "--stage1-from", tmp_path / "nowhere") == 2
+    assert "give the folder of a smartbert run that finished stage 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written before the checks
+
+
 def test_resume_rejects_corrupt_and_mismatched_checkpoints(
     tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
