@@ -144,6 +144,18 @@ def check_data(run_dir: Path, data_dir: Path, config: Any, examples: tuple[list[
         logger.warning("%s", moved)
 
 
+def load_checked_run(method_name: str, run_dir: Path, data_dir: Path
+                     ) -> tuple[Any, Any, Any, tuple[list[Any], list[Any]]]:
+    """``(encoder, tokenizer, config, (train rows, dev rows))`` of a finished run, its rows read
+    from ``data_dir`` and checked to be those it was trained on (:func:`check_data`)."""
+    from recipes.reload import load_run
+
+    encoder, tokenizer, config = load_run(run_dir, method_name)
+    examples = run_examples(data_dir, config.task, config)
+    check_data(run_dir, data_dir, config, examples)
+    return encoder, tokenizer, config, examples
+
+
 def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequence[float],
                   reference: float | None, *, convention: str = "paper", tolerance: float = 1e-3, progress: bool = True,
                   calibrate_on: str = "heldout", gates_off: bool = False,
@@ -196,15 +208,12 @@ def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequ
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from recipes.glue import GlueMetrics, get_task
     from recipes.operating_point import first_exit_setting, main_metric_function
-    from recipes.reload import load_run
     from recipes.sweep import SweepSetting, run_sweep
 
     if reference is not None and convention != "paper":
         raise ValueError("a shared reference is in paper-convention MACs; use convention='paper' or reference=None")
     method = get_method(method_name)
-    encoder, tokenizer, config = load_run(run_dir, method_name)
-    examples = run_examples(data_dir, config.task, config)
-    check_data(run_dir, data_dir, config, examples)
+    encoder, tokenizer, config, examples = load_checked_run(method_name, run_dir, data_dir)
     task = get_task(config.task)
     settings = method.sweep_settings(config, task, encoder.num_steps)
     exit_setting = first_exit_setting(settings)

@@ -51,21 +51,17 @@ def head_scores(method_name: str, run_dir: Path, data_dir: Path) -> dict[str, An
         CheckpointError, ResumeMismatchError: not a finished run of ``method_name``, or
             ``data_dir`` holds other rows than the run's.
     """
-    from benchmarks.calibrated import check_data, heldout_and_dev
+    from benchmarks.calibrated import heldout_and_dev, load_checked_run
     from recipes.glue import GlueMetrics, get_task
     from recipes.methods import get_method
     from recipes.operating_point import first_exit_setting
-    from recipes.reload import load_run
-    from recipes.run_folder import run_examples
 
-    encoder, tokenizer, config = load_run(run_dir, method_name)
+    encoder, tokenizer, config, examples = load_checked_run(method_name, run_dir, data_dir)
     task = get_task(config.task)
     if first_exit_setting(get_method(method_name).sweep_settings(config, task, encoder.num_steps)) is None:
         raise ConfigError(f"{method_name} has no early exit (its intermediate heads are never trained), so there is "
                           "no head to score but the last; score a method with exits (smartbert, fastbert, deebert, "
                           "pabee)")
-    examples = run_examples(data_dir, config.task, config)
-    check_data(run_dir, data_dir, config, examples)
     _, dev = heldout_and_dev(examples, config, tokenizer)
     steps = encoder.num_steps
     metrics = [GlueMetrics(task) for _ in range(steps)]
