@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adaptive_depth.config import criterion_from_name, criterion_spec
+from adaptive_depth.config import criterion_from_name, criterion_spec, criterion_with_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.exits import ExitCriterion
@@ -190,7 +190,7 @@ def calibrate_threshold(
 
     def measure(threshold: float) -> _Measurement:
         if threshold not in cache:
-            criterion = dataclasses.replace(template.criterion, **_threshold_field(name, threshold))
+            criterion = criterion_with_threshold(template.criterion, threshold)
             runner = AdaptiveInferenceEngine(template.encoder, criterion, template.gate_threshold, template.mode,
                                              template.padded_length)
             cache[threshold] = _measure(runner, batches)
@@ -318,12 +318,6 @@ def _template(engine_or_model: AdaptiveInferenceEngine | AdaptiveEncoder) -> Ada
 
 def _cost(measurement: _Measurement, convention: str) -> float:
     return measurement.relative_cost_exact if convention == "exact" else measurement.relative_cost_paper
-
-
-def _threshold_field(name: str, threshold: float) -> dict[str, Any]:
-    if name == "patience":
-        return {"patience": int(threshold)}
-    return {"tolerance": threshold} if name == "tolerance" else {"threshold": threshold}
 
 
 def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[float], _Measurement],
