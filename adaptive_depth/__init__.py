@@ -32,9 +32,6 @@ from adaptive_depth.gates import (
 )
 from adaptive_depth.losses import LossTerms, budget_penalty, skip_reward
 
-# The paper's skip term under its earlier name.
-skip_regularizer = skip_reward
-
 __version__ = "0.1.0.dev0"
 
 # Names whose modules import torchmetrics (seconds): loaded on first use, so that
@@ -97,7 +94,6 @@ __all__ = [
     "entropy",
     "get_backbone",
     "layer_drop_values",
-    "skip_regularizer",
     "skip_reward",
     "straight_through_hard",
 ]

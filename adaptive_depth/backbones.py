@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -290,9 +289,3 @@ class LayerRunner:
         for step in range(self.num_steps):
             hidden_states = self.run_layer(step, hidden_states)
         return hidden_states
-
-
-def model_device(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter (CPU for a module without parameters)."""
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")

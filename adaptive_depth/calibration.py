@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adaptive_depth.config import criterion_from_name, criterion_spec, criterion_with_threshold
+from adaptive_depth.config import check_gate_threshold, criterion_from_name, criterion_spec, criterion_with_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.exits import ExitCriterion
@@ -267,12 +267,9 @@ def calibrate_operating_point(
         (True, 2)
     """
     template = _template(engine_or_model)
-    gate_thresholds = [float(value) for value in gate_thresholds]
+    gate_thresholds = [check_gate_threshold(value) for value in gate_thresholds]
     if not gate_thresholds:
         raise ValueError("gate_thresholds is empty; give at least one, e.g. (0.5, 1.0).")
-    outside = [value for value in gate_thresholds if not 0.0 <= value <= 1.0]
-    if outside:
-        raise ValueError(f"gate thresholds must be in [0, 1], got {outside}.")
     if template.mode != "adaptive" or not template.encoder.has_gates:
         raise ValueError(f"calibrate_operating_point chooses a gate threshold, but this engine runs no gates (mode "
                          f"{template.mode!r}, gates: {template.encoder.has_gates}); use calibrate_threshold.")

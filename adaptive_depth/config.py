@@ -17,11 +17,10 @@ from typing import Any, Literal, get_args
 
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 
-__all__ = ["CONFIG_FORMAT_VERSION", "AdaptiveEncoderConfig", "CriterionName", "criterion_from_name",
-           "criterion_spec", "criterion_with_threshold"]
+__all__ = ["CONFIG_FORMAT_VERSION", "AdaptiveEncoderConfig", "CriterionName", "check_gate_threshold",
+           "criterion_from_name", "criterion_spec", "criterion_with_threshold"]
 
-# 1: the first format. 2: adds ``criterion_options`` (a version-1 file reads as no options, the
-# criteria's defaults, which is what version 1 rebuilt).
+# The format of adaptive_config.json that this version writes and reads (2: with ``criterion_options``).
 CONFIG_FORMAT_VERSION = 2
 
 CriterionName = Literal["entropy", "normalized_entropy", "max_prob", "patience", "tolerance"]
@@ -111,6 +110,25 @@ def criterion_with_threshold(criterion: ExitCriterion, threshold: float) -> Exit
     return criterion_from_name(name, threshold, options)
 
 
+def check_gate_threshold(value: float) -> float:
+    """``value`` as a float if it is a valid gate threshold (in ``[0, 1]``), else a ``ValueError``.
+
+    The one range check of the gate threshold: a layer is skipped when ``p_skip >= value``; 1.0
+    never skips and 0.0 skips every layer (:func:`adaptive_depth.gates.skip_decision`). Its default
+    is :attr:`AdaptiveEncoderConfig.gate_threshold`, which every engine and training forward uses
+    unless given another value.
+
+    Example:
+        >>> check_gate_threshold(0.6)
+        0.6
+    """
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ValueError(f"gate_threshold must be in [0, 1] (a layer is skipped when p_skip >= it; 1 never skips), "
+                         f"got {value}.")
+    return value
+
+
 def _whole(value: float, what: str) -> int:
     if value != int(value):
         raise ValueError(f"{what} is a whole number of heads, got {value}.")
@@ -197,8 +215,7 @@ class AdaptiveEncoderConfig:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}.")
         if self.mode in ("adaptive", "skip_only") and not self.with_gates:
             raise ValueError(f"mode {self.mode!r} needs skip gates, but with_gates is False.")
-        if not 0.0 <= self.gate_threshold <= 1.0:
-            raise ValueError(f"gate_threshold must be in [0, 1], got {self.gate_threshold}.")
+        self.gate_threshold = check_gate_threshold(self.gate_threshold)
         if math.isnan(self.threshold):
             raise ValueError("threshold is NaN.")
         if not isinstance(self.criterion_options or {}, Mapping):
@@ -229,14 +246,14 @@ class AdaptiveEncoderConfig:
         """Rebuild from :meth:`to_dict`'s output.
 
         Raises:
-            ValueError: an unknown key, or a format version newer than this library reads.
+            ValueError: an unknown key, or a format version other than the one this library reads.
         """
         values = dict(values)
-        version = values.pop("format_version", CONFIG_FORMAT_VERSION)
-        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+        version = values.pop("format_version", None)
+        if version != CONFIG_FORMAT_VERSION:
             raise ValueError(
-                f"adaptive config format_version {version!r} is newer than this adaptive_depth reads "
-                f"({CONFIG_FORMAT_VERSION}); upgrade adaptive_depth."
+                f"adaptive config format_version {version!r} is not the one this adaptive_depth reads "
+                f"({CONFIG_FORMAT_VERSION}); save the model again with this version."
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_depth.backbones import BackboneAdapter, LayerRunner, get_backbone
-from adaptive_depth.config import AdaptiveEncoderConfig
+from adaptive_depth.config import AdaptiveEncoderConfig, check_gate_threshold
 from adaptive_depth.exits import ExitHead, PoolerExitHead
 from adaptive_depth.gates import GatePooling, SkipGate, straight_through_hard
 from adaptive_depth.inputs import check_batch, check_input_names
@@ -224,7 +224,7 @@ class AdaptiveEncoder(nn.Module):
         """
         from adaptive_depth.pretrained import load_pretrained
 
-        return load_pretrained(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                revision=revision)
 
     def unwrap(self) -> nn.Module:
@@ -290,7 +290,7 @@ class AdaptiveEncoder(nn.Module):
         gate_values: Tensor | None = None,
         heads: HeadSelection | Sequence[int] = "all",
         return_head_token_states: bool = False,
-        gate_threshold: float = 0.5,
+        gate_threshold: float | None = None,
         **model_inputs: Any,
     ) -> AdaptiveEncoderOutput:
         """Training forward: every layer runs and the gates mix (paper eq. 1).
@@ -306,13 +306,15 @@ class AdaptiveEncoder(nn.Module):
             heads: which exit heads run: ``"all"``, ``"last"``, ``"intermediate"`` (all but the
                 last, stage 2), ``"none"``, or a sequence of 0-based step indices.
             return_head_token_states: also return each run head's attention outputs.
-            gate_threshold: the hard-gate threshold ``t``.
+            gate_threshold: the hard-gate threshold ``t``; ``None``: :attr:`adaptive_config`'s.
             **model_inputs: passed to the HF model (``token_type_ids``, ``position_ids``...).
 
         Returns:
             :class:`AdaptiveEncoderOutput`.
         """
         runner, token_mask = self.prepare(input_ids, attention_mask, **model_inputs)
+        gate_threshold = self.adaptive_config.gate_threshold if gate_threshold is None else check_gate_threshold(
+            gate_threshold)
         batch_size = token_mask.shape[0]
         head_steps = self._head_steps(heads)
         forced = self._forced_gate_values(gate_values, batch_size, token_mask.device)

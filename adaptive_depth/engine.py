@@ -25,12 +25,13 @@ import torch
 from torch import Tensor
 
 from adaptive_depth.backbones import LayerRunner
+from adaptive_depth.config import check_gate_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
-from adaptive_depth.exits import EntropyExit, ExitCriterion
+from adaptive_depth.exits import EntropyExit, ExitCriterion, predictions_from_logits
 from adaptive_depth.flops import Convention, encoder_cost
 from adaptive_depth.gates import skip_decision
 
-__all__ = ["AdaptiveInferenceEngine", "CostAccumulator", "EngineMode", "EngineOutput", "ExitTrace", "LoopTrace", "StepRows",
+__all__ = ["AdaptiveInferenceEngine", "EngineMode", "EngineOutput", "ExitTrace", "LoopTrace", "StepRows",
            "skip_exit_loop"]
 
 EngineMode = Literal["adaptive", "skip_only", "exit_only", "full"]
@@ -228,8 +229,9 @@ class AdaptiveInferenceEngine:
     Args:
         encoder: the wrapped model (put it in eval mode and on its device first).
         criterion: the exit criterion for ``mode="adaptive"``; entropy ``S = 0.3`` by default.
-        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (0.5 in the paper);
-            1.0 never skips, so the gates are then not run or counted (``"adaptive"`` becomes
+        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold``; ``None`` (default):
+            the encoder's own, ``encoder.adaptive_config.gate_threshold`` (0.5, the paper's, unless
+            calibrated or set otherwise). 1.0 never skips, so the gates are then not run or counted (``"adaptive"`` becomes
             ``"exit_only"``, ``"skip_only"`` becomes ``"full"``); 0.0 skips every layer (see
             :func:`adaptive_depth.gates.skip_decision`).
         mode: ``"adaptive"`` (skip and exit), ``"skip_only"`` (skip, answer at the last step),
@@ -252,7 +254,7 @@ class AdaptiveInferenceEngine:
         self,
         encoder: AdaptiveEncoder,
         criterion: ExitCriterion | None = None,
-        gate_threshold: float = 0.5,
+        gate_threshold: float | None = None,
         mode: EngineMode = "adaptive",
         padded_length: int | None = None,
     ) -> None:
@@ -265,16 +267,23 @@ class AdaptiveInferenceEngine:
             raise ValueError(f"mode must be 'adaptive', 'skip_only', 'exit_only' or 'full', got {mode!r}.")
         if mode in ("adaptive", "skip_only") and not encoder.has_gates:
             raise ValueError(f"mode {mode!r} needs skip gates, but the encoder was built with_gates=False.")
-        if not 0.0 <= gate_threshold <= 1.0:
-            raise ValueError(f"gate_threshold must be in [0, 1], got {gate_threshold}.")
         if padded_length is not None and padded_length < 1:
             raise ValueError(f"padded_length must be >= 1, got {padded_length}.")
         self.encoder = encoder
         self.criterion: ExitCriterion = criterion if criterion is not None else EntropyExit(0.3)
-        self.gate_threshold = gate_threshold
+        self.gate_threshold = encoder.adaptive_config.gate_threshold if gate_threshold is None else gate_threshold
         self.mode: EngineMode = mode
         self.padded_length = padded_length
         self._cost_tables: dict[tuple[int, Convention], Tensor] = {}
+
+    @property
+    def gate_threshold(self) -> float:
+        """A layer is skipped when ``p_skip >= gate_threshold``; setting it checks the range."""
+        return self._gate_threshold
+
+    @gate_threshold.setter
+    def gate_threshold(self, value: float) -> None:
+        self._gate_threshold = check_gate_threshold(value)
 
     @torch.inference_mode()
     def __call__(
@@ -309,7 +318,7 @@ class AdaptiveInferenceEngine:
 
         lengths = token_mask.sum(dim=-1)
         macs = self._trace_macs(lengths, self.padded_length or num_tokens, layers_run, gates_run, heads_run)
-        predictions = logits[:, 0] if encoder.num_labels == 1 else logits.argmax(dim=-1)
+        predictions = predictions_from_logits(logits)
         return EngineOutput(
             logits=logits,
             predictions=predictions,
@@ -354,11 +363,3 @@ class AdaptiveInferenceEngine:
                    (exact * full).sum((1, 2)), (paper * full).sum().expand(len(lengths_cpu))]
         return torch.stack(columns, dim=1).to(lengths.device)
 
-
-def __getattr__(name: str) -> Any:
-    # CostAccumulator needs torchmetrics (seconds to import); load it only when asked for.
-    if name == "CostAccumulator":
-        from adaptive_depth.metrics import CostAccumulator
-
-        return CostAccumulator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

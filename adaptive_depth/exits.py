@@ -26,6 +26,7 @@ __all__ = [
     "PoolerExitHead",
     "ToleranceExit",
     "entropy",
+    "predictions_from_logits",
 ]
 
 
@@ -134,6 +135,19 @@ class PoolerExitHead(nn.Module):
             raise ValueError("PoolerExitHead has no token states; use ExitHead for the stage-2 contrastive loss.")
         pooled = torch.tanh(self.pooler(hidden_states[:, 0]))
         return ExitHeadOutput(logits=self.classifier(self.dropout(pooled)))
+
+
+def predictions_from_logits(logits: Tensor) -> Tensor:
+    """The one place logits become predictions: the argmax class of ``[B, C]`` logits, or for a
+    regression head (``C = 1``) the ``[B]`` scores themselves.
+
+    Example:
+        >>> predictions_from_logits(torch.tensor([[0.1, 2.0], [3.0, -1.0]])).tolist()
+        [1, 0]
+        >>> predictions_from_logits(torch.tensor([[0.25], [4.0]])).tolist()
+        [0.25, 4.0]
+    """
+    return logits[..., 0] if logits.shape[-1] == 1 else logits.argmax(dim=-1)
 
 
 def entropy(logits: Tensor, normalized: bool = False) -> Tensor:
@@ -276,11 +290,10 @@ class PatienceExit:
 
     def decide(self, logits: Tensor, state: Tensor) -> ExitDecision:
         previous, counter = state[:, 0], state[:, 1]
+        prediction = predictions_from_logits(logits).to(state.dtype)
         if logits.shape[-1] == 1:
-            prediction = logits[:, 0].float()
             agrees = (prediction - previous).abs() < self.regression_tolerance
         else:
-            prediction = logits.argmax(dim=-1).to(state.dtype)
             agrees = prediction == previous
         counter = torch.where(agrees, counter + 1, torch.zeros_like(counter))
         new_state = torch.stack([prediction.to(state.dtype), counter], dim=-1)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_depth.backbones import UnsupportedModelError
-from adaptive_depth.config import CriterionName, criterion_from_name, criterion_with_threshold
+from adaptive_depth.config import CriterionName, check_gate_threshold, criterion_from_name, criterion_with_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 from adaptive_depth.export_steps import EXPORT_EMBEDDINGS, EmbeddingStep, GateStep, HeadStep, LayerStep
@@ -123,7 +123,7 @@ def export_engine(
     format: ExportFormat = "onnx",  # noqa: A002 - the CLI's word for it
     *,
     criterion: ExitCriterion | None = None,
-    gate_threshold: float = 0.5,
+    gate_threshold: float | None = None,
     mode: str = "adaptive",
     opset: int | None = None,
     example_length: int = 8,
@@ -140,7 +140,8 @@ def export_engine(
         out_dir: a folder that does not exist yet.
         format: ``"onnx"`` (needs ``pip install adaptive_depth[export]``) or ``"torch-export"``.
         criterion: exit criterion of the operating point (entropy ``S = 0.3`` by default, as the engine).
-        gate_threshold: skip when ``p_skip >= gate_threshold`` (1.0 never skips).
+        gate_threshold: skip when ``p_skip >= gate_threshold`` (1.0 never skips); ``None``: the
+            encoder's own (``encoder.adaptive_config.gate_threshold``).
         mode: ``"adaptive"``, ``"skip_only"``, ``"exit_only"`` or ``"full"`` (see the engine).
         opset: ONNX opset (``None``: torch.onnx's default).
         example_length: sequence length of the example inputs traced (the exported graphs accept
@@ -176,8 +177,8 @@ def export_engine(
             f"mode {mode!r} needs skip gates, but the encoder was built with_gates=False; "
             "export with mode='exit_only' or 'full'."
         )
-    if not 0.0 <= gate_threshold <= 1.0:
-        raise ValueError(f"gate_threshold must be in [0, 1], got {gate_threshold}.")
+    gate_threshold = encoder.adaptive_config.gate_threshold if gate_threshold is None else check_gate_threshold(
+        gate_threshold)
     criterion = criterion if criterion is not None else EntropyExit(0.3)
     criterion_spec = criterion_to_dict(criterion)
     out_dir = Path(out_dir)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from adaptive_depth.exits import ExitCriterion
+from adaptive_depth.config import check_gate_threshold
+from adaptive_depth.exits import ExitCriterion, predictions_from_logits
 from adaptive_depth.export import MANIFEST_VERSION, criterion_from_dict
 from adaptive_depth.engine import ExitTrace, skip_exit_loop
 
@@ -98,7 +99,7 @@ class ExportedEngine:
         self.num_steps: int = manifest["num_steps"]
         self.num_labels: int = manifest["num_labels"]
         self.max_length: int = manifest["max_length"]
-        self.gate_threshold = float(manifest["gate_threshold"] if gate_threshold is None else gate_threshold)
+        self.gate_threshold = check_gate_threshold(manifest["gate_threshold"] if gate_threshold is None else gate_threshold)
         self.criterion = criterion if criterion is not None else criterion_from_dict(manifest["criterion"])
         loaded: dict[str, StepFunction] = {}
 
@@ -148,7 +149,7 @@ class ExportedEngine:
         """The engine's own loop (:func:`adaptive_depth.engine.skip_exit_loop`) over the step graphs."""
         trace = skip_exit_loop(_ExportedRows(self, mask), hidden, num_steps=self.num_steps, num_labels=self.num_labels,
                                mode=self.mode, criterion=self.criterion, gate_threshold=self.gate_threshold)
-        predictions = trace.logits[:, 0] if self.num_labels == 1 else trace.logits.argmax(dim=-1)
+        predictions = predictions_from_logits(trace.logits)
         return ExportedEngineOutput(
             logits=trace.logits,
             predictions=predictions,

@@ -9,7 +9,7 @@ instead of needing a separate run. Equation numbers are those of the SmartBERT p
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -362,8 +362,3 @@ def pabee_weighted_loss(exit_logits: Sequence[Tensor | None], labels: Tensor, is
     """PABEE: ``weighted_task``, :func:`weighted_layer_sum` of every head's task loss."""
     return LossTerms({"weighted_task": weighted_layer_sum(
         [task_loss(logits, labels, is_regression) for logits in exit_logits])})  # type: ignore[arg-type]
-
-
-def loss_scalars(terms: Mapping[str, Tensor]) -> dict[str, float]:
-    """Floats of a mapping of scalar tensors (helper for logs)."""
-    return {name: float(value.detach()) for name, value in terms.items()}

@@ -1,7 +1,7 @@
 """Statistics over engine traces, in the torchmetrics ``update / compute / reset`` form.
 
 Kept apart from :mod:`adaptive_depth.engine` so that importing the engine does not import
-torchmetrics (seconds); ``adaptive_depth.engine.CostAccumulator`` still resolves here.
+torchmetrics (seconds).
 """
 
 from __future__ import annotations

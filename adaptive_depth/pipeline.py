@@ -98,7 +98,7 @@ class AdaptivePipeline:
         self.engine = AdaptiveInferenceEngine(
             encoder,
             criterion if criterion is not None else config.make_criterion(),
-            config.gate_threshold if gate_threshold is None else gate_threshold,
+            gate_threshold,
             mode or config.mode,  # type: ignore[arg-type]
         )
 

@@ -145,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ValueError as error:
                 raise InputFileError(f"--threshold {args.threshold}: {error}") from error
         if args.gate_threshold is not None:
-            if not 0.0 <= args.gate_threshold <= 1.0:
-                raise InputFileError(f"--gate-threshold must be in [0, 1], got {args.gate_threshold}.")
-            pipeline.engine.gate_threshold = args.gate_threshold
+            try:
+                pipeline.engine.gate_threshold = args.gate_threshold
+            except ValueError as error:
+                raise InputFileError(f"--gate-threshold: {error}") from error
         if args.mode is not None:
             if args.mode in ("adaptive", "skip_only") and not pipeline.encoder.has_gates:
                 raise InputFileError(f"--mode {args.mode} needs skip gates; this model has none.")

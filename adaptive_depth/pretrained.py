@@ -139,6 +139,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None
 
 
 def load_pretrained(
+    encoder_class: type[AdaptiveEncoder],
     name_or_path: str | os.PathLike[str],
     *,
     dtype: torch.dtype | str | None = None,
@@ -146,9 +147,11 @@ def load_pretrained(
     attn_implementation: str | None = None,
     revision: str | None = None,
 ) -> AdaptiveEncoder:
-    """Rebuild a model saved by :func:`save_pretrained`, in eval mode.
+    """Rebuild a model saved by :func:`save_pretrained`, in eval mode (what
+    :meth:`AdaptiveEncoder.from_pretrained <adaptive_depth.AdaptiveEncoder.from_pretrained>` calls).
 
     Args:
+        encoder_class: the class to build (:class:`~adaptive_depth.AdaptiveEncoder` or a subclass).
         name_or_path: the saved folder, or a Hugging Face Hub id of one.
         dtype: load the backbone (and so the gates and heads) in this dtype; default: as saved.
         device: where to put the model (default: the CPU).
@@ -162,8 +165,6 @@ def load_pretrained(
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    from adaptive_depth.encoder import AdaptiveEncoder
-
     folder = resolve_model_dir(name_or_path, revision)
     config = AdaptiveEncoderConfig.load(folder / ADAPTIVE_CONFIG_NAME)
     weights_path = folder / ADAPTIVE_WEIGHTS_NAME
@@ -174,7 +175,7 @@ def load_pretrained(
     if implementation:
         options["attn_implementation"] = implementation
     backbone = AutoModel.from_pretrained(str(folder), **options)
-    encoder = AdaptiveEncoder(backbone, **config.architecture_kwargs())
+    encoder = encoder_class(backbone, **config.architecture_kwargs())
     encoder.adaptive_config = config
     state = load_file(str(weights_path))
     expected = set(_wrapper_state(encoder))

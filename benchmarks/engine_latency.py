@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 from adaptive_depth import AdaptiveEncoder, EntropyExit
-from adaptive_depth.engine import AdaptiveInferenceEngine, CostAccumulator
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.metrics import CostAccumulator
 from adaptive_depth.export import export_engine
 from adaptive_depth.export_runtime import ExportedEngine
 from adaptive_depth.flops import full_model_macs

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from adaptive_depth.exits import predictions_from_logits
 from recipes import errors
 from recipes.errors import ConfigError
 from recipes.logs import setup_logging
@@ -74,12 +75,12 @@ def head_scores(method_name: str, run_dir: Path, data_dir: Path) -> dict[str, An
             out = encoder(batch["input_ids"], batch["attention_mask"], gate_mode="run", heads="all", **inputs)
             last = out.exit_logits[-1]
             for index, logits in enumerate(out.exit_logits):
+                predictions, last_predictions = predictions_from_logits(logits), predictions_from_logits(last)
+                metrics[index].update(predictions, batch["labels"])
                 if task.is_regression:
-                    metrics[index].update(logits[:, 0], batch["labels"])
-                    agreement[index] += float((logits[:, 0] - last[:, 0]).abs().double().sum())
+                    agreement[index] += float((predictions - last_predictions).abs().double().sum())
                 else:
-                    metrics[index].update(logits.argmax(-1), batch["labels"])
-                    agreement[index] += float((logits.argmax(-1) == last.argmax(-1)).double().sum())
+                    agreement[index] += float((predictions == last_predictions).double().sum())
             rows += len(batch["input_ids"])
     key = "mean_abs_difference_to_last" if task.is_regression else "agreement_with_last"
     heads = [{"layer": index + 1, "metrics": {name: float(value) for name, value in metrics[index].compute().items()},

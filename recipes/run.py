@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptive_depth.exits import predictions_from_logits
 from recipes import checks, distributed, errors, loading, loop
 from recipes import sweep as sweeps
 from recipes.checkpoint import STATE_FILE, atomic_write, load_state_dict_strict, load_weights
@@ -324,7 +325,7 @@ class Run:
             logits = self.model.encoder(batch["input_ids"], batch["attention_mask"],
                                         gate_mode=self.method.heldout_gate_mode, heads="last",
                                         gate_threshold=self.gate_threshold, **inputs).logits
-            metrics.update(logits[:, 0] if self.task.is_regression else logits.argmax(-1), batch["labels"])
+            metrics.update(predictions_from_logits(logits), batch["labels"])
         return metrics.compute()
 
     def train(self) -> None:

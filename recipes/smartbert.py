@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adaptive_depth.config import check_gate_threshold
 from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, PatienceExit, ToleranceExit
@@ -149,8 +150,10 @@ class SmartBertConfig(RecipeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.gate_threshold <= 1.0:
-            raise ConfigError(f"gate_threshold must be in [0, 1], got {self.gate_threshold}")
+        try:
+            self.gate_threshold = check_gate_threshold(self.gate_threshold)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         if self.gate_warmup_epochs >= self.stage1_epochs:
             raise ConfigError(f"gate_warmup_epochs ({self.gate_warmup_epochs}) must be below stage1_epochs "
                               f"({self.stage1_epochs}): the gates need at least one epoch to train")

@@ -51,7 +51,7 @@ def test_options_are_checked() -> None:
         criterion_spec(object())  # type: ignore[arg-type]
 
 
-def test_config_keeps_the_options_through_json_and_reads_version_1() -> None:
+def test_config_keeps_the_options_through_json_and_refuses_other_versions() -> None:
     config = AdaptiveEncoderConfig(num_labels=1)
     config.set_criterion(PatienceExit(2, regression_tolerance=0.25))
     assert (config.criterion, config.threshold, config.criterion_options) == ("patience", 2.0,
@@ -60,9 +60,9 @@ def test_config_keeps_the_options_through_json_and_reads_version_1() -> None:
     assert written["format_version"] == CONFIG_FORMAT_VERSION == 2
     again = AdaptiveEncoderConfig.from_dict(json.loads(json.dumps(written)))
     assert again == config and again.make_criterion() == PatienceExit(2, regression_tolerance=0.25)
-    # A version-1 file has no options: the criterion's defaults, as version 1 rebuilt it.
-    old = {key: value for key, value in written.items() if key != "criterion_options"}
-    assert AdaptiveEncoderConfig.from_dict({**old, "format_version": 1}).make_criterion() == PatienceExit(2)
+    for version in (1, 3, None):
+        with pytest.raises(ValueError, match=f"format_version {version!r} is not the one this adaptive_depth reads"):
+            AdaptiveEncoderConfig.from_dict({**written, "format_version": version})
     with pytest.raises(ValueError, match="takes no option 'patience'"):
         AdaptiveEncoderConfig(num_labels=2, criterion="entropy", criterion_options={"patience": 2})
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model
 
-from adaptive_depth import AdaptiveEncoder, UnsupportedModelError, skip_regularizer
+from adaptive_depth import AdaptiveEncoder, UnsupportedModelError, skip_reward
 from tests.conftest import ALIASES, FAMILIES, minilm_dir, padded_batch, requires_minilm, tiny_config, tiny_model
 
 
@@ -120,9 +120,9 @@ def test_hard_gates_pass_the_soft_gradient_to_the_gates() -> None:
     assert any(bool(gradient.abs().sum() > 0) for gradient in gate_gradients)
 
 
-def test_skip_regularizer_opens_gates() -> None:
+def test_skip_reward_opens_gates() -> None:
     probabilities = torch.full((3, 4), 0.2, requires_grad=True)
-    loss = skip_regularizer(probabilities, weight=0.04)
+    loss = skip_reward(probabilities, weight=0.04)
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor(0.04 / 0.8), rtol=1e-4, atol=0)
     assert bool((probabilities.grad < 0).all()), "descending the loss must raise p_skip"

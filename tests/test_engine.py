@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit
-from adaptive_depth.engine import AdaptiveInferenceEngine, CostAccumulator
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.metrics import CostAccumulator
 from tests.conftest import FAMILIES, padded_batch, tiny_model
 
 
