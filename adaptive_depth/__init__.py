@@ -21,16 +21,26 @@ from adaptive_depth.exits import (
     PoolerExitHead,
     ToleranceExit,
     entropy,
+    predictions_from_logits,
 )
 from adaptive_depth.gates import (
     GateSchedule,
     SkipGate,
     SkipGateOutput,
     StraightThroughHard,
-    layer_drop_values,
     straight_through_hard,
 )
 from adaptive_depth.losses import LossTerms, budget_penalty, skip_reward
+from adaptive_depth.objectives import (
+    BudgetPenalty,
+    DistillExits,
+    LabelExits,
+    LastHead,
+    SkipReward,
+    WeightedExits,
+    exit_objective,
+    gate_objective,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -65,10 +75,12 @@ __all__ = [
     "AdaptiveInferenceEngine",
     "AdaptivePipeline",
     "BackboneAdapter",
+    "BudgetPenalty",
     "Calibration",
     "ContrastiveOutput",
     "CostAccumulator",
     "CrossLayerInfoNCE",
+    "DistillExits",
     "EngineOutput",
     "EntropyExit",
     "ExitCriterion",
@@ -76,6 +88,8 @@ __all__ = [
     "ExitHead",
     "ExitHeadOutput",
     "GateSchedule",
+    "LabelExits",
+    "LastHead",
     "LossTerms",
     "LayerRunner",
     "MaxProbExit",
@@ -83,17 +97,21 @@ __all__ = [
     "PoolerExitHead",
     "Prediction",
     "SkipGate",
+    "SkipReward",
     "SkipGateOutput",
     "StraightThroughHard",
     "ToleranceExit",
     "UnsupportedModelError",
+    "WeightedExits",
     "budget_penalty",
     "calibrate_operating_point",
     "calibrate_threshold",
     "cross_layer_info_nce",
     "entropy",
+    "exit_objective",
+    "gate_objective",
     "get_backbone",
-    "layer_drop_values",
+    "predictions_from_logits",
     "skip_reward",
     "straight_through_hard",
 ]

@@ -22,7 +22,6 @@ __all__ = [
     "SkipGate",
     "SkipGateOutput",
     "StraightThroughHard",
-    "layer_drop_values",
     "skip_decision",
     "straight_through_hard",
 ]
@@ -227,38 +226,3 @@ class GateSchedule:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}.")
         return "soft" if epoch < self.soft_epochs else "hard"
-
-
-def layer_drop_values(batch_size: int, num_layers: int, rate: float, *, device: torch.device | str | None = None,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """Random per-row skip decisions for LayerDrop-style training (Fan et al., 2019).
-
-    Each of the ``num_layers`` layers is skipped for each row independently with probability
-    ``rate``. Passed as ``AdaptiveEncoder.forward(gate_values=...)``, it trains the backbone to
-    work with layers missing, per row, so that gates trained afterwards on the frozen backbone
-    have layers to skip that cost little accuracy.
-
-    Args:
-        batch_size: ``B``, the number of rows.
-        num_layers: ``L``, the number of layers (gate steps).
-        rate: the probability that a layer is skipped for a row, in ``[0, 1)``.
-        device: where to create the values.
-        generator: optional random generator (the global one otherwise).
-
-    Returns:
-        ``[B, L]`` float tensor of 0/1 values, 1 = skip the layer.
-
-    Raises:
-        ValueError: ``rate`` outside ``[0, 1)`` or a negative size.
-
-    Example:
-        >>> values = layer_drop_values(4, 6, 0.25)
-        >>> tuple(values.shape), set(values.unique().tolist()) <= {0.0, 1.0}
-        ((4, 6), True)
-    """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"rate must be in [0, 1) (the probability that a layer is skipped), got {rate}.")
-    if batch_size < 0 or num_layers < 0:
-        raise ValueError(f"batch_size and num_layers must be >= 0, got {batch_size} and {num_layers}.")
-    uniform = torch.rand(batch_size, num_layers, device=device, generator=generator)
-    return (uniform < rate).float()

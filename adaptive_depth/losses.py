@@ -1,50 +1,44 @@
-"""The training losses of SmartBERT and the early-exit baselines, by name.
+"""The training losses of SmartBERT and its building blocks.
 
-Each method's loss is a function returning :class:`LossTerms`: the named terms (already
-weighted, so they add up to the total) and their sum. Recipes log every term, so that a
-diagnosis such as "the skip reward drives the gates to skip most layers" is read off the log
-instead of needing a separate run. Equation numbers are those of the SmartBERT paper
-(Hu et al., IJCAI 2023; ``docs/design.md``).
+Each loss is returned as :class:`LossTerms`: the named terms (already weighted, so they add up to
+the total) and their sum. Recipes log every term, so that a diagnosis such as "the skip reward
+drives the gates to skip most layers" is read off the log instead of needing a separate run.
+Equation numbers are those of the SmartBERT paper (Hu et al., IJCAI 2023; ``docs/design.md``).
+What the gates and the heads learn is passed in as an objective
+(:mod:`adaptive_depth.objectives`), so the two stage losses are the paper's equations with the
+objective as one argument:
+
+* stage 1 (eq. 3): ``L_CE(z_L, y) + gate objective + eta1 * L_contra1``
+* stage 2 (eq. 6-8): ``exit objective + eta2 * L_contra2``
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
-import torch
+import torch  # noqa: F401 (the doctests use it)
 import torch.nn.functional as F
 from torch import Tensor
 
 from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoderOutput
 
+if TYPE_CHECKING:
+    from adaptive_depth.objectives import ExitObjective, GateObjective
+
 __all__ = [
-    "BudgetOn",
-    "ExitObjective",
-    "GateObjective",
     "LossTerms",
     "budget_penalty",
-    "difficulty_targets",
-    "deebert_highway_loss",
     "distillation_loss",
     "expected_relative_cost",
-    "fastbert_distillation_loss",
-    "last_head_loss",
-    "pabee_weighted_loss",
-    "routed_budget_penalty",
-    "row_task_losses",
     "skip_reward",
     "smartbert_stage1_loss",
     "smartbert_stage2_loss",
     "task_loss",
     "weighted_layer_sum",
 ]
-
-GateObjective = Literal["paper", "budget"]
-ExitObjective = Literal["paper", "distill"]
-BudgetOn = Literal["probabilities", "decisions"]
 
 
 @dataclass
@@ -87,10 +81,10 @@ class LossTerms:
         return values
 
 
-def task_loss(logits: Tensor, labels: Tensor, is_regression: bool) -> Tensor:
-    """Cross-entropy of ``[B, C]`` logits against ``[B]`` class ids, or MSE of ``logits[:, 0]``
-    against ``[B]`` scores for regression (paper eq. 2 and 7)."""
-    if is_regression:
+def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of ``[B, C]`` logits against ``[B]`` class ids, or, for one output
+    (``C = 1``, regression), the MSE of ``logits[:, 0]`` against ``[B]`` scores (paper eq. 2 and 7)."""
+    if logits.shape[-1] == 1:
         return F.mse_loss(logits[:, 0], labels.float())
     return F.cross_entropy(logits, labels)
 
@@ -109,27 +103,12 @@ def skip_reward(gate_probs: Tensor, weight: float, eps: float = 1e-6) -> Tensor:
     return (weight / (gate_probs.sum(dim=-1) + eps)).mean()
 
 
-def expected_relative_cost(gate_probs: Tensor, layer_costs: Tensor | Sequence[float] | None = None) -> Tensor:
-    """Per row, the expected share of the layers' MACs that runs: ``sum_i (1 - p_i) c_i / sum_i c_i``.
-
-    Args:
-        gate_probs: ``[B, L]`` soft skip probabilities.
-        layer_costs: ``[L]`` MACs (or any weights) of the steps; ``None``: equal.
-
-    Returns:
-        ``[B]`` values in ``[0, 1]``.
-    """
-    run = 1.0 - gate_probs
-    if layer_costs is None:
-        return run.mean(dim=-1)
-    costs = torch.as_tensor(layer_costs, dtype=run.dtype, device=run.device)
-    if costs.shape != run.shape[-1:]:
-        raise ValueError(f"layer_costs must have one entry per step ({run.shape[-1]}), got {tuple(costs.shape)}.")
-    return (run * costs).sum(dim=-1) / costs.sum()
+def expected_relative_cost(gate_probs: Tensor) -> Tensor:
+    """Per row, the expected share of the layers that runs, ``mean_i (1 - p_i)``: ``[B, L]`` -> ``[B]``."""
+    return (1.0 - gate_probs).mean(dim=-1)
 
 
-def budget_penalty(gate_probs: Tensor, target_cost: float, weight: float,
-                   layer_costs: Tensor | Sequence[float] | None = None) -> Tensor:
+def budget_penalty(gate_probs: Tensor, target_cost: float, weight: float) -> Tensor:
     """Keep the batch's expected layer cost at ``target_cost``: ``weight * (mean_b e_b - target)^2``.
 
     Only the batch mean is constrained, so rows are free to differ: the task loss decides which
@@ -138,9 +117,8 @@ def budget_penalty(gate_probs: Tensor, target_cost: float, weight: float,
 
     Args:
         gate_probs: ``[B, L]`` soft skip probabilities.
-        target_cost: wanted share of the layers' MACs, in ``[0, 1]``.
+        target_cost: wanted share of the layers run, in ``[0, 1]``.
         weight: penalty weight.
-        layer_costs: ``[L]`` per-step MACs (``None``: equal), see :func:`expected_relative_cost`.
 
     Example:
         >>> float(budget_penalty(torch.full((4, 6), 0.5), target_cost=0.5, weight=1.0))
@@ -148,164 +126,56 @@ def budget_penalty(gate_probs: Tensor, target_cost: float, weight: float,
     """
     if not 0.0 <= target_cost <= 1.0:
         raise ValueError(f"target_cost must be in [0, 1], got {target_cost}.")
-    gap = expected_relative_cost(gate_probs, layer_costs).mean() - target_cost
+    gap = expected_relative_cost(gate_probs).mean() - target_cost
     return weight * gap * gap
 
 
-def difficulty_targets(row_losses: Tensor, target_cost: float, spread: float) -> Tensor:
-    """Per-row cost targets that give harder rows more layers: ``target_cost +- spread`` by loss rank.
+def smartbert_stage1_loss(out: AdaptiveEncoderOutput, labels: Tensor, gate_objective: GateObjective | None,
+                          contrastive: CrossLayerInfoNCE | None = None, eta: float = 0.0) -> LossTerms:
+    """SmartBERT stage 1, paper eq. 3: ``L_CE(z_L, y) + gate term + eta1 * L_contra1``.
 
-    The row with the lowest loss in the batch gets ``target_cost - spread``, the highest
-    ``target_cost + spread``, the others linearly by rank in between (so the targets average
-    ``target_cost``), clamped to ``[0, 1]``. Ranks, not loss values, so one outlier does not
-    set everyone's target; the losses are detached (a target, not a path for gradients).
-
-    Args:
-        row_losses: ``[B]`` per-row losses (any scale; only their order counts).
-        target_cost: the batch's mean target, in ``[0, 1]``.
-        spread: half the range of targets, ``>= 0``.
-
-    Returns:
-        ``[B]`` targets.
-
-    Example:
-        >>> targets = difficulty_targets(torch.tensor([0.1, 2.0, 0.7]), target_cost=0.5, spread=0.2)
-        >>> [round(value, 3) for value in targets.tolist()]
-        [0.3, 0.7, 0.5]
-    """
-    if spread < 0:
-        raise ValueError(f"spread must be >= 0, got {spread}.")
-    batch = row_losses.shape[0]
-    if batch < 2:
-        return torch.full_like(row_losses, target_cost, dtype=torch.float32)
-    ranks = row_losses.detach().argsort().argsort().float() / (batch - 1)  # 0 for the easiest row, 1 the hardest
-    return (target_cost + spread * (2.0 * ranks - 1.0)).clamp(0.0, 1.0)
-
-
-def routed_budget_penalty(gate_probs: Tensor, row_losses: Tensor, target_cost: float, spread: float, weight: float,
-                          layer_costs: Tensor | Sequence[float] | None = None) -> Tensor:
-    """The budget per row, aimed by difficulty: ``weight * mean_b (e_b - t_b)^2``.
-
-    ``e_b`` is row ``b``'s expected share of the layers run (:func:`expected_relative_cost`) and
-    ``t_b`` its :func:`difficulty_targets` target. :func:`budget_penalty` constrains only the
-    batch mean, and on MRPC and CoLA the gates meet it with one fixed pattern for every row (see
-    ``docs/results.md``): nothing in the objective asks rows to differ. Here each row is held to
-    its own target, higher for rows the model currently finds harder (higher ``row_losses``),
-    so the gates must learn, from the hidden states they see, which rows need depth. The targets
-    average ``target_cost``, so the batch budget is the same; ``spread=0`` holds every row to it.
-
-    Args:
-        gate_probs: ``[B, L]`` skip probabilities (or the hard decisions, straight-through).
-        row_losses: ``[B]`` per-row task losses of the last head (detached here).
-        target_cost, spread: see :func:`difficulty_targets`.
-        weight: penalty weight.
-        layer_costs: ``[L]`` per-step MACs (``None``: equal).
-
-    Example:
-        >>> probs = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # row 0 runs half the layers, row 1 all
-        >>> float(routed_budget_penalty(probs, torch.tensor([0.1, 3.0]), 0.75, 0.25, weight=1.0))
-        0.0
-    """
-    if not 0.0 <= target_cost <= 1.0:
-        raise ValueError(f"target_cost must be in [0, 1], got {target_cost}.")
-    gap = expected_relative_cost(gate_probs, layer_costs) - difficulty_targets(row_losses, target_cost, spread)
-    return weight * (gap * gap).mean()
-
-
-def row_task_losses(logits: Tensor, labels: Tensor, is_regression: bool) -> Tensor:
-    """:func:`task_loss` per row, ``[B]``: cross-entropy, or squared error for regression."""
-    if is_regression:
-        return (logits[:, 0] - labels.float()) ** 2
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
-def smartbert_stage1_loss(
-    out: AdaptiveEncoderOutput,
-    labels: Tensor,
-    *,
-    is_regression: bool,
-    skip_weight: float,
-    contrastive: CrossLayerInfoNCE | None = None,
-    contrastive_weight: float = 0.0,
-    gate_objective: GateObjective | None = "paper",
-    target_cost: float = 0.5,
-    budget_on: BudgetOn = "probabilities",
-    difficulty_spread: float = 0.0,
-) -> LossTerms:
-    """SmartBERT stage 1 (paper eq. 3 and 5): last head + gate objective + cross-layer contrast.
-
-    Terms: ``task`` (CE of the last head), ``skip_reward`` (``gate_objective="paper"``:
-    :func:`skip_reward` with ``lambda = skip_weight``) or ``budget`` (``"budget"``:
-    :func:`budget_penalty` with weight ``skip_weight``; ``None``: no gate term, e.g. while the gates
-    are held open in a warm-up), and ``contrastive`` (``eta1`` times the
-    InfoNCE over the hidden states after each layer) when ``contrastive_weight > 0``.
+    Terms: ``task`` (the last head), the gate objective's term (``skip_reward`` for the paper's
+    ``lambda / sum_i g_i``; none when ``gate_objective`` is ``None``, e.g. while every layer runs in a
+    warm-up), and ``contrastive``: ``eta`` times the cross-layer InfoNCE over the hidden states after
+    each layer (eq. 4-5), when ``contrastive`` is given and ``eta > 0``.
 
     Args:
         out: the encoder's output with the last head run (``heads="last"`` or ``"all"``).
         labels: ``[B]`` class ids or scores.
-        budget_on: what the budget measures: ``"probabilities"``, the expected share of layers
-            run under the soft skip probabilities (``out.gate_probs``); ``"decisions"``, the share
-            the gates actually let run (``out.gate_values``: with hard gates the 0/1 decisions,
-            with the straight-through gradient). With soft gates the two are the same; with hard
-            gates probabilities just under the threshold meet an expected budget while
-            nothing is skipped, which ``"decisions"`` does not allow.
-        difficulty_spread: ``> 0`` (with ``"budget"``) holds each row to its own target,
-            ``target_cost +- difficulty_spread`` by its last-head loss rank in the batch
-            (:func:`routed_budget_penalty`), instead of only the batch mean; ``0``: the batch mean.
+        gate_objective: a :mod:`adaptive_depth.objectives` gate objective over ``out.gate_probs``.
+        contrastive: the stage-1 projection and InfoNCE.
+        eta: its weight ``eta1``.
     """
-    terms = {"task": task_loss(out.logits, labels, is_regression)}
-    if gate_objective == "paper":
-        terms["skip_reward"] = skip_reward(out.gate_probs, skip_weight)
-    elif gate_objective == "budget":
-        if budget_on not in ("probabilities", "decisions"):
-            raise ValueError(f"budget_on must be 'probabilities' or 'decisions', got {budget_on!r}.")
-        measured = out.gate_probs if budget_on == "probabilities" else out.gate_values
-        if difficulty_spread > 0:
-            row_losses = row_task_losses(out.logits.detach(), labels, is_regression)
-            terms["budget"] = routed_budget_penalty(measured, row_losses, target_cost, difficulty_spread, skip_weight)
-        else:
-            terms["budget"] = budget_penalty(measured, target_cost, skip_weight)
-    elif gate_objective is not None:
-        raise ValueError(f"gate_objective must be 'paper', 'budget' or None, got {gate_objective!r}.")
-    if contrastive is not None and contrastive_weight > 0:
-        terms["contrastive"] = contrastive_weight * contrastive(out.hidden_states[1:], out.attention_mask).loss
+    terms = {"task": task_loss(out.logits, labels)}
+    if gate_objective is not None:
+        terms[gate_objective.term] = gate_objective(out.gate_probs)
+    if contrastive is not None and eta > 0:
+        terms["contrastive"] = eta * contrastive(out.hidden_states[1:], out.attention_mask).loss
     return LossTerms(terms)
 
 
-def smartbert_stage2_loss(
-    out: AdaptiveEncoderOutput,
-    labels: Tensor,
-    *,
-    is_regression: bool,
-    contrastive: CrossLayerInfoNCE | None = None,
-    contrastive_weight: float = 0.0,
-    exit_objective: ExitObjective = "paper",
-) -> LossTerms:
-    """SmartBERT stage 2 (paper eq. 6-8): every intermediate head's loss + their contrast.
+def smartbert_stage2_loss(out: AdaptiveEncoderOutput, labels: Tensor, exit_objective: ExitObjective,
+                          contrastive: CrossLayerInfoNCE | None = None, eta: float = 0.0) -> LossTerms:
+    """SmartBERT stage 2, paper eq. 6-8: the exit objective over heads ``1..L-1`` + ``eta2 * L_contra2``.
 
-    Terms: ``exit_heads`` (``exit_objective="paper"``: the sum of the task losses of heads
-    ``1..L-1`` against the labels) or ``distillation`` (``"distill"``: :func:`distillation_loss`
-    of heads ``1..L-1`` towards the frozen last head, FastBERT's self-distillation on top of the
-    gated backbone; labels unused), then ``contrastive`` (``eta2`` times the InfoNCE over those
-    heads' token states) when ``contrastive_weight > 0`` and there are at least two intermediate heads.
+    Terms: the exit objective's term (``exit_heads`` for the paper's ``sum_i L_CE(z_i, y)``,
+    :class:`~adaptive_depth.objectives.LabelExits`), then ``contrastive``: ``eta`` times the InfoNCE
+    over those heads' token states (eq. 5-6), when ``contrastive`` is given, ``eta > 0`` and there are
+    at least two intermediate heads.
 
     Args:
-        out: the encoder's output with ``return_head_token_states=True`` and the intermediate
-            heads run (``heads="intermediate"``; ``"all"`` for ``"distill"``, which needs the last head).
+        out: the encoder's output with ``return_head_token_states=True`` and the heads the
+            objective names run (``heads=exit_objective.heads``).
         labels: ``[B]`` class ids or scores.
-        exit_objective: ``"paper"`` or ``"distill"``.
+        exit_objective: a :mod:`adaptive_depth.objectives` exit objective.
+        contrastive: the stage-2 projection and InfoNCE.
+        eta: its weight ``eta2``.
     """
-    intermediate = range(len(out.exit_logits) - 1)
-    if exit_objective == "paper":
-        terms = {"exit_heads": sum(task_loss(out.exit_logits[step], labels, is_regression) for step in intermediate)}
-    elif exit_objective == "distill":
-        terms = {"distillation": distillation_loss([out.exit_logits[step] for step in intermediate], out.logits)}
-    else:
-        raise ValueError(f"exit_objective must be 'paper' or 'distill', got {exit_objective!r}.")
-    states = [out.head_token_states[step] for step in intermediate]
-    if contrastive is not None and contrastive_weight > 0 and len(states) >= 2:
-        terms["contrastive"] = contrastive_weight * contrastive(states, out.attention_mask).loss
-    return LossTerms(terms)  # type: ignore[arg-type]
+    terms = {exit_objective.term: exit_objective(out.exit_logits, labels)}
+    states = out.head_token_states[:-1]
+    if contrastive is not None and eta > 0 and len(states) >= 2:
+        terms["contrastive"] = eta * contrastive(states, out.attention_mask).loss  # type: ignore[arg-type]
+    return LossTerms(terms)
 
 
 def weighted_layer_sum(losses: Sequence[Tensor]) -> Tensor:
@@ -340,25 +210,3 @@ def distillation_loss(student_logits: Sequence[Tensor], teacher_logits: Tensor) 
         F.kl_div(student.float().log_softmax(dim=-1), teacher_log_probs, reduction="batchmean", log_target=True)
         for student in student_logits
     )
-
-
-def last_head_loss(exit_logits: Sequence[Tensor | None], labels: Tensor, is_regression: bool) -> LossTerms:
-    """Plain fine-tuning (and stage 1 of DeeBERT and FastBERT): ``task``, the last head's loss."""
-    return LossTerms({"task": task_loss(exit_logits[-1], labels, is_regression)})
-
-
-def deebert_highway_loss(exit_logits: Sequence[Tensor | None], labels: Tensor, is_regression: bool) -> LossTerms:
-    """DeeBERT stage 2: ``highway``, the sum of the task losses of heads ``1..L-1``."""
-    return LossTerms({"highway": sum(task_loss(logits, labels, is_regression) for logits in exit_logits[:-1])})
-
-
-def fastbert_distillation_loss(exit_logits: Sequence[Tensor | None], labels: Tensor, is_regression: bool
-                               ) -> LossTerms:
-    """FastBERT stage 2: ``distillation`` of heads ``1..L-1`` towards the last head (labels unused)."""
-    return LossTerms({"distillation": distillation_loss(exit_logits[:-1], exit_logits[-1])})  # type: ignore[arg-type]
-
-
-def pabee_weighted_loss(exit_logits: Sequence[Tensor | None], labels: Tensor, is_regression: bool) -> LossTerms:
-    """PABEE: ``weighted_task``, :func:`weighted_layer_sum` of every head's task loss."""
-    return LossTerms({"weighted_task": weighted_layer_sum(
-        [task_loss(logits, labels, is_regression) for logits in exit_logits])})  # type: ignore[arg-type]

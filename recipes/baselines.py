@@ -1,14 +1,14 @@
 """The early-exit baselines as methods of the shared run: plain fine-tuning, DeeBERT, FastBERT, PABEE.
 
 Each baseline is a :class:`BaselineSpec`: a small record of what differs between them (exit-head
-type, which heads each stage trains and with which loss of :mod:`adaptive_depth.losses`, the exit
-criterion and its default thresholds). :func:`baseline_method` turns a spec into a
+type, the exit objective of each stage from :mod:`adaptive_depth.objectives`, the exit criterion
+and its default thresholds). :func:`baseline_method` turns a spec into a
 :class:`~recipes.methods.Method` for the run composer (:mod:`recipes.run`):
 
-* stage 1: the backbone and the heads of ``spec.stage1_heads`` on ``spec.stage1_loss``; the
+* stage 1: the backbone and the heads ``spec.stage1`` runs (its ``heads``) on that objective; the
   best epoch on the held-out part (full depth) is kept;
 * stage 2 (two-stage methods only): the backbone and the last head are frozen and the
-  intermediate heads train on ``spec.stage2_loss``;
+  intermediate heads train on ``spec.stage2``;
 * sweep: the inference engine on dev at full depth and, in engine mode ``"exit_only"``, at
   every threshold.
 
@@ -19,7 +19,7 @@ The per-method modules (:mod:`recipes.finetune`, :mod:`recipes.deebert`,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import ExitCriterion
 from adaptive_depth.losses import LossTerms
+from adaptive_depth.objectives import ExitObjective
 from recipes.cli import run_cli
 from recipes.config import RESUME_ALLOWED_KEYS, RecipeConfig
 from recipes.errors import ConfigError
@@ -41,10 +42,6 @@ from recipes.sweep import SweepSetting
 
 __all__ = ["BaselineConfig", "BaselineModel", "BaselineSpec", "baseline_method", "entry_points", "register_baseline"]
 
-# (per-head logits, labels, is_regression) -> loss terms
-StageLoss = Callable[[Sequence[Tensor | None], Tensor, bool], LossTerms]
-
-
 @dataclass(frozen=True)
 class BaselineSpec:
     """What distinguishes one baseline from another (a :func:`baseline_method` turns it into a method).
@@ -54,12 +51,10 @@ class BaselineSpec:
         description: one line for ``--help`` and the records.
         head_type: ``"pooler"`` (DeeBERT highway / PABEE / BERT classifier) or ``"attention"``
             (FastBERT's classifier, :class:`~adaptive_depth.exits.ExitHead`).
-        stage1_heads: heads that train with the backbone in stage 1 (``"last"`` or ``"all"``).
-        stage1_loss: loss terms of stage 1 over the heads' logits (:mod:`adaptive_depth.losses`).
-        stage2_heads: heads that run in stage 2 (``"intermediate"`` or ``"all"``, when the last
-            one is a teacher); ignored without ``stage2_loss``.
-        stage2_loss: loss terms of stage 2 (only the intermediate heads train), or ``None`` for a
-            one-stage method.
+        stage1: the exit objective of stage 1, trained with the backbone; the heads it runs
+            (``"last"`` or ``"all"``) are the heads stage 1 trains.
+        stage2: the exit objective of stage 2 (only the intermediate heads train; a teacher
+            head runs frozen when the objective needs it), or ``None`` for a one-stage method.
         make_criterion: threshold -> exit criterion, or ``None`` (full depth only).
         threshold_name: label of a threshold in the sweep (``"entropy"``, ``"patience"``).
         default_thresholds: ``L`` -> thresholds swept when the config gives none.
@@ -71,10 +66,8 @@ class BaselineSpec:
     name: str
     description: str
     head_type: Literal["pooler", "attention"]
-    stage1_heads: Literal["last", "all"]
-    stage1_loss: StageLoss
-    stage2_heads: Literal["intermediate", "all"] = "intermediate"
-    stage2_loss: StageLoss | None = None
+    stage1: ExitObjective
+    stage2: ExitObjective | None = None
     make_criterion: Callable[[float], ExitCriterion] | None = None
     threshold_name: str = "threshold"
     default_thresholds: Callable[[int], list[float]] = lambda num_steps: []
@@ -83,7 +76,7 @@ class BaselineSpec:
 
     @property
     def two_stage(self) -> bool:
-        return self.stage2_loss is not None
+        return self.stage2 is not None
 
 
 @dataclass
@@ -117,18 +110,18 @@ def build_encoder(backbone: nn.Module, spec: BaselineSpec, num_labels: int, conf
 class BaselineModel(nn.Module):
     """The encoder, and the loss terms of either stage in ``forward`` (so DDP can wrap it)."""
 
-    def __init__(self, encoder: AdaptiveEncoder, spec: BaselineSpec, is_regression: bool) -> None:
+    def __init__(self, encoder: AdaptiveEncoder, spec: BaselineSpec) -> None:
         super().__init__()
         self.encoder = encoder
         self.spec = spec
-        self.is_regression = is_regression
 
     def forward(self, batch: dict[str, Tensor], stage: int) -> LossTerms:
-        heads = self.spec.stage1_heads if stage == 1 else self.spec.stage2_heads
-        loss_fn = self.spec.stage1_loss if stage == 1 else self.spec.stage2_loss
+        objective = self.spec.stage1 if stage == 1 else self.spec.stage2
+        assert objective is not None, "a one-stage method has no stage 2"
         inputs = {key: value for key, value in batch.items() if key == "token_type_ids"}
-        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="run", heads=heads, **inputs)
-        return loss_fn(out.exit_logits, batch["labels"], self.is_regression)  # type: ignore[misc]
+        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="run", heads=objective.heads,
+                           **inputs)
+        return LossTerms({objective.term: objective(out.exit_logits, batch["labels"])})
 
 
 def thresholds(spec: BaselineSpec, config: BaselineConfig, num_steps: int) -> list[float]:
@@ -147,12 +140,12 @@ def baseline_method(spec: BaselineSpec) -> Method:
     def build_model(backbone: nn.Module, config: BaselineConfig, task: GlueTask) -> BaselineModel:
         encoder = build_encoder(backbone, spec, task.num_labels, config)
         thresholds(spec, config, encoder.num_steps)  # a bad threshold is an error before training, not after
-        return BaselineModel(encoder, spec, task.is_regression)
+        return BaselineModel(encoder, spec)
 
     def stage1_param_groups(model: BaselineModel, config: BaselineConfig) -> list[dict[str, Any]]:
-        """The backbone at ``stage1_lr``; the stage-1 heads (all of them for ``"all"``) at ``stage1_head_lr``."""
+        """The backbone at ``stage1_lr``; the heads stage 1 runs (all of them for ``"all"``) at ``stage1_head_lr``."""
         groups = model.encoder.parameter_groups()
-        heads = [*groups["intermediate_heads"], *groups["last_head"]] if spec.stage1_heads == "all" else groups["last_head"]
+        heads = [*groups["intermediate_heads"], *groups["last_head"]] if spec.stage1.heads == "all" else groups["last_head"]
         return [{"params": groups["backbone"], "lr": config.stage1_lr},
                 {"params": heads, "lr": config.stage1_head_lr or config.stage1_lr}]
 

@@ -121,6 +121,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError("; ".join(errors))
+    if origin is dict:
+        if isinstance(value, str):  # a name alone: {"name": value}
+            return {"name": value}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} must be a name or a mapping of options, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
@@ -155,7 +161,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["lr=1e-4", "epochs=2"]`` -> ``{"lr": 1e-4, "epochs": 2}`` (values parsed as YAML)."""
+    """``["lr=1e-4", "epochs=2"]`` -> ``{"lr": 1e-4, "epochs": 2}`` (values parsed as YAML).
+
+    A dotted key sets one option of a nested key: ``gate_objective.weight=2`` ->
+    ``{"gate_objective.weight": 2}``, merged into ``gate_objective`` by :func:`load_config`."""
     import yaml
 
     parsed: dict[str, Any] = {}
@@ -176,8 +185,13 @@ def load_config(cls: type, path: str | os.PathLike[str] | None = None, overrides
 
     Args:
         cls: a dataclass whose ``__post_init__`` validates the values.
-        path: YAML file of ``key: value`` pairs (a flat mapping), or ``None``.
-        overrides: ``key=value`` strings; values are parsed as YAML (``1e-4``, ``[0.1, 0.2]``).
+        path: YAML file of ``key: value`` pairs, or ``None``. A nested key (e.g. ``gate_objective``)
+            holds a mapping of options or a name alone.
+        overrides: ``key=value`` strings; values are parsed as YAML (``1e-4``, ``[0.1, 0.2]``); a
+            dotted key (``gate_objective.weight=2``) changes one option of a nested key and keeps
+            the others (from the file, else the field's default). Setting a nested key's ``name``
+            starts from that name's own defaults: ``gate_objective.name=budget`` drops the options
+            of the previous objective.
         **defaults: values applied before the file (e.g. ``task`` from ``--task``).
 
     Raises:
@@ -205,17 +219,29 @@ def load_config(cls: type, path: str | os.PathLike[str] | None = None, overrides
     sources.append(("command line", parse_overrides(overrides)))
     for origin, mapping in sources:
         for key, value in mapping.items():
-            if key not in fields:
+            head, _, option = key.partition(".")
+            if head not in fields or (option and typing.get_origin(hints[head]) is not dict):
                 raise ConfigError(
                     f"unknown config key {key!r} (from {origin}); known keys: {', '.join(sorted(fields))}"
                 )
-            values[key] = _coerce(key, value, hints[key])
+            if option:
+                current = values[head] if head in values else _field_default(fields[head])
+                merged = {} if option == "name" else dict(current)
+                values[head] = {**merged, option: value}
+            else:
+                values[key] = _coerce(key, value, hints[key])
     try:
         return cls(**values)
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"invalid config: {error}") from error
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return field.default
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

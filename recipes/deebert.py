@@ -19,17 +19,15 @@ from __future__ import annotations
 import sys
 
 from adaptive_depth.exits import EntropyExit
-from adaptive_depth.losses import deebert_highway_loss, last_head_loss
+from adaptive_depth.objectives import LabelExits, LastHead
 from recipes import baselines
 
 SPEC = baselines.BaselineSpec(
     name="deebert",
     description="DeeBERT: fine-tune, then train frozen-backbone highway heads; raw entropy exit.",
     head_type="pooler",
-    stage1_heads="last",
-    stage1_loss=last_head_loss,
-    stage2_heads="intermediate",
-    stage2_loss=deebert_highway_loss,
+    stage1=LastHead(),
+    stage2=LabelExits(),
     make_criterion=lambda threshold: EntropyExit(threshold),
     threshold_name="entropy",
     default_thresholds=lambda num_steps: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],

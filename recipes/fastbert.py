@@ -20,17 +20,15 @@ from __future__ import annotations
 import sys
 
 from adaptive_depth.exits import EntropyExit
-from adaptive_depth.losses import fastbert_distillation_loss, last_head_loss
+from adaptive_depth.objectives import DistillExits, LastHead
 from recipes import baselines
 
 SPEC = baselines.BaselineSpec(
     name="fastbert",
     description="FastBERT: fine-tune the teacher, self-distil frozen-backbone students; speed (normalized entropy) exit.",
     head_type="attention",
-    stage1_heads="last",
-    stage1_loss=last_head_loss,
-    stage2_heads="all",
-    stage2_loss=fastbert_distillation_loss,
+    stage1=LastHead(),
+    stage2=DistillExits(),
     make_criterion=lambda threshold: EntropyExit(threshold, normalized=True),
     threshold_name="speed",
     default_thresholds=lambda num_steps: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import sys
 
-from adaptive_depth.losses import last_head_loss
+from adaptive_depth.objectives import LastHead
 from recipes import baselines
 
 SPEC = baselines.BaselineSpec(
     name="finetune",
     description="Plain fine-tuning, full depth (backbone + last pooler head, cross-entropy).",
     head_type="pooler",
-    stage1_heads="last",
-    stage1_loss=last_head_loss,
+    stage1=LastHead(),
 )
 METHOD = baselines.register_baseline(SPEC)
 

@@ -20,15 +20,14 @@ from __future__ import annotations
 import sys
 
 from adaptive_depth.exits import PatienceExit
-from adaptive_depth.losses import pabee_weighted_loss
+from adaptive_depth.objectives import WeightedExits
 from recipes import baselines
 
 SPEC = baselines.BaselineSpec(
     name="pabee",
     description="PABEE: joint training of all heads (layer-weighted loss); patience exit.",
     head_type="pooler",
-    stage1_heads="all",
-    stage1_loss=pabee_weighted_loss,
+    stage1=WeightedExits(),
     make_criterion=lambda threshold: PatienceExit(int(threshold)),
     threshold_name="patience",
     default_thresholds=lambda num_steps: [float(patience) for patience in range(1, num_steps)],

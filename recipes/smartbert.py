@@ -37,8 +37,9 @@ from adaptive_depth.config import check_gate_threshold
 from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, PatienceExit, ToleranceExit
-from adaptive_depth.gates import GateSchedule, layer_drop_values
+from adaptive_depth.gates import GateSchedule
 from adaptive_depth.losses import LossTerms, smartbert_stage1_loss, smartbert_stage2_loss
+from adaptive_depth.objectives import exit_objective, gate_objective, objective_spec
 from recipes.cli import run_cli
 from recipes.config import RESUME_ALLOWED_KEYS, RecipeConfig
 from recipes.errors import ConfigError
@@ -62,49 +63,26 @@ class SmartBertConfig(RecipeConfig):
     the stage-1 projection. SmartBERT adds:
 
     Attributes:
+        gate_objective: what the gates learn in stage 1, one nested key (a
+            :func:`adaptive_depth.objectives.gate_objective` spec): ``{name: skip_reward, weight: 0.04}``,
+            the paper's ``lambda / sum_i g_i`` (eq. 3, the default), or ``{name: budget, target_cost:
+            0.5, weight: 2.0}``, which holds the expected share of layers run at a target. Override
+            one option with ``gate_objective.weight=2.0``.
+        exit_objective: what the intermediate heads learn in stage 2: ``labels`` (paper eq. 7-8, the
+            default) or ``distill`` (the frozen last head's softmax, FastBERT's self-distillation).
         gate_warmup_epochs: leading stage-1 epochs in which every layer runs and the gates are not
-            trained (no gate objective): the backbone and the last head learn the task first, so
-            the gates then learn which layers a trained model can spare, instead of starving
-            layers the model has not learned to use yet. 0 (default) is the paper's schedule. A
-            warm-up epoch is never picked as the best stage-1 epoch (its gates are untrained).
-        warmup_layer_drop: in the gate warm-up epochs, the probability that each layer is skipped
-            for each training row (LayerDrop, Fan et al. 2019; :func:`adaptive_depth.gates.layer_drop_values`),
-            so the backbone learns to work with layers missing and the gates trained after it have
-            layers to skip that cost little accuracy. 0 (default) runs every layer. Needs
-            ``gate_warmup_epochs >= 1``; evaluation always runs every layer.
-        gated_epochs_train: what the stage-1 epochs after the warm-up train. ``"all"`` (default,
-            the paper): the backbone, the last head and the gates together. ``"gates"``: only the
-            gates, on the backbone and last head exactly as the warm-up left them (fine-tune first,
-            then train the gates, as the baselines' two-stage schemes do), so full depth is the
-            warm-up's fine-tuned model and no layer is starved while the gates learn to skip it.
-            Needs ``gate_warmup_epochs >= 1``. The learning-rate schedule still spans all
-            ``stage1_epochs``, so the warm-up ends at a non-zero backbone learning rate.
+            trained (no gate objective): the backbone and the last head learn the task first. 0
+            (default) is the paper's schedule. A warm-up epoch is never picked as the best stage-1
+            epoch (its gates are untrained).
+        gated_epochs_train: what the stage-1 epochs after the warm-up train. ``"all"`` (default, the
+            paper): the backbone, the last head and the gates together. ``"gates"``: only the gates,
+            on the backbone and last head exactly as the warm-up left them (fine-tune first, then
+            train the gates), so full depth is the warm-up's fine-tuned model. Needs
+            ``gate_warmup_epochs >= 1``. The learning-rate schedule still spans all ``stage1_epochs``.
         soft_epochs: how many of the stage-1 epochs after the warm-up use soft gates (the rest: hard).
         gate_lr: stage-1 learning rate of the gates; 0 uses ``stage1_lr``.
         initial_skip_bias: initial bias of every gate's score (0: ``p_skip`` near 0.5; negative
             values start with the layers running).
-        skip_weight: ``lambda`` of the skip reward (``gate_objective="paper"``), or the weight of
-            the budget penalty (``"budget"``).
-        gate_objective: ``"paper"``: the skip reward ``lambda / sum_i g_i`` of eq. 3;
-            ``"budget"``: :func:`adaptive_depth.losses.budget_penalty`, which keeps the batch's
-            expected share of layers run at ``target_cost`` and leaves rows free to differ.
-        target_cost: the share of the layers' MACs the budget objective aims at.
-        budget_on: what the budget objective measures in hard epochs: ``"probabilities"``
-            (default; the expected share run under the soft skip probabilities) or
-            ``"decisions"`` (the share the hard gates actually run, straight-through gradient);
-            see :func:`adaptive_depth.losses.smartbert_stage1_loss`.
-        difficulty_spread: with ``gate_objective="budget"``, ``> 0`` holds each row to its own
-            target, ``target_cost +- difficulty_spread`` by the rank of its last-head loss in the
-            batch (:func:`adaptive_depth.losses.routed_budget_penalty`), so that harder rows are
-            given more layers; ``0`` (default) constrains only the batch mean.
-        exit_objective: what the intermediate heads learn in stage 2: ``"paper"`` (eq. 7, the
-            labels) or ``"distill"`` (the frozen last head's softmax, as FastBERT's students do:
-            :func:`adaptive_depth.losses.distillation_loss`).
-        stage2_gate_mode: what the heads see in stage 2 (an encoder ``gate_mode``). ``"hard"``
-            (default, the paper): the states behind the trained gates' hard decisions, so a head
-            learns on the layers that run for each row (and with ``"distill"``, from the last head
-            behind the same gates). ``"run"``: every layer runs, as at full depth or with the gates
-            off at inference (``exit_only``); the distillation teacher is the full-depth last head.
         regression_tolerance: for regression tasks (STS-B), two heads agree when their scores
             differ by less than this (the patience settings of the sweep).
         regression_tolerances: for regression tasks, the tolerances of the sweep's
@@ -114,18 +92,19 @@ class SmartBertConfig(RecipeConfig):
         eta1, tau1: weight and temperature of the stage-1 contrastive loss.
         eta2, tau2: weight and temperature of the stage-2 contrastive loss.
         projection_dim: width of the contrastive projection heads.
-        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold``.
+        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (training and
+            inference; saved with the model).
         gate_inner_size: width of the gates' self-attention.
         entropy_thresholds: the ``S`` values of the sweep.
     """
 
+    gate_objective: dict[str, Any] = field(default_factory=lambda: {"name": "skip_reward", "weight": 0.04})
+    exit_objective: dict[str, Any] = field(default_factory=lambda: {"name": "labels"})
     gate_warmup_epochs: int = 0
-    warmup_layer_drop: float = 0.0
     gated_epochs_train: str = "all"
     soft_epochs: int = 3
     gate_lr: float = 0.0
     initial_skip_bias: float = 0.0
-    skip_weight: float = 0.04
     eta1: float = 0.01
     tau1: float = 0.5
     eta2: float = 0.05
@@ -134,57 +113,34 @@ class SmartBertConfig(RecipeConfig):
     gate_threshold: float = 0.5
     gate_inner_size: int = 128
     entropy_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
-    gate_objective: str = "paper"
-    target_cost: float = 0.5
-    exit_objective: str = "paper"
-    stage2_gate_mode: str = "hard"
-    budget_on: str = "probabilities"
-    difficulty_spread: float = 0.0
     regression_tolerance: float = 0.1
     regression_tolerances: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
 
     _positive = (*RecipeConfig._positive, "projection_dim", "gate_inner_size")
-    _non_negative = (*RecipeConfig._non_negative, "gate_warmup_epochs", "soft_epochs", "skip_weight", "eta1", "eta2",
-                     "gate_lr")
+    _non_negative = (*RecipeConfig._non_negative, "gate_warmup_epochs", "soft_epochs", "eta1", "eta2", "gate_lr")
     _strictly_positive = (*RecipeConfig._strictly_positive, "tau1", "tau2")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         try:
             self.gate_threshold = check_gate_threshold(self.gate_threshold)
+            # Normalised to the full spec (every option written out), so results.json records it.
+            self.gate_objective = objective_spec(gate_objective(self.gate_objective))
+            self.exit_objective = objective_spec(exit_objective(self.exit_objective))
         except ValueError as error:
             raise ConfigError(str(error)) from error
+        if self.exit_objective["name"] not in ("labels", "distill"):
+            raise ConfigError(f"SmartBERT's exit_objective is 'labels' (the paper) or 'distill', "
+                              f"got {self.exit_objective['name']!r}")
         if self.gate_warmup_epochs >= self.stage1_epochs:
             raise ConfigError(f"gate_warmup_epochs ({self.gate_warmup_epochs}) must be below stage1_epochs "
                               f"({self.stage1_epochs}): the gates need at least one epoch to train")
-        if not 0.0 <= self.warmup_layer_drop < 1.0:
-            raise ConfigError(f"warmup_layer_drop must be in [0, 1) (the probability that a layer is skipped), "
-                              f"got {self.warmup_layer_drop}")
-        if self.warmup_layer_drop > 0 and self.gate_warmup_epochs < 1:
-            raise ConfigError(f"warmup_layer_drop={self.warmup_layer_drop} drops layers in the gate warm-up, which "
-                              "this config does not have: set gate_warmup_epochs >= 1 (or warmup_layer_drop=0)")
         if self.gated_epochs_train not in ("all", "gates"):
             raise ConfigError(f"gated_epochs_train must be 'all' or 'gates', got {self.gated_epochs_train!r}")
         if self.gated_epochs_train == "gates" and self.gate_warmup_epochs < 1:
             raise ConfigError("gated_epochs_train=gates trains only the gates after the warm-up, so the backbone "
                               "and last head must be fine-tuned first: set gate_warmup_epochs >= 1 (e.g. "
                               "stage1_epochs=5 gate_warmup_epochs=3)")
-        if self.gate_objective not in ("paper", "budget"):
-            raise ConfigError(f"gate_objective must be 'paper' or 'budget', got {self.gate_objective!r}")
-        if self.budget_on not in ("probabilities", "decisions"):
-            raise ConfigError(f"budget_on must be 'probabilities' or 'decisions', got {self.budget_on!r}")
-        if self.exit_objective not in ("paper", "distill"):
-            raise ConfigError(f"exit_objective must be 'paper' or 'distill', got {self.exit_objective!r}")
-        if self.stage2_gate_mode not in ("hard", "run"):
-            raise ConfigError(f"stage2_gate_mode must be 'hard' (the paper) or 'run' (every layer runs in stage 2), "
-                              f"got {self.stage2_gate_mode!r}")
-        if not 0.0 <= self.target_cost <= 1.0:
-            raise ConfigError(f"target_cost must be in [0, 1], got {self.target_cost}")
-        if not 0.0 <= self.difficulty_spread <= 0.5:
-            raise ConfigError(f"difficulty_spread must be in [0, 0.5], got {self.difficulty_spread}")
-        if self.difficulty_spread > 0 and self.gate_objective != "budget":
-            raise ConfigError(f"difficulty_spread={self.difficulty_spread} aims the budget objective; set "
-                              "gate_objective=budget (or difficulty_spread=0)")
         if any(value < 0 for value in self.entropy_thresholds):
             raise ConfigError(f"entropy_thresholds must be >= 0, got {self.entropy_thresholds}")
         if not all(value >= 0 for value in self.regression_tolerances):  # also refuses NaN
@@ -200,61 +156,44 @@ class SmartBertModel(nn.Module):
         contrast2: projection + InfoNCE over the heads' token states (stage 2).
     """
 
-    def __init__(self, encoder: AdaptiveEncoder, config: SmartBertConfig, is_regression: bool) -> None:
+    def __init__(self, encoder: AdaptiveEncoder, config: SmartBertConfig) -> None:
         super().__init__()
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)
         self.contrast1 = CrossLayerInfoNCE(hidden, config.projection_dim, config.tau1)
         self.contrast2 = CrossLayerInfoNCE(config.head_inner_size, config.projection_dim, config.tau2)
-        self.config_ = config
-        self.is_regression = is_regression
+        self.gate_objective = gate_objective(config.gate_objective)
+        self.exit_objective = exit_objective(config.exit_objective)
+        self.eta1, self.eta2 = config.eta1, config.eta2
 
-    def forward(self, batch: dict[str, Tensor], stage: int, gate_mode: str = "hard",
-                layer_drop: float = 0.0) -> LossTerms:
-        """The loss terms of ``stage`` (1: eq. 3 with ``gate_mode`` gates; 2: eq. 8, or
-        self-distillation with ``exit_objective="distill"``, behind the hard gates or, with
-        ``stage2_gate_mode="run"``, with every layer running). In training mode, ``layer_drop > 0``
-        (stage 1 with ``gate_mode="run"`` only) skips each layer for each row with that probability."""
-        config = self.config_
+    def forward(self, batch: dict[str, Tensor], stage: int, gate_mode: str = "hard") -> LossTerms:
+        """The loss terms of ``stage``: 1, paper eq. 3 with ``gate_mode`` gates (``"run"``, the gate
+        warm-up: every layer, no gate objective); 2, eq. 6-8 with the exit objective, behind the hard gates."""
         inputs = {key: value for key, value in batch.items() if key == "token_type_ids"}
         if stage == 1:
-            dropped = None
-            if layer_drop > 0 and self.training:
-                if gate_mode != "run":
-                    raise ValueError(f"layer_drop replaces the gates' decisions, so it needs gate_mode='run', "
-                                     f"got {gate_mode!r}")
-                dropped = layer_drop_values(batch["input_ids"].shape[0], self.encoder.num_steps, layer_drop,
-                                            device=batch["input_ids"].device)
-            out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode=gate_mode, heads="last",
-                               gate_values=dropped, gate_threshold=config.gate_threshold, **inputs)
-            # In the gate warm-up every layer runs ("run"): no gate objective then.
-            return smartbert_stage1_loss(
-                out, batch["labels"], is_regression=self.is_regression, skip_weight=config.skip_weight,
-                contrastive=self.contrast1, contrastive_weight=config.eta1,
-                gate_objective=None if gate_mode == "run" else config.gate_objective, target_cost=config.target_cost,
-                budget_on=config.budget_on, difficulty_spread=config.difficulty_spread,  # type: ignore[arg-type]
-            )
-        # Distillation needs the teacher: the frozen last head, behind the same gates (or none).
-        heads = "all" if config.exit_objective == "distill" else "intermediate"
-        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode=config.stage2_gate_mode,
-                           heads=heads, return_head_token_states=True, gate_threshold=config.gate_threshold, **inputs)
-        return smartbert_stage2_loss(out, batch["labels"], is_regression=self.is_regression,
-                                     contrastive=self.contrast2, contrastive_weight=config.eta2,
-                                     exit_objective=config.exit_objective)  # type: ignore[arg-type]
+            out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode=gate_mode, heads="last", **inputs)
+            objective = None if gate_mode == "run" else self.gate_objective
+            return smartbert_stage1_loss(out, batch["labels"], objective, self.contrast1, self.eta1)
+        out = self.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="hard",
+                           heads=self.exit_objective.heads, return_head_token_states=True, **inputs)
+        return smartbert_stage2_loss(out, batch["labels"], self.exit_objective, self.contrast2, self.eta2)
 
 
 def build_encoder(backbone: nn.Module, config: SmartBertConfig) -> AdaptiveEncoder:
-    """The backbone with one gate and one attention exit head per layer, as the recipe trains it."""
+    """The backbone with one gate and one attention exit head per layer, as the recipe trains it,
+    with the config's gate threshold as the encoder's own (training, inference and the saved model)."""
     from recipes.glue import get_task
 
-    return AdaptiveEncoder(
+    encoder = AdaptiveEncoder(
         backbone, num_labels=get_task(config.task).num_labels, gate_inner_size=config.gate_inner_size,
         head_inner_size=config.head_inner_size, initial_skip_bias=config.initial_skip_bias,
     )
+    encoder.adaptive_config.gate_threshold = config.gate_threshold
+    return encoder
 
 
 def build_model(backbone: nn.Module, config: SmartBertConfig, task: GlueTask) -> SmartBertModel:
-    return SmartBertModel(build_encoder(backbone, config), config, task.is_regression)
+    return SmartBertModel(build_encoder(backbone, config), config)
 
 
 def stage1_param_groups(model: SmartBertModel, config: SmartBertConfig) -> list[dict[str, Any]]:
@@ -272,11 +211,9 @@ def stage2_modules(model: SmartBertModel) -> list[nn.Module]:
 
 
 def stage1_options(config: SmartBertConfig, epoch: int) -> dict[str, Any]:
-    """Every layer for the first ``gate_warmup_epochs`` epochs (each dropped per row with probability
-    ``warmup_layer_drop``), then soft gates for ``soft_epochs`` epochs, hard after (paper §3.6)."""
+    """Every layer for the first ``gate_warmup_epochs`` epochs, then soft gates for ``soft_epochs``
+    epochs, hard after (paper §3.6)."""
     if epoch < config.gate_warmup_epochs:
-        if config.warmup_layer_drop > 0:
-            return {"gate_mode": "run", "layer_drop": config.warmup_layer_drop}
         return {"gate_mode": "run"}
     return {"gate_mode": GateSchedule(config.soft_epochs).mode(epoch - config.gate_warmup_epochs)}
 
@@ -343,8 +280,7 @@ METHOD = register_method(Method(
     stage1_frozen=stage1_frozen,
     stage1_untrained_prefixes=("contrast2.",),
     resume_allowed_keys=(*RESUME_ALLOWED_KEYS, "entropy_thresholds", "regression_tolerances"),
-    stage2_keys=("stage2_epochs", "stage2_lr", "eta2", "tau2", "exit_objective", "stage2_gate_mode",
-                 "regression_tolerance"),
+    stage2_keys=("stage2_epochs", "stage2_lr", "eta2", "tau2", "exit_objective", "regression_tolerance"),
 ))
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from adaptive_depth import GateSchedule, SkipGate, StraightThroughHard, layer_drop_values, straight_through_hard
+from adaptive_depth import GateSchedule, SkipGate, StraightThroughHard, straight_through_hard
 
 probabilities = arrays(
     dtype="float64", shape=st.integers(1, 16), elements=st.floats(0.0, 1.0, allow_nan=False)
@@ -102,24 +102,3 @@ def test_schedule_and_bad_arguments() -> None:
         StraightThroughHard(threshold=1.5)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         SkipGate(8, inner_size=10, num_heads=4)
-
-
-@given(batch=st.integers(0, 16), layers=st.integers(0, 12), rate=st.floats(0.0, 0.99), seed=st.integers(0, 2**31))
-@settings(max_examples=50, deadline=None)
-def test_layer_drop_values_are_zero_or_one_per_row_and_layer(batch: int, layers: int, rate: float, seed: int) -> None:
-    values = layer_drop_values(batch, layers, rate, generator=torch.Generator().manual_seed(seed))
-    assert values.shape == (batch, layers) and values.dtype == torch.float32
-    assert bool(((values == 0) | (values == 1)).all())
-    if rate == 0.0:
-        assert not bool(values.any())
-
-
-def test_layer_drop_values_skip_each_layer_at_the_rate_and_independently_per_row() -> None:
-    values = layer_drop_values(20_000, 6, 0.3, generator=torch.Generator().manual_seed(0))
-    # 20000 Bernoulli(0.3) draws per layer: the standard error of a rate is 0.0032.
-    assert torch.allclose(values.mean(dim=0), torch.full((6,), 0.3), atol=0.015)
-    assert len({tuple(row) for row in values.tolist()}) == 64  # every one of the 2**6 patterns occurs
-    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):
-        layer_drop_values(2, 3, 1.0)
-    with pytest.raises(ValueError, match="must be >= 0"):
-        layer_drop_values(-1, 3, 0.1)

@@ -103,7 +103,7 @@ def test_stage2_optimizer_and_grad_flags(tiny_model_dir: Path) -> None:
 
     config = load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
     encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir), deebert.SPEC, 2, config)
-    model = baselines.BaselineModel(encoder, deebert.SPEC, is_regression=False)
+    model = baselines.BaselineModel(encoder, deebert.SPEC)
     trainable = {id(parameter) for parameter in freeze_for_stage2(model, deebert.METHOD.stage2_modules(model))}
     for name, parameter in model.named_parameters():
         expected = name.startswith(("encoder.exit_heads.0.", "encoder.exit_heads.1."))

@@ -22,16 +22,16 @@ def test_progress_bar_is_quiet_when_stderr_is_a_file(capsys: pytest.CaptureFixtu
 
 
 def test_an_option_added_after_a_run_counts_as_its_default() -> None:
-    """A run made before ``difficulty_spread`` existed is the same config as one asking for its
+    """A run made before ``gate_warmup_epochs`` existed is the same config as one asking for its
     default (0: what the run did), and a different one when another value is asked for."""
     from recipes.config import config_to_dict, load_config
     from recipes.run_folder import config_differences
     from recipes.smartbert import SmartBertConfig
 
     current = config_to_dict(load_config(SmartBertConfig, None, ["gate_objective=budget"], task="mrpc"))
-    saved = {key: value for key, value in current.items() if key != "difficulty_spread"}
+    saved = {key: value for key, value in current.items() if key != "gate_warmup_epochs"}
     assert config_differences(saved, current, (), SmartBertConfig) == []
-    assert config_differences(saved, current, ()) == ["difficulty_spread: '(absent)' -> 0.0"]
-    asked = {**current, "difficulty_spread": 0.2}
-    assert config_differences(saved, asked, (), SmartBertConfig) == ["difficulty_spread: '(absent)' -> 0.2"]
+    assert config_differences(saved, current, ()) == ["gate_warmup_epochs: '(absent)' -> 0"]
+    asked = {**current, "gate_warmup_epochs": 1}
+    assert config_differences(saved, asked, (), SmartBertConfig) == ["gate_warmup_epochs: '(absent)' -> 1"]
     assert config_differences({**saved, "seed": 1}, current, (), SmartBertConfig) == ["seed: 1 -> 42"]

@@ -174,7 +174,7 @@ def test_stage2_optimizer_holds_only_intermediate_heads(tiny_model_dir: Path) ->
     config = load_config(smartbert.SmartBertConfig, None, TINY, task="mrpc")
     encoder = AdaptiveEncoder(AutoModel.from_pretrained(tiny_model_dir), num_labels=2, gate_inner_size=16,
                               head_inner_size=16)
-    model = smartbert.SmartBertModel(encoder, config, is_regression=False)
+    model = smartbert.SmartBertModel(encoder, config)
     trainable = {id(parameter) for parameter in freeze_for_stage2(model, smartbert.METHOD.stage2_modules(model))}
     for name, parameter in model.named_parameters():
         expected = name.startswith("encoder.exit_heads.0.") or name.startswith("contrast2.")
@@ -191,48 +191,17 @@ def test_stage2_exit_objective_picks_the_heads_loss(tiny_model_dir: Path) -> Non
     torch.manual_seed(0)
     batch = {"input_ids": torch.randint(5, 100, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
              "labels": torch.tensor([0, 1, 1, 0])}
-    for objective, term in (("paper", "exit_heads"), ("distill", "distillation")):
+    for objective, term in (("labels", "exit_heads"), ("distill", "distillation")):
         config = load_config(smartbert.SmartBertConfig, None, [*TINY, f"exit_objective={objective}"], task="mrpc")
         encoder = AdaptiveEncoder(AutoModel.from_pretrained(tiny_model_dir), num_labels=2, gate_inner_size=16,
                                   head_inner_size=16)
-        model = smartbert.SmartBertModel(encoder, config, is_regression=False)
+        model = smartbert.SmartBertModel(encoder, config)
         freeze_for_stage2(model, smartbert.METHOD.stage2_modules(model))
         terms = model(batch, stage=2)
         assert list(terms)[0] == term
         terms.total.backward()
         assert all(parameter.grad is None for parameter in encoder.exit_heads[-1].parameters())
         assert all(parameter.grad is not None for parameter in encoder.exit_heads[0].parameters())
-
-
-def test_stage2_gate_mode_run_runs_every_layer_and_distils_from_full_depth(tiny_model_dir: Path) -> None:
-    """With gates that skip every layer they can, ``stage2_gate_mode=run`` still trains the heads on the
-    full-depth states and teacher: its loss is the one with every layer forced to run."""
-    from transformers import AutoModel
-
-    from adaptive_depth.encoder import AdaptiveEncoder
-    from adaptive_depth.losses import smartbert_stage2_loss
-
-    torch.manual_seed(0)
-    batch = {"input_ids": torch.randint(5, 100, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
-             "labels": torch.tensor([0, 1, 1, 0])}
-    encoder = AdaptiveEncoder(AutoModel.from_pretrained(tiny_model_dir), num_labels=2, gate_inner_size=16,
-                              head_inner_size=16).eval()
-    for gate in encoder.gates:
-        gate.score.bias.data.fill_(20.0)  # p_skip ~ 1: the hard gates skip whatever they may
-    losses = {}
-    for mode in ("hard", "run"):
-        config = load_config(smartbert.SmartBertConfig, None, [*TINY, "exit_objective=distill", f"stage2_gate_mode={mode}"],
-                             task="mrpc")
-        with torch.no_grad():
-            losses[mode] = float(smartbert.SmartBertModel(encoder, config, is_regression=False)(batch, stage=2).total)
-    out = encoder(batch["input_ids"], batch["attention_mask"], gate_mode="run", heads="all",
-                  return_head_token_states=True)
-    model = smartbert.SmartBertModel(encoder, load_config(smartbert.SmartBertConfig, None, TINY, task="mrpc"), False)
-    expected = smartbert_stage2_loss(out, batch["labels"], is_regression=False, contrastive=model.contrast2,
-                                     contrastive_weight=0.05, exit_objective="distill")
-    assert losses["run"] == pytest.approx(float(expected.total.detach())) and losses["run"] != pytest.approx(losses["hard"])
-    with pytest.raises(ConfigError, match="stage2_gate_mode must be 'hard'"):
-        load_config(smartbert.SmartBertConfig, None, ["stage2_gate_mode=soft"], task="mrpc")
 
 
 def test_stage1_from_another_run_trains_only_stage2(
@@ -246,10 +215,10 @@ def test_stage1_from_another_run_trains_only_stage2(
               "soft_epochs=1", "stage2_epochs=1", "exit_objective=distill", "calibration_budget=0.9", *TINY]
     source, variant = tmp_path / "source", tmp_path / "variant"
     assert run_cli(*common, "--output-dir", source) == 0
-    assert run_cli(*common, "--output-dir", variant, "stage2_gate_mode=run", "stage2_lr=1e-3", "--stage1-from", source) == 0
+    assert run_cli(*common, "--output-dir", variant, "exit_objective=labels", "stage2_lr=1e-3", "--stage1-from", source) == 0
     old, new = (json.loads((folder / "results.json").read_text()) for folder in (source, variant))
     assert new["history"]["stage1"] == old["history"]["stage1"] and new["best_stage1"] == old["best_stage1"]
-    assert len(new["history"]["stage2"]) == 1 and new["config"]["stage2_gate_mode"] == "run"
+    assert len(new["history"]["stage2"]) == 1 and new["config"]["exit_objective"] == {"name": "labels"}
     best_old, best_new = (load_file(folder / "stage1_best.safetensors") for folder in (source, variant))
     assert best_old.keys() == best_new.keys() and all(torch.equal(best_old[key], best_new[key]) for key in best_old)
     (old_encoder, *_), (new_encoder, *_) = (smartbert.load_trained(folder) for folder in (source, variant))
@@ -356,13 +325,17 @@ def test_configs_are_shipped() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
 def test_shipped_config_is_valid(path: Path) -> None:
+    """A task's default config (``smartbert_<task>.yaml``) names its task; a named config
+    (``smartbert_budget.yaml``) serves any task and its launch command passes it with ``--config``."""
     first_line = path.read_text(encoding="utf-8").splitlines()[0]
-    assert first_line.startswith("# python -m recipes.smartbert "), first_line
+    assert first_line.startswith("# python -m recipes.smartbert --task "), first_line
+    task = first_line.split("--task ")[1].split()[0]
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    task = path.stem.split("_", 1)[1]
     config = load_config(smartbert.SmartBertConfig, path, (), task=task)
-    assert config.task == raw["task"] == task
-    assert f"--task {task}" in first_line
+    if path.stem == f"smartbert_{task}":
+        assert config.task == raw["task"] == task
+    else:
+        assert "task" not in raw and f"--config recipes/configs/{path.name}" in first_line
 
 
 def test_overrides_are_typed_and_validated() -> None:
@@ -373,14 +346,13 @@ def test_overrides_are_typed_and_validated() -> None:
         load_config(smartbert.SmartBertConfig, None, ["holdout_fraction=1.5"], task="rte")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(smartbert.SmartBertConfig, None, ["stage1_lr"], task="rte")
-    with pytest.raises(ConfigError, match="exit_objective must be 'paper' or 'distill'"):
+    with pytest.raises(ConfigError, match="unknown exit objective 'kd'"):
         load_config(smartbert.SmartBertConfig, None, ["exit_objective=kd"], task="rte")
-    with pytest.raises(ConfigError, match="budget_on must be 'probabilities' or 'decisions'"):
-        load_config(smartbert.SmartBertConfig, None, ["budget_on=hard"], task="rte")
-    with pytest.raises(ConfigError, match=r"difficulty_spread must be in \[0, 0.5\]"):
-        load_config(smartbert.SmartBertConfig, None, ["gate_objective=budget", "difficulty_spread=0.7"], task="rte")
-    with pytest.raises(ConfigError, match="set gate_objective=budget"):
-        load_config(smartbert.SmartBertConfig, None, ["difficulty_spread=0.2"], task="rte")
+    with pytest.raises(ConfigError, match=r"target_cost must be in \[0, 1\]"):
+        load_config(smartbert.SmartBertConfig, None, ["gate_objective.name=budget", "gate_objective.target_cost=1.7"],
+                    task="rte")
+    with pytest.raises(ConfigError, match="unknown config key 'skip_weight'"):
+        load_config(smartbert.SmartBertConfig, None, ["skip_weight=0.1"], task="rte")
     with pytest.raises(ConfigError, match=r"regression_tolerances must be >= 0 \(score units\)"):
         load_config(smartbert.SmartBertConfig, None, ["regression_tolerances=[0.1,-1]"], task="stsb")
 
