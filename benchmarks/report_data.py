@@ -44,8 +44,9 @@ class Source:
         key: short id, used in block names and as the row's label inside :mod:`benchmarks.seeds`.
         label: what the page calls it.
         kind: ``"calibrated"``, ``"full_depth"`` or ``"heads"`` (see the module docstring).
-        patterns: globs under the results folder, ``{task}`` filled in; for one seed, the first
-            pattern that has it wins (a later pattern only fills seeds the earlier ones lack).
+        patterns: globs under the results folder, ``{task}`` filled in; only tables that hold
+            ``method`` count, and for one seed the first pattern that has it wins (a later pattern
+            only fills seeds the earlier ones lack).
         method: the method's name inside the JSON (``smartbert``, ``smartbert_gates_off``...).
         tasks: the tasks whose tables show this row.
         machine: where the JSON was made, from the lab record (the JSON holds the commands only).
@@ -181,7 +182,8 @@ def source_files(source: Source, task: str, results_dir: Path) -> list[Path]:
                 return [path] if any(run.get("method") == source.method for run in runs) else []
             if not isinstance(table, dict) or "seed" not in table:
                 raise ReportError(f"{path}: no seed; {source.key} expects benchmarks.{source.kind} tables")
-            chosen.setdefault(int(table["seed"]), path)
+            if source.method in (table.get("at_cost") if source.kind == "calibrated" else table.get("runs")) or {}:
+                chosen.setdefault(int(table["seed"]), path)  # a table without the method is another row's
     return [chosen[seed] for seed in sorted(chosen)]
 
 

@@ -70,6 +70,11 @@ def results(tmp_path: Path) -> Path:
         ablation = {"smartbert": ("runs/ab/smartbert", NO_CONTRASTIVE[seed])}
         write(folder / "calibrated-mrpc.json", calibrated(seed, ablation))
         write(folder / "tradeoff-mrpc.json", tradeoff(seed, {"smartbert": ("runs/ab/smartbert", 0.84)}))
+    # A baselines folder as it will arrive: PABEE calibrated (no DeeBERT in it), fine-tuning at full depth.
+    baselines = root / "baselines/mrpc-seed42"
+    write(baselines / "calibrated-mrpc.json", calibrated(42, {"pabee": ("runs/b/pabee", [0.83, 0.81, None])}))
+    write(baselines / "tradeoff-mrpc.json", tradeoff(42, {"pabee": ("runs/b/pabee", 0.84),
+                                                          "finetune": ("runs/b/finetune", 0.853)}))
     write(root / "issue13/gates_only/calibrated-mrpc-seed42.json",
           calibrated(42, {"smartbert": ("runs/i13f/mrpc-s42/smartbert", [0.855, None, 0.84])}))
     heads = [{"method": "fastbert", "run": f"runs/i13/mrpc-s{seed}/fastbert", "task": "mrpc", "seed": seed,
@@ -154,6 +159,8 @@ def test_synthetic_json_renders_intervals_single_seeds_and_not_run(results: Path
     assert gates_only[1].startswith("85.50 (1 seed)") and gates_only[2].startswith("no operating point")
     assert row(mrpc, "the same model, gates off (exits only)") == ["not run"] * 4
     assert row(mrpc, "DeeBERT") == ["not run"] * 4
+    assert row(mrpc, "PABEE")[0].startswith("84.00 (1 seed)") and row(mrpc, "PABEE")[3].startswith("no operating")
+    assert row(mrpc, "plain fine-tuning (no exits)") == ["85.30 (1 seed) · 101%"] + ["no exits"] * 3
     # Full depth: each calibrated run's own full-depth row, found by its run folder.
     assert parse(row(mrpc, "FastBERT")[0])[0] == pytest.approx(86.0)
     assert "no operating point" not in block(text, "headline") and "not run" in block(text, "cola")
