@@ -11,7 +11,7 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +23,10 @@ __all__ = [
     "OPTIMIZER_FILE",
     "STATE_FILE",
     "WEIGHTS_FILE",
+    "RecordedFile",
     "atomic_write",
     "capture_rng_state",
+    "copy_verified",
     "file_digest",
     "has_checkpoint",
     "load_checkpoint",
@@ -127,14 +129,27 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (no copy, the same bytes) where the file system allows, else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        import shutil
+class RecordedFile(NamedTuple):
+    """An existing file and the SHA-256 a checkpoint recorded for it (e.g. the best stage-1 weights)."""
 
-        shutil.copyfile(source, target)
+    path: Path
+    sha256: str
+
+
+def copy_verified(source: RecordedFile, target: Path) -> None:
+    """Copy ``source.path`` to ``target`` (a new file, never a hard link: a later write to one must
+    not change the other) and check the copy against ``source.sha256``.
+
+    Raises:
+        CheckpointError: the copy's bytes are not the recorded ones (the source was damaged or replaced).
+    """
+    import shutil
+
+    shutil.copyfile(source.path, target)
+    if _file_digest(target) != source.sha256:
+        raise CheckpointError(f"{source.path} differs from the file the checkpoint recorded (checksum differs): it "
+                              "was damaged or replaced; resume falls back to the previous checkpoint, or start a new "
+                              "run (--overwrite)")
 
 
 def previous_checkpoint(folder: str | os.PathLike[str]) -> Path:
@@ -155,7 +170,7 @@ def save_checkpoint(
     state: Mapping[str, Any],
     scheduler: Any = None,
     rng_state: Mapping[str, Any] | None = None,
-    extra_files: Mapping[str, Mapping[str, Tensor] | Path] | None = None,
+    extra_files: Mapping[str, Mapping[str, Tensor] | RecordedFile] | None = None,
 ) -> Path:
     """Write a resumable checkpoint as a whole: every file or none.
 
@@ -173,11 +188,13 @@ def save_checkpoint(
         state: JSON-ready metadata: config, stage, epoch, history...
         scheduler: optional learning-rate scheduler.
         rng_state: :func:`capture_rng_state` at the moment of saving.
-        extra_files: more weights files: ``{file name: state dict to write, or an existing file
-            to hard-link (or copy)}``, e.g. the best stage-1 weights.
+        extra_files: more weights files: ``{file name: state dict to write, or a
+            :class:`RecordedFile` to copy (checked against its digest)}``, e.g. the best stage-1
+            weights. No file is shared (hard-linked) between two checkpoints.
 
     Raises:
         StorageError: the disk is full or not writable (the previous checkpoint is kept).
+        CheckpointError: a :class:`RecordedFile` no longer has its recorded bytes.
     """
     from recipes.errors import storage_error
 
@@ -200,8 +217,8 @@ def save_checkpoint(
         }
         torch.save(payload, temporary / OPTIMIZER_FILE)
         for name, source in (extra_files or {}).items():
-            if isinstance(source, Path):
-                _link_or_copy(source, temporary / name)
+            if isinstance(source, RecordedFile):
+                copy_verified(source, temporary / name)
             else:
                 _write_safetensors(temporary / name, _detached(source))
         files = {path.name: _file_digest(path) for path in sorted(temporary.iterdir())}

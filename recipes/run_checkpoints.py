@@ -52,10 +52,11 @@ class RunCheckpoints:
         if not self.is_main:
             return
         extra: dict[str, Any] = {}
+        source = self.best_source()
         if new_best is not None:
             extra[BEST_STAGE1_FILE] = new_best
-        elif self.best_source() is not None:
-            extra[BEST_STAGE1_FILE] = self.best_source()
+        elif source is not None:
+            extra[BEST_STAGE1_FILE] = source
         with errors.deferred_signals():  # a SIGINT/SIGTERM now stops the run after the save
             checkpoint.save_checkpoint(self.folder, model.state_dict(), optimizer, state, scheduler,
                                        rng_state=checkpoint.capture_rng_state(), extra_files=extra)
@@ -64,29 +65,27 @@ class RunCheckpoints:
             self.checkpointed = (stage, epoch)
             self.publish_best()
 
-    def best_source(self) -> Path | None:
-        """The best stage-1 weights of the last checkpoint, if it holds them."""
+    def best_source(self) -> checkpoint.RecordedFile | None:
+        """The best stage-1 weights of the last checkpoint and their recorded digest, if it holds them."""
         path = self.folder / BEST_STAGE1_FILE
-        return path if self.best_sha256 is not None and path.is_file() else None
+        return checkpoint.RecordedFile(path, self.best_sha256) if self.best_sha256 is not None and path.is_file() \
+            else None
 
     def publish_best(self) -> None:
-        """``<run>/stage1_best.safetensors``: the checkpoint's best weights (a hard link, else a copy)."""
-        source = self.folder / BEST_STAGE1_FILE
-        if not source.is_file():
+        """``<run>/stage1_best.safetensors``: a copy of the checkpoint's best weights, checked against
+        the digest the checkpoint recorded and renamed into place. Never a hard link: a write into
+        the published file (``cp`` over it, a truncation) must not reach the checkpoints."""
+        source = self.best_source()
+        if source is None:
             return
-        if self.best_path.is_file() and os.path.samefile(source, self.best_path):
-            return  # already published (rename() of one hard link onto another would do nothing)
-        temporary = self.run_dir / f".{BEST_STAGE1_FILE}.tmp-{os.getpid()}"
-        temporary.unlink(missing_ok=True)
+        published = self.best_path
+        if (published.is_file() and not os.path.samefile(source.path, published)
+                and checkpoint.file_digest(published) == source.sha256):
+            return  # already published
         try:
-            try:
-                os.link(source, temporary)
-            except OSError:
-                shutil.copyfile(source, temporary)
-            os.replace(temporary, self.best_path)
+            checkpoint.atomic_write(published, lambda temporary: checkpoint.copy_verified(source, temporary))
         except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise errors.storage_error(error, f"writing {self.best_path}") from error
+            raise errors.storage_error(error, f"writing {published}") from error
 
     def restore_optimizer(self, optimizer: Any, scheduler: Any, payload: dict[str, Any] | None) -> None:
         """Load the optimizer and scheduler state of a resumed checkpoint into fresh ones."""
