@@ -20,9 +20,9 @@ __all__ = ["CONFIG_DIR", "RESUME_ALLOWED_KEYS", "RecipeConfig", "config_to_dict"
            "parse_overrides"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# Config keys a resumed run may change: more epochs (the finished ones are not redone), and
-# settings that do not change what is trained (threads, evaluation batch size). Recipes add
-# their sweep thresholds.
+# Config keys a resumed run may change: settings that do not change what is trained (threads,
+# evaluation batch size) and the epoch keys, as far as recipes.run_folder.check_resume_epochs
+# allows (stage2_epochs until stage 2 starts). Recipes add their sweep thresholds.
 RESUME_ALLOWED_KEYS = ("stage1_epochs", "stage2_epochs", "torch_threads", "eval_batch_size")
 
 

@@ -37,8 +37,8 @@ from recipes.operating_point import calibrate_and_save
 from recipes.results import BestEpoch, EpochRecord, RunResults
 from recipes.results_io import command_line, write_results
 from recipes.run_checkpoints import BEST_STAGE1_FILE, RunCheckpoints
-from recipes.run_folder import (RUN_FILE, RunLock, clear_run, compare_data, config_differences, run_examples,
-                                split_fingerprint)
+from recipes.run_folder import (RUN_FILE, RunLock, check_epochs_recorded, check_resume_epochs, clear_run, compare_data,
+                                config_differences, run_examples, split_fingerprint)
 
 __all__ = ["BACKBONE_DIR", "Run"]
 
@@ -110,9 +110,9 @@ class Run:
     # -- setup -----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Read and check the data and the model, then claim the run folder (lock, ``run.json``,
-        ``backbone/``) and, with ``--resume``, load the checkpoint. Nothing is written before the
-        inputs are checked."""
+        """Read and check the data and the model, claim the run folder (lock), with ``--resume``
+        load and check the checkpoint, then record ``run.json`` and ``backbone/``. Nothing is
+        written before the inputs (and a resumed checkpoint) are checked."""
         config = self.config
         self.rank, self.world_size = distributed.distributed_setup()
         self.checkpoints.is_main = self.is_main
@@ -152,9 +152,10 @@ class Run:
         if self.stage1_from is not None and not self.resume:  # checked before anything is written
             self._adopt_stage1(self.stage1_from)
         if self.is_main:
-            self._claim_run_folder(backbone)
-        self.resume_point = self._load_resume_state()
+            self._claim_run_folder()
+        self.resume_point = self._load_resume_state()  # checked before run.json is rewritten
         if self.is_main:
+            self._record_run(backbone)
             logger.info("%s %s: %d train, %d held out (from train), %d %s rows; model %s (%d layers)",
                         self.name, self.task.name, self.sizes["train"], self.sizes["heldout"], self.sizes["dev"],
                         dev_name, self.model_name, self.model.encoder.num_steps)
@@ -163,9 +164,8 @@ class Run:
                     logger.warning("%s: %d of %d examples longer than max_length=%d tokens were truncated",
                                    name, count, self.sizes[name], config.max_length)
 
-    def _claim_run_folder(self, backbone: nn.Module) -> None:
-        """Lock the run folder, clear it on ``--overwrite``, record ``run.json`` and the backbone's
-        config and tokenizer (which make the folder self-contained for :func:`recipes.reload.load_run`)."""
+    def _claim_run_folder(self) -> None:
+        """Lock the run folder and clear it on ``--overwrite``."""
         self.lock = RunLock(self.run_dir)
         with errors.deferred_signals():  # an interrupt here must not leave a lock without an owner
             self.lock.acquire()
@@ -173,6 +173,10 @@ class Run:
             removed = clear_run(self.run_dir)
             if removed:
                 logger.info("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
+
+    def _record_run(self, backbone: nn.Module) -> None:
+        """Record ``run.json`` and the backbone's config and tokenizer (which make the folder
+        self-contained for :func:`recipes.reload.load_run`)."""
         try:
             backbone.config.save_pretrained(self.run_dir / BACKBONE_DIR)
             self.tokenizer.save_pretrained(self.run_dir / BACKBONE_DIR)
@@ -302,6 +306,8 @@ class Run:
                 f"the checkpoint in {loaded_from} was trained with another config ({'; '.join(differences)}); resume "
                 f"with the same values (only {', '.join(allowed)} may change) or start a new run"
             )
+        check_resume_epochs(state.get("config", {}), config_to_dict(self.config), state["stage"], state["epoch"],
+                            self.run_dir, self.method.has_stage2)
         moved = compare_data(state.get("data"), self.data_record, f"the checkpoint in {loaded_from}")
         if moved:
             logger.warning("%s", moved)
@@ -462,6 +468,7 @@ class Run:
         if not self.is_main:
             return None
         config, task, encoder = self.config, self.task, self.model.encoder
+        check_epochs_recorded(self.history, config, self.method.has_stage2)
         settings = self.method.sweep_settings(config, task, encoder.num_steps)
         traces: dict[str, Any] = {}  # the full and skip-only passes, reused for the skipping statistics
         rows = sweeps.run_sweep(encoder, self.loader("dev"), settings, lambda: GlueMetrics(task),

@@ -40,6 +40,8 @@ __all__ = [
     "LOCK_FILE",
     "RUN_FILE",
     "RunLock",
+    "check_epochs_recorded",
+    "check_resume_epochs",
     "check_run_folder",
     "clear_run",
     "compare_data",
@@ -287,3 +289,59 @@ def compare_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any], wh
                 "identical, so it continues")
     return None
 
+
+
+def check_resume_epochs(saved: Mapping[str, Any], current: Mapping[str, Any], stage: int, epoch: int,
+                        run_dir: Path, has_stage2: bool) -> None:
+    """Refuse an epoch key (``stage1_epochs``, ``stage2_epochs``) that ``--resume`` changes for a
+    stage that has trained an epoch; ``stage2_epochs`` may change while stage 2 has not started.
+
+    A stage's learning rate warms up and decays to 0 over its epoch count, so changing it after
+    the stage started would give a run that no uninterrupted run matches: raising it trains
+    more epochs on a restarted schedule, lowering it below the epochs done would record epochs
+    that were trained as not trained. Resumed runs are bit-identical to uninterrupted ones.
+
+    Args:
+        saved, current: the checkpoint's config and this run's (as dicts).
+        stage, epoch: the checkpoint's stage (1 or 2) and last completed epoch (0-based).
+        run_dir: the run folder (named in the advice).
+        has_stage2: whether the method trains a stage 2.
+
+    Raises:
+        ResumeMismatchError: an epoch key changed for a started stage (says what to do instead).
+    """
+    from recipes.errors import ResumeMismatchError
+
+    started = {1: epoch + 1 if stage == 1 else saved.get("stage1_epochs")}
+    if has_stage2 and stage == 2:
+        started[2] = epoch + 1
+    for number, done in started.items():
+        key = f"stage{number}_epochs"
+        before, after = saved.get(key), current.get(key)
+        if before == after or before is None:
+            continue
+        if after < done:
+            what = f"it has trained {done} epoch(s), which {key}={after} cannot take back"
+        elif stage > number or done >= before:
+            what = (f"it finished its {before} epoch(s), with the learning rate decayed to 0; {key}={after} would "
+                    "train more on a restarted schedule")
+        else:
+            what = (f"it is at epoch {done} of {before}, and its learning-rate schedule spans {key}, so it cannot "
+                    "change mid-stage")
+        if number == 1:
+            fix = f"start a new run with {key}={after} (--overwrite or another --output-dir)"
+        else:
+            fix = f"train stage 2 again in a new run on this stage 1: --stage1-from {run_dir} --output-dir NEW {key}={after}"
+        raise ResumeMismatchError(f"--resume with {key}={after}: stage {number} of the run in {run_dir} was trained "
+                                  f"with {key}={before} and {what}. Resume with {key}={before}, or {fix}")
+
+
+def check_epochs_recorded(history: Mapping[str, Sequence[Any]], config: Any, has_stage2: bool) -> None:
+    """A last check before ``results.json`` is written: its history holds every epoch its config
+    names, no more and no fewer (``RuntimeError`` otherwise: a bug, results must not claim it)."""
+    expected = {"stage1": config.stage1_epochs, "stage2": config.stage2_epochs if has_stage2 else 0}
+    for stage, epochs in expected.items():
+        recorded = [record.epoch for record in history.get(stage, [])]
+        if recorded != list(range(epochs)):
+            raise RuntimeError(f"{stage} recorded epochs {recorded} but the config says {epochs}; results.json "
+                               "would claim work that was not done")

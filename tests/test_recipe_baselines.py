@@ -115,13 +115,14 @@ def test_resume_continues_from_checkpoint(tiny_model_dir: Path, glue_dir: Path, 
     out = tmp_path / "run"
     base = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir", str(out),
             *TINY]
-    assert deebert.main([*base, "stage2_epochs=0"]) == 0
+    assert deebert.main([*base, "stage1_epochs=2", "stage2_epochs=0"]) == 0
     caplog.clear()
     assert deebert.main([*base, "--resume", "stage1_epochs=2", "stage2_epochs=1"]) == 0
-    assert "stage 1, epoch 0 completed" in caplog.text
-    assert "stage 1 epoch 1/2" not in caplog.text and "stage 1 epoch 2/2" in caplog.text
+    assert "stage 1, epoch 1 completed" in caplog.text
+    assert "stage 1 epoch" not in caplog.text and "stage 2 epoch 1/1" in caplog.text
     results = json.loads((out / "results.json").read_text())
     assert [record["epoch"] for record in results["history"]["stage1"]] == [0, 1]
+    assert [record["epoch"] for record in results["history"]["stage2"]] == [0]
     assert deebert.main([*base[:-len(TINY)], "--resume", "head_inner_size=8"]) == 2
     assert finetune.main([*base, "--resume"]) == 2  # a deebert checkpoint is not a finetune run
 

@@ -278,8 +278,8 @@ def test_resume_refuses_another_config_or_other_data(
     train.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert run_cli(*[str(other) if arg == str(glue_dir) else arg for arg in argv], "--resume") == 2
     assert_one_error_line(capsys.readouterr().err, "other data", "--data-dir")
-    # Allowed: more epochs, another evaluation batch size.
-    assert run_cli(*argv, "--resume", "stage1_epochs=2", "eval_batch_size=4") == 0
+    # Allowed: stage 2 epochs before stage 2 started, another evaluation batch size.
+    assert run_cli(*argv, "--resume", "stage2_epochs=1", "eval_batch_size=4") == 0
 
 
 def test_silently_wrong_inputs_are_errors(

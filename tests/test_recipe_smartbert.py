@@ -95,20 +95,20 @@ def test_end_to_end_writes_results(tiny_model_dir: Path, glue_dir: Path, tmp_pat
     assert float((predictions == labels).double().mean()) == pytest.approx(full["metrics"]["accuracy"])
 
 
-def test_resume_continues_stage1_and_stage2_freezes(
+def test_resume_adds_stage2_to_a_finished_stage1_and_stage2_freezes(
     tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "run"
     base = ["--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir, "--output-dir", out, *TINY]
-    assert run_cli(*base, "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=0") == 0
+    assert run_cli(*base, "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=0") == 0
     state = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert (state["stage"], state["epoch"]) == (1, 0)
+    assert (state["stage"], state["epoch"]) == (1, 1)
 
     caplog.clear()
     assert run_cli(*base, "--resume", "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=1") == 0
-    assert "stage 1, epoch 0 completed" in caplog.text
-    assert "stage 1 epoch 1/2" not in caplog.text  # epoch 0 was not trained again
-    assert "stage 1 epoch 2/2" in caplog.text
+    assert "stage 1, epoch 1 completed" in caplog.text
+    assert "stage 1 epoch" not in caplog.text  # stage 1 was not trained again
+    assert "stage 2 epoch 1/1" in caplog.text
     results = json.loads((out / "results.json").read_text())
     assert [record["epoch"] for record in results["history"]["stage1"]] == [0, 1]
     assert [record["options"]["gate_mode"] for record in results["history"]["stage1"]] == ["soft", "hard"]

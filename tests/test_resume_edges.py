@@ -86,3 +86,74 @@ def test_a_damaged_checkpoint_copy_is_not_carried_into_the_next_checkpoint(tmp_p
         ckpt.save_checkpoint(folder, weights, None, {"epoch": 2}, extra_files={BEST: best})
     assert json.loads((folder / ckpt.STATE_FILE).read_text())["epoch"] == 1  # nothing was swapped in
     assert not list(tmp_path.glob(".checkpoint.tmp-*"))
+
+
+# -- epoch keys on --resume --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run folders whose checkpoint is at four places (``SCHEDULE``: 2 + 2 epochs):
+    ``finished`` (stage 2, epoch 2), ``stage2-not-started`` (stage1 done, ``stage2_epochs=0``),
+    ``mid-stage1`` (stage 1, epoch 1) and ``mid-stage2`` (stage 2, epoch 1)."""
+    folders: dict[str, Path] = {}
+    for name, overrides, interrupted_epoch in (("finished", [], None), ("stage2-not-started", ["stage2_epochs=0"], None),
+                                               ("mid-stage1", [], 2), ("mid-stage2", [], 4)):
+        out = tmp_path_factory.mktemp(name) / "run"
+        with pytest.MonkeyPatch.context() as patch:
+            if interrupted_epoch is not None:
+                interrupt_epoch(patch, interrupted_epoch, signal.SIGTERM)
+            status = run_cli(*base(glue_dir, tiny_model_dir, out), *SCHEDULE, *overrides)
+        assert status == (0 if interrupted_epoch is None else 128 + signal.SIGTERM)
+        folders[name] = out
+    return folders
+
+
+def resume_argv(glue_dir: Path, tiny_model_dir: Path, out: Path, *overrides: str) -> list[str]:
+    return [*base(glue_dir, tiny_model_dir, out), *SCHEDULE, "--resume", *overrides]
+
+
+@pytest.mark.parametrize(("where", "override", "fragment"), [
+    ("finished", "stage1_epochs=3", "stage 1 of the run in {out} was trained with stage1_epochs=2 and it finished "
+                                    "its 2 epoch(s)"),
+    ("finished", "stage1_epochs=1", "it has trained 2 epoch(s), which stage1_epochs=1 cannot take back"),
+    ("finished", "stage2_epochs=3", "--stage1-from {out} --output-dir NEW stage2_epochs=3"),
+    ("finished", "stage2_epochs=1", "it has trained 2 epoch(s), which stage2_epochs=1 cannot take back"),
+    ("stage2-not-started", "stage1_epochs=3", "finished its 2 epoch(s), with the learning rate decayed to 0"),
+    ("stage2-not-started", "stage1_epochs=1", "which stage1_epochs=1 cannot take back"),
+    ("mid-stage1", "stage1_epochs=3", "it is at epoch 1 of 2, and its learning-rate schedule spans stage1_epochs"),
+    ("mid-stage1", "stage1_epochs=1", "it is at epoch 1 of 2"),
+    ("mid-stage2", "stage2_epochs=3", "stage 2 of the run in {out} was trained with stage2_epochs=2 and it is at "
+                                      "epoch 1 of 2"),
+    ("mid-stage2", "stage1_epochs=3", "stage 1 of the run in {out} was trained with stage1_epochs=2 and it finished"),
+])
+def test_resume_refuses_an_epoch_key_changed_for_a_started_stage(
+    where: str, override: str, fragment: str, runs: dict[str, Path], tiny_model_dir: Path, glue_dir: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Raising or lowering ``stage1_epochs`` / ``stage2_epochs`` once that stage has trained an epoch
+    is refused before anything is written: results.json never records epochs that were not trained
+    (nor hides ones that were), and a resumed run always matches an uninterrupted one."""
+    out = tmp_path / "run"
+    shutil.copytree(runs[where], out)
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    assert run_cli(*resume_argv(glue_dir, tiny_model_dir, out, override)) == 2
+    key, value = override.split("=")
+    line = assert_one_error_line(capsys.readouterr().err, f"--resume with {override}", fragment.format(out=out))
+    assert f"Resume with {key}=2" in line
+    assert {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_stage2_epochs_may_change_before_stage2_starts_and_match_an_uninterrupted_run(
+    runs: dict[str, Path], reference: dict[str, Any], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+) -> None:
+    """A run that finished stage 1 with ``stage2_epochs=0``, resumed with ``stage2_epochs=2``, trains
+    stage 2 and ends bit-identical to the uninterrupted 2 + 2 run."""
+    out = tmp_path / "run"
+    shutil.copytree(runs["stage2-not-started"], out)
+    assert run_cli(*resume_argv(glue_dir, tiny_model_dir, out, "stage2_epochs=2")) == 0
+    results = without_timings(json.loads((out / "results.json").read_text()))
+    assert [record["epoch"] for record in results["history"]["stage2"]] == [0, 1]
+    assert results == reference["results"]
+    final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
+    assert all(torch.equal(final[key], value) for key, value in reference["weights"].items())
