@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adaptive_depth.config import AdaptiveEncoderConfig
+from adaptive_depth.storage import as_storage_error
 
 if TYPE_CHECKING:
     from adaptive_depth.encoder import AdaptiveEncoder
@@ -60,6 +61,8 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
     Raises:
         FileExistsError: the destination exists and is not an empty folder or a saved model,
             or is a saved model and ``overwrite`` is False.
+        OSError: the disk is full or not writable (``errno`` ``ENOSPC``, ``EROFS``..., also when
+            safetensors or torch raised it); the destination is left as it was.
     """
     from safetensors.torch import save_file
 
@@ -85,9 +88,12 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         _replace_folder(staging, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        storage = as_storage_error(error, target) if isinstance(error, Exception) else None
+        if storage is None or storage is error:
+            raise
+        raise storage from error
     return target
 
 

@@ -5,7 +5,6 @@ the previous checkpoint is kept as a fallback."""
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import random
@@ -16,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from adaptive_depth.storage import file_sha256 as file_digest
 from recipes.errors import CheckpointError
 from recipes.logs import logger
 
@@ -55,19 +55,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             temporary.unlink()
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 (hex) of a file's bytes."""
-    return _file_digest(Path(path))
-
-
 def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -87,7 +74,7 @@ def load_weights(path: Path, sha256: str | None = None) -> dict[str, Tensor]:
 
     if not path.is_file():
         raise CheckpointError(f"checkpoint weights {path} do not exist")
-    if sha256 is not None and _file_digest(path) != sha256:
+    if sha256 is not None and file_digest(path) != sha256:
         raise CheckpointError(f"weights {path} differ from the ones the run recorded (checksum differs): the file "
                               "is corrupt or was replaced")
     try:
@@ -146,7 +133,7 @@ def copy_verified(source: RecordedFile, target: Path) -> None:
     import shutil
 
     shutil.copyfile(source.path, target)
-    if _file_digest(target) != source.sha256:
+    if file_digest(target) != source.sha256:
         raise CheckpointError(f"{source.path} differs from the file the checkpoint recorded (checksum differs): it "
                               "was damaged or replaced; resume falls back to the previous checkpoint, or start a new "
                               "run (--overwrite)")
@@ -215,13 +202,14 @@ def save_checkpoint(
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": None if rng_state is None else dict(rng_state),
         }
-        torch.save(payload, temporary / OPTIMIZER_FILE)
+        with (temporary / OPTIMIZER_FILE).open("wb") as handle:  # a file object: a full disk stays an OSError cause
+            torch.save(payload, handle)
         for name, source in (extra_files or {}).items():
             if isinstance(source, RecordedFile):
                 copy_verified(source, temporary / name)
             else:
                 _write_safetensors(temporary / name, _detached(source))
-        files = {path.name: _file_digest(path) for path in sorted(temporary.iterdir())}
+        files = {path.name: file_digest(path) for path in sorted(temporary.iterdir())}
         record = dict(state)
         record["files"] = files
         record["weights_sha256"] = files[WEIGHTS_FILE]
@@ -236,8 +224,11 @@ def save_checkpoint(
             os.replace(folder, previous)
         os.replace(temporary, folder)
         _fsync(folder.parent)
-    except OSError as error:
-        raise storage_error(error, f"saving the checkpoint {folder}") from error
+    except Exception as error:  # OSError, or torch's / safetensors' error for a full disk
+        converted = storage_error(error, f"saving the checkpoint {folder}")
+        if converted is error:
+            raise
+        raise converted from error
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
@@ -263,7 +254,7 @@ def _load_one_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} lacks {name}, which {STATE_FILE} records")
-        if digest is not None and _file_digest(path) != digest:
+        if digest is not None and file_digest(path) != digest:
             raise CheckpointError(
                 f"checkpoint file {path} does not match {state_path} (checksum differs): the "
                 "checkpoint is corrupt or was partly overwritten"

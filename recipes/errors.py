@@ -22,12 +22,15 @@ Example:
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from adaptive_depth.storage import ENVIRONMENT_ERRNOS, storage_errno
 
 __all__ = [
     "CheckpointError",
@@ -100,7 +103,7 @@ class Interrupted(BaseException):  # noqa: N818 (named like KeyboardInterrupt)
 
 
 # OSErrors that are the user's environment, not a bug: no space, no permission, read-only.
-USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+USER_OS_ERRNOS = ENVIRONMENT_ERRNOS
 
 _OS_HINTS = {
     errno.ENOSPC: "the disk is full: free some space or pass another --output-dir",
@@ -142,11 +145,13 @@ def error_boundary(on_interrupt: Callable[[Interrupted], str] | None = None,
     except (RecipeError, *handled) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         outcome.status = 2
-    except OSError as error:
-        if error.errno not in USER_OS_ERRNOS:
+    except Exception as error:  # a full or read-only disk, whichever writer (torch, safetensors) met it
+        number = storage_errno(error)
+        if number is None:
             raise
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"error: {one_line(error.strerror or error)}{where}; {_OS_HINTS[error.errno]}", file=sys.stderr)
+        filename = getattr(error, "filename", None)
+        where = f" ({filename})" if filename else ""
+        print(f"error: {os.strerror(number)}{where}; {_OS_HINTS[number]}", file=sys.stderr)
         outcome.status = 2
     except (Interrupted, KeyboardInterrupt) as error:
         interrupt = error if isinstance(error, Interrupted) else Interrupted(signal.SIGINT)
@@ -156,13 +161,17 @@ def error_boundary(on_interrupt: Callable[[Interrupted], str] | None = None,
         outcome.status = interrupt.exit_status
 
 
-def storage_error(error: OSError, action: str) -> StorageError | OSError:
-    """A :class:`StorageError` for an ``OSError`` of the user's environment (disk full...), naming
-    ``action``; other ``OSError``s (bugs) are returned unchanged for re-raising."""
-    if error.errno not in USER_OS_ERRNOS:
+def storage_error(error: BaseException, action: str) -> BaseException:
+    """A :class:`StorageError` naming ``action`` for a failure of the user's storage (a full disk,
+    no permission, read-only), whichever writer raised it: Python's ``OSError``, torch's
+    ``RuntimeError`` or safetensors' ``SafetensorError`` (:func:`adaptive_depth.storage.storage_errno`);
+    any other error (a bug) is returned unchanged for re-raising."""
+    number = storage_errno(error)
+    if number is None:
         return error
-    where = f" {error.filename}" if error.filename else ""
-    return StorageError(f"{action} failed:{where} {error.strerror}; {_OS_HINTS[error.errno]}")
+    filename = getattr(error, "filename", None)
+    where = f" {filename}" if filename else ""
+    return StorageError(f"{action} failed:{where} {os.strerror(number)}; {_OS_HINTS[number]}")
 
 
 _deferred: list[int] = []

@@ -84,8 +84,11 @@ class RunCheckpoints:
             return  # already published
         try:
             checkpoint.atomic_write(published, lambda temporary: checkpoint.copy_verified(source, temporary))
-        except OSError as error:
-            raise errors.storage_error(error, f"writing {published}") from error
+        except Exception as error:
+            converted = errors.storage_error(error, f"writing {published}")
+            if converted is error:
+                raise
+            raise converted from error
 
     def restore_optimizer(self, optimizer: Any, scheduler: Any, payload: dict[str, Any] | None) -> None:
         """Load the optimizer and scheduler state of a resumed checkpoint into fresh ones."""
