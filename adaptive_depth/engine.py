@@ -198,6 +198,19 @@ def skip_exit_loop(rows: StepRows, hidden: Tensor, *, num_steps: int, num_labels
                      heads_run=heads_run.T)
 
 
+def _check_attention(encoder: AdaptiveEncoder) -> None:
+    """Refuse a backbone whose attention mask cannot follow the batch as rows leave it: the engine
+    narrows the mask to the rows still running, and flex attention's ``BlockMask`` would have to be
+    rebuilt for them (which also recompiles its kernel for every new number of rows)."""
+    implementation = getattr(encoder.config, "_attn_implementation", None)
+    if implementation == "flex_attention":
+        raise ValueError(
+            "the inference engine does not run a backbone with attn_implementation='flex_attention' (its BlockMask "
+            "cannot be narrowed to the rows that keep running); load it with attn_implementation='sdpa' or 'eager', "
+            "e.g. AdaptiveEncoder.from_pretrained(folder, attn_implementation='sdpa')."
+        )
+
+
 class _EngineRows:
     """:class:`StepRows` over an encoder's own modules; the layer runner is narrowed only when a
     layer runs on the selected rows (heads need only the token mask)."""
@@ -269,6 +282,7 @@ class AdaptiveInferenceEngine:
             raise ValueError(f"mode {mode!r} needs skip gates, but the encoder was built with_gates=False.")
         if padded_length is not None and padded_length < 1:
             raise ValueError(f"padded_length must be >= 1, got {padded_length}.")
+        _check_attention(encoder)
         self.encoder = encoder
         self.criterion: ExitCriterion = criterion if criterion is not None else EntropyExit(0.3)
         self.gate_threshold = encoder.adaptive_config.gate_threshold if gate_threshold is None else gate_threshold
@@ -299,8 +313,10 @@ class AdaptiveInferenceEngine:
         Raises:
             ValueError: invalid inputs (see :meth:`AdaptiveEncoder.prepare`).
             FloatingPointError: an exit head gave NaN or infinite logits.
+            ValueError: the backbone runs flex attention (load it with ``"sdpa"`` or ``"eager"``).
         """
         encoder = self.encoder
+        _check_attention(encoder)  # the implementation may have been switched since
         runner, token_mask = encoder.prepare(input_ids, attention_mask, **model_inputs)
         batch_size, num_tokens = token_mask.shape
         if self.padded_length is not None and num_tokens > self.padded_length:

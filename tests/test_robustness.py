@@ -96,3 +96,27 @@ def test_skip_decision_at_the_ends() -> None:
     assert not skip_decision(p_skip, 1.0).any()
     assert skip_decision(p_skip, 0.5).tolist() == [False, False, True, True]
     assert straight_through_hard(p_skip, 1.0).tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_the_engine_refuses_flex_attention_up_front_and_runs_the_same_model_with_sdpa() -> None:
+    """The engine narrows the attention mask to the rows that keep running; flex attention's
+    BlockMask cannot be narrowed that way, so a flex backbone is refused before any batch (with the
+    fix), not after some rows took another path."""
+    try:
+        flex = tiny_model("bert", attn_implementation="flex_attention", num_layers=3)
+    except (ImportError, ValueError) as error:
+        pytest.skip(f"flex attention is not available here: {error}")
+    torch.manual_seed(0)
+    encoder = AdaptiveEncoder(flex, num_labels=3, gate_inner_size=16, head_inner_size=16).eval()
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'.*'sdpa' or 'eager'"):
+        AdaptiveInferenceEngine(encoder, EntropyExit(0.5))
+    switch = getattr(encoder.backbone, "set_attn_implementation", None)
+    if switch is None:
+        pytest.skip("this transformers cannot switch a loaded model's attention implementation")
+    switch("sdpa")
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.5))
+    input_ids, attention_mask = padded_batch(batch_size=4, num_tokens=9)
+    assert engine(input_ids, attention_mask).logits.shape == (4, 3)
+    switch("flex_attention")  # switched after the engine was built
+    with pytest.raises(ValueError, match="flex_attention"):
+        engine(input_ids, attention_mask)
