@@ -31,6 +31,7 @@ from adaptive_depth.gates import (
     straight_through_hard,
 )
 from adaptive_depth.losses import LossTerms, budget_penalty, skip_reward
+from adaptive_depth.model_folder import ModelFolderError
 from adaptive_depth.objectives import (
     BudgetPenalty,
     DistillExits,
@@ -93,6 +94,7 @@ __all__ = [
     "LossTerms",
     "LayerRunner",
     "MaxProbExit",
+    "ModelFolderError",
     "PatienceExit",
     "PoolerExitHead",
     "Prediction",

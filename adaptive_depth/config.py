@@ -13,7 +13,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 
@@ -127,6 +128,29 @@ def check_gate_threshold(value: float) -> float:
         raise ValueError(f"gate_threshold must be in [0, 1] (a layer is skipped when p_skip >= it; 1 never skips), "
                          f"got {value}.")
     return value
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (``int`` is not ``bool``; ``float`` takes ``int``)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union or origin is types.UnionType:
+        return any(_has_type(value, arg) for arg in args)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_has_type(key, args[0]) and _has_type(item, args[1])
+                                               for key, item in value.items())
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def _whole(value: float, what: str) -> int:
@@ -255,10 +279,22 @@ class AdaptiveEncoderConfig:
                 f"adaptive config format_version {version!r} is not the one this adaptive_depth reads "
                 f"({CONFIG_FORMAT_VERSION}); save the model again with this version."
             )
-        known = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown keys in the adaptive config: {unknown}; known: {sorted(known)}.")
+        missing = [f.name for f in fields if f.name not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"the adaptive config lacks the field(s) {missing}.")
+        hints = get_type_hints(cls)
+        for name, value in values.items():
+            if not _has_type(value, hints[name]):
+                hint = hints[name]
+                shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+                raise ValueError(f"field {name!r} of the adaptive config must be {shown}, got "
+                                 f"{type(value).__name__} {value!r}.")
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
@@ -267,12 +303,20 @@ class AdaptiveEncoderConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> AdaptiveEncoderConfig:
-        """Read the JSON written by :meth:`save`."""
+        """Read the JSON written by :meth:`save`.
+
+        Raises:
+            ValueError: the file is not a JSON object, or a field is unknown, missing, of the wrong
+                type or out of range (the message starts with the path and names the field).
+        """
         path = Path(path)
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not valid JSON ({error}); the saved model is damaged.") from error
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object.")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: {error}") from error

@@ -201,17 +201,12 @@ class AdaptiveEncoder(nn.Module):
         return save_pretrained(self, save_directory, tokenizer, overwrite)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike[str],
-        *,
-        dtype: torch.dtype | str | None = None,
-        device: str | torch.device | None = None,
-        attn_implementation: str | None = None,
-        revision: str | None = None,
-    ) -> AdaptiveEncoder:
-        """Rebuild a model written by :meth:`save_pretrained` (a folder or a Hub id), in eval mode;
-        the arguments are those of :func:`adaptive_depth.pretrained.load_pretrained`.
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, attn_implementation: str | None = None,
+                        revision: str | None = None, verify: bool = True) -> AdaptiveEncoder:
+        """Rebuild a model written by :meth:`save_pretrained` (a folder or a Hub id), in eval mode,
+        after checking its files' SHA-256 (``verify=False``: not, after a deliberate edit); the
+        arguments are those of :func:`adaptive_depth.pretrained.load_pretrained`.
 
         Example:
             >>> import tempfile
@@ -225,7 +220,7 @@ class AdaptiveEncoder(nn.Module):
         from adaptive_depth.pretrained import load_pretrained
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                               revision=revision)
+                               revision=revision, verify=verify)
 
     def unwrap(self) -> nn.Module:
         """The model that was wrapped, unchanged in structure (its weights are shared)."""

@@ -301,6 +301,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", default=None, choices=["adaptive", "skip_only", "exit_only", "full"],
                         help="engine mode (default: the saved config's, else adaptive with gates, exit_only without)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the SHA-256 check of the model's files (after a deliberate edit)")
     return parser.parse_args(argv)
 
 
@@ -310,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if Path(args.out_dir).exists():
             raise FileExistsError(f"{args.out_dir} already exists; choose a new folder or delete it first.")
-        encoder = AdaptiveEncoder.from_pretrained(args.model_dir)
+        encoder = AdaptiveEncoder.from_pretrained(args.model_dir, verify=not args.no_verify)
         criterion, gate_threshold, mode = _operating_point(encoder, args)
         out_dir = export_engine(encoder, args.out_dir, args.format, criterion=criterion,
                                 gate_threshold=gate_threshold, mode=mode, opset=args.opset)

@@ -109,26 +109,37 @@ class AdaptivePipeline:
         *,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
+        verify: bool = True,
         **options: Any,
     ) -> AdaptivePipeline:
         """Load a model saved with its tokenizer by :meth:`AdaptiveEncoder.save_pretrained`.
 
         Args:
             name_or_path: the folder (or a Hub id).
-            dtype, device: as in :meth:`AdaptiveEncoder.from_pretrained`.
+            dtype, device, verify: as in :meth:`AdaptiveEncoder.from_pretrained` (``verify``
+                covers the tokenizer files too).
             **options: :class:`AdaptivePipeline` keyword arguments.
+
+        Raises:
+            FileNotFoundError: no saved model there, or one saved without its tokenizer.
+            ModelFolderError: a damaged or edited file (see :meth:`AdaptiveEncoder.from_pretrained`).
         """
         from transformers import AutoTokenizer
 
-        from adaptive_depth.pretrained import resolve_model_dir
+        from adaptive_depth.pretrained import ModelFolderError, resolve_model_dir
 
         folder = resolve_model_dir(name_or_path)
         if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
             raise FileNotFoundError(
                 f"{folder} holds no tokenizer; save the model with encoder.save_pretrained(folder, tokenizer=...)."
             )
-        encoder = AdaptiveEncoder.from_pretrained(folder, dtype=dtype, device=device)
-        return cls(encoder, AutoTokenizer.from_pretrained(str(folder)), **options)
+        encoder = AdaptiveEncoder.from_pretrained(folder, dtype=dtype, device=device, verify=verify)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as error:  # tokenizers raises its own types for a damaged tokenizer.json
+            raise ModelFolderError(f"the tokenizer files in {folder} cannot be loaded: "
+                                   f"{' '.join(str(error).split())}") from error
+        return cls(encoder, tokenizer, **options)
 
     @property
     def device(self) -> torch.device:

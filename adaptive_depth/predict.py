@@ -116,6 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per engine call")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the SHA-256 check of the model's files (after a deliberate edit)")
     return parser.parse_args(argv)
 
 
@@ -135,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts = _column(rows, text_column)  # type: ignore[arg-type]
         pairs = _column(rows, pair_column) if pair_column else None
         try:
-            pipeline = AdaptivePipeline.from_pretrained(args.model, device=args.device, batch_size=args.batch_size)
+            pipeline = AdaptivePipeline.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
+                                                        verify=not args.no_verify)
         except ValueError as error:  # a damaged adaptive_config.json or weights that do not fit it
             raise InputFileError(f"cannot load the model in {args.model}: {error}") from error
         config = pipeline.encoder.adaptive_config

@@ -8,9 +8,13 @@ Layout of a saved model (the backbone files are plain Hugging Face files, so
       adaptive_config.json               AdaptiveEncoderConfig: wrapper + operating point
       adaptive_heads.safetensors         gates and exit heads
       tokenizer.json, vocab.txt, ...     the tokenizer, when one was given
+      adaptive_manifest.json             the SHA-256 of every file above (adaptive_depth.model_folder)
 
 The folder is written beside its destination and renamed into place, so a crash never leaves
-a half-written model under the destination's name.
+a half-written model under the destination's name; a full disk is reported as an ``OSError``
+(``ENOSPC``) whichever writer hit it (adaptive_depth.storage). Loading checks the manifest
+(``verify=False`` skips it) and turns a damaged file into one :class:`ModelFolderError` naming
+the file and the field or tensor.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adaptive_depth.config import AdaptiveEncoderConfig
+from adaptive_depth.hub import HubTimeoutError, OFFLINE_HINT, download_snapshot, looks_like_hub_id
+from adaptive_depth.model_folder import ModelFolderError, verify_model_folder, write_manifest
 from adaptive_depth.storage import as_storage_error
 
 if TYPE_CHECKING:
     from adaptive_depth.encoder import AdaptiveEncoder
 
-__all__ = ["ADAPTIVE_CONFIG_NAME", "ADAPTIVE_WEIGHTS_NAME", "load_pretrained", "resolve_model_dir", "save_pretrained"]
+__all__ = ["ADAPTIVE_CONFIG_NAME", "ADAPTIVE_WEIGHTS_NAME", "ModelFolderError", "load_pretrained", "resolve_model_dir",
+           "save_pretrained"]
 
 ADAPTIVE_CONFIG_NAME = "adaptive_config.json"
 ADAPTIVE_WEIGHTS_NAME = "adaptive_heads.safetensors"
@@ -87,6 +94,7 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
         config.save(staging / ADAPTIVE_CONFIG_NAME)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        write_manifest(staging)
         _replace_folder(staging, target)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -115,8 +123,12 @@ def _replace_folder(staging: Path, target: Path) -> None:
 def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
     """A local folder holding a saved model: ``name_or_path`` itself, or a Hub snapshot of it.
 
+    A Hub id is fetched within :func:`adaptive_depth.hub.hub_timeout_s` seconds.
+
     Raises:
-        FileNotFoundError: neither a folder with ``adaptive_config.json`` nor a downloadable Hub id.
+        FileNotFoundError: neither a folder with ``adaptive_config.json`` nor a downloadable Hub id
+            (no such path, unknown repository, offline and not cached, or the Hub did not answer
+            in time; the message says how to work offline).
     """
     path = Path(name_or_path)
     if path.is_dir():
@@ -129,18 +141,23 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None
             )
         return path
     text = str(name_or_path)
-    looks_like_hub_id = text.count("/") <= 1 and not text.startswith((".", "/", "~")) and not path.exists()
-    if not looks_like_hub_id:
-        raise FileNotFoundError(f"{text} is not a folder holding a saved adaptive model.")
+    if not looks_like_hub_id(text):
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"{text} {what}: it is not a folder holding a saved adaptive model "
+                                "(AdaptiveEncoder.save_pretrained).")
     try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(repo_id=str(name_or_path), revision=revision))
+        folder = download_snapshot(text, revision)
+    except HubTimeoutError as error:
+        raise FileNotFoundError(f"there is no folder {text}, and as a Hugging Face Hub id: {error}") from error
     except Exception as error:  # offline, unknown repo, no access: all mean "cannot get it"
-        raise FileNotFoundError(
-            f"{name_or_path!r} is not a local folder, and downloading it from the Hugging Face Hub failed "
-            f"({type(error).__name__}: {error})."
-        ) from error
+        from huggingface_hub import is_offline_mode
+
+        if is_offline_mode():
+            reason = ("it is not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it: pass a local "
+                      "folder, or unset HF_HUB_OFFLINE to download it")
+        else:
+            reason = f"fetching it failed ({type(error).__name__}: {_one_line(error)}); {OFFLINE_HINT}"
+        raise FileNotFoundError(f"there is no folder {text}, and as a Hugging Face Hub id {reason}.") from error
     return resolve_model_dir(folder)
 
 
@@ -152,6 +169,7 @@ def load_pretrained(
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     revision: str | None = None,
+    verify: bool = True,
 ) -> AdaptiveEncoder:
     """Rebuild a model saved by :func:`save_pretrained`, in eval mode (what
     :meth:`AdaptiveEncoder.from_pretrained <adaptive_depth.AdaptiveEncoder.from_pretrained>` calls).
@@ -163,35 +181,101 @@ def load_pretrained(
         device: where to put the model (default: the CPU).
         attn_implementation: ``"sdpa"``, ``"eager"``...; default: the one it was saved with.
         revision: Hub revision, for Hub ids.
+        verify: check every file against the folder's ``adaptive_manifest.json`` first
+            (:func:`~adaptive_depth.model_folder.verify_model_folder`); ``False`` after a deliberate edit.
 
     Raises:
         FileNotFoundError: no saved model there.
-        ValueError: the gate/head weights do not match the saved config.
+        ModelFolderError: a file of the folder is missing, damaged, edited (``verify``) or of the
+            wrong form: the message names the file and the field or tensor.
     """
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
     folder = resolve_model_dir(name_or_path, revision)
-    config = AdaptiveEncoderConfig.load(folder / ADAPTIVE_CONFIG_NAME)
-    weights_path = folder / ADAPTIVE_WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {ADAPTIVE_WEIGHTS_NAME}; the saved model is incomplete.")
+    if verify:
+        verify_model_folder(folder)
+    try:
+        config = AdaptiveEncoderConfig.load(folder / ADAPTIVE_CONFIG_NAME)
+    except (OSError, ValueError) as error:
+        raise ModelFolderError(_one_line(error)) from error
     options: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
     implementation = attn_implementation or config.attn_implementation
     if implementation:
         options["attn_implementation"] = implementation
-    backbone = AutoModel.from_pretrained(str(folder), **options)
-    encoder = encoder_class(backbone, **config.architecture_kwargs())
+    backbone = _load_backbone(folder, options)
+    try:
+        encoder = encoder_class(backbone, **config.architecture_kwargs())
+    except (ValueError, TypeError) as error:
+        raise ModelFolderError(f"{folder / ADAPTIVE_CONFIG_NAME} does not describe a model that fits the backbone in "
+                               f"{folder}: {_one_line(error)}") from error
     encoder.adaptive_config = config
-    state = load_file(str(weights_path))
-    expected = set(_wrapper_state(encoder))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights_path} does not fit the model its config describes: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; the saved model is damaged or from another version."
-        )
-    encoder.load_state_dict(state, strict=False)
+    encoder.load_state_dict(_read_wrapper_state(folder / ADAPTIVE_WEIGHTS_NAME, encoder), strict=False)
     if device is not None:
         encoder.to(device)
     return encoder.eval()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+def _load_backbone(folder: Path, options: dict[str, Any]) -> torch.nn.Module:
+    """The backbone of a saved folder; :class:`ModelFolderError` naming ``config.json`` or the weights."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModel
+
+    config_path = folder / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as error:  # OSError (bad JSON, no file), ValueError / TypeError (a field)
+        raise ModelFolderError(f"{config_path} (the backbone's config) cannot be used: {_one_line(error)}") from error
+    try:
+        return AutoModel.from_pretrained(str(folder), **options)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        weights = sorted(path for path in folder.glob("*.safetensors") if path.name != ADAPTIVE_WEIGHTS_NAME)
+        reason = _one_line(error)
+        if isinstance(error, RuntimeError) and "mismatched" in reason:  # transformers printed the tensors, said not
+            reason = _first_shape_mismatch(weights, AutoModel.from_config(config).state_dict()) or reason
+        shown = ", ".join(path.name for path in weights) or "none found"
+        raise ModelFolderError(f"the backbone weights in {folder} ({shown}) do not load with {config_path}: {reason}; "
+                               "the file is truncated, damaged or of another model") from error
+
+
+def _first_shape_mismatch(weights: list[Path], expected: dict[str, torch.Tensor]) -> str | None:
+    """``"<file>: tensor 'name' has shape (...), config.json needs (...)"`` for the first tensor whose shape differs."""
+    from safetensors import safe_open
+
+    for path in weights:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in sorted(handle.keys()):
+                shape = tuple(handle.get_slice(name).get_shape())
+                if name in expected and tuple(expected[name].shape) != shape:
+                    return f"{path.name}: tensor {name!r} has shape {shape}, config.json needs {tuple(expected[name].shape)}"
+    return None
+
+
+def _read_wrapper_state(path: Path, encoder: AdaptiveEncoder) -> dict[str, torch.Tensor]:
+    """The gates' and heads' tensors of ``path``, checked against ``encoder``: every name present
+    and none extra, every shape as the config describes (:class:`ModelFolderError` otherwise)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelFolderError(f"{path} is missing; the saved model is incomplete.")
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise ModelFolderError(f"{path} cannot be read ({_one_line(error)}); it is truncated or damaged: save or "
+                               "copy the model again") from error
+    expected = _wrapper_state(encoder)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelFolderError(
+            f"{path} does not fit the model {ADAPTIVE_CONFIG_NAME} describes: missing tensors {missing[:5]}, "
+            f"unexpected tensors {unexpected[:5]}; the saved model is damaged or from another version."
+        )
+    for name, tensor in sorted(state.items()):
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ModelFolderError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model {ADAPTIVE_CONFIG_NAME} "
+                f"describes needs {tuple(expected[name].shape)}; the config or the weights were changed."
+            )
+    return state

@@ -48,7 +48,8 @@ def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.M
     :func:`recipes.models.named_model_path` (``mpnet-base``: the 12-layer all-mpnet-base-v2 of
     the ``mpnet`` extra) or a hub id.
 
-    Runs offline (``HF_HUB_OFFLINE=1``) unless the variable is already set.
+    Runs offline (``HF_HUB_OFFLINE=1``) unless the variable is already set; online, a hub id
+    must load within :func:`adaptive_depth.hub.hub_timeout_s` seconds.
 
     Returns:
         ``(model, tokenizer, resolved name)``.
@@ -56,13 +57,14 @@ def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.M
     Raises:
         ModelLoadError: no such folder or id, a folder without ``config.json`` or without
             tokenizer files (transformers would build an empty vocabulary and every word would
-            be ``[UNK]``), or weights that cannot be read.
+            be ``[UNK]``), weights that cannot be read, or a hub that does not answer in time.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
 
-    from recipes.errors import ModelLoadError
+    from adaptive_depth.hub import HubTimeoutError, fetch_within_deadline, looks_like_hub_id
+    from recipes.errors import ModelLoadError, one_line
 
     name = str(default_model_path() if model is None else model)
     if model is not None and not Path(name).expanduser().exists():
@@ -81,13 +83,24 @@ def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.M
                 "tokenizer into it (tokenizer.save_pretrained(folder)) or pass a folder that has one"
             )
         name = str(local)
+    elif not looks_like_hub_id(name):
+        raise ModelLoadError(f"--model {name}: no such folder; pass a folder holding config.json, weights and "
+                             "tokenizer files, or a Hugging Face id (org/model)")
+
+    def load() -> tuple[Any, nn.Module]:
+        return AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name)
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        backbone = AutoModel.from_pretrained(name)
-    except OSError as error:
+        tokenizer, backbone = load() if local.exists() else fetch_within_deadline(
+            load, f"model {name!r} from the Hugging Face Hub")
+    except HubTimeoutError as error:
+        raise ModelLoadError(f"--model {name}: {error}") from error
+    except (OSError, ValueError) as error:  # ValueError: an unknown model_type, a malformed hub id
+        where = "" if local.exists() else f"there is no folder {name}, and as a Hugging Face id: "
         raise ModelLoadError(
-            f"cannot load model {name!r}: {error}. Pass --model with a local folder holding "
-            "config.json, weights and tokenizer files (offline: HF_HUB_OFFLINE=1)."
+            f"cannot load model {name!r}: {where}{one_line(error).rstrip('.')}; pass --model with a local folder "
+            "holding config.json, weights and tokenizer files, or a Hugging Face id in the local cache (offline: "
+            "HF_HUB_OFFLINE=1)"
         ) from error
     except SafetensorError as error:
         raise ModelLoadError(f"the weights of model {name!r} are corrupt or truncated ({error}); copy or download "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptive_depth import AdaptiveEncoder, AdaptiveEncoderConfig, EntropyExit
+from adaptive_depth import AdaptiveEncoder, AdaptiveEncoderConfig, EntropyExit, ModelFolderError
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME, ADAPTIVE_WEIGHTS_NAME
 from tests.conftest import FAMILIES, minilm_dir, padded_batch, requires_minilm
@@ -119,19 +119,23 @@ def test_damaged_or_foreign_folders_give_clear_errors(tmp_path: Path) -> None:
     tiny_model("bert").save_pretrained(plain)
     with pytest.raises(FileNotFoundError, match="plain Hugging Face model"):
         AdaptiveEncoder.from_pretrained(plain)
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(FileNotFoundError, match="missing/model does not exist"):
         AdaptiveEncoder.from_pretrained(tmp_path / "missing" / "model")
     folder = random_encoder("bert", seed=1).save_pretrained(tmp_path / "model")
-    config = json.loads((folder / ADAPTIVE_CONFIG_NAME).read_text())
+    original = (folder / ADAPTIVE_CONFIG_NAME).read_text()
+    config = json.loads(original)
     (folder / ADAPTIVE_CONFIG_NAME).write_text(json.dumps({**config, "gate_sise": 3}))
-    with pytest.raises(ValueError, match="unknown keys.*gate_sise"):
+    with pytest.raises(ModelFolderError, match="adaptive_config.json differs"):
         AdaptiveEncoder.from_pretrained(folder)
+    with pytest.raises(ModelFolderError, match="unknown keys.*gate_sise"):
+        AdaptiveEncoder.from_pretrained(folder, verify=False)
     (folder / ADAPTIVE_CONFIG_NAME).write_text(json.dumps({**config, "head_inner_size": 8}))
-    with pytest.raises(Exception, match="size mismatch|does not fit"):
-        AdaptiveEncoder.from_pretrained(folder)
-    (folder / ADAPTIVE_CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="exit_heads.0.*has shape"):
+        AdaptiveEncoder.from_pretrained(folder, verify=False)
+    (folder / ADAPTIVE_CONFIG_NAME).write_text(original)
+    AdaptiveEncoder.from_pretrained(folder)  # the original bytes again: the manifest agrees
     (folder / ADAPTIVE_WEIGHTS_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(ModelFolderError, match="adaptive_heads.safetensors is missing"):
         AdaptiveEncoder.from_pretrained(folder)
 
 
