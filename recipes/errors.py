@@ -145,6 +145,10 @@ def error_boundary(on_interrupt: Callable[[Interrupted], str] | None = None,
     except (RecipeError, *handled) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         outcome.status = 2
+    except FloatingPointError as error:  # the engine met NaN/inf logits: the weights it runs diverged
+        print(f"error: {one_line(error).rstrip('.')}; training diverged: lower the learning rates (stage1_lr, "
+              "stage2_lr) and start again with --overwrite", file=sys.stderr)
+        outcome.status = 2
     except Exception as error:  # a full or read-only disk, whichever writer (torch, safetensors) met it
         number = storage_errno(error)
         if number is None:

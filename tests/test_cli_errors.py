@@ -145,3 +145,27 @@ def test_a_recipe_given_a_model_it_cannot_load_says_why_in_one_line(
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "run").exists()
 
+
+def test_a_run_whose_engine_meets_nan_logits_stops_with_one_line(
+    saved_model: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Weights that turn NaN only at inference (training went through): the engine's
+    FloatingPointError in the dev sweep becomes one line that says how to fix it."""
+    from adaptive_depth.engine import AdaptiveInferenceEngine
+    from tests.test_recipe_runs import assert_one_error_line, base, run_cli
+
+    original = AdaptiveInferenceEngine.__call__
+
+    def poisoned(self: AdaptiveInferenceEngine, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            for head in self.encoder.exit_heads:
+                head.classifier.bias.fill_(float("nan"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptiveInferenceEngine, "__call__", poisoned)
+    out = tmp_path / "run"
+    assert run_cli(*base(glue_dir, saved_model.parent / "tiny-bert", out), "stage1_epochs=1", "stage2_epochs=0",
+                   "entropy_thresholds=[0.3]") == 2
+    assert_one_error_line(capsys.readouterr().err, "gave NaN or infinite logits", "training diverged",
+                          "lower the learning rates")
