@@ -6,7 +6,8 @@ folder where a listed file is missing, differs from its digest (one flipped bit 
 ``adaptive_heads.safetensors`` included), or where a file that is not listed was added (an extra
 ``added_tokens.json`` or ``pytorch_model.bin`` would change what loads). Hidden files (``.cache/``,
 ``.gitattributes``) and a ``README.md`` model card are not checked: the Hub adds them. Load with
-``verify=False`` (``--no-verify`` on the command lines) after a deliberate edit.
+``verify=False`` (``--no-verify`` on the command lines) after a deliberate edit. A folder saved
+before manifests existed loads with a warning (save it again to add one).
 
 Example:
     >>> import tempfile
@@ -24,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from adaptive_depth.storage import file_sha256
@@ -61,13 +63,10 @@ def write_manifest(folder: str | Path) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def _read_manifest(folder: Path) -> dict[str, str]:
+def _read_manifest(folder: Path) -> dict[str, str] | None:
     path = folder / MANIFEST_NAME
     if not path.is_file():
-        raise ModelFolderError(
-            f"{folder} has no {MANIFEST_NAME}, so its files cannot be checked (saved by an older adaptive_depth, or "
-            f"the manifest was deleted); save the model again with this version, or {_OPT_OUT}"
-        )
+        return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -85,12 +84,18 @@ def _read_manifest(folder: Path) -> dict[str, str]:
 def verify_model_folder(folder: str | Path) -> None:
     """Check every file of a saved model against ``adaptive_manifest.json``.
 
+    A folder without a manifest (saved before adaptive_depth wrote one) loads with a warning.
+
     Raises:
-        ModelFolderError: no (readable) manifest, a listed file missing or with another digest, or
+        ModelFolderError: an unreadable manifest, a listed file missing or with another digest, or
             a file the manifest does not list (the message names the first such file).
     """
     folder = Path(folder)
     recorded = _read_manifest(folder)
+    if recorded is None:
+        warnings.warn(f"{folder} has no {MANIFEST_NAME} (saved by an older adaptive_depth): its files are loaded "
+                      "unchecked; save the model again to add one", UserWarning, stacklevel=3)
+        return
     present = _checked_files(folder)
     for name in sorted(recorded):
         if name not in present:

@@ -34,7 +34,8 @@ def load_run(run_dir: str | Path, recipe: str, device: str | torch.device = "cpu
         device: where to put the model.
 
     Raises:
-        CheckpointError: a missing, corrupt or mismatched checkpoint, or a run of another recipe.
+        CheckpointError: a missing, corrupt or mismatched checkpoint or saved model (its
+            files are checked against their manifest), or a run of another recipe.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -80,5 +81,8 @@ def _load_saved_model(run_dir: Path, recipe: str, config_class: type, device: st
     if results.get("recipe") != recipe:
         raise CheckpointError(f"{run_dir} is a {results.get('recipe')!r} run, not {recipe!r}")
     model_dir = run_dir / MODEL_DIR
-    encoder = AdaptiveEncoder.from_pretrained(model_dir, device=device)
+    try:
+        encoder = AdaptiveEncoder.from_pretrained(model_dir, device=device)
+    except (ValueError, FileNotFoundError) as error:  # ModelFolderError: a damaged or edited file
+        raise CheckpointError(f"the saved model of {run_dir} cannot be loaded: {error}") from error
     return encoder, AutoTokenizer.from_pretrained(str(model_dir)), config_class(**results["config"])

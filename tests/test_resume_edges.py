@@ -1,4 +1,5 @@
-"""Resume at its edges: a damaged published file, and epoch keys changed after epochs were done.
+"""Resume at its edges: a damaged published file, epoch keys changed after epochs were done, and a
+run whose saved model was damaged.
 
 The SmartBERT CLI runs in-process on a synthetic MRPC folder and a 2-layer, hidden-32 BERT, as in
 ``tests/test_recipe_runs.py`` (whose helpers this module reuses).
@@ -157,3 +158,18 @@ def test_stage2_epochs_may_change_before_stage2_starts_and_match_an_uninterrupte
     assert results == reference["results"]
     final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
     assert all(torch.equal(final[key], value) for key, value in reference["weights"].items())
+
+
+def test_reloading_a_run_whose_saved_model_was_damaged_is_a_checkpoint_error(runs: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    from recipes.reload import load_run
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["finished"], out)
+    heads = out / "model" / "adaptive_heads.safetensors"
+    data = bytearray(heads.read_bytes())
+    data[-1] ^= 1
+    heads.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="saved model of .* cannot be loaded: .*adaptive_heads.safetensors "
+                                                   "differs"):
+        load_run(out, "smartbert")
