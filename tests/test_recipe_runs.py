@@ -187,9 +187,8 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(
     def save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
         saves["count"] += 1
         if saves["count"] == 2:
-            path = Path(getattr(path, "name", path))  # a file object
-            assert (path.parent / ckpt.WEIGHTS_FILE).is_file()  # midway: the weights are written
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            assert (Path(path.name).parent / ckpt.WEIGHTS_FILE).is_file()  # midway (path: the file object written)
+            raise OSError(errno.ENOSPC, "No space left on device", path.name)
         original_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt.torch, "save", save)
