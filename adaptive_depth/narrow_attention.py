@@ -21,12 +21,11 @@ after the pooling: ``sum_n p_hn (W_v,h x_n + b_v,h) = W_v,h (sum_n p_hn x_n) + b
 projection then runs over the ``N`` positions: ``n H d + 3 d^2 + 2 heads n d`` MACs instead of
 ``n H d + d^2 + 2 n d^2 + 2 n d`` (about 40% fewer at ``H = 384``, ``d = 128``).
 
-The ``1 / sqrt(d_head)`` scale is folded into a cached copy of the query weight, and the per-head
-views of the key and value weights are cached beside it. The parameters and state-dict keys stay
-``query`` / ``key`` / ``value``; the cache is rebuilt when any of them is replaced or changed in
-place (but not through ``.data``: call :meth:`NarrowAttentionPool.clear_folded_cache` after such
-an edit). Under ``torch.compile`` and ``torch.export`` the same folded algebra runs from the
-parameters directly (no cache), so exported graphs get it too. The result equals the unfolded
+The parameters and state-dict keys stay ``query`` / ``key`` / ``value``, and the folded path
+reads them at every call (per-head views, the ``1 / sqrt(d_head)`` scale applied inside the
+query's ``addmm``): no derived copy is cached, so weights replaced or edited in place (even
+through ``.data``) are used at once, and ``torch.compile`` / ``torch.export`` trace the same
+folded ops (the exported gate and head graphs get them too). The result equals the unfolded
 path within float rounding (``tests/test_narrow_attention.py``).
 """
 
@@ -34,11 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
-from torch.nn import functional
 
 __all__ = ["NarrowAttentionOutput", "NarrowAttentionPool"]
 
@@ -91,59 +87,30 @@ class NarrowAttentionPool(nn.Module):
         self.value = nn.Linear(inner_size, inner_size)
         self.dropout = nn.Dropout(dropout)
         self.fold_at_inference = True
-        self._folded: tuple[tuple[Any, ...], tuple[Tensor, ...]] | None = None
-
-    def clear_folded_cache(self) -> None:
-        """Forget the cached folded weights (after editing ``query`` / ``key`` / ``value`` through ``.data``)."""
-        self._folded = None
-
-    def train(self, mode: bool = True) -> NarrowAttentionPool:
-        self._folded = None
-        return super().train(mode)
-
-    def _folded_weights_from_parameters(self) -> tuple[Tensor, ...]:
-        """Scaled query weight ``[d, d]`` and bias ``[d]``, key weight per head ``[heads, d_h, d]``,
-        value weight per head transposed ``[heads, d, d_h]`` and value bias ``[heads, 1, d_h]``."""
-        heads, inner = self.num_heads, self.inner_size
-        head_size = inner // heads
-        scale = head_size**-0.5
-        return (
-            self.query.weight * scale,
-            self.query.bias * scale,
-            self.key.weight.view(heads, head_size, inner),
-            self.value.weight.view(heads, head_size, inner).transpose(1, 2),
-            self.value.bias.view(heads, 1, head_size),
-        )
-
-    def _folded_weights(self) -> tuple[Tensor, ...]:
-        """:meth:`_folded_weights_from_parameters`, cached while the parameters stay the same tensors
-        at the same version (eager inference only: a cache must not outlive a trace)."""
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return self._folded_weights_from_parameters()
-        tensors = (self.query.weight, self.query.bias, self.key.weight, self.key.bias,
-                   self.value.weight, self.value.bias)
-        stamp = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
-        if self._folded is None or self._folded[0] != stamp:
-            with torch.no_grad():
-                self._folded = (stamp, self._folded_weights_from_parameters())
-        return self._folded[1]
 
     def _pooled_folded(self, narrowed: Tensor, attention_mask: Tensor | None) -> Tensor:
         """``[B, d]`` attention output at ``[CLS]`` with the key folded into the query and the value
-        applied after the pooling (see the module docstring); no projection over the ``N`` positions."""
-        query_weight, query_bias, key_heads, value_heads, value_bias = self._folded_weights()
+        applied after the pooling (see the module docstring); no projection over the ``N`` positions.
+
+        Everything is read from the parameters at each call (views, and the scale applied by
+        ``addmm``), so there is no cache to invalidate and ``torch.export`` traces the same ops.
+        """
         batch_size = narrowed.shape[0]
-        query = functional.linear(narrowed[:, 0], query_weight, query_bias)  # [B, d], already scaled
+        heads, inner = self.num_heads, self.inner_size
+        scale = (inner // heads) ** -0.5
+        # scale * (x W_q^T + b_q): one kernel, no scaled copy of the weight to keep in sync.
+        query = torch.addmm(self.query.bias, narrowed[:, 0], self.query.weight.t(), beta=scale, alpha=scale)
         # u_h = W_k,h^T q_h for every row: [heads, B, d_h] x [heads, d_h, d] -> [heads, B, d]
-        folded = torch.bmm(query.view(batch_size, self.num_heads, -1).transpose(0, 1), key_heads)
+        folded = torch.bmm(query.view(batch_size, heads, -1).transpose(0, 1), self.key.weight.view(heads, -1, inner))
         scores = torch.bmm(folded.transpose(0, 1), narrowed.transpose(1, 2))  # [B, heads, N]
         if attention_mask is not None:
             is_padding = ~attention_mask.bool()
             scores = scores.masked_fill(is_padding[:, None, :], torch.finfo(scores.dtype).min)
         pooled = torch.bmm(scores.softmax(dim=-1), narrowed)  # [B, heads, d]
         # W_v,h z_h + b_v,h per head: [heads, B, d] x [heads, d, d_h] -> [heads, B, d_h]
-        attended = torch.baddbmm(value_bias, pooled.transpose(0, 1), value_heads)
-        return attended.transpose(0, 1).reshape(batch_size, self.inner_size)
+        attended = torch.baddbmm(self.value.bias.view(heads, 1, -1), pooled.transpose(0, 1),
+                                 self.value.weight.view(heads, -1, inner).transpose(1, 2))
+        return attended.transpose(0, 1).reshape(batch_size, inner)
 
     def _split_heads(self, states: Tensor) -> Tensor:
         """``[B, n, d]`` -> ``[B, heads, n, d / heads]``."""
