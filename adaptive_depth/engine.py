@@ -19,7 +19,7 @@ what it cost in both FLOPs conventions of :mod:`adaptive_depth.flops`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,14 +28,11 @@ from adaptive_depth.backbones import LayerRunner
 from adaptive_depth.config import check_gate_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion, predictions_from_logits
-from adaptive_depth.flops import Convention, encoder_cost
-from adaptive_depth.gates import skip_decision
+from adaptive_depth.flops import Convention, EncoderCost, encoder_cost
+from adaptive_depth.loop import EngineMode, LoopTrace, StepRows, skip_exit_loop
 
 __all__ = ["AdaptiveInferenceEngine", "EngineMode", "EngineOutput", "ExitTrace", "LoopTrace", "StepRows",
            "skip_exit_loop"]
-
-EngineMode = Literal["adaptive", "skip_only", "exit_only", "full"]
-
 
 @dataclass
 class ExitTrace:
@@ -78,124 +75,6 @@ class EngineOutput(ExitTrace):
     macs_paper: Tensor
     full_macs_exact: Tensor
     full_macs_paper: Tensor
-
-
-class StepRows(Protocol):
-    """What the skip/exit loop calls for the rows it carries (the engine's modules, or exported graphs).
-
-    ``select`` narrows the context to some of its rows (``[R']`` indices); the three step functions
-    take the hidden states ``[R, N, H]`` of exactly those rows.
-    """
-
-    def select(self, rows: Tensor) -> StepRows: ...
-
-    def gate(self, step: int, hidden: Tensor) -> Tensor: ...  # p_skip [R]
-
-    def layer(self, step: int, hidden: Tensor) -> Tensor: ...  # [R, N, H]
-
-    def head(self, step: int, hidden: Tensor) -> Tensor: ...  # logits [R, C]
-
-
-@dataclass
-class LoopTrace:
-    """What :func:`skip_exit_loop` decided: ``logits`` ``[B, C]``, ``exit_layer`` ``[B]`` (1-based) and
-    ``[B, L]`` bool records ``layers_run``, ``gates_run``, ``heads_run``."""
-
-    logits: Tensor
-    exit_layer: Tensor
-    layers_run: Tensor
-    gates_run: Tensor
-    heads_run: Tensor
-
-
-def skip_exit_loop(rows: StepRows, hidden: Tensor, *, num_steps: int, num_labels: int, mode: EngineMode,
-                   criterion: ExitCriterion, gate_threshold: float) -> LoopTrace:
-    """The per-sample skip and exit loop (paper eq. 9-10) on a batch, keeping only the active rows.
-
-    At every step the gates of the active rows decide who runs the layer (``index_select`` /
-    ``index_copy``), the heads of the rows whose layer ran decide who leaves, and rows that left
-    are dropped from every carried tensor. The last head answers for every row still there.
-
-    Args:
-        rows: the step functions for the batch (:class:`StepRows`).
-        hidden: ``[B, N, H]`` input of the first layer.
-        num_steps, num_labels: ``L`` and ``C``.
-        mode, criterion, gate_threshold: as in :class:`AdaptiveInferenceEngine`. At
-            ``gate_threshold >= 1`` no gate could skip, so none runs (``gates_run`` stays false).
-
-    Raises:
-        FloatingPointError: an exit head gave NaN or infinite logits (such rows would never exit).
-    """
-    device, batch_size = hidden.device, hidden.shape[0]
-    # Threshold 1 never skips (skip_decision): running the gates would only cost their MACs.
-    use_gates = mode in ("adaptive", "skip_only") and gate_threshold < 1.0
-    use_exits = mode in ("adaptive", "exit_only")
-    # Per-step records as [L, B] rows, filled with index_fill_/index_copy_: tensor-indexed
-    # __setitem__ costs tens of microseconds a call, which shows at batch size 1.
-    layers_run = torch.zeros(num_steps, batch_size, dtype=torch.bool, device=device)
-    gates_run = torch.zeros_like(layers_run)
-    heads_run = torch.zeros_like(layers_run)
-    exit_layer = torch.zeros(batch_size, dtype=torch.long, device=device)
-    logits = torch.zeros(batch_size, num_labels, device=device, dtype=hidden.dtype)
-    # Everything below is carried for the active rows only; `active` maps them to the batch.
-    active = torch.arange(batch_size, device=device)
-    state = criterion.initial_state(batch_size, device) if use_exits else None
-    for step in range(num_steps):
-        last_step = step == num_steps - 1
-        if use_gates:
-            gates_run[step].index_fill_(0, active, True)
-            running = (~skip_decision(rows.gate(step, hidden), gate_threshold)).nonzero().flatten()
-            all_run = len(running) == len(active)
-        else:
-            running, all_run = active, True  # only its length and "all rows" are used below
-        running_rows = None
-        if all_run:
-            hidden = rows.layer(step, hidden)
-            layers_run[step].index_fill_(0, active, True)
-        elif len(running) > 0:
-            running_rows = rows.select(running)
-            hidden = hidden.index_copy(0, running, running_rows.layer(step, hidden.index_select(0, running)))
-            layers_run[step].index_fill_(0, active.index_select(0, running), True)
-
-        if last_step or (use_exits and all_run):  # the last head answers for every row still here
-            answering, answering_rows, head_logits = None, active, rows.head(step, hidden)
-        elif use_exits and running_rows is not None:
-            answering, answering_rows = running, active.index_select(0, running)
-            head_logits = running_rows.head(step, hidden.index_select(0, running))
-        else:
-            continue
-        if not bool(torch.isfinite(head_logits).all()):
-            # A NaN entropy is never below the threshold: these rows would silently never exit.
-            bad = int((~torch.isfinite(head_logits)).any(dim=-1).sum())
-            raise FloatingPointError(
-                f"exit head {step + 1} gave NaN or infinite logits for {bad} of {len(answering_rows)} rows; the "
-                "model's weights (or inputs_embeds) hold NaN/inf, e.g. from a diverged training run."
-            )
-        heads_run[step].index_fill_(0, answering_rows, True)
-        if last_step:
-            leaving_rows, leaving_logits = answering_rows, head_logits
-        else:
-            answering_state = state if answering is None else state.index_select(0, answering)
-            decision = criterion.decide(head_logits, answering_state)
-            state = decision.state if answering is None else state.index_copy(0, answering, decision.state)
-            exiting = decision.should_exit.nonzero().flatten()
-            if len(exiting) == 0:
-                continue
-            leaving_rows = answering_rows.index_select(0, exiting)
-            leaving_logits = head_logits.index_select(0, exiting)
-        logits.index_copy_(0, leaving_rows, leaving_logits.to(logits.dtype))
-        exit_layer.index_fill_(0, leaving_rows, step + 1)
-        if last_step:
-            break
-        local = exiting if answering is None else answering.index_select(0, exiting)
-        staying = torch.ones(len(active), dtype=torch.bool, device=device).index_fill_(0, local, False)
-        keep = staying.nonzero().flatten()
-        if len(keep) == 0:
-            break
-        active, hidden, rows = active.index_select(0, keep), hidden.index_select(0, keep), rows.select(keep)
-        state = state.index_select(0, keep)
-    return LoopTrace(logits=logits, exit_layer=exit_layer, layers_run=layers_run.T, gates_run=gates_run.T,
-                     heads_run=heads_run.T)
 
 
 def _check_attention(encoder: AdaptiveEncoder) -> None:
@@ -289,6 +168,8 @@ class AdaptiveInferenceEngine:
         self.mode: EngineMode = mode
         self.padded_length = padded_length
         self._cost_tables: dict[tuple[int, Convention], Tensor] = {}
+        self._costs: dict[tuple[int, Convention], EncoderCost] = {}
+        self._full_mask: Tensor | None = None
 
     @property
     def gate_threshold(self) -> float:
@@ -315,30 +196,40 @@ class AdaptiveInferenceEngine:
             FloatingPointError: an exit head gave NaN or infinite logits.
             ValueError: the backbone runs flex attention (load it with ``"sdpa"`` or ``"eager"``).
         """
-        encoder = self.encoder
-        _check_attention(encoder)  # the implementation may have been switched since
-        runner, token_mask = encoder.prepare(input_ids, attention_mask, **model_inputs)
-        batch_size, num_tokens = token_mask.shape
+        runner, token_mask = self._prepare(input_ids, attention_mask, model_inputs)
+        # Without padding, gates and heads need no mask (a few ops less per call at batch size 1).
+        mask = token_mask if not bool(token_mask.all()) else None
+        trace = skip_exit_loop(self._rows(runner, mask), runner.hidden_states, num_steps=self.encoder.num_steps,
+                               num_labels=self.encoder.num_labels, mode=self.mode, criterion=self.criterion,
+                               gate_threshold=self.gate_threshold)
+        return self._output(trace, token_mask)
+
+    def _prepare(self, input_ids: Tensor | None, attention_mask: Tensor | None,
+                 model_inputs: dict[str, Any]) -> tuple[LayerRunner, Tensor]:
+        """Check and embed one batch: the layer runner and the ``[B, N]`` bool token mask."""
+        _check_attention(self.encoder)  # the implementation may have been switched since
+        runner, token_mask = self.encoder.prepare(input_ids, attention_mask, **model_inputs)
+        num_tokens = token_mask.shape[1]
         if self.padded_length is not None and num_tokens > self.padded_length:
             raise ValueError(
                 f"inputs have {num_tokens} positions but padded_length is {self.padded_length}; "
                 "truncate the inputs or raise padded_length."
             )
-        # Without padding, gates and heads need no mask (a few ops less per call at batch size 1).
-        mask = token_mask if not bool(token_mask.all()) else None
-        trace = skip_exit_loop(_EngineRows(encoder, runner, mask), runner.hidden_states, num_steps=encoder.num_steps,
-                               num_labels=encoder.num_labels, mode=self.mode, criterion=self.criterion,
-                               gate_threshold=self.gate_threshold)
-        logits, exit_layer = trace.logits, trace.exit_layer
-        layers_run, gates_run, heads_run = trace.layers_run, trace.gates_run, trace.heads_run
+        return runner, token_mask
 
+    def _rows(self, runner: LayerRunner, mask: Tensor | None) -> StepRows:
+        """The step functions over the encoder's modules for the rows of ``runner``."""
+        return _EngineRows(self.encoder, runner, mask)
+
+    def _output(self, trace: LoopTrace, token_mask: Tensor) -> EngineOutput:
+        """The :class:`EngineOutput` of a batch: the loop's decisions and what they cost."""
         lengths = token_mask.sum(dim=-1)
-        macs = self._trace_macs(lengths, self.padded_length or num_tokens, layers_run, gates_run, heads_run)
-        predictions = predictions_from_logits(logits)
+        layers_run, gates_run, heads_run = trace.layers_run, trace.gates_run, trace.heads_run
+        macs = self._trace_macs(lengths, self.padded_length or token_mask.shape[1], layers_run, gates_run, heads_run)
         return EngineOutput(
-            logits=logits,
-            predictions=predictions,
-            exit_layer=exit_layer,
+            logits=trace.logits,
+            predictions=predictions_from_logits(trace.logits),
+            exit_layer=trace.exit_layer,
             layers_run=layers_run,
             layers_skipped=gates_run & ~layers_run,
             heads_run=heads_run,
@@ -350,14 +241,24 @@ class AdaptiveInferenceEngine:
             full_macs_paper=macs[:, 3],
         )
 
+    def _cost(self, length: int, convention: Convention) -> EncoderCost:
+        """The encoder's per-component MACs at ``length`` (cached per length)."""
+        key = (length, convention)
+        cost = self._costs.get(key)
+        if cost is None:
+            cost = self._costs[key] = encoder_cost(self.encoder, length, convention)
+        return cost
+
     def _cost_table(self, length: int, convention: Convention) -> Tensor:
         """``[4, L]`` int64 MACs at ``length``: rows embedding (in column 0), layer, gate, head."""
         key = (length, convention)
-        if key not in self._cost_tables:
-            cost = encoder_cost(self.encoder, length, convention)
+        table = self._cost_tables.get(key)
+        if table is None:
+            cost = self._cost(length, convention)
             embedding = [cost.embedding] + [0] * (self.encoder.num_steps - 1)
-            self._cost_tables[key] = torch.tensor([embedding, cost.layers, cost.gates, cost.heads], dtype=torch.long)
-        return self._cost_tables[key]
+            table = self._cost_tables[key] = torch.tensor([embedding, cost.layers, cost.gates, cost.heads],
+                                                          dtype=torch.long)
+        return table
 
     def _trace_macs(
         self, lengths: Tensor, padded_length: int, layers_run: Tensor, gates_run: Tensor, heads_run: Tensor
@@ -365,17 +266,30 @@ class AdaptiveInferenceEngine:
         """``[B, 4]`` MACs per row: what ran (exact, paper), full depth (exact, paper).
 
         "exact" is at each row's real length, "paper" at ``padded_length`` (or the batch's
-        padded length). One cost table per distinct length, no loop over rows.
+        padded length). One cost table per distinct length, no loop over rows; one row is summed
+        in Python (a handful of integers, no tensor ops).
         """
         lengths_cpu = lengths.cpu()
+        if len(lengths_cpu) == 1:
+            exact, paper = self._cost(int(lengths_cpu[0]), "exact"), self._cost(padded_length, "paper")
+            flags = (layers_run[0].tolist(), gates_run[0].tolist(), heads_run[0].tolist())
+            row = [exact.sample_macs(*flags), paper.sample_macs(*flags), exact.full_depth_macs(),
+                   paper.full_depth_macs()]
+            return torch.tensor([row], dtype=torch.long, device=lengths.device)
         distinct, index = lengths_cpu.unique(return_inverse=True)
-        exact = torch.stack([self._cost_table(int(n), "exact") for n in distinct])[index]  # [B, 4, L]
-        paper = self._cost_table(padded_length, "paper")  # [4, L], one length for every row
+        exact_tables = torch.stack([self._cost_table(int(n), "exact") for n in distinct])[index]  # [B, 4, L]
+        paper_table = self._cost_table(padded_length, "paper")  # [4, L], one length for every row
         ran = torch.stack([torch.ones_like(layers_run), layers_run, gates_run, heads_run], dim=1).cpu()
-        full = torch.zeros_like(ran[0])
-        full[:2] = True  # embedding and every layer
-        full[3, -1] = True  # the last head
-        columns = [(exact * ran).sum((1, 2)), (paper * ran).sum((1, 2)),
-                   (exact * full).sum((1, 2)), (paper * full).sum().expand(len(lengths_cpu))]
+        full = self._full_depth_mask()
+        columns = [(exact_tables * ran).sum((1, 2)), (paper_table * ran).sum((1, 2)),
+                   (exact_tables * full).sum((1, 2)), (paper_table * full).sum().expand(len(lengths_cpu))]
         return torch.stack(columns, dim=1).to(lengths.device)
 
+    def _full_depth_mask(self) -> Tensor:
+        """``[4, L]`` bool: what full depth runs (the embedding, every layer, the last head; no gate)."""
+        if self._full_mask is None:
+            full = torch.zeros(4, self.encoder.num_steps, dtype=torch.bool)
+            full[:2] = True
+            full[3, -1] = True
+            self._full_mask = full
+        return self._full_mask

@@ -53,9 +53,10 @@ def check_batch(input_ids: Tensor | None, attention_mask: Tensor | None, model_i
             f"inputs have {num_tokens} tokens but the {model_type} position table holds "
             f"{max_tokens}; truncate the inputs to at most {max_tokens} tokens (max_length={max_tokens})."
         )
-    if attention_mask is None:
+    if attention_mask is None:  # no padding: nothing to check
         attention_mask = torch.ones(batch_size, num_tokens, dtype=torch.long, device=reference.device)
-    elif tuple(attention_mask.shape) != (batch_size, num_tokens):
+        return attention_mask, attention_mask.bool()
+    if tuple(attention_mask.shape) != (batch_size, num_tokens):
         raise ValueError(
             f"attention_mask must have the shape of input_ids, [B, N] = {(batch_size, num_tokens)}, "
             f"got {tuple(attention_mask.shape)}."
