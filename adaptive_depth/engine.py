@@ -18,6 +18,7 @@ what it cost in both FLOPs conventions of :mod:`adaptive_depth.flops`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion, predictions_from_logits
 from adaptive_depth.flops import Convention, EncoderCost, encoder_cost
 from adaptive_depth.loop import EngineMode, LoopTrace, StepRows, skip_exit_loop
+from adaptive_depth.streaming import stream_batches
 
 __all__ = ["AdaptiveInferenceEngine", "EngineMode", "EngineOutput", "ExitTrace", "LoopTrace", "StepRows",
            "skip_exit_loop"]
@@ -203,6 +205,39 @@ class AdaptiveInferenceEngine:
                                num_labels=self.encoder.num_labels, mode=self.mode, criterion=self.criterion,
                                gate_threshold=self.gate_threshold)
         return self._output(trace, token_mask)
+
+    def stream(self, batches: Iterable[Mapping[str, Tensor]], max_rows: int | None = None) -> Iterator[EngineOutput]:
+        """Classify a corpus batch after batch, running every layer on full groups of rows.
+
+        The rows still running wait in a queue per layer, across input batches; a layer runs when
+        its queue holds ``max_rows`` rows (or the input has ended), so a hard row does not hold a
+        batch back and each layer runs at full batch size even when most rows exit early. Rows of
+        different lengths share a group, padded to the longest real length among them (with
+        padding masked, as in any padded batch). See :mod:`adaptive_depth.streaming`.
+
+        Args:
+            batches: model inputs per batch, each a mapping like ``engine(**batch)`` takes
+                (``input_ids``, ``attention_mask``, ``token_type_ids``...).
+            max_rows: rows per layer run; ``None``: the first batch's row count.
+
+        Yields:
+            One :class:`EngineOutput` per input batch, in input order, equal to ``engine(**batch)``
+            row by row (the same decisions, the same MACs, logits within float rounding).
+
+        Raises:
+            ValueError: ``max_rows < 1``, or an invalid batch (as :meth:`__call__`).
+            TypeError: a batch that is not a mapping of model inputs.
+
+        Example:
+            >>> from transformers import BertConfig, BertModel
+            >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+            ...                             num_attention_heads=4, intermediate_size=37))
+            >>> engine = AdaptiveInferenceEngine(AdaptiveEncoder(bert, num_labels=2).eval(), EntropyExit(0.5))
+            >>> batches = [{"input_ids": torch.randint(0, 99, (4, 6))}, {"input_ids": torch.randint(0, 99, (3, 9))}]
+            >>> [tuple(out.logits.shape) for out in engine.stream(batches)]
+            [(4, 2), (3, 2)]
+        """
+        return stream_batches(self, batches, max_rows)
 
     def _prepare(self, input_ids: Tensor | None, attention_mask: Tensor | None,
                  model_inputs: dict[str, Any]) -> tuple[LayerRunner, Tensor]:

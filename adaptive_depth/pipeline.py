@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -184,7 +185,10 @@ class AdaptivePipeline:
     ) -> list[Prediction]:
         """Classify ``texts`` (with ``text_pairs`` for pair tasks); one :class:`Prediction` per text.
 
-        A single string counts as a list of one.
+        A single string counts as a list of one. The batches run through
+        :meth:`AdaptiveInferenceEngine.stream <adaptive_depth.engine.AdaptiveInferenceEngine.stream>`:
+        every layer runs on ``batch_size`` rows however many rows have exited, with the same
+        results as one engine call per batch.
         """
         texts, text_pairs = _check_texts(texts, text_pairs)
         results: list[Prediction | None] = [None] * len(texts)
@@ -194,8 +198,18 @@ class AdaptivePipeline:
 
             bar = tqdm(total=len(texts), desc="predicting", unit="row")
         names = self.encoder.adaptive_config.label_names
-        for rows, inputs in self.batches(texts, text_pairs, batch_size=batch_size):
-            out = self.engine(**inputs)
+        size = batch_size or self.batch_size
+        batch_rows: deque[list[int]] = deque()
+
+        def inputs() -> Iterator[dict[str, Tensor]]:
+            for rows, batch in self.batches(texts, text_pairs, batch_size=size):
+                batch_rows.append(rows)
+                yield batch
+
+        # Streamed: every layer runs on full groups of rows whatever exits early, with the same
+        # results, row by row, as one engine call per batch; outputs come in input order.
+        for out in self.engine.stream(inputs(), max_rows=size):
+            rows = batch_rows.popleft()
             relative = (out.macs_exact.double() / out.full_macs_exact.double()).tolist()
             if self.encoder.num_labels == 1:
                 probabilities = None

@@ -1,0 +1,281 @@
+"""Streaming over a corpus: every layer runs on full groups of rows, whatever exits early.
+
+The batch engine runs a batch's layers on fewer and fewer rows as rows skip and exit, so on a
+corpus most layer calls run far below the batch size (FastBERT issue #35: "a hard row holds the
+batch back"). :func:`stream_batches` (``AdaptiveInferenceEngine.stream``) keeps the rows still
+running in one queue per layer, across input batches:
+
+- a step runs when its queue holds ``max_rows`` rows (the deepest such queue first, so rows leave
+  soon), else the next input batch is embedded into the first queue; once the input has ended,
+  the shallowest non-empty queue runs with what it has;
+- a step is :func:`adaptive_depth.loop.run_step`, the batch engine's own step; rows that exit
+  leave, the others join the next step's queue with their hidden states and criterion state;
+- rows of different input batches have different padded lengths: a group is cut or padded to the
+  longest real length among its rows, with padding masked (the layer mask is rebuilt from the
+  token mask, as transformers builds it; :func:`adaptive_depth.export_steps.layer_attention_mask`).
+  Padding is masked everywhere, so a row's result does not depend on its group (up to float rounding);
+- results are yielded in input order, one :class:`~adaptive_depth.engine.EngineOutput` per input
+  batch, as soon as all its rows and all earlier batches' rows are done.
+
+A family whose layers take per-batch tensors besides the mask (MPNet's relative position bias
+``[B, heads, N, N]``, the same for every row) gets that tensor cut to the group's length.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from adaptive_depth.backbones import LayerRunner
+from adaptive_depth.export_steps import layer_attention_mask
+from adaptive_depth.loop import LoopTrace, loop_plan, run_step
+
+if TYPE_CHECKING:
+    from adaptive_depth.engine import AdaptiveInferenceEngine, EngineOutput
+
+__all__ = ["stream_batches"]
+
+
+@dataclass
+class _Chunk:
+    """Rows waiting for a step: ``hidden`` ``[R, N, H]``, ``tokens`` ``[R, N]`` bool, ``lengths`` (real, a
+    list of ``R`` ints), criterion ``state`` ``[R, k]``, global row ``ids`` ``[R]`` and the batched
+    extra layer arguments of one row (``[1, ..., M, M]``, ``M >= N``)."""
+
+    hidden: Tensor
+    tokens: Tensor
+    lengths: list[int]
+    state: Tensor
+    ids: Tensor
+    extra: tuple[Tensor, ...]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def split(self, count: int) -> tuple[_Chunk, _Chunk]:
+        """The first ``count`` rows and the rest."""
+        def part(rows: slice) -> _Chunk:
+            return _Chunk(self.hidden[rows], self.tokens[rows], self.lengths[rows], self.state[rows], self.ids[rows],
+                          self.extra)
+        return part(slice(0, count)), part(slice(count, None))
+
+    def fitted(self, length: int) -> tuple[Tensor, Tensor]:
+        """``hidden`` and ``tokens`` cut or padded (zeros, masked) to ``length`` positions."""
+        num_tokens = self.tokens.shape[1]
+        if num_tokens >= length:
+            return self.hidden[:, :length], self.tokens[:, :length]
+        rows, missing = len(self), length - num_tokens
+        hidden = torch.cat([self.hidden, self.hidden.new_zeros(rows, missing, self.hidden.shape[2])], dim=1)
+        return hidden, torch.cat([self.tokens, self.tokens.new_zeros(rows, missing)], dim=1)
+
+
+class _Records:
+    """The trace of the rows not yet yielded, by global row id, in buffers that grow and drop what was yielded."""
+
+    def __init__(self, num_steps: int, num_labels: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.base = 0  # global id of buffer row 0
+        self.logits = torch.zeros(0, num_labels, dtype=dtype, device=device)
+        self.exit_layer = torch.zeros(0, dtype=torch.long, device=device)
+        self.flags = torch.zeros(3, 0, num_steps, dtype=torch.bool, device=device)  # layers, gates, heads
+
+    def reserve(self, end: int, first_open: int) -> None:
+        """Room for global ids below ``end``; ids below ``first_open`` (yielded) may be dropped."""
+        if end - self.base <= len(self.exit_layer):
+            return
+        live = slice(first_open - self.base, None)
+        capacity = max(2 * (end - first_open), 64)
+        logits = self.logits.new_zeros(capacity, self.logits.shape[1])
+        exit_layer = self.exit_layer.new_zeros(capacity)
+        flags = self.flags.new_zeros(3, capacity, self.flags.shape[2])
+        kept = len(self.exit_layer[live])
+        logits[:kept], exit_layer[:kept], flags[:, :kept] = self.logits[live], self.exit_layer[live], self.flags[:, live]
+        self.logits, self.exit_layer, self.flags, self.base = logits, exit_layer, flags, first_open
+
+    def trace(self, start: int, size: int) -> LoopTrace | None:
+        """The trace of global ids ``start .. start + size - 1`` once every one of them has exited."""
+        rows = slice(start - self.base, start - self.base + size)
+        exit_layer = self.exit_layer[rows]
+        if not bool((exit_layer > 0).all()):
+            return None
+        layers, gates, heads = self.flags[:, rows].clone()
+        return LoopTrace(logits=self.logits[rows].clone(), exit_layer=exit_layer.clone(), layers_run=layers,
+                         gates_run=gates, heads_run=heads)
+
+
+class _Stream:
+    """The queues of one :func:`stream_batches` call."""
+
+    def __init__(self, engine: AdaptiveInferenceEngine, max_rows: int | None) -> None:
+        self.engine, self.max_rows = engine, max_rows
+        self.num_steps = engine.encoder.num_steps
+        self.use_gates, self.use_exits = loop_plan(engine.mode, engine.gate_threshold)
+        self.queues: list[deque[_Chunk]] = [deque() for _ in range(self.num_steps)]
+        self.counts = [0] * self.num_steps
+        self.pending: deque[tuple[int, int, Tensor]] = deque()  # (first global id, rows, token mask) per batch
+        self.next_id = 0
+        self.template: LayerRunner | None = None
+        self.records: _Records | None = None
+
+    def run(self, batches: Iterable[Mapping[str, Tensor]]) -> Iterator[EngineOutput]:
+        iterator, exhausted = iter(batches), False
+        while True:
+            full = [step for step, count in enumerate(self.counts) if count >= self.max_rows] if self.max_rows else []
+            if full:
+                self._run_step(full[-1])
+            elif not exhausted:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    exhausted = True
+                else:
+                    self._add(batch)
+                continue
+            else:
+                waiting = [step for step, count in enumerate(self.counts) if count > 0]
+                if not waiting:
+                    break
+                self._run_step(waiting[0])
+            yield from self._finished()
+        yield from self._finished()
+
+    def _add(self, batch: Mapping[str, Tensor]) -> None:
+        """Embed one input batch into the first step's queue."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"stream() takes batches of model inputs (a mapping such as {{'input_ids': ..., "
+                            f"'attention_mask': ...}}), got a {type(batch).__name__}.")
+        inputs = dict(batch)
+        input_ids, attention_mask = inputs.pop("input_ids", None), inputs.pop("attention_mask", None)
+        runner, token_mask = self.engine._prepare(input_ids, attention_mask, inputs)
+        hidden = runner.hidden_states
+        rows = token_mask.shape[0]
+        if self.template is None:
+            self._check_extra_args(runner)
+            self.template = runner
+            self.records = _Records(self.num_steps, self.engine.encoder.num_labels, hidden.dtype, hidden.device)
+            self.max_rows = self.max_rows or rows
+        first_open = self.pending[0][0] if self.pending else self.next_id
+        self.records.reserve(self.next_id + rows, first_open)  # type: ignore[union-attr]
+        ids = torch.arange(self.next_id, self.next_id + rows, device=hidden.device)
+        self.pending.append((self.next_id, rows, token_mask))
+        self.next_id += rows
+        state = (self.engine.criterion.initial_state(rows, hidden.device) if self.use_exits
+                 else hidden.new_zeros(rows, 0))
+        extra = tuple(runner.extra_args[index][:1] for index in runner.adapter.batched_extra_args)
+        self.queues[0].append(_Chunk(hidden, token_mask, token_mask.sum(dim=-1).tolist(), state, ids, extra))
+        self.counts[0] += rows
+
+    @staticmethod
+    def _check_extra_args(runner: LayerRunner) -> None:
+        num_tokens = runner.hidden_states.shape[1]
+        for index in runner.adapter.batched_extra_args:
+            arg = runner.extra_args[index]
+            if not (isinstance(arg, Tensor) and arg.ndim >= 2 and tuple(arg.shape[-2:]) == (num_tokens, num_tokens)):
+                raise NotImplementedError(
+                    f"stream() regroups rows of different lengths and can cut only [B, ..., N, N] position "
+                    f"biases; {runner.adapter.model_type} layer argument {index + 2} is "
+                    f"{type(arg).__name__} {tuple(getattr(arg, 'shape', ()))}. Use engine(**batch) per batch."
+                )
+
+    def _gather(self, step: int) -> tuple[_Chunk, bool]:
+        """Up to ``max_rows`` of step ``step``'s oldest rows as one group, and whether it holds padding."""
+        queue, count = self.queues[step], min(self.counts[step], self.max_rows)  # type: ignore[type-var]
+        self.counts[step] -= count
+        parts: list[_Chunk] = []
+        while count > 0:
+            chunk = queue.popleft()
+            if len(chunk) > count:
+                chunk, rest = chunk.split(count)
+                queue.appendleft(rest)
+            parts.append(chunk)
+            count -= len(chunk)
+        length = max(max(part.lengths) for part in parts)
+        padded = any(min(part.lengths) < length for part in parts)
+        fitted = [part.fitted(length) for part in parts]
+        source = next(part for part in parts if part.tokens.shape[1] >= length)  # its extra args cover the length
+        extra = tuple(arg[..., :length, :length] for arg in source.extra)
+        if len(parts) == 1:
+            (hidden, tokens), (part,) = fitted[0], parts
+            return _Chunk(hidden, tokens, part.lengths, part.state, part.ids, extra), padded
+        return _Chunk(torch.cat([hidden for hidden, _ in fitted]), torch.cat([tokens for _, tokens in fitted]),
+                      [length for part in parts for length in part.lengths], torch.cat([part.state for part in parts]),
+                      torch.cat([part.ids for part in parts]), extra), padded
+
+    def _layer_runner(self, group: _Chunk, padded: bool) -> LayerRunner:
+        template, rows = self.template, len(group)
+        assert template is not None
+        layer_mask = None
+        if padded:
+            layer_mask = layer_attention_mask(group.tokens, self.engine.encoder.config._attn_implementation,
+                                              group.hidden.dtype)
+        extra_args = list(template.extra_args)
+        for index, arg in zip(template.adapter.batched_extra_args, group.extra):
+            extra_args[index] = arg.expand(rows, *arg.shape[1:])
+        return LayerRunner(base_model=template.base_model, adapter=template.adapter, hidden_states=group.hidden,
+                           layer_mask=layer_mask, extra_args=tuple(extra_args), extra_kwargs=template.extra_kwargs)
+
+    def _run_step(self, step: int) -> None:
+        """Run step ``step`` on a group from its queue; record it; pass the rows that stay on."""
+        group, padded = self._gather(step)
+        rows = self.engine._rows(self._layer_runner(group, padded), group.tokens if padded else None)
+        last_step = step == self.num_steps - 1
+        engine = self.engine
+        result = run_step(rows, step, group.hidden.contiguous(), group.state, last_step=last_step,
+                          use_gates=self.use_gates, use_exits=self.use_exits, criterion=engine.criterion,
+                          gate_threshold=engine.gate_threshold)
+        records = self.records
+        assert records is not None
+        local = group.ids - records.base
+        layers, gates, heads = records.flags
+        if self.use_gates:
+            gates[:, step].index_fill_(0, local, True)
+        if result.ran is None or len(result.ran) > 0:
+            layers[:, step].index_fill_(0, local if result.ran is None else local.index_select(0, result.ran), True)
+        if result.heads_ran:
+            heads[:, step].index_fill_(0, local if result.answered is None else local.index_select(0, result.answered),
+                                       True)
+        keep = None
+        if result.leaving_logits is not None:
+            leaving = local if result.leaving is None else local.index_select(0, result.leaving)
+            records.logits.index_copy_(0, leaving, result.leaving_logits.to(records.logits.dtype))
+            records.exit_layer.index_fill_(0, leaving, step + 1)
+            if result.leaving is None:
+                return
+            staying = torch.ones(len(group), dtype=torch.bool, device=local.device).index_fill_(0, result.leaving, False)
+            keep = staying.nonzero().flatten()
+            if len(keep) == 0:
+                return
+        group.hidden, group.state = result.hidden, result.state
+        if keep is not None:
+            kept = keep.tolist()
+            group = _Chunk(group.hidden.index_select(0, keep), group.tokens.index_select(0, keep),
+                           [group.lengths[row] for row in kept], group.state.index_select(0, keep),
+                           group.ids.index_select(0, keep), group.extra)
+        self.queues[step + 1].append(group)
+        self.counts[step + 1] += len(group)
+
+    def _finished(self) -> Iterator[EngineOutput]:
+        """The outputs of the oldest batches whose rows are all done, in input order."""
+        while self.pending:
+            start, size, token_mask = self.pending[0]
+            trace = self.records.trace(start, size)  # type: ignore[union-attr]
+            if trace is None:
+                return
+            self.pending.popleft()
+            yield self.engine._output(trace, token_mask)
+
+
+def stream_batches(engine: AdaptiveInferenceEngine, batches: Iterable[Mapping[str, Any]],
+                   max_rows: int | None = None) -> Iterator[EngineOutput]:
+    """:meth:`AdaptiveInferenceEngine.stream <adaptive_depth.engine.AdaptiveInferenceEngine.stream>`.
+
+    Raises:
+        ValueError: ``max_rows < 1`` (at once, before any batch is read).
+    """
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 (rows per layer run), got {max_rows}.")
+    return torch.inference_mode()(_Stream(engine, max_rows).run)(batches)

@@ -1,0 +1,148 @@
+"""AdaptiveInferenceEngine.stream: the batch engine's results, row by row, with every layer run on full groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit, ToleranceExit
+from adaptive_depth.engine import AdaptiveInferenceEngine
+from tests.conftest import FAMILIES, tiny_model
+from tests.test_engine import random_encoder
+
+FIELDS = ("exit_layer", "layers_run", "layers_skipped", "heads_run", "gates_run", "num_tokens", "macs_exact",
+          "macs_paper", "full_macs_exact", "full_macs_paper")
+
+
+def make_batches(shapes: list[tuple[int, int]], seed: int, vocab: int = 99) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of ``(rows, positions)``: random real lengths, one row per batch unpadded."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for rows, positions in shapes:
+        input_ids = torch.randint(5, vocab, (rows, positions), generator=generator)
+        lengths = torch.randint(1, positions + 1, (rows,), generator=generator)
+        lengths[int(torch.randint(0, rows, (1,), generator=generator))] = positions
+        attention_mask = (torch.arange(positions)[None, :] < lengths[:, None]).long()
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
+    return batches
+
+
+def assert_same_as_batch_engine(engine: AdaptiveInferenceEngine, batches, outputs) -> None:
+    assert len(outputs) == len(batches)
+    for batch, streamed in zip(batches, outputs):  # zip in input order: the order is checked too
+        expected = engine(**batch)
+        for field in FIELDS:
+            assert torch.equal(getattr(streamed, field), getattr(expected, field)), field
+        torch.testing.assert_close(streamed.logits, expected.logits, rtol=0.0, atol=1e-5)
+        if expected.predictions.is_floating_point():  # regression: the scores themselves
+            torch.testing.assert_close(streamed.predictions, expected.predictions, rtol=0.0, atol=1e-5)
+        else:
+            assert torch.equal(streamed.predictions, expected.predictions)
+
+
+def regression_encoder(seed: int) -> AdaptiveEncoder:
+    encoder = AdaptiveEncoder(tiny_model("bert", seed=seed, num_layers=4), num_labels=1, gate_inner_size=16,
+                              head_inner_size=16).double().eval()
+    generator = torch.Generator().manual_seed(seed)
+    for gate in encoder.gates:
+        gate.score.bias.data.uniform_(-3.0, 3.0, generator=generator)
+    for head in encoder.exit_heads:
+        head.classifier.weight.data.normal_(0.0, 0.3, generator=generator)
+    return encoder
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    model_type=st.sampled_from(FAMILIES),
+    seed=st.integers(0, 1000),
+    mode=st.sampled_from(["adaptive", "skip_only", "exit_only", "full"]),
+    criterion=st.sampled_from(["entropy", "maxprob", "patience"]),
+    threshold=st.floats(0.0, 1.2),
+    gate_threshold=st.floats(0.2, 1.0),
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 12)), min_size=1, max_size=5),
+    max_rows=st.one_of(st.none(), st.integers(1, 9)),
+)
+def test_stream_equals_the_batch_engine_row_by_row(model_type, seed, mode, criterion, threshold, gate_threshold,
+                                                   shapes, max_rows) -> None:
+    encoder = random_encoder(model_type, seed, num_layers=3)
+    exit_criterion = {"entropy": EntropyExit(threshold), "maxprob": MaxProbExit(min(threshold, 1.0)),
+                      "patience": PatienceExit(int(threshold * 2))}[criterion]
+    engine = AdaptiveInferenceEngine(encoder, exit_criterion, gate_threshold=gate_threshold, mode=mode)
+    batches = make_batches(shapes, seed)
+    assert_same_as_batch_engine(engine, batches, list(engine.stream(batches, max_rows=max_rows)))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1000), tolerance=st.floats(0.0, 2.0), patience=st.integers(1, 2),
+       shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 10)), min_size=1, max_size=4),
+       max_rows=st.one_of(st.none(), st.integers(1, 6)))
+def test_stream_carries_the_state_of_a_regression_criterion(seed, tolerance, patience, shapes, max_rows) -> None:
+    encoder = regression_encoder(seed)
+    engine = AdaptiveInferenceEngine(encoder, ToleranceExit(tolerance, patience))
+    batches = make_batches(shapes, seed)
+    assert_same_as_batch_engine(engine, batches, list(engine.stream(batches, max_rows=max_rows)))
+
+
+def test_the_patterns_really_vary() -> None:
+    """Guards the property tests against degenerate models: rows skip, exit early and run long in one stream."""
+    encoder = random_encoder("bert", 3, num_layers=3)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.6))
+    outputs = list(engine.stream(make_batches([(6, 9)] * 6, seed=1), max_rows=4))
+    exits = torch.cat([out.exit_layer for out in outputs])
+    assert len(exits.unique()) == 3 and bool(torch.cat([out.layers_skipped for out in outputs]).any())
+
+
+def test_layers_run_on_full_groups_and_partial_ones_only_at_the_end() -> None:
+    """exit_only, rows exiting at every depth: each step runs on exactly max_rows rows, except at most one
+    partial group per step once the input has ended (FastBERT #35: a hard row does not hold a batch back)."""
+    encoder = random_encoder("bert", 0, num_layers=4)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.5), mode="exit_only")
+    batches = make_batches([(5, 8)] * 12, seed=2)
+    rows_per_call: dict[int, list[int]] = {step: [] for step in range(4)}
+    layers = encoder.backbone.encoder.layer
+    # Forward (not pre-) hooks: embedding a batch stops at layer 0's pre-hooks without running it.
+    hooks = [layer.register_forward_hook(lambda module, args, out, step=step: rows_per_call[step].append(len(args[0])))
+             for step, layer in enumerate(layers)]
+    try:
+        outputs = list(engine.stream(batches, max_rows=8))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert_same_as_batch_engine(engine, batches, outputs)
+    assert len(torch.cat([out.exit_layer for out in outputs]).unique()) > 2
+    for step, sizes in rows_per_call.items():
+        assert sum(size < 8 for size in sizes) <= 1, (step, sizes)
+        assert all(size == 8 for size in sizes[:-1]), (step, sizes)
+
+
+def test_a_hard_first_row_does_not_change_the_order_of_the_outputs() -> None:
+    """A first batch whose rows run to the end comes out first, after later batches whose rows exited early."""
+    encoder = random_encoder("bert", 6, num_layers=3)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.9), mode="exit_only")
+    batches = make_batches([(1, 12), (3, 3), (2, 7), (4, 5)], seed=3)
+    streamed = engine.stream(batches, max_rows=2)
+    assert iter(streamed) is streamed  # a generator: nothing runs before the first output is asked for
+    assert_same_as_batch_engine(engine, batches, list(streamed))
+
+
+def test_empty_input_one_row_and_unpadded_batches() -> None:
+    encoder = random_encoder("roberta", 7, num_layers=2)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.5))
+    assert list(engine.stream([])) == []
+    one = [{"input_ids": torch.randint(5, 99, (1, 6))}]  # no attention mask: no padding anywhere
+    assert_same_as_batch_engine(engine, one, list(engine.stream(one)))
+    unpadded = [{"input_ids": torch.randint(5, 99, (3, length))} for length in (4, 9, 2)]
+    assert_same_as_batch_engine(engine, unpadded, list(engine.stream(iter(unpadded), max_rows=5)))
+
+
+def test_bad_input_is_refused_clearly() -> None:
+    engine = AdaptiveInferenceEngine(random_encoder("bert", 0), EntropyExit(0.5))
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        engine.stream([], max_rows=0)
+    with pytest.raises(TypeError, match="a mapping"):
+        list(engine.stream([torch.ones(2, 3, dtype=torch.long)]))
+    with pytest.raises(ValueError, match="padding before a real token"):
+        list(engine.stream([{"input_ids": torch.ones(1, 3, dtype=torch.long),
+                             "attention_mask": torch.tensor([[0, 1, 1]])}]))
