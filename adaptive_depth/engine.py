@@ -13,7 +13,9 @@ runs it on a whole batch by keeping only the rows still active: at every step
 The last step's head always answers for the rows still there (its layer may have been
 skipped: then it reads ``X^L = X^{L-1}``). Each row's work is the same as if it were alone,
 so batch size 1 is exactly the paper's algorithm. The per-sample trace records what ran and
-what it cost in both FLOPs conventions of :mod:`adaptive_depth.flops`.
+what it cost in both FLOPs conventions of :mod:`adaptive_depth.flops`. The loop itself is in
+:mod:`adaptive_depth.loop`; :meth:`AdaptiveInferenceEngine.stream` runs it over a corpus with
+one queue of rows per layer, so that every layer runs on full groups (:mod:`adaptive_depth.streaming`).
 """
 
 from __future__ import annotations

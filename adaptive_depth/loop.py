@@ -86,7 +86,7 @@ class StepResult:
 
 def _check_finite(logits: Tensor, step: int) -> None:
     """Refuse NaN/inf logits: a NaN entropy is never below the threshold, so such rows would never exit."""
-    finite = all(map(math.isfinite, logits.view(-1).tolist())) if logits.numel() <= 8 else bool(
+    finite = all(map(math.isfinite, logits.reshape(-1).tolist())) if logits.numel() <= 8 else bool(
         torch.isfinite(logits).all())
     if not finite:
         bad = int((~torch.isfinite(logits)).any(dim=-1).sum())

@@ -142,6 +142,8 @@ class _Stream:
                 self._run_step(waiting[0])
             yield from self._finished()
         yield from self._finished()
+        if self.pending:  # every row leaves at the last step at the latest
+            raise RuntimeError(f"stream ended with {len(self.pending)} batch(es) unfinished; this is a bug.")
 
     def _add(self, batch: Mapping[str, Tensor]) -> None:
         """Embed one input batch into the first step's queue."""

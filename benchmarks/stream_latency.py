@@ -1,0 +1,185 @@
+"""Streaming over a corpus against the batch engine and the plain model: how much FLOPs saving becomes time.
+
+On a saved model folder (``--model``, written by ``AdaptiveEncoder.save_pretrained``, e.g. a recipe
+run's ``<run>/model``) at its saved operating point (criterion, threshold, gate threshold, mode), over
+the first ``--rows`` texts of a GLUE split (SST-2 train by default), tokenized and batched as
+``AdaptivePipeline`` does (rows of similar length together, ``--batch-size`` rows per batch). Three
+passes, timed in turn within every round (one warm-up round, the median of ``--repeats``):
+
+- the plain Hugging Face model at full depth, batch after batch;
+- the batch engine, one ``engine(**batch)`` per batch (rows leave the batch as they exit);
+- the streaming engine, ``engine.stream(batches)``: every layer runs on full groups of rows.
+
+For each: rows per second, exact MACs per row, the FLOPs speed-up and the wall-clock speed-up over the
+plain model, and their ratio (1.0: every FLOP saved is time saved). It checks that the stream takes the
+batch engine's decisions on every row, prints a table and writes JSON (command, machine, date, torch
+version and threads), by default to a new file under ``runs/``.
+
+    python -m benchmarks.stream_latency --model runs/smartbert-mrpc/model --data-dir ../shared/data/glue \
+        --rows 5000 --batch-size 32 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from adaptive_depth import AdaptivePipeline
+from adaptive_depth.config import criterion_spec
+from adaptive_depth.flops import full_model_macs
+from adaptive_depth.metrics import CostAccumulator
+from benchmarks.engine_latency import cpu_name, interleaved_medians
+from recipes.glue import get_task, read_split, resolve_data_dir
+
+PASSES = ("plain HF model", "batch engine", "stream")
+
+
+def load_texts(data_dir: str | None, task_name: str, split: str, rows: int) -> tuple[list[str], list[str] | None]:
+    """The first ``rows`` texts (and second texts of a pair task) of ``split``."""
+    task = get_task(task_name)
+    examples = read_split(resolve_data_dir(data_dir), task, split).examples[:rows]
+    pairs = [example.text_b or "" for example in examples] if task.is_pair else None
+    return [example.text_a for example in examples], pairs
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pipeline = AdaptivePipeline.from_pretrained(args.model, device=device, batch_size=args.batch_size)
+    engine, encoder = pipeline.engine, pipeline.encoder
+    texts, pairs = load_texts(args.data_dir, args.task, args.split, args.rows)
+    batches = [inputs for _, inputs in pipeline.batches(texts, pairs)]
+    plain = encoder.unwrap().eval()
+
+    with torch.inference_mode():
+        batched = [engine(**batch) for batch in batches]
+        streamed = list(engine.stream(batches, max_rows=args.batch_size))
+    same = all(torch.equal(one.exit_layer, other.exit_layer) and torch.equal(one.layers_run, other.layers_run)
+               and torch.equal(one.predictions, other.predictions) for one, other in zip(batched, streamed))
+    costs = {}
+    for name, outputs in (("batch engine", batched), ("stream", streamed)):
+        accumulator = CostAccumulator(encoder.num_steps)
+        for output in outputs:
+            accumulator.update(output)
+        costs[name] = accumulator.compute()
+    lengths = torch.cat([batch["attention_mask"].sum(dim=-1) for batch in batches]).tolist()
+    plain_macs = statistics.fmean(full_model_macs(encoder.config, n, "exact", encoder.num_labels) for n in lengths)
+
+    def plain_pass() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                plain(**batch)
+
+    def engine_pass() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                engine(**batch)
+
+    def stream_pass() -> None:
+        for _ in engine.stream(batches, max_rows=args.batch_size):
+            pass
+
+    seconds = interleaved_medians(dict(zip(PASSES, (plain_pass, engine_pass, stream_pass))), args.repeats, device)
+    count = len(lengths)
+    rows = []
+    for name in PASSES:
+        macs = plain_macs if name == PASSES[0] else costs[name]["mean_macs_exact"]
+        flops_speedup, wall_speedup = plain_macs / macs, seconds[PASSES[0]] / seconds[name]
+        rows.append({
+            "setting": name, "rows_per_second": count / seconds[name], "seconds": seconds[name],
+            "mean_macs_exact": macs, "flops_speedup": flops_speedup, "wall_speedup": wall_speedup,
+            "wall_over_flops": wall_speedup / flops_speedup,
+            "mean_layers_run": None if name == PASSES[0] else costs[name]["mean_layers_run"],
+        })
+        print(_format(rows[-1]), flush=True)
+    criterion, threshold, options = criterion_spec(engine.criterion)
+    return {
+        "command": "python -m benchmarks.stream_latency " + " ".join(args.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "transformers": transformers.__version__},
+        "model": str(args.model),
+        "data": {"task": args.task, "split": args.split, "rows": count, "mean_tokens": statistics.fmean(lengths)},
+        "batch_size": args.batch_size,
+        "operating_point": {"mode": engine.mode, "criterion": criterion, "threshold": threshold,
+                            "criterion_options": options, "gate_threshold": engine.gate_threshold},
+        "exit_layer_histogram": costs["stream"]["exit_layer_histogram"],
+        "stream_equals_batch_engine": same,
+        "rows": rows,
+    }
+
+
+HEADER = (f"{'setting':<15} {'rows/s':>9} {'MMACs/row':>10} {'FLOPs x':>8} {'wall x':>7} {'wall/FLOPs':>10} "
+          f"{'layers/row':>10}")
+
+
+def _format(row: dict[str, Any]) -> str:
+    layers = "" if row["mean_layers_run"] is None else f"{row['mean_layers_run']:.2f}"
+    return (f"{row['setting']:<15} {row['rows_per_second']:>9.1f} {row['mean_macs_exact'] / 1e6:>10.1f} "
+            f"{row['flops_speedup']:>8.2f} {row['wall_speedup']:>7.2f} {row['wall_over_flops']:>10.2f} {layers:>10}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option's help names its default."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stream_latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="saved model folder with its tokenizer, e.g. <run>/model (required; no default)")
+    parser.add_argument("--data-dir", default=None, help="glue_data folder (default: $GLUE_DIR)")
+    parser.add_argument("--task", default="sst2", help="GLUE task whose texts are classified (default: sst2)")
+    parser.add_argument("--split", default="train", help="split to read the texts from (default: train)")
+    parser.add_argument("--rows", type=int, default=5000, help="texts to classify, the first ones (default: 5000)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="rows per input batch, and per layer run of the stream (default: 32)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds after one warm-up round; the median is reported (default: 3)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads for the whole run; 0 keeps torch's default (default: 0)")
+    parser.add_argument("--output", default=None,
+                        help="JSON path (default: a new runs/stream_latency-<task>-<UTC time>.json)")
+    return parser
+
+
+def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
+    """Parse and check the options; a bad value exits with ``error: ...`` and status 2."""
+    parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    args = parser.parse_args(argv)
+    for name in ("rows", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model} is not a folder; pass a model saved with save_pretrained (e.g. <run>/model)")
+    args.argv = argv
+    return args
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(HEADER, flush=True)
+    result = run(args)
+    if args.output:
+        output = Path(args.output)
+    else:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        output = Path(f"runs/stream_latency-{args.task}-{stamp}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nstream takes the batch engine's decisions on every row: {result['stream_equals_batch_engine']}")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""benchmarks.stream_latency and benchmarks.batch1_profile: smoke runs on a tiny saved model and synthetic GLUE rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import stream_latency
+from tests.conftest import requires_minilm
+from tests.glue_fixtures import write_synthetic_glue
+from tests.test_pipeline import tiny_encoder
+
+
+@requires_minilm
+def test_stream_latency_writes_its_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    encoder, tokenizer = tiny_encoder(seed=1)
+    encoder.adaptive_config.threshold = 0.5
+    model = encoder.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    data = write_synthetic_glue(tmp_path / "glue", "sst2", n_train=40, n_dev=4)
+    threads = torch.get_num_threads()
+    try:
+        stream_latency.main(["--model", str(model), "--data-dir", str(data), "--rows", "30", "--batch-size", "8",
+                             "--repeats", "1", "--threads", "1", "--output", "latency.json"])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "latency.json").read_text())
+    assert [row["setting"] for row in result["rows"]] == ["plain HF model", "batch engine", "stream"]
+    assert result["stream_equals_batch_engine"] is True
+    assert result["data"] == {"task": "sst2", "split": "train", "rows": 30, "mean_tokens": pytest.approx(
+        result["data"]["mean_tokens"])} and result["machine"]["torch_threads"] == 1
+    assert result["operating_point"]["criterion"] == "entropy" and result["operating_point"]["threshold"] == 0.5
+    plain, batched, streamed = result["rows"]
+    assert batched["mean_macs_exact"] == pytest.approx(streamed["mean_macs_exact"])  # the same work, regrouped
+    for row in result["rows"]:
+        assert row["rows_per_second"] > 0
+        assert row["flops_speedup"] == pytest.approx(plain["mean_macs_exact"] / row["mean_macs_exact"])
+        assert row["wall_over_flops"] == pytest.approx(row["wall_speedup"] / row["flops_speedup"])
+    assert sum(result["exit_layer_histogram"]) == 30
+
+
+def test_stream_latency_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for option, message in ((["--rows", "0"], "--rows must be >= 1"), (["--batch-size", "0"], "--batch-size must be"),
+                            (["--threads", "-1"], "--threads must be >= 0")):
+        with pytest.raises(SystemExit) as exited:
+            stream_latency.parse_args(["--model", str(tmp_path), *option])
+        assert exited.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stream_latency.parse_args(["--model", str(tmp_path / "missing")])
+    assert "is not a folder" in capsys.readouterr().err
+
+
+@requires_minilm
+def test_batch1_profile_splits_the_time_of_every_setting(tmp_path: Path, glue_dir: Path) -> None:
+    from benchmarks import batch1_profile
+
+    encoder, tokenizer = tiny_encoder(seed=2)
+    model = encoder.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    threads = torch.get_num_threads()
+    try:
+        rows = batch1_profile.main(["--model", str(model), "--data-dir", str(glue_dir), "--samples", "6",
+                                    "--repeats", "1", "--threads", "1", "--thresholds", "0.5"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["setting"] for row in rows] == ["full", "skip_only", "entropy S=0.5"]
+    for row in rows:
+        assert sum(row["time_share"].values()) == pytest.approx(1.0)
+        assert sum(row["macs_share"].values()) == pytest.approx(1.0)
+        assert row["ms_per_row"] > 0 and row["wall_over_flops"] > 0
+    assert rows[0]["macs_share"]["gates"] == 0.0 and rows[1]["macs_share"]["gates"] > 0.0
