@@ -136,32 +136,15 @@ def layer_macs(dims: EncoderDims, seq_len: int, convention: Convention) -> int:
 
 
 def step_macs(dims: EncoderDims, seq_len: int, convention: Convention) -> int:
-    """MACs of one layer step: ``dims.layers_per_step`` layers (more than one only for ALBERT).
-
-    Args:
-        dims: the encoder's sizes.
-        seq_len: ``n``, tokens.
-        convention: ``"paper"`` or ``"exact"``.
-
-    Returns:
-        MACs.
-    """
+    """MACs of one layer step on ``seq_len`` tokens in ``convention``: ``dims.layers_per_step``
+    layers (more than one only for ALBERT)."""
     return dims.layers_per_step * layer_macs(dims, seq_len, convention)
 
 
 def embedding_macs(dims: EncoderDims, seq_len: int, convention: Convention) -> int:
-    """MACs of the embedding projection ``E -> H`` (``n E H``), or 0 when there is none.
-
-    Embedding lookups and LayerNorm are not multiply-accumulates and count 0.
-
-    Args:
-        dims: the encoder's sizes.
-        seq_len: ``n``, tokens.
-        convention: ``"paper"`` or ``"exact"`` (the count is the same).
-
-    Returns:
-        MACs.
-    """
+    """MACs of the embedding projection ``E -> H`` on ``seq_len`` tokens (``n E H``), or 0 when there
+    is none; the same in both conventions. Embedding lookups and LayerNorm are not
+    multiply-accumulates and count 0."""
     _check(seq_len, convention)
     if dims.embedding_size is None:
         return 0
@@ -169,15 +152,8 @@ def embedding_macs(dims: EncoderDims, seq_len: int, convention: Convention) -> i
 
 
 def pooler_macs(dims: EncoderDims, convention: Convention) -> int:
-    """MACs of the base model's pooler: ``H^2`` (it reads ``[CLS]`` only), or 0 without one.
-
-    Args:
-        dims: the encoder's sizes.
-        convention: ``"paper"`` or ``"exact"`` (the count is the same).
-
-    Returns:
-        MACs.
-    """
+    """MACs of the base model's pooler: ``H^2`` (it reads ``[CLS]`` only), or 0 without one; the
+    same in both conventions."""
     _check(1, convention)
     return dims.hidden_size * dims.hidden_size if dims.has_pooler else 0
 
@@ -187,12 +163,10 @@ def _narrow_attention_macs(
 ) -> int:
     """MACs of :class:`~adaptive_depth.narrow_attention.NarrowAttentionPool`.
 
-    ``"paper"``: ``n H d + 3 n d^2`` (narrow, then query/key/value for every token).
-    ``"exact"``, inference (``[CLS]`` only): ``n H d + 3 d^2 + 2 heads n d``: narrow, the
-    ``[CLS]`` query, the key folded into it (``d^2``), scores and pooling of the narrowed states
-    per head, and the value projection of each head's pooled vector (``d^2``).
-    ``"exact"`` with token states: ``n H d + 3 n d^2 + 2 n^2 d`` (every position's query, key
-    and value; scores and weighted sum summed over heads).
+    ``"paper"``: ``n H d + 3 n d^2`` (narrow, then query/key/value for every token). ``"exact"``:
+    ``n H d + 3 d^2 + 2 heads n d`` at inference (narrow; the ``[CLS]`` query, the key folded into
+    it and the value of each head's pooled vector; scores and pooling per head), or with token
+    states ``n H d + 3 n d^2 + 2 n^2 d`` (every position's query, key and value).
     """
     narrow = seq_len * hidden_size * inner_size
     if convention == "paper":
@@ -216,9 +190,7 @@ def gate_macs(
 
     - ``"attention"``: the narrow self-attention (see the module docstring) plus the score
       ``d * 1``. Paper convention: ``n H d + 3 n d^2 + d``; exact (key folded into the
-      query, value after the pooling): ``n H d + 3 d^2 + 2 heads n d + d``. MiniLM's sizes
-      (``H = 384``, ``d = 128``, 2 heads) at 24 tokens: 1,241,216 exact MACs, where the unfolded
-      block cost 1,988,736 (38% fewer); at 128 tokens 6,406,272 against 10,535,040 (39% fewer).
+      query, value after the pooling): ``n H d + 3 d^2 + 2 heads n d + d``.
     - ``"cls"`` and ``"mean"``: ``H d + d`` in both conventions (one narrowed vector; the
       mean's additions are not multiply-accumulates).
 
@@ -243,7 +215,7 @@ def gate_macs(
     Example:
         >>> macs_to_flops(gate_macs(768, 128, "paper"))  # paper Table 2 prints 37.4M
         37748992
-        >>> gate_macs(384, 24, "exact")  # MiniLM's width, 24 tokens
+        >>> gate_macs(384, 24, "exact")  # MiniLM's width, 24 tokens (unfolded: 1,988,736)
         1241216
     """
     _check(seq_len, convention)
@@ -268,9 +240,7 @@ def head_macs(
 
     Narrow self-attention (see the module docstring) ``+ d^2`` (prelim) ``+ d C``
     (classifier). BERT-base, 2 labels, length 128, paper convention: 18,891,008 MACs =
-    37.78M FLOPs, 0.48% above the 37.6M of paper Table 2. Exact, at inference, with MiniLM's
-    sizes (``H = 384``, ``d = 128``, 4 heads, 2 labels): 1,270,016 MACs at 24 tokens, 37% fewer
-    than the unfolded block's 2,005,248, and 6,488,320 at 128 tokens (10,551,552: 39% fewer).
+    37.78M FLOPs, 0.48% above the 37.6M of paper Table 2.
 
     Args:
         hidden_size: ``H``.
@@ -286,7 +256,7 @@ def head_macs(
         MACs.
 
     Example:
-        >>> head_macs(384, 2, 24, "exact")  # MiniLM's width, 24 tokens
+        >>> head_macs(384, 2, 24, "exact")  # MiniLM's width, 24 tokens (unfolded: 2,005,248)
         1270016
     """
     _check(seq_len, convention)
@@ -362,25 +332,15 @@ class EncoderCost:
     def sample_macs(
         self, layers_run: Sequence[bool], gates_run: Sequence[bool], heads_run: Sequence[bool]
     ) -> int:
-        """MACs one sample spent: the embedding plus every component that ran.
-
-        Args:
-            layers_run: ``L`` flags, True where layer step ``i`` ran.
-            gates_run: ``L`` flags, True where gate ``i`` ran.
-            heads_run: ``L`` flags, True where exit head ``i`` ran.
-
-        Returns:
-            MACs.
+        """MACs one sample spent: the embedding plus every component that ran (``layers_run``,
+        ``gates_run``, ``heads_run``: ``L`` flags each, True where step ``i``'s component ran).
 
         Raises:
             ValueError: if a sequence does not have ``L`` entries.
         """
         total = self.embedding
-        for name, flags, costs in (
-            ("layers_run", layers_run, self.layers),
-            ("gates_run", gates_run, self.gates),
-            ("heads_run", heads_run, self.heads),
-        ):
+        for name, flags, costs in (("layers_run", layers_run, self.layers), ("gates_run", gates_run, self.gates),
+                                   ("heads_run", heads_run, self.heads)):
             if len(flags) != len(costs):
                 raise ValueError(f"{name} must have {len(costs)} entries (one per step), got {len(flags)}.")
             total += sum(cost for cost, ran in zip(costs, flags) if ran)
