@@ -3,10 +3,12 @@
 The exit criteria are monotone in their threshold: a larger entropy threshold (or a smaller
 max-probability threshold, a smaller patience, or a larger regression tolerance) lets every
 row leave at the same layer or earlier, and the gates' decisions do not depend on the threshold,
-so the mean cost only falls.
+so the cost only falls.
 :func:`calibrate_threshold` therefore bisects: it runs the real engine on the data at each
-candidate and returns the least aggressive threshold whose measured mean relative cost is
-within the budget. Calibrate on data held out from training, never on the set you report.
+candidate and returns the least aggressive threshold whose measured relative cost (total MACs
+over total full-depth MACs of the same rows) is within the budget. It is a point estimate on
+those rows; :func:`adaptive_depth.certify.certify_threshold` instead bounds, with a stated
+probability, how often the early answers differ from the full-depth ones on new rows. Calibrate on data held out from training, never on the set you report.
 
 With skip gates there is a second knob: the gate threshold (skip a layer when
 ``p_skip >= gate_threshold``). :func:`calibrate_operating_point` calibrates the exit threshold at
@@ -17,7 +19,6 @@ on the held-out labels, so the gates are used at a budget only where they help t
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +30,17 @@ from adaptive_depth.config import check_gate_threshold, criterion_from_name, cri
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.exits import ExitCriterion
+from adaptive_depth.measure import (
+    RowResults,
+    batch_labels,
+    check_budget,
+    check_convention,
+    measure_rows,
+    patience_grid,
+    threshold_at_fraction,
+)
 
-__all__ = ["Calibration", "calibrate_operating_point", "calibrate_threshold", "criterion_name"]
+__all__ = ["Calibration", "calibrate_operating_point", "calibrate_threshold", "criterion_name", "operating_engine"]
 
 Metric = Callable[[Tensor, Tensor], float]
 
@@ -50,7 +60,8 @@ class Calibration:
         threshold: the chosen threshold.
         max_relative_cost: the budget asked for.
         convention: ``"exact"`` or ``"paper"``, the FLOPs convention the budget is in.
-        relative_cost: mean MACs over mean full-depth MACs at ``threshold``, in ``convention``.
+        relative_cost: total MACs over total full-depth MACs of the calibration rows at
+            ``threshold``, in ``convention``.
         relative_cost_exact, relative_cost_paper: the same in both conventions.
         mean_layers_run: layers run per row at ``threshold``.
         metric_name, metric: the task metric at ``threshold`` (``None`` without labels).
@@ -91,26 +102,10 @@ class Calibration:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class _Measurement:
-    relative_cost_exact: float
-    relative_cost_paper: float
-    mean_layers_run: float
-    predictions: Tensor
-
-
-def _measure(engine: AdaptiveInferenceEngine, batches: list[Mapping[str, Tensor]]) -> _Measurement:
-    macs = torch.zeros(4, dtype=torch.float64)
-    layers, predictions = 0.0, []
-    for batch in batches:
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        out = engine(**inputs)
-        macs += torch.stack([out.macs_exact.sum(), out.full_macs_exact.sum(), out.macs_paper.sum(),
-                             out.full_macs_paper.sum()]).double().cpu()
-        layers += float(out.layers_run.sum())
-        predictions.append(out.predictions.float().cpu())
-    rows = sum(len(p) for p in predictions)
-    return _Measurement(float(macs[0] / macs[1]), float(macs[2] / macs[3]), layers / rows, torch.cat(predictions))
+def _check_tolerance(tolerance: float) -> None:
+    if not 0.0 < tolerance < 1.0:  # also refuses NaN; 0 would bisect forever
+        raise ValueError(f"tolerance is the width (a fraction of the threshold range, in (0, 1)) at which the "
+                         f"bisection stops, e.g. 1e-3; got {tolerance}.")
 
 
 def _accuracy(predictions: Tensor, labels: Tensor) -> float:
@@ -127,7 +122,9 @@ def calibrate_threshold(
     tolerance: float = 1e-3,
     progress: bool = False,
 ) -> Calibration:
-    """The least aggressive exit threshold whose mean relative cost on ``data`` is within budget.
+    """The least aggressive exit threshold whose relative cost on ``data`` is within budget.
+
+    Relative cost is total MACs over total full-depth MACs of the same rows (a ratio of sums).
 
     Args:
         engine_or_model: an engine (its criterion type, mode, gate threshold and padded length
@@ -139,16 +136,19 @@ def calibrate_threshold(
         convention: ``"exact"`` (every matmul at the real length) or ``"paper"``.
         metric: ``(predictions [R], labels [R]) -> float`` reported at the chosen point;
             default accuracy for classification with labels, none for regression.
-        tolerance: stop bisecting a continuous threshold when the bracket is this narrow.
-        progress: show a progress bar over the engine passes.
+        tolerance: stop bisecting a continuous threshold when the bracket is this narrow (a
+            fraction of the threshold's range, in ``(0, 1)``).
+        progress: show a progress bar over the engine passes (needs tqdm).
 
     Returns:
         :class:`Calibration`.
 
     Raises:
-        ValueError: a budget outside ``(0, 1]``, a mode whose cost the threshold does not
-            change (``"full"``, ``"skip_only"``), empty data, or a budget that even the most
-            aggressive threshold cannot meet (the message gives the cheapest cost reachable).
+        ValueError: a budget outside ``(0, 1]``, a tolerance outside ``(0, 1)``, an unknown
+            convention, a mode whose cost the threshold does not change (``"full"``,
+            ``"skip_only"``), empty data, labels in only some batches, a ``metric`` without
+            labels, or a budget that even the most aggressive threshold cannot meet (the message
+            gives the cheapest cost reachable).
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -160,11 +160,10 @@ def calibrate_threshold(
         >>> calibration.relative_cost <= 0.6
         True
     """
-    if not 0.0 < max_relative_cost <= 1.0:
-        raise ValueError(f"max_relative_cost must be in (0, 1], got {max_relative_cost}.")
-    if convention not in ("exact", "paper"):
-        raise ValueError(f"convention must be 'exact' or 'paper', got {convention!r}.")
-    template = _template(engine_or_model)
+    max_relative_cost = check_budget(max_relative_cost)
+    check_convention(convention)
+    _check_tolerance(tolerance)
+    template = operating_engine(engine_or_model)
     if template.mode not in ("adaptive", "exit_only"):
         raise ValueError(f"mode {template.mode!r} never exits early, so no threshold changes its cost; "
                          "use 'adaptive' or 'exit_only'.")
@@ -172,10 +171,11 @@ def calibrate_threshold(
     batches = list(data)
     if not batches:
         raise ValueError("calibration data is empty.")
-    labels = [batch.get("labels") for batch in batches]
-    has_labels = all(label is not None for label in labels)
+    labels = batch_labels(batches)
     regression = template.encoder.num_labels == 1
-    if metric is None and has_labels and not regression:
+    if metric is not None and labels is None:
+        raise ValueError("a metric needs labels: give every batch 'labels' (held-out rows), or no metric.")
+    if metric is None and labels is not None and not regression:
         metric, metric_name = _accuracy, "accuracy"
     else:
         metric_name = getattr(metric, "__name__", "metric") if metric is not None else None
@@ -186,15 +186,15 @@ def calibrate_threshold(
 
         bar = tqdm(desc=f"calibrating {name} to {max_relative_cost:.0%} cost", unit="pass")
     evaluations: list[tuple[float, float]] = []
-    cache: dict[float, _Measurement] = {}
+    cache: dict[float, RowResults] = {}
 
-    def measure(threshold: float) -> _Measurement:
+    def measure(threshold: float) -> RowResults:
         if threshold not in cache:
             criterion = criterion_with_threshold(template.criterion, threshold)
             runner = AdaptiveInferenceEngine(template.encoder, criterion, template.gate_threshold, template.mode,
                                              template.padded_length)
-            cache[threshold] = _measure(runner, batches)
-            cost = _cost(cache[threshold], convention)
+            cache[threshold] = measure_rows(runner, batches)
+            cost = cache[threshold].relative_cost(convention)
             evaluations.append((threshold, cost))
             if bar is not None:
                 bar.update(1)
@@ -208,12 +208,13 @@ def calibrate_threshold(
             bar.close()
     chosen = measure(threshold)
     value = None
-    if metric is not None and has_labels:
-        value = float(metric(chosen.predictions, torch.cat([label.float().cpu() for label in labels])))
+    if metric is not None and labels is not None:
+        value = float(metric(chosen.predictions.float(), labels.float()))
     return Calibration(
         criterion=name, threshold=threshold, max_relative_cost=max_relative_cost, convention=convention,
-        relative_cost=_cost(chosen, convention), relative_cost_exact=chosen.relative_cost_exact,
-        relative_cost_paper=chosen.relative_cost_paper, mean_layers_run=chosen.mean_layers_run,
+        relative_cost=chosen.relative_cost(convention), relative_cost_exact=chosen.relative_cost("exact"),
+        relative_cost_paper=chosen.relative_cost("paper"),
+        mean_layers_run=float(chosen.layers_run.double().sum()) / len(chosen.layers_run),
         metric_name=metric_name, metric=value, num_rows=len(chosen.predictions), evaluations=evaluations,
         gate_threshold=template.gate_threshold, criterion_options=options,
     )
@@ -266,7 +267,10 @@ def calibrate_operating_point(
         >>> point.gate_threshold in (0.5, 1.0), len(point.candidates)
         (True, 2)
     """
-    template = _template(engine_or_model)
+    template = operating_engine(engine_or_model)
+    max_relative_cost = check_budget(max_relative_cost)
+    check_convention(convention)
+    _check_tolerance(tolerance)
     gate_thresholds = [check_gate_threshold(value) for value in gate_thresholds]
     if not gate_thresholds:
         raise ValueError("gate_thresholds is empty; give at least one, e.g. (0.5, 1.0).")
@@ -303,7 +307,7 @@ def calibrate_operating_point(
     return best
 
 
-def _template(engine_or_model: AdaptiveInferenceEngine | AdaptiveEncoder) -> AdaptiveInferenceEngine:
+def operating_engine(engine_or_model: AdaptiveInferenceEngine | AdaptiveEncoder) -> AdaptiveInferenceEngine:
     """The engine to calibrate: the one given, or the encoder's saved operating point."""
     if isinstance(engine_or_model, AdaptiveInferenceEngine):
         return engine_or_model
@@ -313,49 +317,24 @@ def _template(engine_or_model: AdaptiveInferenceEngine | AdaptiveEncoder) -> Ada
     raise TypeError(f"calibrate an AdaptiveInferenceEngine or an AdaptiveEncoder, got {type(engine_or_model).__name__}.")
 
 
-def _cost(measurement: _Measurement, convention: str) -> float:
-    return measurement.relative_cost_exact if convention == "exact" else measurement.relative_cost_paper
-
-
-def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[float], _Measurement],
+def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[float], RowResults],
             convention: str, budget: float, tolerance: float) -> float:
     """Bisect (or scan, for patience) from the most accurate threshold towards the cheapest."""
-    num_labels = template.encoder.num_labels
     if name == "patience":
-        # Patience p: larger is more accurate and costlier; p = steps never exits before the last layer.
-        candidates = [float(p) for p in range(template.encoder.num_steps, -1, -1)]
+        candidates = patience_grid(template.encoder.num_steps)
         for candidate in candidates:
-            if _cost(measure(candidate), convention) <= budget:
+            if measure(candidate).relative_cost(convention) <= budget:
                 return candidate
-        return _impossible(name, candidates[-1], _cost(measure(candidates[-1]), convention), budget)
-    if name == "tolerance":
-        if num_labels != 1:
-            raise ValueError("tolerance exits are for regression (one output); calibrate a classifier with "
-                             "EntropyExit, MaxProbExit or PatienceExit.")
-
-        def threshold_at(fraction: float) -> float:  # 0 -> 0 (never exits early), 1 -> inf (earliest)
-            return math.inf if fraction >= 1.0 else fraction / (1.0 - fraction)
-    elif name in ("entropy", "normalized_entropy"):
-        if num_labels < 2:
-            raise ValueError("entropy exits need at least 2 classes; calibrate a regression model with PatienceExit.")
-        top = 1.0 if name == "normalized_entropy" else math.log(num_labels)
-        top = math.nextafter(top, math.inf)  # above every reachable entropy: exit at the first head
-
-        def threshold_at(fraction: float) -> float:
-            return fraction * top
-    else:  # max_prob: 1.0 exits only on a saturated head, 0.0 at the first head that runs
-
-        def threshold_at(fraction: float) -> float:
-            return 1.0 - fraction
-
-    if _cost(measure(threshold_at(0.0)), convention) <= budget:
+        return _impossible(name, candidates[-1], measure(candidates[-1]).relative_cost(convention), budget)
+    threshold_at = threshold_at_fraction(name, template.encoder.num_labels)
+    if measure(threshold_at(0.0)).relative_cost(convention) <= budget:
         return threshold_at(0.0)
-    if _cost(measure(threshold_at(1.0)), convention) > budget:
-        return _impossible(name, threshold_at(1.0), _cost(measure(threshold_at(1.0)), convention), budget)
+    if measure(threshold_at(1.0)).relative_cost(convention) > budget:
+        return _impossible(name, threshold_at(1.0), measure(threshold_at(1.0)).relative_cost(convention), budget)
     low, high = 0.0, 1.0  # cost(low) > budget >= cost(high)
     while high - low > tolerance:
         middle = (low + high) / 2
-        if _cost(measure(threshold_at(middle)), convention) <= budget:
+        if measure(threshold_at(middle)).relative_cost(convention) <= budget:
             high = middle
         else:
             low = middle

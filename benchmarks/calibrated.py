@@ -489,6 +489,8 @@ def runs_of(args: argparse.Namespace) -> dict[str, Path]:
     bad = [budget for budget in args.budgets if not (0.0 < budget <= 1.0 and math.isfinite(budget))]
     if bad:
         raise ConfigError(f"--budgets {bad}: each budget must be in (0, 1], a fraction of the fine-tuned full depth")
+    if not 0.0 < args.tolerance < 1.0:  # 0 would bisect forever
+        raise ConfigError(f"--tolerance {args.tolerance}: the bisection's stopping width must be in (0, 1), e.g. 1e-3")
     bad = [value for value in args.gate_thresholds if not 0.0 <= value <= 1.0]
     if bad:
         raise ConfigError(f"--gate-thresholds {bad}: each must be in [0, 1] (a layer is skipped when p_skip >= it; "

@@ -237,6 +237,7 @@ def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path:
     ("joint_missing", "--joint smartbert: not among the runs"),
     ("joint_gateless", "--joint deebert: its run has no skip gates"),
     ("gate_thresholds", "--gate-thresholds [1.2]: each must be in [0, 1]"),
+    ("tolerance", "--tolerance 0.0: the bisection's stopping width must be in (0, 1)"),
     ("criterion", "--criterion tolerance: mrpc is a classification task, whose exits can use entropy"),
 ])
 def test_bad_input_is_a_clear_error(runs: dict[str, Path], data: Path, tmp_path: Path,
@@ -269,6 +270,8 @@ def test_bad_input_is_a_clear_error(runs: dict[str, Path], data: Path, tmp_path:
         run += ["--gate-thresholds", "0.5", "1.2"]
     elif case == "criterion":
         run += ["--criterion", "tolerance"]
+    elif case == "tolerance":
+        run += ["--tolerance", "0"]
     argv = ["--data-dir", data_dir, *run, *budgets, "--json", str(tmp_path / "t.json")]
     assert calibrated.main(argv) == 2
     assert message in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""What an engine does on held-out rows, shared by calibration and certification.
+
+:func:`measure_rows` runs an engine over batches and keeps each row's prediction and MACs
+(:class:`RowResults`); :meth:`RowResults.relative_cost` is the one definition of relative cost
+(total MACs over total full-depth MACs of the same rows). :func:`threshold_at_fraction` and
+:func:`patience_grid` order each criterion's thresholds from the safest (never exits early)
+to the most aggressive (exits at the first head that runs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from adaptive_depth.engine import AdaptiveInferenceEngine
+
+__all__ = ["RowResults", "batch_labels", "check_budget", "check_convention", "measure_rows", "patience_grid",
+           "threshold_at_fraction"]
+
+
+@dataclass
+class RowResults:
+    """What the engine did for each of ``R`` rows, in the order of the batches.
+
+    Attributes:
+        predictions: ``[R]`` class indices (long) or scores (float), from
+            :func:`~adaptive_depth.exits.predictions_from_logits`.
+        macs_exact, macs_paper: ``[R]`` int64 MACs of what ran, in each FLOPs convention.
+        full_macs_exact, full_macs_paper: ``[R]`` int64 MACs of the same rows at full depth.
+        layers_run: ``[R]`` layers that ran per row.
+    """
+
+    predictions: Tensor
+    macs_exact: Tensor
+    macs_paper: Tensor
+    full_macs_exact: Tensor
+    full_macs_paper: Tensor
+    layers_run: Tensor
+
+    def relative_cost(self, convention: str = "exact", rows: Tensor | None = None) -> float:
+        """Total MACs over total full-depth MACs of the rows (all, or the ``rows`` indices / mask):
+        the one definition of relative cost (a ratio of sums, not a mean of per-row ratios)."""
+        macs, full = (self.macs_exact, self.full_macs_exact) if convention == "exact" else (
+            self.macs_paper, self.full_macs_paper)
+        if rows is not None:
+            macs, full = macs[rows], full[rows]
+        return float(macs.double().sum() / full.double().sum())
+
+
+def measure_rows(engine: AdaptiveInferenceEngine, batches: Sequence[Mapping[str, Tensor]]) -> RowResults:
+    """Run ``engine`` on every batch (``labels`` and other non-inputs are left out) and keep
+    each row's prediction and MACs (:class:`RowResults`)."""
+    outs = []
+    for batch in batches:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        out = engine(**inputs)
+        outs.append((out.predictions.cpu(), out.macs_exact.cpu(), out.macs_paper.cpu(), out.full_macs_exact.cpu(),
+                     out.full_macs_paper.cpu(), out.layers_run.sum(dim=-1).cpu()))
+    return RowResults(*(torch.cat(column) for column in zip(*outs)))
+
+
+def check_budget(max_relative_cost: float) -> float:
+    """``max_relative_cost`` as a float if it is a valid budget (a fraction of the full-depth MACs
+    in ``(0, 1]``), else a ``ValueError``: the one range check of a cost budget."""
+    value = float(max_relative_cost)
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise ValueError(f"max_relative_cost must be in (0, 1] (total MACs over total full-depth MACs), got {value}.")
+    return value
+
+
+def check_convention(convention: str) -> str:
+    """``convention`` if it is a FLOPs convention (``"exact"`` or ``"paper"``), else a ``ValueError``."""
+    if convention not in ("exact", "paper"):
+        raise ValueError(f"convention must be 'exact' or 'paper', got {convention!r}.")
+    return convention
+
+
+def batch_labels(batches: Sequence[Mapping[str, Tensor]]) -> Tensor | None:
+    """The ``[R]`` labels of every batch, concatenated on the CPU; ``None`` when no batch has any.
+
+    Raises:
+        ValueError: labels in some batches only (a metric over part of the rows would mislead).
+    """
+    labelled = [batch.get("labels") is not None for batch in batches]
+    if not any(labelled):
+        return None
+    if not all(labelled):
+        raise ValueError(f"{sum(labelled)} of {len(batches)} batches hold 'labels'; give labels in every batch or "
+                         "in none.")
+    return torch.cat([batch["labels"].reshape(-1).cpu() for batch in batches])
+
+
+def patience_grid(num_steps: int) -> list[float]:
+    """The patience values, from the safest (``num_steps``: never exits before the last layer) to the
+    most aggressive (0: exits at the first head that runs)."""
+    return [float(p) for p in range(num_steps, -1, -1)]
+
+
+def threshold_at_fraction(name: str, num_labels: int) -> Callable[[float], float]:
+    """For a continuous criterion, the map from ``[0, 1]`` to its threshold: 0 never exits early
+    (the safest), 1 exits at the earliest head (the most aggressive); cost only falls in between.
+
+    Raises:
+        ValueError: ``"patience"`` (use :func:`patience_grid`), or a criterion that does not fit
+            the number of outputs (tolerance is for regression, entropy for 2+ classes).
+    """
+    if name == "tolerance":
+        if num_labels != 1:
+            raise ValueError("tolerance exits are for regression (one output); calibrate a classifier with "
+                             "EntropyExit, MaxProbExit or PatienceExit.")
+
+        def threshold_at(fraction: float) -> float:  # 0 -> 0 (never exits early), 1 -> inf (earliest)
+            return math.inf if fraction >= 1.0 else fraction / (1.0 - fraction)
+    elif name in ("entropy", "normalized_entropy"):
+        if num_labels < 2:
+            raise ValueError("entropy exits need at least 2 classes; calibrate a regression model with PatienceExit.")
+        top = 1.0 if name == "normalized_entropy" else math.log(num_labels)
+        top = math.nextafter(top, math.inf)  # above every reachable entropy: exit at the first head
+
+        def threshold_at(fraction: float) -> float:
+            return fraction * top
+    elif name == "max_prob":  # 1.0 exits only on a saturated head, 0.0 at the first head that runs
+
+        def threshold_at(fraction: float) -> float:
+            return 1.0 - fraction
+    else:
+        raise ValueError(f"{name!r} has no continuous threshold; patience takes whole values (patience_grid).")
+    return threshold_at
