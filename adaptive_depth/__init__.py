@@ -50,10 +50,12 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "AdaptivePipeline": "adaptive_depth.pipeline",
     "Calibration": "adaptive_depth.calibration",
+    "Certificate": "adaptive_depth.certificate",
     "CostAccumulator": "adaptive_depth.metrics",
     "Prediction": "adaptive_depth.pipeline",
     "calibrate_operating_point": "adaptive_depth.calibration",
     "calibrate_threshold": "adaptive_depth.calibration",
+    "certify_threshold": "adaptive_depth.certify",
 }
 
 
@@ -78,6 +80,7 @@ __all__ = [
     "BackboneAdapter",
     "BudgetPenalty",
     "Calibration",
+    "Certificate",
     "ContrastiveOutput",
     "CostAccumulator",
     "CrossLayerInfoNCE",
@@ -108,6 +111,7 @@ __all__ = [
     "budget_penalty",
     "calibrate_operating_point",
     "calibrate_threshold",
+    "certify_threshold",
     "cross_layer_info_nce",
     "entropy",
     "exit_objective",
