@@ -17,8 +17,9 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
+from adaptive_depth.files import write_atomically
 
-__all__ = ["CONFIG_FORMAT_VERSION", "AdaptiveEncoderConfig", "CriterionName", "check_gate_threshold",
+__all__ = ["CONFIG_FORMAT_VERSION", "METRICS", "AdaptiveEncoderConfig", "CriterionName", "check_gate_threshold",
            "criterion_from_name", "criterion_spec", "criterion_with_threshold"]
 
 # The format of adaptive_config.json that this version writes and reads (2: with ``criterion_options``).
@@ -27,6 +28,10 @@ CONFIG_FORMAT_VERSION = 2
 CriterionName = Literal["entropy", "normalized_entropy", "max_prob", "patience", "tolerance"]
 ProblemType = Literal["single_label_classification", "regression"]
 _MODES = ("adaptive", "skip_only", "exit_only", "full")
+# The task metrics a saved model can name (AdaptiveEncoderConfig.metric), and the problem type each fits
+# (adaptive_depth.metrics.task_metric computes them): F1 is the binary F1 of class 1 (GLUE's MRPC, QQP).
+METRICS: dict[str, str] = {"accuracy": "single_label_classification", "f1": "single_label_classification",
+                           "mcc": "single_label_classification", "pearson": "regression", "spearman": "regression"}
 
 
 # The options each criterion takes besides its threshold (the other fields of its class).
@@ -173,6 +178,11 @@ class AdaptiveEncoderConfig:
             ``num_labels``).
         label_names: one name per class (``None``: the class index is the label).
         max_length: truncation length for raw text (the length the model was trained at).
+        metric: the task's metric, one of :data:`METRICS` (``"f1"`` for MRPC...), reported by
+            ``predict`` beside accuracy; ``None``: accuracy (classification) or none.
+        text_pair: whether the model reads text pairs (``True``), single texts (``False``) or
+            unknown (``None``: no check); :class:`~adaptive_depth.AdaptivePipeline` refuses
+            single texts for a pair model unless told ``allow_single_texts=True``.
 
     Operating point (what :class:`~adaptive_depth.AdaptivePipeline` runs by default):
         criterion: exit criterion name (see :func:`criterion_from_name`).
@@ -184,6 +194,9 @@ class AdaptiveEncoderConfig:
             defaults to ``"adaptive"`` with gates and ``"exit_only"`` without.
         calibration: how the threshold was chosen, as :meth:`Calibration.to_dict
             <adaptive_depth.calibration.Calibration.to_dict>` wrote it (``None``: not calibrated).
+        certificate: the certificate of the operating point, as :meth:`Certificate.to_dict
+            <adaptive_depth.certificate.Certificate.to_dict>` wrote it (``None``: not certified;
+            written by ``python -m adaptive_depth.calibrate`` and ``AdaptivePipeline.certify``).
         attn_implementation: the backbone's attention implementation when saved (set by
             ``save_pretrained``; the default of ``from_pretrained``).
 
@@ -197,6 +210,8 @@ class AdaptiveEncoderConfig:
     problem_type: ProblemType | None = None
     label_names: list[str] | None = None
     max_length: int | None = None
+    metric: str | None = None
+    text_pair: bool | None = None
     head_type: Literal["attention", "pooler"] = "attention"
     with_gates: bool = True
     gate_inner_size: int = 128
@@ -212,6 +227,7 @@ class AdaptiveEncoderConfig:
     gate_threshold: float = 0.5
     mode: str | None = None
     calibration: dict[str, Any] | None = field(default=None, compare=False)
+    certificate: dict[str, Any] | None = field(default=None, compare=False)
     attn_implementation: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -233,6 +249,15 @@ class AdaptiveEncoderConfig:
                 )
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
+        if self.metric is not None and METRICS.get(self.metric) != self.problem_type:
+            fitting = [name for name, problem in METRICS.items() if problem == self.problem_type]
+            raise ValueError(f"metric {self.metric!r} is not a {self.problem_type} metric; use one of {fitting} or None.")
+        if self.metric == "f1" and self.num_labels != 2:
+            raise ValueError(f"metric 'f1' is the binary F1 of class 1; this model has {self.num_labels} classes.")
+        if self.text_pair not in (None, True, False):
+            raise ValueError(f"text_pair must be true, false or null (unknown), got {self.text_pair!r}.")
+        if self.certificate is not None and not isinstance(self.certificate, Mapping):
+            raise ValueError(f"certificate must be a mapping (Certificate.to_dict()) or null, got {self.certificate!r}.")
         if self.mode is None:
             self.mode = "adaptive" if self.with_gates else "exit_only"
         if self.mode not in _MODES:
@@ -298,8 +323,10 @@ class AdaptiveEncoderConfig:
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
-        """Write the JSON to ``path`` (not atomic by itself; the model folder is)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        """Write the JSON to ``path`` atomically (:func:`~adaptive_depth.files.write_atomically`), so
+        that rewriting a saved model's config (``python -m adaptive_depth.calibrate``) never leaves
+        half a file."""
+        write_atomically(path, [json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"])
 
     @classmethod
     def load(cls, path: str | Path) -> AdaptiveEncoderConfig:

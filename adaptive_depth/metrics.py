@@ -9,19 +9,56 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 from torchmetrics import Metric
 
+from adaptive_depth.config import METRICS
 from adaptive_depth.engine import EngineOutput
 
-__all__ = ["CostAccumulator"]
+__all__ = ["CostAccumulator", "task_metric"]
+
+
+def task_metric(name: str, predictions: Tensor, labels: Tensor, num_labels: int) -> float:
+    """The task metric ``name`` (one of :data:`adaptive_depth.config.METRICS`) of ``[R]`` predictions.
+
+    ``"accuracy"`` is plain (micro) accuracy; ``"f1"`` the binary F1 of class 1 (GLUE MRPC/QQP);
+    ``"mcc"`` Matthews' correlation (CoLA; 0 where it is undefined, e.g. a constant answer, as
+    scikit-learn and GLUE have it); ``"pearson"``/``"spearman"`` the correlations of scores (STS-B). Class predictions are indices, never logits (torchmetrics would read floats
+    outside ``[0, 1]`` as logits).
+
+    Example:
+        >>> task_metric("f1", torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 0, 1]), num_labels=2)
+        0.5
+    """
+    from torchmetrics.functional import confusion_matrix, f1_score, pearson_corrcoef, spearman_corrcoef
+
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}.")
+    if len(predictions) != len(labels) or len(labels) == 0:
+        raise ValueError(f"got {len(predictions)} predictions for {len(labels)} labels.")
+    if name in ("pearson", "spearman"):
+        function = pearson_corrcoef if name == "pearson" else spearman_corrcoef
+        return float(function(predictions.float(), labels.float()))
+    predictions, labels = predictions.long(), labels.long()
+    if name == "accuracy":
+        return float((predictions == labels).double().mean())
+    if name == "f1":
+        return float(f1_score(predictions, labels, task="binary"))
+    # Matthews' correlation from the confusion matrix C (rows true, columns predicted), in its
+    # multiclass form (Gorodkin 2004), which is the usual formula for two classes.
+    confusion = confusion_matrix(predictions, labels, task="multiclass", num_classes=num_labels).double()
+    total, correct = confusion.sum(), confusion.trace()
+    true, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
+    denominator = ((total**2 - (predicted**2).sum()) * (total**2 - (true**2).sum())).sqrt()
+    return 0.0 if float(denominator) == 0.0 else float((correct * total - (true * predicted).sum()) / denominator)
 
 
 class CostAccumulator(Metric):
     """Aggregates :class:`EngineOutput` traces over a data set (``update`` / ``compute`` / ``reset``).
 
     ``compute()`` returns a dict: ``count``; ``mean_macs_exact`` and ``mean_macs_paper`` per
-    sample; ``relative_cost_exact`` and ``relative_cost_paper`` (mean MACs over the mean MACs of
-    the same samples at full depth); ``exit_layer_histogram`` (samples per 1-based exit step,
+    sample; ``relative_cost_exact`` and ``relative_cost_paper`` (total MACs over the total MACs of
+    the same samples at full depth: a ratio of sums, as everywhere in adaptive_depth); ``exit_layer_histogram`` (samples per 1-based exit step,
     list of ``L``); ``skip_rate_per_layer`` (fraction of the samples whose gate ran at step
     ``i`` that skipped it, NaN where no gate ran); ``mean_layers_run``.
 

@@ -3,11 +3,17 @@
 It tokenizes (right padding, truncation at the model's trained length), batches rows of
 similar length together, runs the :class:`~adaptive_depth.engine.AdaptiveInferenceEngine` at the
 saved operating point and returns one :class:`Prediction` per input, in input order.
+:meth:`AdaptivePipeline.calibrate` (a cost budget) and :meth:`AdaptivePipeline.certify` (a
+certified bound on the answers that change) choose the operating point from raw texts.
+
+Relative cost, everywhere: total MACs over total full-depth MACs of the same rows
+(:func:`relative_cost` over many predictions), exact convention unless said otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -18,12 +24,14 @@ import torch
 from torch import Tensor
 
 from adaptive_depth.calibration import Calibration, calibrate_operating_point, calibrate_threshold
-from adaptive_depth.config import criterion_spec
+from adaptive_depth.certificate import Certificate
+from adaptive_depth.certify import certify_threshold
+from adaptive_depth.config import AdaptiveEncoderConfig, criterion_spec
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine, EngineMode
 from adaptive_depth.exits import ExitCriterion
 
-__all__ = ["AdaptivePipeline", "Prediction"]
+__all__ = ["AdaptivePipeline", "Prediction", "label_ids", "relative_cost"]
 
 
 @dataclass
@@ -40,7 +48,9 @@ class Prediction:
         layers_run: layers that ran (the others were skipped by a gate or after the exit).
         layers_skipped: layers a gate skipped.
         relative_cost: MACs of what ran over the MACs of the same input at full depth
-            (``exact`` convention: every matmul at the input's real length).
+            (``exact`` convention: every matmul at the input's real length). Over many inputs,
+            use :func:`relative_cost` (a ratio of sums), not the mean of these.
+        macs_exact, full_macs_exact: the two MACs of that ratio (exact convention).
     """
 
     label: str | None
@@ -51,10 +61,64 @@ class Prediction:
     layers_run: int
     layers_skipped: int
     relative_cost: float
+    macs_exact: int
+    full_macs_exact: int
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
         return dataclasses.asdict(self)
+
+
+def relative_cost(predictions: Sequence[Prediction]) -> float:
+    """Total MACs over total full-depth MACs of ``predictions`` (exact convention): the relative
+    cost of a set of rows, as the recipes, calibration and certification report it."""
+    if not predictions:
+        raise ValueError("no predictions to total.")
+    return sum(p.macs_exact for p in predictions) / sum(p.full_macs_exact for p in predictions)
+
+
+def label_ids(config: AdaptiveEncoderConfig, labels: Sequence[Any]) -> list[int] | list[float]:
+    """Gold labels as the model's class indices (or float scores for regression).
+
+    A classification label may be the model's own label name (``config.label_names``, e.g.
+    ``"not_entailment"``, or ``"0"``/``"1"``), or else a class index in ``[0, num_labels)``, as
+    an integer or as text (``"1"`` in a TSV file); names win where both could apply. A regression
+    label is a number or numeric text.
+
+    Raises:
+        ValueError: a label the model does not have (the message lists the model's labels).
+
+    Example:
+        >>> label_ids(AdaptiveEncoderConfig(num_labels=2, label_names=["no", "yes"]), ["yes", 0, "0"])
+        [1, 0, 0]
+    """
+    if isinstance(labels, Tensor):
+        labels = labels.tolist()
+    if config.num_labels == 1:
+        scores = []
+        for index, value in enumerate(labels):
+            try:
+                scores.append(float(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"label {index + 1} is {value!r}, not a number; this is a regression model, "
+                                 "whose labels are scores.") from None
+        return scores
+    names = config.label_names or [str(index) for index in range(config.num_labels)]
+    by_name = {name: index for index, name in enumerate(names)}
+    ids = []
+    for index, value in enumerate(labels):
+        if isinstance(value, str) and value in by_name:
+            ids.append(by_name[value])
+            continue
+        # A class index, or one written as text ("0" in a TSV file).
+        class_index = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if (isinstance(class_index, numbers.Integral) and not isinstance(class_index, bool)
+                and 0 <= class_index < config.num_labels):
+            ids.append(int(class_index))
+        else:
+            raise ValueError(f"label {index + 1} is {value!r}, which is not one of this model's labels: names "
+                             f"{names} or class indices 0..{config.num_labels - 1}; is it the right label column?")
+    return ids
 
 
 class AdaptivePipeline:
@@ -69,6 +133,8 @@ class AdaptivePipeline:
         max_length: truncation length in tokens; default the saved one, else the
             tokenizer's limit capped by the model's position table.
         batch_size: rows per engine call.
+        allow_single_texts: run a pair model (``adaptive_config.text_pair``) on single texts
+            anyway; by default that is refused, as its answers would be meaningless.
 
     Example:
         >>> pipeline = AdaptivePipeline.from_pretrained("runs/smartbert-mrpc/model")  # doctest: +SKIP
@@ -86,6 +152,7 @@ class AdaptivePipeline:
         mode: EngineMode | None = None,
         max_length: int | None = None,
         batch_size: int = 32,
+        allow_single_texts: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -93,6 +160,7 @@ class AdaptivePipeline:
         self.encoder = encoder.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.allow_single_texts = allow_single_texts
         positions = getattr(encoder.config, "max_position_embeddings", None)
         limit = min(int(tokenizer.model_max_length), int(positions)) if positions else int(tokenizer.model_max_length)
         self.max_length = max_length or config.max_length or min(limit, 512)
@@ -153,11 +221,14 @@ class AdaptivePipeline:
     ) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
         """``(row indices, model inputs)`` per batch; rows of similar length share a batch.
 
-        With ``labels`` (class indices or scores), each batch also holds ``labels``.
+        With ``labels`` (the model's label names, class indices or scores: see :func:`label_ids`),
+        each batch also holds ``labels``.
         """
-        texts, text_pairs = _check_texts(texts, text_pairs)
-        if labels is not None and len(labels) != len(texts):
-            raise ValueError(f"got {len(labels)} labels for {len(texts)} texts.")
+        texts, text_pairs = self.check_texts(texts, text_pairs)
+        if labels is not None:
+            if len(labels) != len(texts):
+                raise ValueError(f"got {len(labels)} labels for {len(texts)} texts.")
+            labels = label_ids(self.encoder.adaptive_config, labels)
         lengths = self.tokenizer(texts, text_pairs, truncation=True, max_length=self.max_length,
                                  return_length=True)["length"]
         order = sorted(range(len(texts)), key=lambda index: lengths[index])
@@ -190,7 +261,7 @@ class AdaptivePipeline:
         every layer runs on ``batch_size`` rows however many rows have exited, with the same
         results as one engine call per batch.
         """
-        texts, text_pairs = _check_texts(texts, text_pairs)
+        texts, text_pairs = self.check_texts(texts, text_pairs)
         results: list[Prediction | None] = [None] * len(texts)
         bar = None
         if progress:
@@ -210,7 +281,7 @@ class AdaptivePipeline:
         # results, row by row, as one engine call per batch; outputs come in input order.
         for out in self.engine.stream(inputs(), max_rows=size):
             rows = batch_rows.popleft()
-            relative = (out.macs_exact.double() / out.full_macs_exact.double()).tolist()
+            macs, full_macs = out.macs_exact.tolist(), out.full_macs_exact.tolist()
             if self.encoder.num_labels == 1:
                 probabilities = None
                 scores = out.logits[:, 0].float().tolist()
@@ -226,7 +297,9 @@ class AdaptivePipeline:
                     label=label, label_id=label_id, score=float(scores[position]),
                     probabilities=None if probabilities is None else probabilities[position],
                     exit_layer=int(out.exit_layer[position]), layers_run=int(out.layers_run[position].sum()),
-                    layers_skipped=int(out.layers_skipped[position].sum()), relative_cost=float(relative[position]),
+                    layers_skipped=int(out.layers_skipped[position].sum()),
+                    relative_cost=macs[position] / full_macs[position], macs_exact=int(macs[position]),
+                    full_macs_exact=int(full_macs[position]),
                 )
             if bar is not None:
                 bar.update(len(rows))
@@ -237,18 +310,22 @@ class AdaptivePipeline:
     def calibrate(
         self,
         texts: Sequence[str],
-        labels: Sequence[Any] | None = None,
         text_pairs: Sequence[str] | None = None,
+        *,
+        labels: Sequence[Any] | None = None,
         max_relative_cost: float = 0.5,
         gate_thresholds: Sequence[float] | None = None,
         **options: Any,
     ) -> Calibration:
-        """Choose the exit threshold on held-out texts (see :func:`calibrate_threshold`) and use it.
+        """Choose the exit threshold on held-out texts for a cost budget (see
+        :func:`~adaptive_depth.calibration.calibrate_threshold`) and use it.
 
-        With ``gate_thresholds`` (a model with gates; needs ``labels``), the gate threshold is
-        chosen too, among these, by the metric on the texts (see
-        :func:`calibrate_operating_point`). The chosen operating point is also written into
-        ``encoder.adaptive_config``, so a later ``save_pretrained`` keeps it.
+        The arguments come in the order of ``pipeline(texts, text_pairs)``; ``labels`` (names or
+        indices, see :func:`label_ids`) is keyword-only. With ``gate_thresholds`` (a model with
+        gates; needs ``labels``), the gate threshold is chosen too, among these, by the metric on
+        the texts (see :func:`~adaptive_depth.calibration.calibrate_operating_point`). The chosen
+        operating point is also written into ``encoder.adaptive_config`` (and any certificate
+        there removed: it covered another point), so a later ``save_pretrained`` keeps it.
         """
         data = [inputs for _, inputs in self.batches(texts, text_pairs, labels)]
         if gate_thresholds is None:
@@ -256,13 +333,66 @@ class AdaptivePipeline:
         else:
             calibration = calibrate_operating_point(self.engine, data, max_relative_cost,
                                                     gate_thresholds=gate_thresholds, **options)
-        self.engine.criterion = calibration.make_criterion()
-        config = self.encoder.adaptive_config
-        config.set_criterion(self.engine.criterion)
-        if gate_thresholds is not None:  # a gate threshold was chosen too
-            self.engine.gate_threshold = config.gate_threshold = calibration.gate_threshold  # type: ignore[assignment]
-        config.calibration = calibration.to_dict()
+        gate_threshold = calibration.gate_threshold if gate_thresholds is not None else None
+        self._use(calibration.make_criterion(), gate_threshold)
+        self.encoder.adaptive_config.calibration = calibration.to_dict()
         return calibration
+
+    def certify(
+        self,
+        texts: Sequence[str],
+        text_pairs: Sequence[str] | None = None,
+        *,
+        labels: Sequence[Any] | None = None,
+        max_risk: float = 0.01,
+        delta: float = 0.05,
+        risk: str = "disagreement",
+        **options: Any,
+    ) -> Certificate:
+        """Certify an exit threshold on held-out texts (see
+        :func:`~adaptive_depth.certify.certify_threshold`) and use it.
+
+        Same argument order as :meth:`calibrate`; ``labels`` only for ``risk="error_gap"``;
+        ``options``: ``max_relative_cost``, ``tolerance``, ``thresholds``, ``convention``,
+        ``progress``. The certified operating point and its certificate are written into
+        ``encoder.adaptive_config`` (its ``calibration`` is cleared: the certificate says how
+        the threshold was chosen), so a later ``save_pretrained`` keeps them.
+        """
+        data = [inputs for _, inputs in self.batches(texts, text_pairs, labels)]
+        certificate = certify_threshold(self.engine, data, max_risk, delta, risk, **options)
+        self._use(certificate.make_criterion(), certificate.gate_threshold)
+        config = self.encoder.adaptive_config
+        config.mode = certificate.mode  # the saved operating point is the certified one, all of it
+        config.calibration, config.certificate = None, certificate.to_dict()
+        return certificate
+
+    def _use(self, criterion: ExitCriterion, gate_threshold: float | None) -> None:
+        """Run at ``criterion`` (and ``gate_threshold`` when given), in the engine and the saved config."""
+        config = self.encoder.adaptive_config
+        self.engine.criterion = criterion
+        config.set_criterion(criterion)
+        if gate_threshold is not None:
+            self.engine.gate_threshold = config.gate_threshold = gate_threshold
+        config.certificate = None
+
+    def check_texts(self, texts: str | Sequence[str], text_pairs: str | Sequence[str] | None
+                    ) -> tuple[list[str], list[str] | None]:
+        """``(texts, text_pairs)`` as lists, checked: strings, as many pairs as texts, and pairs
+        exactly when the model reads pairs (``adaptive_config.text_pair``; ``None``: no check).
+
+        Raises:
+            ValueError, TypeError: what is wrong and how to fix it.
+        """
+        texts, text_pairs = _check_texts(texts, text_pairs)
+        reads_pairs = self.encoder.adaptive_config.text_pair
+        if reads_pairs and text_pairs is None and not self.allow_single_texts:
+            raise ValueError("this model reads text pairs (adaptive_config.text_pair), but no second texts were "
+                             "given: its answers on single texts are meaningless. Give text_pairs, or build the "
+                             "pipeline with allow_single_texts=True (predict: --allow-single-texts) if you mean it.")
+        if reads_pairs is False and text_pairs is not None:
+            raise ValueError("this model reads single texts (adaptive_config.text_pair is false), but text pairs "
+                             "were given; leave text_pairs out.")
+        return texts, text_pairs
 
     def __repr__(self) -> str:
         criterion = self.engine.criterion

@@ -1,8 +1,11 @@
 """``python -m adaptive_depth.predict MODEL_DIR --input rows.tsv|rows.jsonl``: classify a file.
 
 Writes one JSON object per input row (label, score, probabilities, exit layer, layers run,
-relative cost) to ``--output`` or stdout, with a progress bar on stderr, and a summary line
-(rows, mean relative cost, accuracy when ``--label-column`` is given) on stderr.
+relative cost and its MACs) to ``--output`` (checked before any work, written atomically) or
+stdout, with a progress bar on stderr; on stderr too, the certificate the operating point runs
+under (if any) and a summary line: rows, relative cost (total MACs / full-depth MACs of all
+rows, exact convention) and, with ``--label-column``, the task's metric saved with the model
+(F1 for MRPC...) and accuracy.
 
 Input: a ``.jsonl`` file (one object per line) or a ``.tsv`` file with a header row (read with
 ``csv.QUOTE_NONE``, as GLUE files must be). The text column defaults to the first of
@@ -15,12 +18,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InputFileError", "main", "read_rows"]
+__all__ = ["InputFileError", "add_input_arguments", "check_output_path", "load_rows_and_pipeline", "main",
+           "read_rows", "show_progress"]
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "question1", "#1 String")
 PAIR_COLUMNS = ("text_pair", "sentence2", "question2", "#2 String")
@@ -100,47 +106,119 @@ def _column(rows: list[dict[str, Any]], name: str) -> list[str]:
     return values
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m adaptive_depth.predict", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def check_output_path(path: str | Path) -> Path:
+    """``path`` if a file can be written there, checked before any work; else :class:`InputFileError`.
+
+    Refuses a folder, a missing parent folder, a parent that is a file, and a place where no
+    file can be created (read-only, no permission: a probe file is created and removed).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"output {path} is a folder; give a file name, e.g. {path / 'predictions.jsonl'}.")
+    parent = path.parent
+    if not parent.exists():
+        raise InputFileError(f"output folder {parent} does not exist; create it first.")
+    if not parent.is_dir():
+        raise InputFileError(f"output {path}: {parent} is a file, not a folder.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as error:
+        raise InputFileError(f"cannot write in {parent} ({error.strerror or error}); choose another --output.") from error
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputFileError(f"output {path} exists and is read-only; choose another --output.")
+    return path
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that say how to read rows and load the model (shared with ``adaptive_depth.calibrate``)."""
     parser.add_argument("model", help="folder written by AdaptiveEncoder.save_pretrained (with its tokenizer)")
-    parser.add_argument("--input", required=True, help="rows to classify: .jsonl or .tsv with a header")
-    parser.add_argument("--output", default=None, help="JSON-lines output file (default: stdout)")
+    parser.add_argument("--input", required=True, help="rows: .jsonl or .tsv with a header")
     parser.add_argument("--text-column", default=None, help=f"text column (default: first of {', '.join(TEXT_COLUMNS)})")
     parser.add_argument("--pair-column", default=None, help=f"second text (default: first of {', '.join(PAIR_COLUMNS)})")
-    parser.add_argument("--label-column", default=None, help="gold labels: print accuracy (or mean abs. error)")
-    parser.add_argument("--threshold", type=float, default=None, help="exit threshold (default: the saved one)")
-    parser.add_argument("--gate-threshold", type=float, default=None, help="gate threshold (default: the saved one)")
-    parser.add_argument("--mode", default=None, choices=("adaptive", "skip_only", "exit_only", "full"),
-                        help="engine mode (default: the saved one)")
+    parser.add_argument("--allow-single-texts", action="store_true",
+                        help="run a pair model (saved text_pair: true) on single texts anyway")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per engine call")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the SHA-256 check of the model's files (after a deliberate edit)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to show a progress bar: not with ``--no-progress``, nor without tqdm installed."""
+    import importlib.util
+
+    return not args.no_progress and importlib.util.find_spec("tqdm") is not None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m adaptive_depth.predict", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_input_arguments(parser)
+    parser.add_argument("--output", default=None, help="JSON-lines output file (default: stdout)")
+    parser.add_argument("--label-column", default=None,
+                        help="gold labels (the model's label names or class indices; scores for regression): print "
+                             "the task's metric and accuracy (or the mean absolute error)")
+    parser.add_argument("--threshold", type=float, default=None, help="exit threshold (default: the saved one)")
+    parser.add_argument("--gate-threshold", type=float, default=None, help="gate threshold (default: the saved one)")
+    parser.add_argument("--mode", default=None, choices=("adaptive", "skip_only", "exit_only", "full"),
+                        help="engine mode (default: the saved one)")
     return parser.parse_args(argv)
+
+
+def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None
+                           ) -> tuple[Any, list[str], list[str] | None, list[Any] | None]:
+    """``(pipeline, texts, pairs, labels)`` from the ``add_input_arguments`` arguments; ``labels``
+    are mapped to the model's class indices (or scores) when ``label_column`` is given.
+
+    Raises:
+        InputFileError: unreadable rows or model, missing columns, labels the model does not have,
+            a pair model given single texts (without ``--allow-single-texts``).
+    """
+    from adaptive_depth.pipeline import AdaptivePipeline, label_ids
+
+    if args.batch_size < 1:
+        raise InputFileError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    rows = read_rows(args.input)
+    text_column = _pick_column(rows, args.text_column, TEXT_COLUMNS, "text", required=True)
+    if label_column is not None:
+        label_column = _pick_column(rows, label_column, (), "label", required=False)
+    try:
+        pipeline = AdaptivePipeline.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
+                                                    verify=not args.no_verify,
+                                                    allow_single_texts=args.allow_single_texts)
+    except ValueError as error:  # a damaged adaptive_config.json or weights that do not fit it
+        raise InputFileError(f"cannot load the model in {args.model}: {error}") from error
+    # A model known to read single texts needs no pair column, even if the file has one.
+    pair_defaults = () if pipeline.encoder.adaptive_config.text_pair is False else PAIR_COLUMNS
+    pair_column = _pick_column(rows, args.pair_column, pair_defaults, "pair", required=False)
+    texts = _column(rows, text_column)  # type: ignore[arg-type]
+    pairs = _column(rows, pair_column) if pair_column else None
+    try:
+        pipeline.check_texts(texts, pairs)
+    except ValueError as error:
+        raise InputFileError(f"{args.input}: {error}") from error
+    labels = None
+    if label_column is not None:
+        try:
+            labels = label_ids(pipeline.encoder.adaptive_config, [row[label_column] for row in rows])
+        except ValueError as error:
+            raise InputFileError(f"--label-column {label_column!r}: {error}") from error
+    return pipeline, texts, pairs, labels
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on bad input)."""
     args = parse_args(argv)
+    from adaptive_depth.certificate import Certificate
     from adaptive_depth.config import criterion_with_threshold
-    from adaptive_depth.pipeline import AdaptivePipeline
+    from adaptive_depth.files import write_atomically
+    from adaptive_depth.pipeline import relative_cost
 
     try:
-        if args.batch_size < 1:
-            raise InputFileError(f"--batch-size must be >= 1, got {args.batch_size}.")
-        rows = read_rows(args.input)
-        text_column = _pick_column(rows, args.text_column, TEXT_COLUMNS, "text", required=True)
-        pair_column = _pick_column(rows, args.pair_column, PAIR_COLUMNS, "pair", required=False)
-        label_column = _pick_column(rows, args.label_column, (), "label", required=False) if args.label_column else None
-        texts = _column(rows, text_column)  # type: ignore[arg-type]
-        pairs = _column(rows, pair_column) if pair_column else None
-        try:
-            pipeline = AdaptivePipeline.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
-                                                        verify=not args.no_verify)
-        except ValueError as error:  # a damaged adaptive_config.json or weights that do not fit it
-            raise InputFileError(f"cannot load the model in {args.model}: {error}") from error
+        output = check_output_path(args.output) if args.output else None
+        pipeline, texts, pairs, labels = load_rows_and_pipeline(args, args.label_column)
         config = pipeline.encoder.adaptive_config
         if args.threshold is not None:
             try:
@@ -156,30 +234,62 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.mode in ("adaptive", "skip_only") and not pipeline.encoder.has_gates:
                 raise InputFileError(f"--mode {args.mode} needs skip gates; this model has none.")
             pipeline.engine.mode = args.mode
+        try:
+            certificate = Certificate.from_dict(config.certificate) if config.certificate is not None else None
+        except ValueError as error:
+            raise InputFileError(f"cannot load the model in {args.model}: its certificate: {error}") from error
     except (InputFileError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{pipeline!r}: {len(texts)} rows from {args.input}", file=sys.stderr)
-    predictions = pipeline(texts, pairs, progress=not args.no_progress)
-    output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for prediction in predictions:
-            output.write(json.dumps(prediction.to_dict()) + "\n")
-    finally:
-        if args.output:
-            output.close()
-    cost = sum(p.relative_cost for p in predictions) / len(predictions)
-    summary = f"{len(predictions)} rows, mean relative cost {cost:.3f} (exact convention)"
-    if label_column is not None:
-        gold = [row[label_column] for row in rows]
-        if pipeline.encoder.num_labels == 1:
-            error = sum(abs(p.score - float(g)) for p, g in zip(predictions, gold)) / len(gold)
-            summary += f", mean absolute error {error:.4f}"
-        else:
-            correct = sum(str(p.label) == str(g) for p, g in zip(predictions, gold))
-            summary += f", accuracy {correct / len(gold):.4f} against {label_column!r}"
+    engine = pipeline.engine
+    if certificate is None:
+        print("operating point not certified (python -m adaptive_depth.calibrate certifies one)", file=sys.stderr)
+    elif certificate.covers(engine.criterion, engine.gate_threshold, engine.mode):
+        print(certificate.summary(), file=sys.stderr)
+    else:
+        print(f"not certified: the saved certificate covers {certificate.criterion}={certificate.threshold:.6g} at gate "
+              f"threshold {certificate.gate_threshold:g} in mode {certificate.mode}, not the operating point given here",
+              file=sys.stderr)
+    predictions = pipeline(texts, pairs, progress=show_progress(args))
+    lines = (json.dumps(prediction.to_dict()) + "\n" for prediction in predictions)
+    if output is not None:
+        try:
+            write_atomically(output, lines)
+        except OSError as error:  # a full disk, the folder gone read-only...
+            print(f"error: cannot write {output} ({error.strerror or error}); nothing was written there.",
+                  file=sys.stderr)
+            return 2
+    else:
+        sys.stdout.writelines(lines)
+    summary = (f"{len(predictions)} rows, relative cost {relative_cost(predictions):.3f} (total MACs / full-depth "
+               "MACs, exact convention)")
+    if labels is not None:
+        summary += ", " + _scores(config, predictions, labels, args.label_column)
     print(summary, file=sys.stderr)
     return 0
+
+
+def _scores(config: Any, predictions: Sequence[Any], labels: list[Any], column: str) -> str:
+    """The task's metric (saved with the model) and accuracy, or for regression the mean absolute error."""
+    import torch
+
+    from adaptive_depth.metrics import task_metric
+
+    parts = []
+    if config.num_labels == 1:
+        scores = torch.tensor([p.score for p in predictions], dtype=torch.float64)
+        gold = torch.tensor(labels, dtype=torch.float64)
+        if config.metric is not None:
+            parts.append(f"{config.metric} {task_metric(config.metric, scores, gold, 1):.4f}")
+        parts.append(f"mean absolute error {float((scores - gold).abs().mean()):.4f}")
+    else:
+        chosen = torch.tensor([p.label_id for p in predictions])
+        gold = torch.tensor(labels)
+        if config.metric not in (None, "accuracy"):
+            parts.append(f"{config.metric} {task_metric(config.metric, chosen, gold, config.num_labels):.4f}")
+        parts.append(f"accuracy {task_metric('accuracy', chosen, gold, config.num_labels):.4f}")
+    return ", ".join(parts) + f" against {column!r}"
 
 
 if __name__ == "__main__":
