@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on bad input or an impossible request)."""
     args = parse_args(argv)
-    from adaptive_depth.certify import check_risk_level
+    from adaptive_depth.pvalues import check_risk_level
     from adaptive_depth.measure import check_budget
     from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME
     from adaptive_depth.predict import check_output_path

@@ -126,7 +126,8 @@ class Certificate:
             full-depth answers on new rows from the same distribution is at most 0.01 (assumes calibration rows
             and future rows are exchangeable, e.g. drawn i.i.d. from the same source).
         """
-        point = f"{self.criterion} threshold {self.threshold:.6g} (gate threshold {self.gate_threshold:g}, mode {self.mode})"
+        point = (f"{self.criterion} threshold {self.threshold:.6g} (gate threshold {self.gate_threshold:g}, "
+                 f"mode {self.mode})")
         what = RISKS[self.risk].format(point=point, tolerance=self.tolerance or 0.0)
         return (f"With probability at least 1 - {self.delta:g} over the draw of the {self.n} calibration rows, {what} "
                 f"on new rows from the same distribution is at most {self.max_risk:g} (assumes calibration rows and "

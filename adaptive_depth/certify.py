@@ -48,21 +48,12 @@ from adaptive_depth.measure import (
     patience_grid,
     threshold_at_fraction,
 )
-from adaptive_depth.pvalues import binomial_p_value, hoeffding_bentkus_p_value, upper_confidence_bound
+from adaptive_depth.pvalues import binomial_p_value, check_risk_level, hoeffding_bentkus_p_value, upper_confidence_bound
 
-__all__ = ["GRID_POINTS", "Selection", "certify_threshold", "check_risk_level", "default_grid", "p_value_method",
+__all__ = ["GRID_POINTS", "Selection", "certify_threshold", "check_risk", "default_grid", "p_value_method",
            "risk_p_value", "risk_upper_bound", "row_losses", "select_threshold"]
 
 GRID_POINTS = 51  # thresholds of a continuous criterion's default grid (fixed-sequence testing loses no power to more)
-
-
-def check_risk_level(value: float, name: str) -> float:
-    """``value`` as a float if it lies in ``(0, 1)``, else a ``ValueError`` naming ``name``
-    (the one range check of ``max_risk`` and ``delta``)."""
-    value = float(value)
-    if not 0.0 < value < 1.0:  # also refuses NaN
-        raise ValueError(f"{name} must be in (0, 1), got {value}.")
-    return value
 
 
 def p_value_method(risk: str) -> str:
@@ -251,7 +242,7 @@ def certify_threshold(
     batches = list(batches)
     if not batches:
         raise ValueError("calibration data is empty.")
-    labels = _check_risk(risk, template.encoder.num_labels, batch_labels(batches), tolerance)
+    labels = check_risk(risk, template.encoder.num_labels, batch_labels(batches), tolerance)
 
     bar = None
     if progress:
@@ -268,8 +259,9 @@ def certify_threshold(
 
         def rows_at(index: int) -> RowResults:
             if index not in cache:
-                engine = AdaptiveInferenceEngine(template.encoder, criterion_with_threshold(template.criterion, grid[index]),
-                                                 template.gate_threshold, template.mode, template.padded_length)
+                criterion = criterion_with_threshold(template.criterion, grid[index])
+                engine = AdaptiveInferenceEngine(template.encoder, criterion, template.gate_threshold, template.mode,
+                                                 template.padded_length)
                 cache[index] = measure_rows(engine, batches)
                 if bar is not None:
                     bar.update(1)
@@ -289,15 +281,17 @@ def certify_threshold(
     return Certificate(
         criterion=name, threshold=chosen.threshold, criterion_options=options, gate_threshold=template.gate_threshold,
         mode=template.mode, risk=risk, max_risk=max_risk, delta=delta, n=n, empirical_risk=chosen.empirical_risk,
-        upper_bound=selection.upper_bound, p_value=chosen.p_value, p_value_method=p_value_method(risk),  # type: ignore[arg-type]
+        upper_bound=selection.upper_bound, p_value=chosen.p_value,  # type: ignore[arg-type]
+        p_value_method=p_value_method(risk),
         tolerance=tolerance, convention=convention, relative_cost=chosen.relative_cost,
         relative_cost_exact=rows.relative_cost("exact"), relative_cost_paper=rows.relative_cost("paper"),
         max_relative_cost=max_relative_cost, grid=tuple(selection.points),
     )
 
 
-def _check_risk(risk: str, num_labels: int, labels: Tensor | None, tolerance: float | None) -> Tensor | None:
-    """Refuse a risk that does not fit the model, the labels or the tolerance; the labels to use."""
+def check_risk(risk: str, num_labels: int, labels: Tensor | None, tolerance: float | None) -> Tensor | None:
+    """The labels the risk uses (``None`` but for ``"error_gap"``), after refusing a risk that does not
+    fit the model (``num_labels``), the ``labels`` (``[R]`` or ``None``) or the ``tolerance``."""
     if risk not in RISKS:
         raise ValueError(f"risk must be one of {', '.join(map(repr, RISKS))}, got {risk!r}.")
     regression = num_labels == 1

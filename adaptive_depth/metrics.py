@@ -23,8 +23,9 @@ def task_metric(name: str, predictions: Tensor, labels: Tensor, num_labels: int)
 
     ``"accuracy"`` is plain (micro) accuracy; ``"f1"`` the binary F1 of class 1 (GLUE MRPC/QQP);
     ``"mcc"`` Matthews' correlation (CoLA; 0 where it is undefined, e.g. a constant answer, as
-    scikit-learn and GLUE have it); ``"pearson"``/``"spearman"`` the correlations of scores (STS-B). Class predictions are indices, never logits (torchmetrics would read floats
-    outside ``[0, 1]`` as logits).
+    scikit-learn and GLUE have it); ``"pearson"``/``"spearman"`` the correlations of scores
+    (STS-B). Class predictions are indices, never logits (torchmetrics would read floats outside
+    ``[0, 1]`` as logits).
 
     Example:
         >>> task_metric("f1", torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 0, 1]), num_labels=2)
@@ -58,8 +59,8 @@ class CostAccumulator(Metric):
 
     ``compute()`` returns a dict: ``count``; ``mean_macs_exact`` and ``mean_macs_paper`` per
     sample; ``relative_cost_exact`` and ``relative_cost_paper`` (total MACs over the total MACs of
-    the same samples at full depth: a ratio of sums, as everywhere in adaptive_depth); ``exit_layer_histogram`` (samples per 1-based exit step,
-    list of ``L``); ``skip_rate_per_layer`` (fraction of the samples whose gate ran at step
+    the same samples at full depth: a ratio of sums, as everywhere in adaptive_depth);
+    ``exit_layer_histogram`` (samples per 1-based exit step, list of ``L``); ``skip_rate_per_layer`` (fraction of the samples whose gate ran at step
     ``i`` that skipped it, NaN where no gate ran); ``mean_layers_run``.
 
     Being a torchmetrics ``Metric``, it also sums across processes under DDP.

@@ -24,7 +24,17 @@ import math
 
 import torch
 
-__all__ = ["binomial_cdf", "binomial_p_value", "hoeffding_bentkus_p_value", "upper_confidence_bound"]
+__all__ = ["binomial_cdf", "binomial_p_value", "check_risk_level", "hoeffding_bentkus_p_value",
+           "upper_confidence_bound"]
+
+
+def check_risk_level(value: float, name: str) -> float:
+    """``value`` as a float if it lies in ``(0, 1)``, else a ``ValueError`` naming ``name``
+    (the one range check of ``max_risk`` and ``delta``)."""
+    value = float(value)
+    if not 0.0 < value < 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be in (0, 1), got {value}.")
+    return value
 
 
 def binomial_cdf(k: float, n: int, p: float) -> float:
