@@ -13,17 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptive_depth.pvalues import check_risk_level
 from recipes.errors import ConfigError
 from recipes.glue import get_task
 
-__all__ = ["CONFIG_DIR", "RESUME_ALLOWED_KEYS", "RecipeConfig", "config_to_dict", "default_config_file", "load_config",
-           "parse_overrides"]
+__all__ = ["CONFIG_DIR", "OPERATING_POINT_KEYS", "RESUME_ALLOWED_KEYS", "RecipeConfig", "config_to_dict",
+           "default_config_file", "load_config", "parse_overrides"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Config keys a resumed run may change: settings that do not change what is trained (threads,
 # evaluation batch size) and the epoch keys, as far as recipes.run_folder.check_resume_epochs
 # allows (stage2_epochs until stage 2 starts). Recipes add their sweep thresholds.
 RESUME_ALLOWED_KEYS = ("stage1_epochs", "stage2_epochs", "torch_threads", "eval_batch_size")
+# Config keys that say how the operating point is chosen after training (nothing trained depends on them).
+OPERATING_POINT_KEYS = ("calibration_budget", "operating_point", "certify_max_risk", "certify_delta")
 
 
 @dataclass
@@ -49,8 +52,16 @@ class RecipeConfig:
         bucket_by_length: batch training examples of similar length (less padding).
         torch_threads: ``torch.set_num_threads`` (0: leave the default).
         calibration_budget: after the sweep, the exit threshold is chosen on the held-out part of
-            train so that the mean relative cost (exact MACs) is at most this; the model is saved
-            to ``<run>/model`` at that operating point.
+            train so that the relative cost (total exact MACs over total full-depth MACs) is at
+            most this; the model is saved to ``<run>/model`` at that operating point.
+        operating_point: how that threshold is chosen: ``"budget"`` (``calibration_budget``, a
+            point estimate on the held-out rows) or ``"certified"`` (the cheapest threshold whose
+            disagreement with full depth is certified at most ``certify_max_risk`` with
+            probability ``1 - certify_delta``, :func:`adaptive_depth.certify.certify_threshold`;
+            classification tasks only).
+        certify_max_risk, certify_delta: the certified operating point's risk and confidence, each
+            in ``(0, 1)``. The default risk, 5%, is certifiable with the few hundred held-out rows
+            of the small GLUE tasks (at 300 rows nothing under 1% is).
     """
 
     task: str = "rte"
@@ -74,6 +85,9 @@ class RecipeConfig:
     bucket_by_length: bool = True
     torch_threads: int = 0
     calibration_budget: float = 0.5
+    operating_point: str = "budget"
+    certify_max_risk: float = 0.05
+    certify_delta: float = 0.05
 
     # Validation lists (unannotated, so not dataclass fields); subclasses extend them.
     _positive = ("max_length", "batch_size", "eval_batch_size", "stage1_epochs", "head_inner_size", "padded_length")
@@ -99,6 +113,16 @@ class RecipeConfig:
             raise ConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0.0 < self.calibration_budget <= 1.0:
             raise ConfigError(f"calibration_budget must be in (0, 1], got {self.calibration_budget}")
+        if self.operating_point not in ("budget", "certified"):
+            raise ConfigError(f"operating_point must be 'budget' or 'certified', got {self.operating_point!r}")
+        if self.operating_point == "certified" and get_task(self.task).is_regression:
+            raise ConfigError(f"operating_point=certified certifies disagreement with full depth, a classification "
+                              f"risk; {self.task} is a regression task: use operating_point=budget")
+        for name in ("certify_max_risk", "certify_delta"):
+            try:
+                check_risk_level(getattr(self, name), name)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_length < 4:

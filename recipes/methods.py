@@ -84,7 +84,8 @@ class Method:
         resume_allowed_keys: config keys a resumed run may change.
         stage2_keys: config keys that change only stage 2 (and the evaluation after it): a run
             started from another run's stage 1 (``--stage1-from``) may differ from it in these,
-            in ``calibration_budget`` and in the ``resume_allowed_keys`` other than ``stage1_epochs``.
+            in the operating-point keys (``recipes.config.OPERATING_POINT_KEYS``) and in the
+            ``resume_allowed_keys`` other than ``stage1_epochs``.
     """
 
     name: str

@@ -1,10 +1,14 @@
 """The end of every recipe run: an operating point chosen on held-out data, the model saved.
 
-After the dev sweep, :func:`calibrate_and_save` picks the exit threshold whose mean relative
-cost on the held-out part of train is at most ``calibration_budget`` (never looking at dev),
-evaluates dev at that threshold, and saves the model with its tokenizer and that operating
-point to ``<run>/model/`` (:meth:`AdaptiveEncoder.save_pretrained`), ready for
-``AdaptivePipeline.from_pretrained`` and ``python -m adaptive_depth.predict``.
+After the dev sweep, :func:`calibrate_and_save` picks the exit threshold on the held-out part
+of train (never looking at dev): with ``operating_point=budget`` (the default) the least
+aggressive one whose relative cost there (total MACs over total full-depth MACs) is at most
+``calibration_budget``; with ``operating_point=certified`` the cheapest one whose disagreement
+with full depth is certified at most ``certify_max_risk`` with probability
+``1 - certify_delta`` (:func:`adaptive_depth.certify.certify_threshold`). It evaluates dev at
+that threshold and saves the model with its tokenizer, that operating point, the task's metric
+and whether it reads text pairs to ``<run>/model/`` (:meth:`AdaptiveEncoder.save_pretrained`),
+ready for ``AdaptivePipeline.from_pretrained`` and ``python -m adaptive_depth.predict``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from adaptive_depth.calibration import calibrate_threshold, criterion_name
+from adaptive_depth.certify import certify_threshold
 from adaptive_depth.config import criterion_with_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
@@ -44,6 +49,9 @@ def calibrate_and_save(
     padded_length: int,
     label_names: Sequence[str] | None,
     max_length: int,
+    rule: str = "budget",
+    max_risk: float = 0.05,
+    delta: float = 0.05,
 ) -> OperatingPoint:
     """Calibrate on ``heldout``, evaluate ``dev`` there, save ``<run_dir>/model``.
 
@@ -56,21 +64,27 @@ def calibrate_and_save(
             saved at full depth and nothing is calibrated.
         heldout, dev: batches with ``labels``.
         make_metrics: a fresh task-metrics object (``update`` / ``compute``).
-        budget: ``max_relative_cost`` (exact convention).
+        budget: ``max_relative_cost`` (exact convention), for ``rule="budget"``.
         gate_threshold, padded_length: as in the sweep.
         label_names: class names in label-id order (``None`` for regression).
         max_length: the training truncation length.
+        rule: ``"budget"`` (calibrate to ``budget``) or ``"certified"`` (certify the disagreement
+            with full depth at ``max_risk`` with probability ``1 - delta``).
+        max_risk, delta: the certificate's risk and confidence (``rule="certified"``).
 
     Returns:
         The :class:`~recipes.results.OperatingPoint` of ``results.json``.
     """
     encoder.eval()
     config = encoder.adaptive_config
+    task = make_metrics().task
     config.label_names = list(label_names) if label_names is not None else None
     config.max_length = max_length
     config.gate_threshold = gate_threshold
+    config.metric, config.text_pair = task.main_metric, task.is_pair
     exit_setting = first_exit_setting(settings)
     calibrated: dict[str, Any] | None = None
+    certificate: dict[str, Any] | None = None
     reason = None
     if exit_setting is None:
         config.mode = "full"
@@ -81,26 +95,37 @@ def calibrate_and_save(
                                            padded_length)
         config.mode = exit_setting.mode
         try:
-            calibration = calibrate_threshold(template, list(heldout), budget, metric=main_metric_function(make_metrics))
-        except ValueError as error:  # the budget cannot be met: say so, save the model at no early exit
-            logger.warning("calibration: %s", error)
+            if rule == "certified":
+                certified = certify_threshold(template, list(heldout), max_risk, delta)
+            else:
+                calibration = calibrate_threshold(template, list(heldout), budget,
+                                                  metric=main_metric_function(make_metrics))
+        except ValueError as error:  # the budget cannot be met (or nothing certified): save at no early exit
+            logger.warning("%s: %s", "certification" if rule == "certified" else "calibration", error)
             never = criterion_with_threshold(exit_setting.criterion, _never_exit(exit_setting))
             config.set_criterion(never)
             calibrated = {"error": str(error)}
             chosen = SweepSetting("no early exit", exit_setting.mode, never, config.threshold)
         else:
-            config.set_criterion(calibration.make_criterion())
-            config.calibration = {**calibration.to_dict(), "data": "held-out part of train"}
-            calibrated = calibration.to_dict()
-            logger.info("calibrated on held-out: %s=%.4g, relative cost (exact) %.3f, %s %.4f", calibration.criterion,
-                        calibration.threshold, calibration.relative_cost, calibration.metric_name, calibration.metric)
-            chosen = SweepSetting(f"calibrated {calibration.criterion}={calibration.threshold:.4g}", exit_setting.mode,
-                                  calibration.make_criterion(), calibration.threshold)
+            if rule == "certified":
+                criterion, name, threshold = certified.make_criterion(), certified.criterion, certified.threshold
+                config.certificate = certificate = certified.to_dict()
+                logger.info("certified on held-out: %s", certified.summary())
+                label = f"certified {name}={threshold:.4g}"
+            else:
+                criterion, name, threshold = calibration.make_criterion(), calibration.criterion, calibration.threshold
+                config.calibration = {**calibration.to_dict(), "data": "held-out part of train"}
+                calibrated = calibration.to_dict()
+                logger.info("calibrated on held-out: %s=%.4g, relative cost (exact) %.3f, %s %.4f", name, threshold,
+                            calibration.relative_cost, calibration.metric_name, calibration.metric)
+                label = f"calibrated {name}={threshold:.4g}"
+            config.set_criterion(criterion)
+            chosen = SweepSetting(label, exit_setting.mode, criterion, threshold)
     dev_row = run_sweep(encoder, dev, [chosen], make_metrics, gate_threshold, padded_length)[0]
     encoder.save_pretrained(run_dir / MODEL_DIR, tokenizer=tokenizer)
     # model_dir is relative to the run folder, which may move.
     return OperatingPoint(budget=budget, convention="exact", calibration=calibrated, dev=dev_row, model_dir=MODEL_DIR,
-                          reason=reason)
+                          reason=reason, rule=rule, certificate=certificate)
 
 
 def first_exit_setting(settings: Sequence[SweepSetting]) -> SweepSetting | None:

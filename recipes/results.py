@@ -86,16 +86,20 @@ class SweepRow:
 
 @dataclass
 class OperatingPoint:
-    """The exit threshold chosen on held-out data for a cost budget, and dev at that point.
+    """The exit threshold chosen on held-out data (for a cost budget, or certified), and dev there.
 
     Attributes:
-        budget: the largest mean relative cost allowed (exact convention).
+        budget: the largest relative cost allowed (total MACs over total full-depth MACs, exact
+            convention) with ``rule="budget"``.
         convention: the FLOPs convention of ``budget``.
-        calibration: :meth:`adaptive_depth.Calibration.to_dict`, ``{"error": ...}`` when no
-            threshold met the budget, or ``None`` for a method without exits.
+        calibration: :meth:`adaptive_depth.Calibration.to_dict` (``rule="budget"``), ``{"error": ...}``
+            when no threshold met the budget or was certified, or ``None`` (a method without exits,
+            or a certified point).
         dev: the dev-set row at the chosen point.
         model_dir: the saved model, relative to the run folder.
         reason: why nothing was calibrated (methods without exits).
+        rule: ``"budget"`` or ``"certified"`` (the config's ``operating_point``).
+        certificate: :meth:`adaptive_depth.certificate.Certificate.to_dict` of a certified point.
     """
 
     budget: float
@@ -104,6 +108,8 @@ class OperatingPoint:
     dev: SweepRow
     model_dir: str
     reason: str | None = None
+    rule: str = "budget"
+    certificate: dict[str, Any] | None = None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from adaptive_depth.exits import predictions_from_logits
 from recipes import checks, distributed, errors, loading, loop
 from recipes import sweep as sweeps
 from recipes.checkpoint import STATE_FILE, atomic_write, load_state_dict_strict, load_weights
-from recipes.config import config_to_dict
+from recipes.config import OPERATING_POINT_KEYS, config_to_dict
 from recipes.errors import CheckpointError, ConfigError, ResumeMismatchError, TrainingDivergedError
 from recipes.glue import (EncodedDataset, GlueMetrics, collate, encode_examples, get_task, holdout_split,
                           majority_class_metrics, read_split)
@@ -254,7 +254,7 @@ class Run:
             raise ResumeMismatchError(f"{what} was trained from model {state['model']}, this run loads "
                                       f"{self.model_name}; use the same --model")
         config = self.config
-        allowed = tuple(dict.fromkeys((*self.method.stage2_keys, "calibration_budget",
+        allowed = tuple(dict.fromkeys((*self.method.stage2_keys, *OPERATING_POINT_KEYS,
                                        *(key for key in self.method.resume_allowed_keys if key != "stage1_epochs"))))
         differences = config_differences(state.get("config", {}), config_to_dict(config), ("task", *allowed),
                                          type(config))
@@ -483,6 +483,7 @@ class Run:
             encoder, self.tokenizer, self.run_dir, settings, self.loader("heldout"), self.loader("dev"),
             lambda: GlueMetrics(task), budget=config.calibration_budget, gate_threshold=self.gate_threshold,
             padded_length=config.padded_length, label_names=task.labels, max_length=config.max_length,
+            rule=config.operating_point, max_risk=config.certify_max_risk, delta=config.certify_delta,
         )
         finished = _dt.datetime.now(_dt.timezone.utc)
         results = RunResults(
@@ -498,7 +499,10 @@ class Run:
         )
         write_results(self.run_dir, results)
         print(sweeps.format_table(rows, list(task.metrics)))
-        print(f"operating point (budget {point.budget:.0%} of full-depth MACs, chosen on held-out): "
+        chosen_by = (f"disagreement with full depth certified <= {config.certify_max_risk:g} with probability >= "
+                     f"{1 - config.certify_delta:g}" if point.rule == "certified"
+                     else f"budget {point.budget:.0%} of full-depth MACs")
+        print(f"operating point ({chosen_by}, chosen on held-out): "
               f"{point.dev.name}: dev {point.dev.metrics}, relative cost (exact) {point.dev.relative_cost_exact:.3f}")
         print(f"results: {self.run_dir / 'results.json'}  plot: {self.run_dir / 'plot.png'}  "
               f"model: {self.run_dir / point.model_dir}")

@@ -1,0 +1,80 @@
+"""``python -m recipes.heldout RUN_DIR [--data-dir DIR] [--output FILE]``: a run's held-out rows as JSON lines.
+
+The recipes hold a seeded, label-stratified part of train out of training (``holdout_fraction``,
+``seed``); it chooses the best stage-1 epoch and the operating point. This writes those rows
+(``text``, ``text_pair`` for pair tasks, ``label`` as the task's label name or score), read
+again from the GLUE folder and checked against the run's data fingerprint, to
+``<run>/heldout.jsonl`` by default: the input of ``python -m adaptive_depth.calibrate`` or
+``predict``. The rows chose the best epoch, so they are not untouched; rows never used for any
+choice are better still for a certificate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from recipes import errors
+from recipes.errors import CheckpointError, ConfigError
+
+__all__ = ["heldout_rows", "main"]
+
+
+def heldout_rows(run_dir: Path, data_dir: str | None = None) -> list[dict[str, Any]]:
+    """The held-out rows of the run in ``run_dir``, as ``{"text", "text_pair"?, "label"}`` dicts.
+
+    Raises:
+        CheckpointError: no readable ``run.json`` (not a run folder).
+        ResumeMismatchError: the data folder's rows are not the ones the run used.
+    """
+    from recipes.glue import get_task, holdout_split, resolve_data_dir
+    from recipes.methods import get_method
+    from recipes.run_folder import RUN_FILE, compare_data, run_examples, split_fingerprint
+
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+        config = get_method(record["recipe"]).config_class(**record["config"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"cannot read {run_dir / RUN_FILE} ({error}); is {run_dir} a recipe run folder?") from None
+    folder = resolve_data_dir(data_dir if data_dir is not None else record.get("data", {}).get("data_dir"))
+    examples = run_examples(folder, config.task, config)
+    moved = compare_data(record.get("data"), split_fingerprint(folder, config.task, config, examples), str(run_dir))
+    if moved:
+        print(f"warning: {moved}", file=sys.stderr)
+    task = get_task(config.task)
+    rows = []
+    for example in holdout_split(examples[0], config.holdout_fraction, config.seed)[1]:
+        row: dict[str, Any] = {"text": example.text_a}
+        if example.text_b is not None:
+            row["text_pair"] = example.text_b
+        row["label"] = task.labels[example.label] if task.labels is not None else example.label
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 on a user error)."""
+    from adaptive_depth.files import write_atomically
+    from recipes.glue import GlueDataError
+
+    parser = argparse.ArgumentParser(prog="python -m recipes.heldout", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a recipe run folder (with run.json)")
+    parser.add_argument("--data-dir", default=None, help="glue_data folder (default: the one the run recorded)")
+    parser.add_argument("--output", type=Path, default=None, help="JSON-lines file (default: RUN_DIR/heldout.jsonl)")
+    args = parser.parse_args(argv)
+    with errors.error_boundary(handled=(GlueDataError,)) as outcome:
+        rows = heldout_rows(args.run_dir, args.data_dir)
+        output = args.output or args.run_dir / "heldout.jsonl"
+        if not output.parent.is_dir():
+            raise ConfigError(f"--output {output}: the folder {output.parent} does not exist")
+        write_atomically(output, (json.dumps(row) + "\n" for row in rows))
+        print(f"{len(rows)} held-out rows: {output}")
+    return outcome.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
