@@ -110,8 +110,8 @@ class Selection:
 
 
 def select_threshold(thresholds: Sequence[float], loss_sum_at: Callable[[int], float], cost_at: Callable[[int], float],
-                     n: int, *, risk: str, max_risk: float, delta: float, max_relative_cost: float | None = None,
-                     what: str = "threshold") -> Selection:
+                     n: int, *, risk: str, max_risk: float, delta: float, max_relative_cost: float | None = None
+                     ) -> Selection:
     """Fixed-sequence testing over ``thresholds`` (safest first), then the choice among the certified.
 
     ``loss_sum_at(j)`` and ``cost_at(j)`` are called only for the points tested (up to the first
@@ -154,6 +154,8 @@ def default_grid(engine: AdaptiveInferenceEngine, points: int = GRID_POINTS) -> 
         >>> [round(value, 4) for value in grid]
         [0.0, 0.1733, 0.3466, 0.5199, 0.6931]
     """
+    if points < 2:
+        raise ValueError(f"a grid needs at least 2 points, got {points}.")
     name = criterion_spec(engine.criterion)[0]
     if name == "patience":
         return patience_grid(engine.encoder.num_steps)
@@ -161,11 +163,15 @@ def default_grid(engine: AdaptiveInferenceEngine, points: int = GRID_POINTS) -> 
     return [threshold_at(index / (points - 1)) for index in range(points)]
 
 
-def _ordered(name: str, thresholds: Iterable[float]) -> list[float]:
-    """User thresholds, safest first, without repeats (entropy and tolerance rise, the others fall)."""
+def _ordered(engine: AdaptiveInferenceEngine, thresholds: Iterable[float]) -> list[float]:
+    """User thresholds, safest first, without repeats (entropy and tolerance rise, the others
+    fall), each checked by the criterion before any is tested."""
+    name = criterion_spec(engine.criterion)[0]
     values = sorted({float(value) for value in thresholds}, reverse=name in ("max_prob", "patience"))
     if not values or any(math.isnan(value) for value in values):
         raise ValueError(f"thresholds must be a non-empty sequence of numbers, got {values}.")
+    for value in values:
+        criterion_with_threshold(engine.criterion, value)  # raises on a value the criterion refuses
     return values
 
 
@@ -238,7 +244,7 @@ def certify_threshold(
         raise ValueError(f"mode {template.mode!r} never exits early, so there is no threshold to certify; "
                          "use 'adaptive' or 'exit_only'.")
     name, _, options = criterion_spec(template.criterion)
-    grid = _ordered(name, thresholds) if thresholds is not None else default_grid(template)
+    grid = _ordered(template, thresholds) if thresholds is not None else default_grid(template)
     batches = list(batches)
     if not batches:
         raise ValueError("calibration data is empty.")
