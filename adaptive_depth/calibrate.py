@@ -4,7 +4,7 @@ certify a saved model's operating point on held-out rows and store it in the mod
 Runs :func:`adaptive_depth.certify.certify_threshold` on the rows (read as ``predict`` reads
 them: the same column picking) with the model's saved criterion, gate threshold and mode, and
 writes the certified threshold and its certificate into the folder's ``adaptive_config.json``,
-atomically (a temporary file renamed over it). From then on ``AdaptivePipeline`` and
+atomically (a temporary file renamed over it), and its new SHA-256 into the folder's manifest. From then on ``AdaptivePipeline`` and
 ``python -m adaptive_depth.predict`` run at the certified point, and ``predict`` prints the
 certificate. Nothing is written when no threshold can be certified: the message says what is
 achievable (a larger ``--max-risk``, more rows).
@@ -20,7 +20,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from adaptive_depth.model_folder import ModelFolderError
 from adaptive_depth.predict import InputFileError, add_input_arguments, load_rows_and_pipeline, show_progress
 
 __all__ = ["main"]
@@ -46,6 +48,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label-column", default=None,
                         help="gold labels (the model's label names or class indices), for --risk error_gap")
     return parser.parse_args(argv)
+
+
+def _rewrite_config(config: Any, path: Path, verify: bool) -> None:
+    """Write ``config`` over ``path`` atomically and record its new digest in the folder's manifest.
+
+    With ``verify`` the folder is checked against its manifest again first (nothing else may have
+    changed since it was loaded), so the new manifest blesses only the new config. Without it
+    (``--no-verify``), the manifest is left as it was: the folder then loads with ``--no-verify``
+    only, as before. A crash between the two writes leaves a config the manifest does not know:
+    run the command again, or load with ``--no-verify``.
+    """
+    from adaptive_depth.model_folder import MANIFEST_NAME, verify_model_folder, write_manifest
+
+    folder = path.parent
+    has_manifest = (folder / MANIFEST_NAME).is_file()
+    if verify and has_manifest:
+        verify_model_folder(folder)
+    config.save(path)
+    if verify and has_manifest:
+        write_manifest(folder)
+    elif has_manifest:
+        print(f"note: --no-verify: {MANIFEST_NAME} was left as it was, so the folder loads with --no-verify only",
+              file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,10 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        pipeline.encoder.adaptive_config.save(config_path)
-    except OSError as error:
-        print(f"error: cannot write {config_path} ({error.strerror or error}); the model folder is unchanged.",
-              file=sys.stderr)
+        _rewrite_config(pipeline.encoder.adaptive_config, config_path, verify=not args.no_verify)
+    except (OSError, ModelFolderError) as error:
+        print(f"error: cannot write {config_path} ({getattr(error, 'strerror', None) or error}); the model folder "
+              "is unchanged.", file=sys.stderr)
         return 2
     print(certificate.statement())
     print(certificate.summary())

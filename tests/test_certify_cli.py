@@ -101,6 +101,13 @@ def test_calibrate_command_line_round_trip(pair_model: Path, tmp_path: Path, cap
     assert predict_main([str(model), "--input", str(rows), "--output", str(tmp_path / "p.jsonl"), "--no-progress",
                          "--threshold", "0"]) == 0
     assert "not certified: the saved certificate covers entropy=" in capsys.readouterr().err
+    # With --no-verify the manifest is left alone: the rewritten folder then loads with --no-verify only.
+    manifest = (model / "adaptive_manifest.json").read_bytes()
+    assert calibrate_main([str(model), "--input", str(rows), "--max-disagreement", "0.35", "--delta", "0.1",
+                           "--no-progress", "--no-verify"]) == 0
+    assert "left as it was" in capsys.readouterr().err and (model / "adaptive_manifest.json").read_bytes() == manifest
+    assert predict_main([str(model), "--input", str(rows), "--no-progress", "--output", str(tmp_path / "p.jsonl")]) == 2
+    assert "adaptive_config.json differs from the file save_pretrained wrote" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arguments, message", [
