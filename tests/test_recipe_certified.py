@@ -4,6 +4,7 @@ pairing) in its model; ``python -m recipes.heldout`` writes the held-out rows th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,11 +60,7 @@ def test_heldout_rows_certify_the_saved_model_again(certified_run: Path, tmp_pat
     assert heldout.main([str(certified_run), "--output", str(tmp_path / "heldout.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and set(rows[0]) == {"text", "text_pair", "label"} and {r["label"] for r in rows} <= {"0", "1"}
-    model = tmp_path / "model"
-    AdaptiveEncoder.from_pretrained(certified_run / "model").save_pretrained(model)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (certified_run / "model" / name).is_file():
-            (model / name).write_bytes((certified_run / "model" / name).read_bytes())
+    model = Path(shutil.copytree(certified_run / "model", tmp_path / "model"))
     status = calibrate_main([str(model), "--input", str(tmp_path / "heldout.jsonl"), "--max-risk", "0.5", "--delta",
                              "0.2", "--no-progress"])
     err = capsys.readouterr().err
