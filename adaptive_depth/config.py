@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 import types
@@ -20,7 +21,7 @@ from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, Patien
 from adaptive_depth.files import write_atomically
 
 __all__ = ["CONFIG_FORMAT_VERSION", "METRICS", "AdaptiveEncoderConfig", "CriterionName", "check_gate_threshold",
-           "criterion_from_name", "criterion_spec", "criterion_with_threshold"]
+           "criterion_from_name", "criterion_spec", "criterion_with_threshold", "label_ids"]
 
 # The format of adaptive_config.json that this version writes and reads (2: with ``criterion_options``).
 CONFIG_FORMAT_VERSION = 2
@@ -347,3 +348,47 @@ class AdaptiveEncoderConfig:
             return cls.from_dict(values)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{path}: {error}") from error
+
+
+def label_ids(config: AdaptiveEncoderConfig, labels: Sequence[Any]) -> list[int] | list[float]:
+    """Gold labels as the model's class indices (or float scores for regression).
+
+    A classification label may be the model's own label name (``config.label_names``, e.g.
+    ``"not_entailment"``, or ``"0"``/``"1"``), or else a class index in ``[0, num_labels)``, as
+    an integer or as text (``"1"`` in a TSV file); names win where both could apply. A regression
+    label is a number or numeric text.
+
+    Raises:
+        ValueError: a label the model does not have (the message lists the model's labels).
+
+    Example:
+        >>> label_ids(AdaptiveEncoderConfig(num_labels=2, label_names=["no", "yes"]), ["yes", 0, "0"])
+        [1, 0, 0]
+    """
+    if hasattr(labels, "tolist"):  # a tensor or an array
+        labels = labels.tolist()
+    if config.num_labels == 1:
+        scores = []
+        for index, value in enumerate(labels):
+            try:
+                scores.append(float(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"label {index + 1} is {value!r}, not a number; this is a regression model, "
+                                 "whose labels are scores.") from None
+        return scores
+    names = config.label_names or [str(index) for index in range(config.num_labels)]
+    by_name = {name: index for index, name in enumerate(names)}
+    ids = []
+    for index, value in enumerate(labels):
+        if isinstance(value, str) and value in by_name:
+            ids.append(by_name[value])
+            continue
+        # A class index, or one written as text ("0" in a TSV file).
+        class_index = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if (isinstance(class_index, numbers.Integral) and not isinstance(class_index, bool)
+                and 0 <= class_index < config.num_labels):
+            ids.append(int(class_index))
+        else:
+            raise ValueError(f"label {index + 1} is {value!r}, which is not one of this model's labels: names "
+                             f"{names} or class indices 0..{config.num_labels - 1}; is it the right label column?")
+    return ids

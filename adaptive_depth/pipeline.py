@@ -13,7 +13,6 @@ Relative cost, everywhere: total MACs over total full-depth MACs of the same row
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -26,12 +25,12 @@ from torch import Tensor
 from adaptive_depth.calibration import Calibration, calibrate_operating_point, calibrate_threshold
 from adaptive_depth.certificate import Certificate
 from adaptive_depth.certify import certify_threshold
-from adaptive_depth.config import AdaptiveEncoderConfig, criterion_spec
+from adaptive_depth.config import criterion_spec, label_ids
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine, EngineMode
 from adaptive_depth.exits import ExitCriterion
 
-__all__ = ["AdaptivePipeline", "Prediction", "label_ids", "relative_cost"]
+__all__ = ["AdaptivePipeline", "Prediction", "relative_cost"]
 
 
 @dataclass
@@ -75,50 +74,6 @@ def relative_cost(predictions: Sequence[Prediction]) -> float:
     if not predictions:
         raise ValueError("no predictions to total.")
     return sum(p.macs_exact for p in predictions) / sum(p.full_macs_exact for p in predictions)
-
-
-def label_ids(config: AdaptiveEncoderConfig, labels: Sequence[Any]) -> list[int] | list[float]:
-    """Gold labels as the model's class indices (or float scores for regression).
-
-    A classification label may be the model's own label name (``config.label_names``, e.g.
-    ``"not_entailment"``, or ``"0"``/``"1"``), or else a class index in ``[0, num_labels)``, as
-    an integer or as text (``"1"`` in a TSV file); names win where both could apply. A regression
-    label is a number or numeric text.
-
-    Raises:
-        ValueError: a label the model does not have (the message lists the model's labels).
-
-    Example:
-        >>> label_ids(AdaptiveEncoderConfig(num_labels=2, label_names=["no", "yes"]), ["yes", 0, "0"])
-        [1, 0, 0]
-    """
-    if isinstance(labels, Tensor):
-        labels = labels.tolist()
-    if config.num_labels == 1:
-        scores = []
-        for index, value in enumerate(labels):
-            try:
-                scores.append(float(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"label {index + 1} is {value!r}, not a number; this is a regression model, "
-                                 "whose labels are scores.") from None
-        return scores
-    names = config.label_names or [str(index) for index in range(config.num_labels)]
-    by_name = {name: index for index, name in enumerate(names)}
-    ids = []
-    for index, value in enumerate(labels):
-        if isinstance(value, str) and value in by_name:
-            ids.append(by_name[value])
-            continue
-        # A class index, or one written as text ("0" in a TSV file).
-        class_index = int(value) if isinstance(value, str) and value.strip().isdigit() else value
-        if (isinstance(class_index, numbers.Integral) and not isinstance(class_index, bool)
-                and 0 <= class_index < config.num_labels):
-            ids.append(int(class_index))
-        else:
-            raise ValueError(f"label {index + 1} is {value!r}, which is not one of this model's labels: names "
-                             f"{names} or class indices 0..{config.num_labels - 1}; is it the right label column?")
-    return ids
 
 
 class AdaptivePipeline:
@@ -221,8 +176,8 @@ class AdaptivePipeline:
     ) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
         """``(row indices, model inputs)`` per batch; rows of similar length share a batch.
 
-        With ``labels`` (the model's label names, class indices or scores: see :func:`label_ids`),
-        each batch also holds ``labels``.
+        With ``labels`` (the model's label names, class indices or scores: see
+        :func:`~adaptive_depth.config.label_ids`), each batch also holds ``labels``.
         """
         texts, text_pairs = self.check_texts(texts, text_pairs)
         if labels is not None:
@@ -321,9 +276,9 @@ class AdaptivePipeline:
         :func:`~adaptive_depth.calibration.calibrate_threshold`) and use it.
 
         The arguments come in the order of ``pipeline(texts, text_pairs)``; ``labels`` (names or
-        indices, see :func:`label_ids`) is keyword-only. With ``gate_thresholds`` (a model with
-        gates; needs ``labels``), the gate threshold is chosen too, among these, by the metric on
-        the texts (see :func:`~adaptive_depth.calibration.calibrate_operating_point`). The chosen
+        indices, see :func:`~adaptive_depth.config.label_ids`) is keyword-only. With
+        ``gate_thresholds`` (a model with gates; needs ``labels``), the gate threshold is chosen
+        too, among these, by the metric on the texts (see :func:`~adaptive_depth.calibration.calibrate_operating_point`). The chosen
         operating point is also written into ``encoder.adaptive_config`` (and any certificate
         there removed: it covered another point), so a later ``save_pretrained`` keeps it.
         """

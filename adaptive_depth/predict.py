@@ -176,7 +176,8 @@ def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None
         InputFileError: unreadable rows or model, missing columns, labels the model does not have,
             a pair model given single texts (without ``--allow-single-texts``).
     """
-    from adaptive_depth.pipeline import AdaptivePipeline, label_ids
+    from adaptive_depth.config import label_ids
+    from adaptive_depth.pipeline import AdaptivePipeline
 
     if args.batch_size < 1:
         raise InputFileError(f"--batch-size must be >= 1, got {args.batch_size}.")
