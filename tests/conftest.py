@@ -13,6 +13,8 @@ from transformers import AutoModel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout under test
+
 FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra", "mpnet")
 # Families with the architecture of one above, checked by equivalence only (tests/test_encoder.py).
 ALIASES = ("xlm-roberta", "camembert")
@@ -74,6 +76,23 @@ def padded_batch(batch_size: int = 3, num_tokens: int = 9, seed: int = 0) -> tup
         length = max(1, num_tokens - 2 * row)
         attention_mask[row, length:] = 0
     return input_ids, attention_mask
+
+
+def subprocess_env(*, checkout_first: bool) -> dict[str, str]:
+    """The environment for a test's subprocess, which runs with ``cwd`` a temporary folder.
+
+    Never from the checkout's parent: a clone folder named ``adaptive_depth`` there is an
+    importable namespace package that shadows the installed one.
+
+    Args:
+        checkout_first: ``True``: this checkout first on ``PYTHONPATH``, so the subprocess runs the
+            code under test whatever is installed; ``False``: no ``PYTHONPATH``, so it imports the
+            installed distribution.
+    """
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if checkout_first:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return env
 
 
 def minilm_dir() -> Path | None:

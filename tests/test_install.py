@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import subprocess_env
+
 
 def test_recipes_and_benchmarks_import_outside_the_clone(tmp_path: Path) -> None:
     code = (
@@ -16,8 +18,8 @@ def test_recipes_and_benchmarks_import_outside_the_clone(tmp_path: Path) -> None
         "from adaptive_depth import AdaptiveInferenceEngine, AdaptivePipeline, calibrate_threshold\n"
         "print(recipes.__file__)\n"
     )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(checkout_first=False),
+                            capture_output=True, text=True)
     assert result.returncode == 0, (
         f"{result.stderr}\n(is the project installed? pip install -e '.[dev]')"
     )
@@ -25,7 +27,6 @@ def test_recipes_and_benchmarks_import_outside_the_clone(tmp_path: Path) -> None
 
 
 def test_predict_module_runs_from_another_directory(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-m", "adaptive_depth.predict", "--help"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "adaptive_depth.predict", "--help"], cwd=tmp_path,
+                            env=subprocess_env(checkout_first=False), capture_output=True, text=True)
     assert result.returncode == 0 and "--input" in result.stdout

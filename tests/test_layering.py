@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import subprocess_env
+
 PACKAGE = Path(__file__).resolve().parents[1] / "adaptive_depth"
 
 
@@ -21,7 +23,7 @@ def test_no_source_file_imports_recipes_or_benchmarks() -> None:
     assert offenders == []
 
 
-def test_importing_every_module_loads_neither() -> None:
+def test_importing_every_module_loads_neither(tmp_path: Path) -> None:
     code = (
         "import importlib, pkgutil, sys, adaptive_depth\n"
         "for info in pkgutil.walk_packages(adaptive_depth.__path__, 'adaptive_depth.'):\n"
@@ -29,4 +31,4 @@ def test_importing_every_module_loads_neither() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('recipes', 'benchmarks'))\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=subprocess_env(checkout_first=True))

@@ -245,7 +245,7 @@ def test_a_folder_locked_by_a_running_process_is_refused(
 ) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path)
     try:
         (out / LOCK_FILE).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "since": "now"}))
         assert run_cli(*base(glue_dir, tiny_model_dir, out), "stage1_epochs=1") == 2

@@ -21,7 +21,7 @@ from recipes.config import load_config
 from recipes.methods import freeze_for_stage2
 from recipes.errors import ConfigError
 from recipes.glue import EncodedDataset, collate, encode_examples, read_split
-from tests.conftest import minilm_dir, save_tiny_bert
+from tests.conftest import minilm_dir, save_tiny_bert, subprocess_env
 from tests.glue_fixtures import write_synthetic_glue
 
 pytestmark = [
@@ -367,8 +367,8 @@ def test_runs_under_torchrun_with_two_processes(tiny_model_dir: Path, glue_dir: 
         "--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir", str(out),
         "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1", "torch_threads=1", *TINY,
     ]
-    repo = Path(__file__).resolve().parents[1]
-    completed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=240)
+    completed = subprocess.run(command, cwd=tmp_path, env=subprocess_env(checkout_first=True), capture_output=True,
+                               text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["sizes"]["train"] == 36 and results["sweep"][0]["exit_layer_histogram"] == [0, 16]
