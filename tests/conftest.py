@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,6 +77,29 @@ def padded_batch(batch_size: int = 3, num_tokens: int = 9, seed: int = 0) -> tup
         length = max(1, num_tokens - 2 * row)
         attention_mask[row, length:] = 0
     return input_ids, attention_mask
+
+
+# calibrate_threshold's default bisection tolerance: two separate calibrations that met the same
+# budget on the same rows can end one bisection step apart (an entropy rounding across a midpoint).
+THRESHOLD_RESOLUTION = 1e-3
+
+
+def approx_tree(expected: Any, rel: float = 1e-6, abs: float = 1e-12) -> Any:
+    """``expected`` (nested dicts, lists, tuples) with every float replaced by ``pytest.approx``.
+
+    For ``actual == approx_tree(expected)`` between results of two separate computations: floats
+    agree within rounding (NaN equals NaN), everything else exactly.
+
+    >>> {"f1": 0.1 + 0.2, "rows": [3]} == approx_tree({"f1": 0.3, "rows": [3]})
+    True
+    """
+    if isinstance(expected, dict):
+        return {key: approx_tree(value, rel, abs) for key, value in expected.items()}
+    if isinstance(expected, (list, tuple)):
+        return type(expected)(approx_tree(value, rel, abs) for value in expected)
+    if isinstance(expected, float):
+        return pytest.approx(expected, rel=rel, abs=abs, nan_ok=True)
+    return expected
 
 
 def subprocess_env(*, checkout_first: bool) -> dict[str, str]:

@@ -24,7 +24,7 @@ from recipes import checkpoint as ckpt
 from recipes import loop, smartbert, sweep
 from recipes.errors import RunFolderError
 from recipes.run_folder import LOCK_FILE, RunLock
-from tests.conftest import minilm_dir, save_tiny_bert
+from tests.conftest import approx_tree, minilm_dir, save_tiny_bert
 
 pytestmark = [
     pytest.mark.integration,
@@ -154,13 +154,14 @@ def test_interrupted_run_resumes_to_the_same_results_and_weights(
 
     assert run_cli(*argv, "--resume") == 0
     results = without_timings(json.loads((out / "results.json").read_text()))
-    assert results == reference["results"]
+    # Two separate runs of the same computation: equal up to float rounding.
+    assert results == approx_tree(reference["results"])
     final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
-    assert final.keys() == reference["weights"].keys()
-    for key, value in reference["weights"].items():
-        assert torch.equal(final[key], value), key
     best = ckpt.load_weights(out / "stage1_best.safetensors")
-    assert all(torch.equal(best[key], value) for key, value in reference["best"].items())
+    for got, expected in ((final, reference["weights"]), (best, reference["best"])):
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-9, msg=key)
 
 
 def test_interrupt_before_the_first_checkpoint_says_to_start_again(
