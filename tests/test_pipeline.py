@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from adaptive_depth import (
-    AdaptiveEncoder,
     AdaptivePipeline,
     EntropyExit,
     ToleranceExit,
@@ -19,7 +18,7 @@ from adaptive_depth import (
 )
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.predict import main as predict_main
-from tests.conftest import THRESHOLD_RESOLUTION, minilm_dir, requires_minilm
+from tests.conftest import THRESHOLD_RESOLUTION, requires_minilm, tiny_minilm_encoder
 
 pytestmark = requires_minilm  # the tokenizer of the real MiniLM tokenizes the raw texts
 
@@ -28,26 +27,9 @@ SENTENCES = ["A man plays a guitar.", "Hi.", "The cat sat on the mat while the r
 PAIRS = ["A person plays music.", "Hello.", "It rained.", "Markets dropped.", "She is reading a book.", "Unknown."]
 
 
-def tiny_encoder(num_labels: int = 2, seed: int = 0, num_layers: int = 4) -> tuple[AdaptiveEncoder, object]:
-    """A random hidden-32 BERT over the MiniLM vocabulary whose gates skip and heads exit somewhere."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
-                                intermediate_size=37, max_position_embeddings=128))
-    encoder = AdaptiveEncoder(bert, num_labels=num_labels, gate_inner_size=16, head_inner_size=16).eval()
-    generator = torch.Generator().manual_seed(seed)
-    for gate in encoder.gates:
-        gate.score.bias.data.uniform_(-2.5, 1.0, generator=generator)
-        gate.score.weight.data.normal_(0.0, 2.0, generator=generator)
-    for head in encoder.exit_heads:
-        head.classifier.weight.data.normal_(0.0, 4.0, generator=generator)
-    return encoder, AutoTokenizer.from_pretrained(str(minilm_dir()))
-
-
 @pytest.fixture(scope="module")
 def saved_pair_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    encoder, tokenizer = tiny_encoder()
+    encoder, tokenizer = tiny_minilm_encoder()
     encoder.adaptive_config.label_names = ["not_equivalent", "equivalent"]
     encoder.adaptive_config.threshold = 0.5
     return encoder.save_pretrained(tmp_path_factory.mktemp("models") / "pair", tokenizer=tokenizer)
@@ -71,7 +53,7 @@ def test_predict_on_raw_text_pairs_matches_the_engine_row_by_row(saved_pair_mode
 
 
 def test_predict_on_single_sentences_and_regression(tmp_path: Path) -> None:
-    encoder, tokenizer = tiny_encoder(num_labels=1, seed=3)
+    encoder, tokenizer = tiny_minilm_encoder(num_labels=1, seed=3)
     encoder.adaptive_config.criterion, encoder.adaptive_config.threshold = "patience", 1
     pipeline = AdaptivePipeline.from_pretrained(encoder.save_pretrained(tmp_path / "m", tokenizer=tokenizer))
     predictions = pipeline(SENTENCES)
@@ -134,7 +116,7 @@ def test_pipeline_calibrate_sets_the_operating_point_that_is_saved(saved_pair_mo
 def test_calibrate_a_regression_tolerance_to_the_budget(tmp_path: Path) -> None:
     """A regression model's tolerance is bisected like an entropy threshold: within budget, and a
     slightly smaller tolerance breaks it; the pipeline saves it as the operating point."""
-    encoder, tokenizer = tiny_encoder(num_labels=1, seed=3, num_layers=6)
+    encoder, tokenizer = tiny_minilm_encoder(num_labels=1, seed=3, num_layers=6)
     encoder.adaptive_config.criterion, encoder.adaptive_config.threshold = "tolerance", 0.5
     pipeline = AdaptivePipeline.from_pretrained(encoder.save_pretrained(tmp_path / "m", tokenizer=tokenizer))
     assert pipeline.engine.criterion == ToleranceExit(0.5)
@@ -166,7 +148,7 @@ def test_calibrate_a_regression_tolerance_to_the_budget(tmp_path: Path) -> None:
 def test_calibrate_and_predict_keep_the_criterions_other_fields(tmp_path: Path) -> None:
     """A tolerance exit with patience 2 stays one through calibration, saving, loading and
     ``predict --threshold``, which used to rebuild it with patience 1."""
-    encoder, tokenizer = tiny_encoder(num_labels=1, seed=3, num_layers=6)
+    encoder, tokenizer = tiny_minilm_encoder(num_labels=1, seed=3, num_layers=6)
     encoder.adaptive_config.set_criterion(ToleranceExit(0.5, patience=2))
     pipeline = AdaptivePipeline.from_pretrained(encoder.save_pretrained(tmp_path / "m", tokenizer=tokenizer))
     assert pipeline.engine.criterion == ToleranceExit(0.5, patience=2)

@@ -11,8 +11,7 @@ import torch
 from adaptive_depth import AdaptiveEncoder, AdaptiveEncoderConfig, EntropyExit, ModelFolderError
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME, ADAPTIVE_WEIGHTS_NAME
-from tests.conftest import FAMILIES, minilm_dir, padded_batch, requires_minilm
-from tests.test_engine import random_encoder
+from tests.conftest import FAMILIES, minilm_dir, padded_batch, random_encoder, requires_minilm
 
 TRACE_FIELDS = ("logits", "exit_layer", "layers_run", "layers_skipped", "heads_run", "macs_exact", "macs_paper")
 

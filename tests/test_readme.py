@@ -5,14 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.conftest import requires_minilm
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, requires_minilm, tiny_minilm_encoder
 
 
 @requires_minilm
 def test_readme_python_example_runs() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     example = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)[0]
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
@@ -22,12 +20,10 @@ def test_readme_python_example_runs() -> None:
 @requires_minilm
 def test_readme_saved_model_example_runs(tmp_path: Path, capsys) -> None:
     """The README's "use the trained model" block, on a tiny model saved where the recipe saves."""
-    from tests.test_pipeline import tiny_encoder
-
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     (example,) = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
                   if "AdaptivePipeline.from_pretrained" in block]
-    encoder, tokenizer = tiny_encoder()
+    encoder, tokenizer = tiny_minilm_encoder()
     encoder.adaptive_config.label_names = ["0", "1"]
     folder = encoder.save_pretrained(tmp_path / "runs" / "smartbert-mrpc" / "model", tokenizer=tokenizer)
     exec(compile(example.replace("runs/smartbert-mrpc/model", str(folder)), "README.md", "exec"), {})
@@ -36,7 +32,7 @@ def test_readme_saved_model_example_runs(tmp_path: Path, capsys) -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.DOTALL)
     test_command = next(command for command in commands if "pytest" in command)
-    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in (REPO / ".ci" / "run").read_text().splitlines()

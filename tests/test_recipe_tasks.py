@@ -11,30 +11,24 @@ import torch
 
 from recipes import smartbert
 from recipes.loading import load_model_and_tokenizer
-from tests.conftest import approx_tree, minilm_dir, requires_minilm, save_tiny_bert
+from tests.conftest import TINY_SMARTBERT, approx_tree, minilm_dir, requires_minilm, run_smartbert
 from tests.glue_fixtures import write_synthetic_glue
 
 pytestmark = [requires_minilm, pytest.mark.usefixtures("one_thread")]
 
-TINY = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8",
-        "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=1", "calibration_budget=0.95"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), num_layers=3)
+TINY = [*TINY_SMARTBERT, "stage1_epochs=2", "soft_epochs=1", "stage2_epochs=1", "calibration_budget=0.95"]
 
 
 def run(task: str, data_dir: Path, model: Path, out: Path, *extra: str) -> dict:
-    status = smartbert.main(["--task", task, "--data-dir", str(data_dir), "--model", str(model),
-                             "--output-dir", str(out), *TINY, *extra])
-    assert status == 0
+    assert run_smartbert("--task", task, "--data-dir", data_dir, "--model", model, "--output-dir", out, *TINY,
+                         *extra) == 0
     return json.loads((out / "results.json").read_text())
 
 
-def test_stsb_sweeps_tolerance_and_patience_and_calibrates_the_tolerance(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_stsb_sweeps_tolerance_and_patience_and_calibrates_the_tolerance(tiny_model_dir_3: Path,
+                                                                         tmp_path: Path) -> None:
     data = write_synthetic_glue(tmp_path / "glue", "stsb", n_train=40, n_dev=16)
-    results = run("stsb", data, tiny_model_dir, tmp_path / "run", "regression_tolerances=[0.1,1.0]")
+    results = run("stsb", data, tiny_model_dir_3, tmp_path / "run", "regression_tolerances=[0.1,1.0]")
     names = [row["name"] for row in results["sweep"]]
     assert names == ["full", "skip_only", "tolerance=0.1", "tolerance=1", "patience=1", "patience=2"]
     assert set(results["sweep"][0]["metrics"]) == {"pearson", "spearman"}
@@ -58,18 +52,18 @@ def test_stsb_sweeps_tolerance_and_patience_and_calibrates_the_tolerance(tiny_mo
                                    and cell["heldout_relative_cost"] <= float(budget) + 1e-9)
 
 
-def test_mnli_evaluates_the_mismatched_dev_set_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_mnli_evaluates_the_mismatched_dev_set_too(tiny_model_dir_3: Path, tmp_path: Path) -> None:
     data = write_synthetic_glue(tmp_path / "glue", "mnli", n_train=45, n_dev=18)
-    results = run("mnli", data, tiny_model_dir, tmp_path / "run", "entropy_thresholds=[0.5]")
+    results = run("mnli", data, tiny_model_dir_3, tmp_path / "run", "entropy_thresholds=[0.5]")
     assert results["dev_split"] == "dev_matched"
     mismatched = results["other_dev_splits"]["dev_mismatched"]
     assert [row["name"] for row in mismatched] == [row["name"] for row in results["sweep"]]
     assert sum(mismatched[0]["exit_layer_histogram"]) == results["sizes"]["dev_mismatched"]
 
 
-def test_gate_warm_up_runs_every_layer_without_a_gate_objective_first(tiny_model_dir: Path, glue_dir: Path,
+def test_gate_warm_up_runs_every_layer_without_a_gate_objective_first(tiny_model_dir_3: Path, glue_dir: Path,
                                                                      tmp_path: Path) -> None:
-    results = run("mrpc", glue_dir, tiny_model_dir, tmp_path / "run", "stage1_epochs=3", "gate_warmup_epochs=1",
+    results = run("mrpc", glue_dir, tiny_model_dir_3, tmp_path / "run", "stage1_epochs=3", "gate_warmup_epochs=1",
                   "gate_objective={name: budget, target_cost: 0.6}")
     history = results["history"]["stage1"]
     assert [record["options"]["gate_mode"] for record in history] == ["run", "soft", "hard"]
@@ -80,13 +74,14 @@ def test_gate_warm_up_runs_every_layer_without_a_gate_objective_first(tiny_model
     assert 1 <= skipping["num_patterns"] <= 8
     with pytest.raises(SystemExit):
         smartbert.main(["--help"])
-    assert smartbert.main(["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir),
+    assert smartbert.main(["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir_3),
                            "--output-dir", str(tmp_path / "bad"), "stage1_epochs=2", "gate_warmup_epochs=2"]) == 2
 
 
 @pytest.mark.parametrize("trained", ["all", "gates"])
-def test_gated_epochs_train_gates_keeps_the_fine_tuned_backbone(trained: str, tiny_model_dir: Path, glue_dir: Path,
-                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gated_epochs_train_gates_keeps_the_fine_tuned_backbone(trained: str, tiny_model_dir_3: Path,
+                                                                glue_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """``gated_epochs_train=gates``: after the warm-up, the backbone and last head stay exactly as the
     warm-up left them while the gates train; the paper's ``all`` trains the backbone on."""
     import torch
@@ -101,7 +96,7 @@ def test_gated_epochs_train_gates_keeps_the_fine_tuned_backbone(trained: str, ti
         return original(self)
 
     monkeypatch.setattr(Run, "evaluate_heldout", evaluate_heldout)
-    results = run("mrpc", glue_dir, tiny_model_dir, tmp_path / "run", "stage1_epochs=3", "gate_warmup_epochs=1",
+    results = run("mrpc", glue_dir, tiny_model_dir_3, tmp_path / "run", "stage1_epochs=3", "gate_warmup_epochs=1",
                   "gate_objective=budget", "stage2_epochs=0", f"gated_epochs_train={trained}")
     assert [record["options"]["gate_mode"] for record in results["history"]["stage1"]] == ["run", "soft", "hard"]
     warm, last = snapshots[0], snapshots[-1]
@@ -124,10 +119,10 @@ def test_gated_epochs_train_gates_keeps_the_fine_tuned_backbone(trained: str, ti
     (["exit_objective=weighted"], "SmartBERT's exit_objective is 'labels' (the paper) or 'distill'"),
     (["warmup_layer_drop=0.2"], "unknown config key 'warmup_layer_drop'"),
 ])
-def test_the_gate_warm_up_and_objective_keys_are_validated(overrides: list[str], message: str, tiny_model_dir: Path,
+def test_the_gate_warm_up_and_objective_keys_are_validated(overrides: list[str], message: str, tiny_model_dir_3: Path,
                                              glue_dir: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir), "--output-dir",
+    argv = ["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(tiny_model_dir_3), "--output-dir",
             str(tmp_path / "bad"), "stage1_epochs=2", *overrides]
     assert smartbert.main(argv) == 2
     assert message in capsys.readouterr().err

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from benchmarks import training_cost
-from tests.conftest import requires_minilm, save_tiny_bert
+from tests.conftest import requires_minilm
 
 
 @requires_minilm
-def test_training_cost_times_both_stages_and_extrapolates(tmp_path: Path, glue_dir: Path) -> None:
-    model = save_tiny_bert(tmp_path / "tiny", num_layers=3)
+def test_training_cost_times_both_stages_and_extrapolates(tmp_path: Path, glue_dir: Path,
+                                                          tiny_model_dir_3: Path) -> None:
     output = tmp_path / "cost.json"
     threads = torch.get_num_threads()
     try:
-        training_cost.main(["--model", str(model), "--threads", "1", "--steps", "1", "--max-tries", "2",
+        training_cost.main(["--model", str(tiny_model_dir_3), "--threads", "1", "--steps", "1", "--max-tries", "2",
                             "--batch-size", "4", "--length", "24", "--data-dir", str(glue_dir), "--train-rows", "10",
                             "--json", str(output)])
     finally:
