@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.metrics import CostAccumulator
-from tests.conftest import FAMILIES, counted_flops, padded_batch, random_encoder, tiny_model
+from tests.conftest import ALIASES, FAMILIES, counted_flops, padded_batch, random_encoder, tiny_model
 
 
 def run_one_by_one(engine: AdaptiveInferenceEngine, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -86,18 +86,35 @@ def test_skip_only_answers_at_the_last_step() -> None:
     assert out.heads_run[:, :-1].sum() == 0 and bool(out.heads_run[:, -1].all())
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_reported_macs_equal_flop_counter_of_what_ran(model_type: str) -> None:
-    """Exact convention: the trace of one sample equals FlopCounterMode's count of the same run."""
-    for seed in range(4):
+def force_a_skip_and_an_early_exit(encoder: AdaptiveEncoder, input_ids: torch.Tensor) -> None:
+    """Gate 1 skips the first layer for the rows whose score is above the median (its bias moves the
+    threshold between the two middle rows); head 1 answers class 0 with near-zero entropy, so every
+    row that ran the first layer exits there. The other rows go on through the random gates and heads."""
+    runner, _ = encoder.prepare(input_ids)
+    with torch.no_grad():
+        logits = encoder.gates[0](runner.hidden_states).logit.sort().values
+        encoder.gates[0].score.bias -= (logits[len(logits) // 2 - 1] + logits[len(logits) // 2]) / 2
+        head = encoder.exit_heads[0].classifier
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES + ALIASES)
+def test_reported_macs_equal_flop_counter_with_a_skip_and_an_early_exit(model_type: str) -> None:
+    """Exact convention on a batch where some rows skip a layer and some exit early: the engine's
+    per-row MACs sum to FlopCounterMode's count of the same run (eager attention, which it counts;
+    no padding, which it counts as tokens)."""
+    for seed, length in ((0, 7), (1, 12)):
         encoder = random_encoder(model_type, seed, attn_implementation="eager", num_layers=3)
-        engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.6))
-        length = 7 + 5 * seed
-        input_ids = torch.randint(5, 99, (1, length), generator=torch.Generator().manual_seed(seed))
+        input_ids = torch.randint(5, 99, (6, length), generator=torch.Generator().manual_seed(seed))
+        force_a_skip_and_an_early_exit(encoder, input_ids)
+        engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.1))
         output = {}
         counted = counted_flops(lambda: output.setdefault("out", engine(input_ids)))
-        reported = 2 * int(output["out"].macs_exact[0])
-        assert abs(reported - counted) <= 0.01 * counted, (seed, reported, counted, output["out"].layers_run)
+        trace = output["out"]
+        assert bool(trace.layers_skipped[:, 0].any()) and bool(trace.layers_run[:, 0].any()), trace.layers_skipped
+        assert bool((trace.exit_layer < encoder.num_steps).any()), trace.exit_layer
+        assert 2 * int(trace.macs_exact.sum()) == counted, (seed, trace.macs_exact, counted)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
