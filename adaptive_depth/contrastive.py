@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import einsum, rearrange
 from torch import Tensor, nn
 
 __all__ = ["ContrastiveOutput", "CrossLayerInfoNCE", "cross_layer_info_nce", "pairwise_info_nce"]
@@ -73,7 +74,7 @@ def pairwise_info_nce(
     Returns:
         ``[B]`` mean loss over each sequence's real anchors (0 for a sequence with none).
     """
-    keep = valid.unsqueeze(-1)
+    keep = rearrange(valid, "b n -> b n 1")
     anchors = torch.where(keep, anchors, torch.zeros_like(anchors))
     positives = torch.where(keep, positives, torch.zeros_like(positives))
     if similarity == "cosine":
@@ -81,8 +82,9 @@ def pairwise_info_nce(
         positives = F.normalize(positives, dim=-1)
     elif similarity != "dot":
         raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}.")
-    scores = torch.einsum("bmd,bkd->bmk", anchors, positives) / temperature
-    scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    # Anchor m of layer i against every token k of layer i + 1; padded keys are never candidates.
+    scores = einsum(anchors, positives, "b m d, b k d -> b m k") / temperature
+    scores = scores.masked_fill(~rearrange(valid, "b k -> b 1 k"), float("-inf"))
     positive_scores = scores.diagonal(dim1=1, dim2=2)
     log_likelihood = positive_scores - torch.logsumexp(scores, dim=-1)
     log_likelihood = torch.where(valid, log_likelihood, torch.zeros_like(log_likelihood))
@@ -191,7 +193,7 @@ class CrossLayerInfoNCE(nn.Module):
         if attention_mask is not None:
             # Zero the padding before projecting: whatever it holds (even inf or NaN) must not
             # reach the projection's weight gradient (0 * NaN is NaN).
-            padding = ~_check_inputs(layer_states, attention_mask).unsqueeze(-1)
+            padding = ~rearrange(_check_inputs(layer_states, attention_mask), "b n -> b n 1")
             layer_states = [states.masked_fill(padding, 0.0) for states in layer_states]
         projections = [self.projection(states) for states in layer_states]
         loss = cross_layer_info_nce(projections, attention_mask, self.temperature, self.similarity)
