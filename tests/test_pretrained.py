@@ -11,25 +11,7 @@ import torch
 from adaptive_depth import AdaptiveEncoder, AdaptiveEncoderConfig, EntropyExit, ModelFolderError
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME, ADAPTIVE_WEIGHTS_NAME
-from tests.conftest import FAMILIES, minilm_dir, padded_batch, random_encoder, requires_minilm
-
-TRACE_FIELDS = ("logits", "exit_layer", "layers_run", "layers_skipped", "heads_run", "macs_exact", "macs_paper")
-
-
-def assert_same_model(first: AdaptiveEncoder, second: AdaptiveEncoder, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, criterion: EntropyExit) -> None:
-    """Every head's logits and the engine's whole trace are bit-identical."""
-    with torch.no_grad():
-        a = first(input_ids, attention_mask, gate_mode="hard")
-        b = second(input_ids, attention_mask, gate_mode="hard")
-    for left, right in zip(a.exit_logits, b.exit_logits):
-        assert torch.equal(left, right)
-    assert torch.equal(a.gate_probs, b.gate_probs)
-    trace_a = AdaptiveInferenceEngine(first, criterion)(input_ids, attention_mask)
-    trace_b = AdaptiveInferenceEngine(second, criterion)(input_ids, attention_mask)
-    for name in TRACE_FIELDS:
-        assert torch.equal(getattr(trace_a, name), getattr(trace_b, name)), name
-
+from tests.conftest import FAMILIES, assert_same_model, minilm_dir, padded_batch, random_encoder, requires_minilm
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_round_trip_gives_identical_logits_and_traces(model_type: str, tmp_path: Path) -> None:

