@@ -4,7 +4,6 @@ run as a user runs it: in a subprocess, from a temporary folder."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,20 +15,16 @@ import pytest
 import torch
 
 from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME, ADAPTIVE_WEIGHTS_NAME
-from tests.conftest import requires_minilm
+from tests.conftest import requires_minilm, subprocess_env
 
 pytestmark = [pytest.mark.integration, requires_minilm]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_python(*args: Any, cwd: Path, env: dict[str, str] | None = None,
                timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``python args`` from ``cwd``, with this checkout importable, one thread and offline (unless
     ``env`` says otherwise)."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                   **(env or {})}
+    environment = {**subprocess_env(checkout_first=True), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=environment, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -112,13 +112,13 @@ def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root on Linux")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+                             cwd=tmp_path, capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         yield mount_point
     finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        subprocess.run(["umount", "-l", str(mount_point)], cwd=tmp_path, check=False)
 
 
 @pytest.mark.parametrize("small_disk", ["1m"], indirect=True)
