@@ -203,6 +203,14 @@ def assert_same_model(first: AdaptiveEncoder, second: AdaptiveEncoder, input_ids
         assert torch.equal(getattr(trace_a, name), getattr(trace_b, name)), name
 
 
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """State dicts of two separate runs of the same computation (e.g. a resumed and an uninterrupted
+    run): the same keys, every tensor equal up to float rounding."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-9, msg=key)
+
+
 def counted_flops(fn: Any, *args: Any, **kwargs: Any) -> int:
     """FLOPs (2 x MACs) FlopCounterMode records while ``fn(*args, **kwargs)`` runs (no grad)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

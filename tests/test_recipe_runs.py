@@ -24,7 +24,7 @@ from recipes import checkpoint as ckpt
 from recipes import loop, smartbert, sweep
 from recipes.errors import RunFolderError
 from recipes.run_folder import LOCK_FILE, RunLock
-from tests.conftest import RECIPE_RUN_MARKS, approx_tree
+from tests.conftest import RECIPE_RUN_MARKS, approx_tree, assert_same_weights
 from tests.conftest import TINY_SMARTBERT as TINY
 from tests.conftest import run_smartbert as run_cli
 
@@ -145,11 +145,8 @@ def test_interrupted_run_resumes_to_the_same_results_and_weights(
     # Two separate runs of the same computation: equal up to float rounding.
     assert results == approx_tree(reference["results"])
     final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
-    best = ckpt.load_weights(out / "stage1_best.safetensors")
-    for got, expected in ((final, reference["weights"]), (best, reference["best"])):
-        assert got.keys() == expected.keys()
-        for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-9, msg=key)
+    assert_same_weights(final, reference["weights"])
+    assert_same_weights(ckpt.load_weights(out / "stage1_best.safetensors"), reference["best"])
 
 
 def test_interrupt_before_the_first_checkpoint_says_to_start_again(

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from recipes import checkpoint as ckpt
-from tests.conftest import RECIPE_RUN_MARKS
+from tests.conftest import RECIPE_RUN_MARKS, approx_tree, assert_same_weights
 from tests.test_recipe_runs import SCHEDULE, assert_one_error_line, base, interrupt_epoch, run_cli, without_timings
 from tests.test_recipe_runs import reference  # noqa: F401 (a module fixture, shared)
 
@@ -40,7 +40,7 @@ def test_damaging_the_published_best_weights_in_place_leaves_resume_intact(
 ) -> None:
     """``<run>/stage1_best.safetensors`` shares no inode with the checkpoints: an in-place write to
     it (a truncation, ``cp`` over it) leaves both generations whole, and the resumed run finishes
-    exactly as an uninterrupted one (and publishes the right file again)."""
+    as an uninterrupted one (and publishes the right file again)."""
     out = tmp_path / "run"
     argv = [*base(glue_dir, tiny_model_dir, out), *SCHEDULE]
     with monkeypatch.context() as patch:
@@ -60,9 +60,8 @@ def test_damaging_the_published_best_weights_in_place_leaves_resume_intact(
         ckpt.load_checkpoint(out / folder, fallback=False)  # both generations are intact
 
     assert run_cli(*argv, "--resume") == 0
-    assert without_timings(json.loads((out / "results.json").read_text())) == reference["results"]
-    final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
-    assert all(torch.equal(final[key], value) for key, value in reference["weights"].items())
+    assert without_timings(json.loads((out / "results.json").read_text())) == approx_tree(reference["results"])
+    assert_same_weights(ckpt.load_checkpoint(out / "checkpoint")[0], reference["weights"])
     assert published.read_bytes() == original  # published again from the checkpoint's copy
     assert len(set(inodes(out).values())) == len(inodes(out))
 
@@ -145,15 +144,14 @@ def test_stage2_epochs_may_change_before_stage2_starts_and_match_an_uninterrupte
     runs: dict[str, Path], reference: dict[str, Any], tiny_model_dir: Path, glue_dir: Path, tmp_path: Path,
 ) -> None:
     """A run that finished stage 1 with ``stage2_epochs=0``, resumed with ``stage2_epochs=2``, trains
-    stage 2 and ends bit-identical to the uninterrupted 2 + 2 run."""
+    stage 2 and ends as the uninterrupted 2 + 2 run (up to float rounding)."""
     out = tmp_path / "run"
     shutil.copytree(runs["stage2-not-started"], out)
     assert run_cli(*resume_argv(glue_dir, tiny_model_dir, out, "stage2_epochs=2")) == 0
     results = without_timings(json.loads((out / "results.json").read_text()))
     assert [record["epoch"] for record in results["history"]["stage2"]] == [0, 1]
-    assert results == reference["results"]
-    final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
-    assert all(torch.equal(final[key], value) for key, value in reference["weights"].items())
+    assert results == approx_tree(reference["results"])
+    assert_same_weights(ckpt.load_checkpoint(out / "checkpoint")[0], reference["weights"])
 
 
 def test_reloading_a_run_whose_saved_model_was_damaged_is_a_checkpoint_error(runs: dict[str, Path],
