@@ -103,18 +103,21 @@ def force_a_skip_and_an_early_exit(encoder: AdaptiveEncoder, input_ids: torch.Te
 def test_reported_macs_equal_flop_counter_with_a_skip_and_an_early_exit(model_type: str) -> None:
     """Exact convention on a batch where some rows skip a layer and some exit early: the engine's
     per-row MACs sum to FlopCounterMode's count of the same run (eager attention, which it counts;
-    no padding, which it counts as tokens)."""
+    no padding, which it counts as tokens), and so does each row run alone (batch size 1 has a
+    path of its own)."""
     for seed, length in ((0, 7), (1, 12)):
         encoder = random_encoder(model_type, seed, attn_implementation="eager", num_layers=3)
         input_ids = torch.randint(5, 99, (6, length), generator=torch.Generator().manual_seed(seed))
         force_a_skip_and_an_early_exit(encoder, input_ids)
         engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.1))
-        output = {}
-        counted = counted_flops(lambda: output.setdefault("out", engine(input_ids)))
-        trace = output["out"]
-        assert bool(trace.layers_skipped[:, 0].any()) and bool(trace.layers_run[:, 0].any()), trace.layers_skipped
-        assert bool((trace.exit_layer < encoder.num_steps).any()), trace.exit_layer
-        assert 2 * int(trace.macs_exact.sum()) == counted, (seed, trace.macs_exact, counted)
+        for rows in (slice(None), *(slice(row, row + 1) for row in range(len(input_ids)))):
+            output = {}
+            counted = counted_flops(lambda: output.setdefault("out", engine(input_ids[rows])))
+            trace = output["out"]
+            assert 2 * int(trace.macs_exact.sum()) == counted, (seed, rows, trace.macs_exact, counted)
+            if rows == slice(None):
+                assert bool(trace.layers_skipped[:, 0].any()) and bool(trace.layers_run[:, 0].any())
+                assert bool((trace.exit_layer < encoder.num_steps).any()), trace.exit_layer
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
