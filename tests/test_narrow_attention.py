@@ -15,7 +15,7 @@ from adaptive_depth.export_steps import GateStep, HeadStep
 from adaptive_depth.flops import gate_macs, head_macs
 from adaptive_depth.gates import SkipGate
 from adaptive_depth.narrow_attention import NarrowAttentionPool
-from tests.conftest import FAMILIES, padded_batch, tiny_model
+from tests.conftest import FAMILIES, counted_flops, padded_batch, tiny_model
 
 
 def unfolded(pool: NarrowAttentionPool, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -148,9 +148,7 @@ def test_folded_macs_are_what_flop_counter_sees(num_heads: int, seq_len: int) ->
     hidden, mask = torch.randn(2, seq_len, 48), torch.ones(2, seq_len, dtype=torch.long)
     for module, macs in ((gate, gate_macs(48, seq_len, "exact", 16, num_heads=num_heads)),
                          (head, head_macs(48, 3, seq_len, "exact", 16, num_heads=num_heads))):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(hidden, mask)
-        assert counter.get_total_flops() == 2 * 2 * macs  # two rows, 2 FLOPs per MAC
+        assert counted_flops(module, hidden, mask) == 2 * 2 * macs  # two rows, 2 FLOPs per MAC
 
 
 def test_exported_gate_and_head_graphs_are_folded_and_exact() -> None:

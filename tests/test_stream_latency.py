@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from benchmarks import stream_latency
-from tests.conftest import requires_minilm
+from tests.conftest import requires_minilm, tiny_minilm_encoder
 from tests.glue_fixtures import write_synthetic_glue
-from tests.test_pipeline import tiny_encoder
 
 
 @requires_minilm
 def test_stream_latency_writes_its_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    encoder, tokenizer = tiny_encoder(seed=1)
+    encoder, tokenizer = tiny_minilm_encoder(seed=1)
     encoder.adaptive_config.threshold = 0.5
     model = encoder.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
     data = write_synthetic_glue(tmp_path / "glue", "sst2", n_train=40, n_dev=4)
@@ -57,7 +56,7 @@ def test_stream_latency_rejects_bad_options(tmp_path: Path, capsys: pytest.Captu
 def test_batch1_profile_splits_the_time_of_every_setting(tmp_path: Path, glue_dir: Path) -> None:
     from benchmarks import batch1_profile
 
-    encoder, tokenizer = tiny_encoder(seed=2)
+    encoder, tokenizer = tiny_minilm_encoder(seed=2)
     model = encoder.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
     threads = torch.get_num_threads()
     try:

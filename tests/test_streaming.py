@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 
 from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit, ToleranceExit
 from adaptive_depth.engine import AdaptiveInferenceEngine
-from tests.conftest import FAMILIES, tiny_model
-from tests.test_engine import random_encoder
+from tests.conftest import FAMILIES, random_encoder, tiny_model
 
 FIELDS = ("exit_layer", "layers_run", "layers_skipped", "heads_run", "gates_run", "num_tokens", "macs_exact",
           "macs_paper", "full_macs_exact", "full_macs_paper")
