@@ -14,7 +14,8 @@ from adaptive_depth.certificate import Certificate
 from adaptive_depth.metrics import task_metric
 from adaptive_depth.predict import main as predict_main
 from tests.conftest import requires_minilm
-from tests.test_pipeline import PAIRS, SENTENCES, tiny_encoder
+from tests.conftest import tiny_minilm_encoder
+from tests.test_pipeline import PAIRS, SENTENCES
 
 pytestmark = requires_minilm  # the tokenizer of the real MiniLM tokenizes the raw texts
 
@@ -25,7 +26,7 @@ LABELS = [0, 1, 1, 0, 1, 0]
 @pytest.fixture(scope="module")
 def pair_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pair model that says it reads pairs and that its task's metric is F1."""
-    encoder, tokenizer = tiny_encoder()
+    encoder, tokenizer = tiny_minilm_encoder()
     config = encoder.adaptive_config
     config.label_names, config.threshold, config.text_pair, config.metric = NAMES, 0.5, True, "f1"
     return encoder.save_pretrained(tmp_path_factory.mktemp("models") / "pair", tokenizer=tokenizer)

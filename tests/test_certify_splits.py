@@ -13,7 +13,7 @@ from adaptive_depth import AdaptivePipeline
 from adaptive_depth.certify import certify_threshold
 from benchmarks import certify_splits
 from tests.conftest import requires_minilm
-from tests.test_pipeline import tiny_encoder
+from tests.conftest import tiny_minilm_encoder
 
 pytestmark = [requires_minilm, pytest.mark.usefixtures("one_thread")]
 
@@ -29,7 +29,7 @@ def random_texts(count: int, seed: int) -> list[str]:
 @pytest.fixture(scope="module")
 def model_and_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("splits")
-    encoder, tokenizer = tiny_encoder()
+    encoder, tokenizer = tiny_minilm_encoder()
     encoder.adaptive_config.mode = "exit_only"  # no gate: the safest threshold agrees with full depth
     model = encoder.save_pretrained(folder / "model", tokenizer=tokenizer)
     texts, pairs = random_texts(240, 1), random_texts(240, 2)

