@@ -93,7 +93,7 @@ def skip_reward(gate_probs: Tensor, weight: float, eps: float = 1e-6) -> Tensor:
     """The "sloth of skipping" term of paper eq. 3: ``lambda / sum_i g_i``, batch mean.
 
     It falls as gates open and falls fastest when few are open: it rewards the first skips
-    most, which on small models can push most layers to be skipped (see ``docs/results.md``).
+    most, which on small models can push most layers to be skipped (see ``docs/lab/``).
 
     Args:
         gate_probs: ``[B, L]`` soft skip probabilities.

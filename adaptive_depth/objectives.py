@@ -77,7 +77,7 @@ class SkipReward:
     """The paper's skip term (eq. 3): ``weight / sum_i g_i``, batch mean.
 
     It falls fastest when few gates are open, so it rewards the first skips most; on small models
-    it can push most layers to be skipped (``docs/results.md``).
+    it can push most layers to be skipped (``docs/lab/``).
 
     Args:
         weight: ``lambda`` (0.04 in the official RTE run).
