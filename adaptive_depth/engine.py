@@ -32,10 +32,11 @@ from adaptive_depth.config import check_gate_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, ExitCriterion, predictions_from_logits
 from adaptive_depth.flops import Convention, EncoderCost, encoder_cost
+from adaptive_depth.head_trace import HeadTrace, record_heads
 from adaptive_depth.loop import EngineMode, LoopTrace, StepRows, skip_exit_loop
 from adaptive_depth.streaming import stream_batches
 
-__all__ = ["AdaptiveInferenceEngine", "EngineMode", "EngineOutput", "ExitTrace", "LoopTrace", "StepRows",
+__all__ = ["AdaptiveInferenceEngine", "EngineMode", "EngineOutput", "ExitTrace", "HeadTrace", "LoopTrace", "StepRows",
            "skip_exit_loop"]
 
 @dataclass
@@ -241,6 +242,38 @@ class AdaptiveInferenceEngine:
         """
         return stream_batches(self, batches, max_rows)
 
+    @torch.inference_mode()
+    def trace_heads(
+        self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **model_inputs: Any
+    ) -> HeadTrace:
+        """Run the batch with no row exiting and record every exit head's logits at every step it ran.
+
+        The gates skip as in :meth:`__call__` (they do not depend on the exit threshold), and each
+        head runs where it would run before any exit, so the :class:`HeadTrace` holds everything any
+        exit threshold of this engine's criterion family would decide from: replay it with
+        :func:`adaptive_depth.replay.replay_exits` instead of running the engine once per threshold.
+        The engine's own criterion is not used.
+
+        Args:
+            input_ids, attention_mask, **model_inputs: as :meth:`__call__`.
+
+        Raises:
+            ValueError: invalid inputs (as :meth:`__call__`), or a mode without exits (``"full"``,
+                ``"skip_only"``: they answer at the last step, and a plain call gives that answer).
+            FloatingPointError: an exit head gave NaN or infinite logits.
+
+        Example:
+            >>> from transformers import BertConfig, BertModel
+            >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3,
+            ...                             num_attention_heads=4, intermediate_size=37))
+            >>> engine = AdaptiveInferenceEngine(AdaptiveEncoder(bert, num_labels=2).eval(), mode="exit_only")
+            >>> trace = engine.trace_heads(torch.randint(0, 99, (4, 6)))
+            >>> tuple(trace.head_logits.shape), bool(trace.heads_run.all())
+            ((4, 3, 2), True)
+        """
+        runner, token_mask = self._prepare(input_ids, attention_mask, model_inputs)
+        return record_heads(self, runner, token_mask)
+
     def _prepare(self, input_ids: Tensor | None, attention_mask: Tensor | None,
                  model_inputs: dict[str, Any]) -> tuple[LayerRunner, Tensor]:
         """Check and embed one batch: the layer runner and the ``[B, N]`` bool token mask."""
@@ -313,14 +346,31 @@ class AdaptiveInferenceEngine:
             row = [exact.sample_macs(*flags), paper.sample_macs(*flags), exact.full_depth_macs(),
                    paper.full_depth_macs()]
             return torch.tensor([row], dtype=torch.long, device=lengths.device)
-        distinct, index = lengths_cpu.unique(return_inverse=True)
-        exact_tables = torch.stack([self._cost_table(int(n), "exact") for n in distinct])[index]  # [B, 4, L]
-        paper_table = self._cost_table(padded_length, "paper")  # [4, L], one length for every row
-        ran = torch.stack([torch.ones_like(layers_run), layers_run, gates_run, heads_run], dim=1).cpu()
+        exact_tables, paper_table, ran = self._row_tables(lengths_cpu, padded_length, layers_run, gates_run, heads_run)
         full = self._full_depth_mask()
         columns = [(exact_tables * ran).sum((1, 2)), (paper_table * ran).sum((1, 2)),
                    (exact_tables * full).sum((1, 2)), (paper_table * full).sum().expand(len(lengths_cpu))]
         return torch.stack(columns, dim=1).to(lengths.device)
+
+    def _step_macs(
+        self, lengths: Tensor, padded_length: int, layers_run: Tensor, gates_run: Tensor, heads_run: Tensor
+    ) -> Tensor:
+        """``[B, 2, L]`` int64 MACs (exact, paper) of what ran up to and including each step: what a
+        row that stops after step ``i`` costs (column ``L - 1``: :meth:`_trace_macs`' first two)."""
+        exact_tables, paper_table, ran = self._row_tables(lengths.cpu(), padded_length, layers_run, gates_run,
+                                                          heads_run)
+        per_step = torch.stack([(exact_tables * ran).sum(1), (paper_table * ran).sum(1)], dim=1)
+        return per_step.cumsum(dim=-1).to(lengths.device)
+
+    def _row_tables(self, lengths_cpu: Tensor, padded_length: int, layers_run: Tensor, gates_run: Tensor,
+                    heads_run: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, 4, L]`` exact cost tables (each row's length), the ``[4, L]`` paper table and the
+        ``[B, 4, L]`` bool record of what ran, in the order of :meth:`_cost_table`'s rows."""
+        distinct, index = lengths_cpu.unique(return_inverse=True)
+        exact_tables = torch.stack([self._cost_table(int(n), "exact") for n in distinct])[index]  # [B, 4, L]
+        paper_table = self._cost_table(padded_length, "paper")  # [4, L], one length for every row
+        ran = torch.stack([torch.ones_like(layers_run), layers_run, gates_run, heads_run], dim=1).cpu()
+        return exact_tables, paper_table, ran
 
     def _full_depth_mask(self) -> Tensor:
         """``[4, L]`` bool: what full depth runs (the embedding, every layer, the last head; no gate)."""

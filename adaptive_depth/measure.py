@@ -2,9 +2,11 @@
 
 :func:`measure_rows` runs an engine over batches and keeps each row's prediction and MACs
 (:class:`RowResults`); :meth:`RowResults.relative_cost` is the one definition of relative cost
-(total MACs over total full-depth MACs of the same rows). :func:`threshold_at_fraction` and
-:func:`patience_grid` order each criterion's thresholds from the safest (never exits early)
-to the most aggressive (exits at the first head that runs).
+(total MACs over total full-depth MACs of the same rows). :func:`record_rows` runs the engine
+once with no exit, and :func:`replay_rows` gives from that record the :class:`RowResults` of any
+exit threshold without running the model again (:mod:`adaptive_depth.replay`).
+:func:`threshold_at_fraction` and :func:`patience_grid` order each criterion's thresholds from
+the safest (never exits early) to the most aggressive (exits at the first head that runs).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.engine import AdaptiveInferenceEngine, EngineOutput
+from adaptive_depth.exits import ExitCriterion, predictions_from_logits
+from adaptive_depth.head_trace import HeadTrace
+from adaptive_depth.replay import replay_exits
 
 __all__ = ["RowResults", "batch_labels", "check_budget", "check_convention", "measure_rows", "patience_grid",
-           "threshold_at_fraction"]
+           "record_rows", "reference_predictions", "replay_rows", "threshold_at_fraction"]
 
 
 @dataclass
@@ -50,17 +55,52 @@ class RowResults:
             macs, full = macs[rows], full[rows]
         return float(macs.double().sum() / full.double().sum())
 
+    @classmethod
+    def from_outputs(cls, outputs: Sequence[EngineOutput]) -> RowResults:
+        """The rows of engine outputs (or replays of them), in order, on the CPU."""
+        columns = [(out.predictions, out.macs_exact, out.macs_paper, out.full_macs_exact, out.full_macs_paper,
+                    out.layers_run.sum(dim=-1)) for out in outputs]
+        return cls(*(torch.cat([value.cpu() for value in column]) for column in zip(*columns)))
+
+
+def _inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model inputs of a batch (``labels`` left out)."""
+    return {key: value for key, value in batch.items() if key != "labels"}
+
 
 def measure_rows(engine: AdaptiveInferenceEngine, batches: Sequence[Mapping[str, Tensor]]) -> RowResults:
     """Run ``engine`` on every batch (``labels`` and other non-inputs are left out) and keep
     each row's prediction and MACs (:class:`RowResults`)."""
-    outs = []
-    for batch in batches:
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        out = engine(**inputs)
-        outs.append((out.predictions.cpu(), out.macs_exact.cpu(), out.macs_paper.cpu(), out.full_macs_exact.cpu(),
-                     out.full_macs_paper.cpu(), out.layers_run.sum(dim=-1).cpu()))
-    return RowResults(*(torch.cat(column) for column in zip(*outs)))
+    return RowResults.from_outputs([engine(**_inputs(batch)) for batch in batches])
+
+
+def record_rows(engine: AdaptiveInferenceEngine, batches: Sequence[Mapping[str, Tensor]]) -> HeadTrace:
+    """One pass of ``engine`` over every batch with no row exiting
+    (:meth:`~adaptive_depth.engine.AdaptiveInferenceEngine.trace_heads`), as one :class:`HeadTrace`
+    (on the engine's device) that :func:`replay_rows` turns into any threshold's results."""
+    return HeadTrace.cat([engine.trace_heads(**_inputs(batch)) for batch in batches])
+
+
+def replay_rows(trace: HeadTrace, criterion: ExitCriterion) -> RowResults:
+    """What :func:`measure_rows` gives for an engine of ``criterion`` (the recorded engine's mode,
+    gate threshold and padded length), replayed from ``trace`` (see :mod:`adaptive_depth.replay`)."""
+    return RowResults.from_outputs([replay_exits(trace, criterion)])
+
+
+def reference_predictions(engine: AdaptiveInferenceEngine, batches: Sequence[Mapping[str, Tensor]],
+                          trace: HeadTrace) -> Tensor:
+    """The ``[R]`` full-depth predictions of the rows ``trace`` recorded from ``batches`` (CPU).
+
+    When every layer ran for every row in the recorded pass (``exit_only``, or gates that never
+    skipped), its last head read exactly what full depth reads, computed on the same rows: its
+    answers are the full-depth ones, with no second pass. Otherwise one pass of ``engine`` in
+    mode ``"full"`` (same padded length) gives them.
+    """
+    if bool(trace.layers_run.all()):
+        return predictions_from_logits(trace.head_logits[:, -1]).cpu()
+    full = AdaptiveInferenceEngine(engine.encoder, engine.criterion, engine.gate_threshold, "full",
+                                   engine.padded_length)
+    return measure_rows(full, batches).predictions
 
 
 def check_budget(max_relative_cost: float) -> float:
