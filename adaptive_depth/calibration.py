@@ -4,11 +4,14 @@ The exit criteria are monotone in their threshold: a larger entropy threshold (o
 max-probability threshold, a smaller patience, or a larger regression tolerance) lets every
 row leave at the same layer or earlier, and the gates' decisions do not depend on the threshold,
 so the cost only falls.
-:func:`calibrate_threshold` therefore bisects: it runs the real engine on the data at each
+:func:`calibrate_threshold` therefore bisects: it measures the engine on the data at each
 candidate and returns the least aggressive threshold whose measured relative cost (total MACs
-over total full-depth MACs of the same rows) is within the budget. It is a point estimate on
-those rows; :func:`adaptive_depth.certify.certify_threshold` instead bounds, with a stated
-probability, how often the early answers differ from the full-depth ones on new rows. Calibrate on data held out from training, never on the set you report.
+over total full-depth MACs of the same rows) is within the budget. The engine runs once, with
+no row exiting, and every candidate is replayed from that record (:mod:`adaptive_depth.replay`:
+the same exits, answers and MACs as the engine at that threshold, up to float rounding). It is
+a point estimate on those rows; :func:`adaptive_depth.certify.certify_threshold` instead bounds,
+with a stated probability, how often the early answers differ from the full-depth ones on new
+rows. Calibrate on data held out from training, never on the set you report.
 
 With skip gates there is a second knob: the gate threshold (skip a layer when
 ``p_skip >= gate_threshold``). :func:`calibrate_operating_point` calibrates the exit threshold at
@@ -30,13 +33,15 @@ from adaptive_depth.config import check_gate_threshold, criterion_from_name, cri
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.exits import ExitCriterion
+from adaptive_depth.head_trace import HeadTrace
 from adaptive_depth.measure import (
     RowResults,
     batch_labels,
     check_budget,
     check_convention,
-    measure_rows,
     patience_grid,
+    record_rows,
+    replay_rows,
     threshold_at_fraction,
 )
 
@@ -138,7 +143,7 @@ def calibrate_threshold(
             default accuracy for classification with labels, none for regression.
         tolerance: stop bisecting a continuous threshold when the bracket is this narrow (a
             fraction of the threshold's range, in ``(0, 1)``).
-        progress: show a progress bar over the engine passes (needs tqdm).
+        progress: show a progress bar over the thresholds measured (needs tqdm).
 
     Returns:
         :class:`Calibration`.
@@ -184,16 +189,17 @@ def calibrate_threshold(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"calibrating {name} to {max_relative_cost:.0%} cost", unit="pass")
+        bar = tqdm(desc=f"calibrating {name} to {max_relative_cost:.0%} cost", unit="threshold")
     evaluations: list[tuple[float, float]] = []
     cache: dict[float, RowResults] = {}
+    recorded: HeadTrace | None = None  # the one engine pass, made at the first candidate
 
     def measure(threshold: float) -> RowResults:
+        nonlocal recorded
         if threshold not in cache:
-            criterion = criterion_with_threshold(template.criterion, threshold)
-            runner = AdaptiveInferenceEngine(template.encoder, criterion, template.gate_threshold, template.mode,
-                                             template.padded_length)
-            cache[threshold] = measure_rows(runner, batches)
+            if recorded is None:
+                recorded = record_rows(template, batches)
+            cache[threshold] = replay_rows(recorded, criterion_with_threshold(template.criterion, threshold))
             cost = cache[threshold].relative_cost(convention)
             evaluations.append((threshold, cost))
             if bar is not None:

@@ -44,8 +44,10 @@ from adaptive_depth.measure import (
     batch_labels,
     check_budget,
     check_convention,
-    measure_rows,
     patience_grid,
+    record_rows,
+    reference_predictions,
+    replay_rows,
     threshold_at_fraction,
 )
 from adaptive_depth.pvalues import binomial_p_value, check_risk_level, hoeffding_bentkus_p_value, upper_confidence_bound
@@ -190,8 +192,18 @@ def certify_threshold(
 ) -> Certificate:
     """The cheapest exit threshold whose risk is certified at ``max_risk`` with probability ``1 - delta``.
 
-    See the module docstring for the guarantee and the test. The engine runs once at full depth
-    (mode ``"full"``: the reference answers) and once per grid point tested, on the same rows.
+    See the module docstring for the guarantee and the test. The engine runs once on the rows
+    with no row exiting, recording every exit head's logits
+    (:meth:`~adaptive_depth.engine.AdaptiveInferenceEngine.trace_heads`); each grid point tested
+    is then replayed from that record (:mod:`adaptive_depth.replay`), not run again. A
+    second pass at full depth (mode ``"full"``) gives the reference answers, unless every layer
+    ran for every row in the first (``exit_only``), whose last head then is full depth.
+
+    The certificate is about the engine's behaviour at the chosen threshold. A replay equals the
+    engine at that threshold up to the float rounding of batched matmuls (the record runs each
+    layer on more rows than the engine at a threshold does, which may change a logit in its last
+    bit): only a row whose exit score lies within that rounding of a threshold can decide
+    differently (``tests/test_replay.py`` checks equal decisions, predictions and MACs).
 
     Args:
         engine_or_model: an engine (its criterion type and options, mode, gate threshold and
@@ -213,7 +225,7 @@ def certify_threshold(
         convention: FLOPs convention of costs (``"exact"`` or ``"paper"``). Relative cost is total
             MACs over total full-depth MACs of the calibration rows.
         tolerance: for ``"moved"`` only, in score units, ``> 0`` and finite.
-        progress: show a progress bar over the engine passes (needs tqdm).
+        progress: show a progress bar over the engine passes (one or two; needs tqdm).
 
     Returns:
         :class:`~adaptive_depth.certificate.Certificate`.
@@ -254,23 +266,19 @@ def certify_threshold(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(grid) + 1, desc=f"certifying {risk} <= {max_risk:g}", unit="pass")
+        bar = tqdm(total=2, desc=f"certifying {risk} <= {max_risk:g}", unit="pass")
     cache: dict[int, RowResults] = {}
     try:
-        full_engine = AdaptiveInferenceEngine(template.encoder, template.criterion, template.gate_threshold, "full",
-                                              template.padded_length)
-        reference = measure_rows(full_engine, batches).predictions
+        recorded = record_rows(template, batches)  # one pass, no row exits: every threshold replays from it
+        if bar is not None:
+            bar.update(1)
+        reference = reference_predictions(template, batches, recorded)
         if bar is not None:
             bar.update(1)
 
         def rows_at(index: int) -> RowResults:
             if index not in cache:
-                criterion = criterion_with_threshold(template.criterion, grid[index])
-                engine = AdaptiveInferenceEngine(template.encoder, criterion, template.gate_threshold, template.mode,
-                                                 template.padded_length)
-                cache[index] = measure_rows(engine, batches)
-                if bar is not None:
-                    bar.update(1)
+                cache[index] = replay_rows(recorded, criterion_with_threshold(template.criterion, grid[index]))
             return cache[index]
 
         n = len(reference)

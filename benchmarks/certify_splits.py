@@ -1,7 +1,9 @@
 """How often a certified threshold breaks its promise, over random calibration/test splits of real rows.
 
-Given a saved model and labelled rows, the engine runs ONCE at full depth and once per threshold
-of the criterion's grid on all rows (each row's prediction and MACs are cached). Then, for
+Given a saved model and labelled rows, the engine runs ONCE on all rows with no row exiting,
+recording every exit head's logits, and every threshold of the criterion's grid is replayed from
+that record (:mod:`adaptive_depth.replay`; plus one full-depth pass for the reference answers
+when gates skipped layers); each row's prediction and MACs are cached. Then, for
 ``--splits`` seeded random splits (at least 500 for a meaningful rate), the rows are cut into a
 calibration part and a test part, and three rules choose a threshold on the calibration part,
 from the cached results (no engine re-run):
@@ -38,7 +40,7 @@ import torch
 from adaptive_depth.certify import check_risk, default_grid, row_losses, select_threshold
 from adaptive_depth.config import criterion_with_threshold
 from adaptive_depth.engine import AdaptiveInferenceEngine
-from adaptive_depth.measure import batch_labels, measure_rows
+from adaptive_depth.measure import batch_labels, record_rows, reference_predictions, replay_rows
 from adaptive_depth.predict import InputFileError, add_input_arguments, load_rows_and_pipeline
 from adaptive_depth.pvalues import check_risk_level, upper_confidence_bound
 
@@ -65,27 +67,26 @@ class GridResults:
 
 def run_grid(engine: AdaptiveInferenceEngine, batches: list[dict[str, torch.Tensor]], risk: str,
              tolerance: float | None = None, progress: bool = False) -> GridResults:
-    """Run ``engine`` at full depth and at every threshold of its default grid, once each."""
+    """Every threshold of ``engine``'s default grid on ``batches``, from one recorded engine pass
+    replayed per threshold (as ``certify_threshold`` does), plus a full-depth pass when needed."""
     if engine.mode not in ("adaptive", "exit_only"):
         raise ValueError(f"mode {engine.mode!r} never exits early: there is no threshold to certify.")
     labels = check_risk(risk, engine.encoder.num_labels, batch_labels(batches), tolerance)
-    full = measure_rows(AdaptiveInferenceEngine(engine.encoder, engine.criterion, engine.gate_threshold, "full",
-                                                engine.padded_length), batches)
+    recorded = record_rows(engine, batches)
+    reference = reference_predictions(engine, batches, recorded)
     grid = default_grid(engine)
     losses, macs = [], []
     for threshold in grid if not progress else _bar(grid):
-        runner = AdaptiveInferenceEngine(engine.encoder, criterion_with_threshold(engine.criterion, threshold),
-                                         engine.gate_threshold, engine.mode, engine.padded_length)
-        rows = measure_rows(runner, batches)
-        losses.append(row_losses(risk, rows.predictions, full.predictions, labels, tolerance))
+        rows = replay_rows(recorded, criterion_with_threshold(engine.criterion, threshold))
+        losses.append(row_losses(risk, rows.predictions, reference, labels, tolerance))
         macs.append(rows.macs_exact)
-    return GridResults(grid, torch.stack(losses), torch.stack(macs), full.full_macs_exact, risk)
+    return GridResults(grid, torch.stack(losses), torch.stack(macs), recorded.full_macs_exact.cpu(), risk)
 
 
 def _bar(grid: list[float]) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(grid, desc="engine passes", unit="threshold")
+    return tqdm(grid, desc="thresholds replayed", unit="threshold")
 
 
 def draw_split(seed: int, split: int, num_rows: int, calibration_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
