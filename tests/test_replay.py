@@ -19,23 +19,18 @@ from adaptive_depth.head_trace import HeadTrace
 from adaptive_depth.measure import RowResults, batch_labels, measure_rows, record_rows, reference_predictions
 from adaptive_depth.replay import replay_exits
 from benchmarks import certify_splits
-from tests.conftest import FAMILIES, padded_batch, tiny_model
+from tests.conftest import (FAMILIES, THRESHOLD_RESOLUTION, padded_batch, random_encoder, spread_gates_and_heads,
+                            tiny_model)
 
 CRITERIA = ("entropy", "normalized_entropy", "max_prob", "patience", "tolerance")
 
 
-def random_encoder(model_type: str, seed: int, num_labels: int = 3, dtype: torch.dtype = torch.float64,
-                   num_layers: int = 3) -> AdaptiveEncoder:
-    """An encoder whose gates skip some layers for some rows and whose heads are confident and disagree."""
+def any_encoder(model_type: str, seed: int, num_labels: int, dtype: torch.dtype = torch.float32,
+                num_layers: int = 4) -> AdaptiveEncoder:
+    """:func:`tests.conftest.random_encoder` with another number of outputs, dtype or depth."""
     model = tiny_model(model_type, seed=seed, num_layers=num_layers)
     encoder = AdaptiveEncoder(model, num_labels=num_labels, gate_inner_size=16, head_inner_size=16).to(dtype).eval()
-    generator = torch.Generator().manual_seed(seed)
-    for gate in encoder.gates:
-        gate.score.weight.data.normal_(0.0, 2.0, generator=generator)
-        gate.score.bias.data.uniform_(-3.0, 3.0, generator=generator)
-    for head in encoder.exit_heads:
-        head.classifier.weight.data.normal_(0.0, 3.0, generator=generator)
-    return encoder
+    return spread_gates_and_heads(encoder, seed)
 
 
 def make_criterion(name: str, fraction: float, num_steps: int):
@@ -73,7 +68,7 @@ def test_replay_equals_the_engine(model_type, seed, criterion, fractions, mode, 
                                   padded_length) -> None:
     """For every row: the engine at each threshold and one recorded pass replayed at it agree."""
     num_labels = 1 if criterion == "tolerance" else 3
-    encoder = random_encoder(model_type, seed, num_labels=num_labels)
+    encoder = any_encoder(model_type, seed, num_labels, torch.float64, num_layers=3)
     input_ids, attention_mask = padded_batch(batch_size=batch_size, num_tokens=11, seed=seed)
     recorder = AdaptiveInferenceEngine(encoder, gate_threshold=gate_threshold, mode=mode, padded_length=padded_length)
     trace = recorder.trace_heads(input_ids, attention_mask)
@@ -86,7 +81,7 @@ def test_replay_equals_the_engine(model_type, seed, criterion, fractions, mode, 
 def test_the_property_test_sees_skips_and_every_exit_layer() -> None:
     """Guards the test above against degenerate cases: rows skip, rows exit at every layer, heads are NaN where
     they did not run."""
-    encoder = random_encoder("bert", seed=3)
+    encoder = random_encoder("bert", seed=3, num_layers=3)
     input_ids, attention_mask = padded_batch(batch_size=6, num_tokens=11, seed=3)
     trace = AdaptiveInferenceEngine(encoder, gate_threshold=0.5).trace_heads(input_ids, attention_mask)
     assert trace.gates_run.all() and not trace.layers_run.all() and trace.layers_run.any()
@@ -101,7 +96,7 @@ def test_the_property_test_sees_skips_and_every_exit_layer() -> None:
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_float32_replay_decides_as_the_engine(model_type: str) -> None:
     """In float32 too (the batch composition differs, so logits agree within rounding), on longer batches."""
-    encoder = random_encoder(model_type, seed=11, dtype=torch.float32, num_layers=4)
+    encoder = any_encoder(model_type, seed=11, num_labels=3)
     input_ids, attention_mask = padded_batch(batch_size=16, num_tokens=13, seed=11)
     for mode in ("adaptive", "exit_only"):
         trace = AdaptiveInferenceEngine(encoder, mode=mode).trace_heads(input_ids, attention_mask)
@@ -112,7 +107,7 @@ def test_float32_replay_decides_as_the_engine(model_type: str) -> None:
 
 def test_forced_skips_and_forced_exits() -> None:
     """Gates forced to skip (gate threshold 0: no head runs before the last) or to run, heads forced to exit."""
-    encoder = random_encoder("roberta", seed=5)
+    encoder = random_encoder("roberta", seed=5, num_layers=3)
     input_ids, attention_mask = padded_batch(batch_size=5, num_tokens=9, seed=5)
     skip_all = AdaptiveInferenceEngine(encoder, gate_threshold=0.0).trace_heads(input_ids, attention_mask)
     assert not skip_all.layers_run.any() and not skip_all.heads_run[:, :-1].any()
@@ -130,7 +125,7 @@ def test_forced_skips_and_forced_exits() -> None:
 
 
 def test_traces_of_several_batches_concatenate() -> None:
-    encoder = random_encoder("distilbert", seed=7)
+    encoder = random_encoder("distilbert", seed=7, num_layers=3)
     engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.5), padded_length=20)
     batches = [padded_batch(batch_size=4, num_tokens=11, seed=1), padded_batch(batch_size=3, num_tokens=7, seed=2),
                padded_batch(batch_size=1, num_tokens=5, seed=3)]
@@ -142,13 +137,13 @@ def test_traces_of_several_batches_concatenate() -> None:
     assert_same_output(replay_exits(trace, engine.criterion), expected)
     with pytest.raises(ValueError, match="no trace"):
         HeadTrace.cat([])
-    other = AdaptiveInferenceEngine(random_encoder("bert", seed=1, num_labels=2), mode="exit_only")
+    other = AdaptiveInferenceEngine(any_encoder("bert", seed=1, num_labels=2), mode="exit_only")
     with pytest.raises(ValueError, match="different models"):
         HeadTrace.cat([trace, other.trace_heads(*batches[0])])
 
 
 def test_modes_without_exits_are_refused_and_the_trace_checks_inputs() -> None:
-    encoder = random_encoder("bert", seed=0)
+    encoder = random_encoder("bert", seed=0, num_layers=3)
     input_ids, attention_mask = padded_batch()
     trace = AdaptiveInferenceEngine(encoder).trace_heads(input_ids, attention_mask)
     with pytest.raises(TypeError, match="must be an ExitCriterion"):
@@ -191,7 +186,7 @@ def full_depth(template: AdaptiveInferenceEngine, batches: list[dict[str, torch.
 @pytest.mark.parametrize("mode", ["adaptive", "exit_only"])
 def test_the_reference_answers_are_full_depth(mode: str, one_thread: None) -> None:
     """From the record in exit_only (every layer ran), from a full pass when gates skipped: full depth's answers."""
-    encoder = random_encoder("bert", seed=4, dtype=torch.float32)
+    encoder = any_encoder("bert", seed=4, num_labels=3, num_layers=3)
     template = AdaptiveInferenceEngine(encoder, EntropyExit(0.3), mode=mode)
     batches = batches_of(64, seed=4)
     recorded = record_rows(template, batches)
@@ -213,7 +208,7 @@ def test_certify_tests_and_chooses_what_engine_passes_give(model_type, criterion
     """certify_threshold (one recorded pass, replayed) tests the same grid points with the same risks, p-values and
     costs, and certifies the same threshold (or refuses alike), as one engine pass per threshold."""
     num_labels = 1 if risk == "moved" else 3
-    encoder = random_encoder(model_type, seed=6, num_labels=num_labels, dtype=torch.float32, num_layers=4)
+    encoder = any_encoder(model_type, seed=6, num_labels=num_labels)
     template = AdaptiveInferenceEngine(encoder, criterion, mode=mode, padded_length=16)
     batches = batches_of(160, seed=6, labels=num_labels if risk == "error_gap" else 0)
     grid = default_grid(template, points=8)
@@ -253,7 +248,7 @@ def test_certify_tests_and_chooses_what_engine_passes_give(model_type, criterion
                                                          ("roberta", PatienceExit(1), "error_gap")])
 def test_the_split_benchmark_grid_is_what_engine_passes_give(model_type, criterion, risk, one_thread: None) -> None:
     """benchmarks.certify_splits.run_grid: every grid threshold's per-row losses and MACs equal an engine pass's."""
-    encoder = random_encoder(model_type, seed=9, dtype=torch.float32)
+    encoder = any_encoder(model_type, seed=9, num_labels=3, num_layers=3)
     template = AdaptiveInferenceEngine(encoder, criterion)
     batches = batches_of(48, seed=9, labels=3)
     grid = certify_splits.run_grid(template, batches, risk)
@@ -281,7 +276,7 @@ def test_calibration_bisects_to_the_same_threshold_with_and_without_replay(model
     """calibrate_threshold (replays of one pass) probes the same thresholds, measures the same MACs at each and
     picks the same threshold and cost as the bisection over one engine pass per threshold."""
     num_labels = 1 if isinstance(criterion, ToleranceExit) else 3
-    encoder = random_encoder(model_type, seed=8, num_labels=num_labels, dtype=torch.float32, num_layers=4)
+    encoder = any_encoder(model_type, seed=8, num_labels=num_labels)
     template = AdaptiveInferenceEngine(encoder, criterion, gate_threshold, mode, padded_length=16)
     batches = batches_of(64, seed=8, labels=0 if num_labels == 1 else num_labels)
     engine_rows: dict[float, RowResults] = {}
@@ -293,7 +288,7 @@ def test_calibration_bisects_to_the_same_threshold_with_and_without_replay(model
 
     name = criterion_spec(criterion)[0]
     try:
-        expected = _search(name, template, measure, "exact", budget, 1e-3)
+        expected = _search(name, template, measure, "exact", budget, THRESHOLD_RESOLUTION)  # its default
     except ValueError as error:
         with pytest.raises(ValueError, match=re.escape(str(error))):
             calibrate_threshold(template, batches, budget)
