@@ -29,6 +29,7 @@ CLASSIFICATION = ("mrpc", "cola", "sst2", "rte")
 REGRESSION = ("stsb",)
 CPU = "2-core AMD EPYC CPU (no GPU), torch 2.13.0+cpu, 2 threads"
 D23, D29, D30 = "2026-11-23", "2026-11-29", "2026-11-30"
+D_ABL = "2026-12-03"  # the contrastive ablation
 
 # Every row of the per-task tables: (key, label, kind, globs under benchmarks/results with {task}, the method's
 # name in the JSON, the tasks it belongs to, machine, days). A glob that matches nothing shows "not run".
@@ -46,7 +47,7 @@ SOURCES = [
            ("issue13/gates_off/calibrated-gates-off-{task}-seed*.json",), "smartbert_gates_off", CLASSIFICATION,
            CPU, (D30,)),
     Source("no_contrastive", "SmartBERT, budget objective, no contrastive loss (eta1 = eta2 = 0)", "calibrated",
-           ("ablation/contrastive/{task}-seed*/calibrated-{task}.json",), "smartbert", CLASSIFICATION),
+           ("ablation/contrastive/{task}-seed*/calibrated-{task}.json",), "smartbert", CLASSIFICATION, CPU, (D_ABL,)),
     Source("deebert", "DeeBERT", "calibrated", ("baselines/{task}-seed*/calibrated-{task}.json",), "deebert",
            CLASSIFICATION),
     Source("pabee", "PABEE", "calibrated", ("baselines/{task}-seed*/calibrated-{task}.json",), "pabee",
