@@ -18,45 +18,40 @@ from adaptive_depth.backbones import UnsupportedModelError
 __all__ = ["EXPORT_EMBEDDINGS", "EmbeddingStep", "GateStep", "HeadStep", "LayerStep", "layer_attention_mask"]
 
 
-def _embed_with_token_types(base_model: nn.Module, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-    return base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+def _no_projection(base_model: nn.Module) -> nn.Module | None:
+    return None
 
 
-def _embed_electra(base_model: nn.Module, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-    hidden = base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-    project = getattr(base_model, "embeddings_project", None)  # only when embedding_size != hidden_size
-    return project(hidden) if project is not None else hidden
+def _electra_projection(base_model: nn.Module) -> nn.Module | None:
+    return getattr(base_model, "embeddings_project", None)  # only when embedding_size != hidden_size
 
 
-def _embed_albert(base_model: nn.Module, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-    hidden = base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-    return base_model.encoder.embedding_hidden_mapping_in(hidden)
+def _albert_projection(base_model: nn.Module) -> nn.Module | None:
+    return base_model.encoder.embedding_hidden_mapping_in
 
 
-def _embed_distilbert(base_model: nn.Module, input_ids: Tensor) -> Tensor:
-    # DistilBERT and MPNet: no token types.
-    return base_model.embeddings(input_ids)
-
-
-# How each family turns ids into what its first layer receives, and whether it takes token types.
+# Per family: the Linear that maps the embeddings to the first layer's width (if any), and whether
+# the embeddings take token types (DistilBERT and MPNet do not).
 # (The layer list and layer calls are in adaptive_depth.backbones.BACKBONES.)
-EXPORT_EMBEDDINGS: dict[str, tuple[Callable[..., Tensor], bool]] = {
-    "bert": (_embed_with_token_types, True),
-    "roberta": (_embed_with_token_types, True),
-    "xlm-roberta": (_embed_with_token_types, True),
-    "camembert": (_embed_with_token_types, True),
-    "mpnet": (_embed_distilbert, False),
-    "electra": (_embed_electra, True),
-    "albert": (_embed_albert, True),
-    "distilbert": (_embed_distilbert, False),
+EXPORT_EMBEDDINGS: dict[str, tuple[Callable[[nn.Module], nn.Module | None], bool]] = {
+    "bert": (_no_projection, True),
+    "roberta": (_no_projection, True),
+    "xlm-roberta": (_no_projection, True),
+    "camembert": (_no_projection, True),
+    "mpnet": (_no_projection, False),
+    "electra": (_electra_projection, True),
+    "albert": (_albert_projection, True),
+    "distilbert": (_no_projection, False),
 }
 
 
 class EmbeddingStep(nn.Module):
     """``(input_ids [R, N], token_type_ids [R, N]) -> [R, N, H]``, the first layer's input.
 
-    DistilBERT's step takes ``input_ids`` only. Position ids are the model's defaults
-    (``0..N-1``; RoBERTa derives them from the padding in ``input_ids``), as in the model's forward.
+    Holds only the model's embeddings (and ELECTRA's or ALBERT's projection), so the exported
+    graph carries none of the layers' weights. DistilBERT's and MPNet's step takes ``input_ids``
+    only. Position ids are the model's defaults (``0..N-1``; RoBERTa and MPNet derive them from the
+    padding in ``input_ids``), as in the model's forward.
     """
 
     def __init__(self, base_model: nn.Module) -> None:
@@ -66,31 +61,36 @@ class EmbeddingStep(nn.Module):
             raise UnsupportedModelError(
                 f"exporting model_type {model_type!r} is not supported; supported: {', '.join(sorted(EXPORT_EMBEDDINGS))}."
             )
-        self.base_model = base_model
-        self._embed, self.takes_token_types = EXPORT_EMBEDDINGS[model_type]
+        projection, self.takes_token_types = EXPORT_EMBEDDINGS[model_type]
+        self.embeddings = base_model.embeddings
+        self.projection = projection(base_model)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         if self.takes_token_types:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
-            return self._embed(self.base_model, input_ids, token_type_ids)
-        return self._embed(self.base_model, input_ids)
+            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        else:
+            hidden = self.embeddings(input_ids)
+        return self.projection(hidden) if self.projection is not None else hidden
 
 
 def layer_attention_mask(attention_mask: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
-    """The ``[R, 1, N, N]`` mask a transformers 5.x layer receives, from a ``[R, N]`` token mask.
+    """The ``[R, 1, 1, N]`` mask a transformers 5.x layer broadcasts over its queries, from a ``[R, N]`` token mask.
 
-    ``masking_utils.create_bidirectional_mask`` gives a bool mask (True = attend) for sdpa and an
-    additive mask (0 to attend, the dtype's minimum for padding keys) for eager attention. (It
-    gives ``None`` for a batch without padding; an all-True mask computes the same attention.)
+    ``masking_utils.create_bidirectional_mask`` gives a ``[R, 1, N, N]`` bool mask (True = attend)
+    for sdpa and an additive one (0 to attend, the dtype's minimum for padding keys) for eager
+    attention; in an encoder every query row of it is the same, so the ``[R, 1, 1, N]`` row
+    broadcast over the queries computes the same attention with ``N`` times fewer mask elements
+    to build and convert per call. (transformers gives ``None`` for a batch without padding; an
+    all-True mask computes the same attention.)
 
     Args:
         attention_mask: ``[R, N]``, 1 (or True) for tokens, 0 for padding.
         attn_implementation: ``"sdpa"`` or ``"eager"``.
         dtype: the model's floating dtype (for the eager additive mask).
     """
-    rows, length = attention_mask.shape
-    keys = attention_mask.bool()[:, None, None, :].expand(rows, 1, length, length)
+    keys = attention_mask.bool()[:, None, None, :]
     if attn_implementation == "sdpa":
         return keys
     if attn_implementation == "eager":
