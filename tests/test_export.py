@@ -13,6 +13,7 @@ import torch
 from adaptive_depth import AdaptiveEncoder, EntropyExit, PatienceExit
 from adaptive_depth import export as export_module
 from adaptive_depth.backbones import LayerRunner, UnsupportedModelError
+from adaptive_depth.config import criterion_spec
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.export import export_engine
 from adaptive_depth.export_runtime import ExportedEngine
@@ -80,7 +81,7 @@ def test_modes_and_a_stateful_criterion_round_trip(tmp_path: Path) -> None:
     for mode, criterion in (("skip_only", EntropyExit(0.3)), ("exit_only", PatienceExit(1)), ("full", EntropyExit(0.3))):
         folder = export_engine(encoder, tmp_path / mode, "torch-export", criterion=criterion, mode=mode)
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest["mode"] == mode and manifest["criterion"]["type"] == type(criterion).__name__
+        assert manifest["mode"] == mode and manifest["criterion"]["name"] == criterion_spec(criterion)[0]
         assert (len(manifest["gates"]) > 0) == (mode == "skip_only")
         eager = AdaptiveInferenceEngine(encoder, criterion, mode=mode)
         assert_same_run(eager(input_ids, attention_mask), ExportedEngine(folder)(input_ids, attention_mask))
@@ -138,15 +139,18 @@ def test_exported_engine_equals_the_eager_engine_on_real_mrpc_rows(
     assert_same_run(eager(**first), exported(**first))  # batch size 1, no padding
 
 
-def test_every_exportable_criterion_round_trips_through_the_manifest() -> None:
+def test_every_built_in_criterion_round_trips_through_the_manifest() -> None:
+    """The manifest stores a criterion as adaptive_depth.config names it (one serialisation)."""
     from adaptive_depth import MaxProbExit, ToleranceExit
-    from adaptive_depth.export import CRITERIA, criterion_from_dict, criterion_to_dict
+    from adaptive_depth.export_files import criterion_from_record, criterion_record
 
-    examples = [EntropyExit(0.3, normalized=True), MaxProbExit(0.8), PatienceExit(2, regression_tolerance=0.05),
-                ToleranceExit(0.25, patience=2)]
-    assert {type(example).__name__ for example in examples} == set(CRITERIA)
+    examples = [EntropyExit(0.3), EntropyExit(0.3, normalized=True), MaxProbExit(0.8),
+                PatienceExit(2, regression_tolerance=0.05), ToleranceExit(0.25, patience=2)]
     for example in examples:
-        assert criterion_from_dict(json.loads(json.dumps(criterion_to_dict(example)))) == example
+        record = json.loads(json.dumps(criterion_record(example)))
+        assert set(record) == {"name", "threshold", "options"}
+        assert list(criterion_spec(example)) == [record["name"], record["threshold"], record["options"]]
+        assert criterion_from_record(record) == example
 
 
 def test_bad_exports_fail_with_a_hint(tmp_path: Path) -> None:
@@ -194,7 +198,7 @@ def test_cli_exports_the_saved_operating_point(tmp_path: Path, capsys) -> None:
     assert export_module.main([str(saved), str(out_dir), "--format", "torch-export"]) == 0
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["gate_threshold"] == 0.6
-    assert manifest["criterion"] == {"type": "EntropyExit", "threshold": 0.45, "normalized": False}
+    assert manifest["criterion"] == {"name": "entropy", "threshold": 0.45, "options": {}}
     assert export_module.main([str(saved), str(out_dir), "--format", "torch-export"]) == 2
     assert "already exists" in capsys.readouterr().err
     # A saved criterion's other fields survive a --threshold override; another --criterion has its defaults.
@@ -203,11 +207,11 @@ def test_cli_exports_the_saved_operating_point(tmp_path: Path, capsys) -> None:
     assert export_module.main([str(patience_model), str(tmp_path / "p1"), "--format", "torch-export",
                                "--threshold", "2"]) == 0
     assert json.loads((tmp_path / "p1" / "manifest.json").read_text())["criterion"] == {
-        "type": "PatienceExit", "patience": 2, "regression_tolerance": 0.25}
+        "name": "patience", "threshold": 2.0, "options": {"regression_tolerance": 0.25}}
     assert export_module.main([str(patience_model), str(tmp_path / "p2"), "--format", "torch-export",
                                "--criterion", "max_prob", "--threshold", "0.9"]) == 0
     assert json.loads((tmp_path / "p2" / "manifest.json").read_text())["criterion"] == {
-        "type": "MaxProbExit", "threshold": 0.9}
+        "name": "max_prob", "threshold": 0.9, "options": {}}
     with pytest.raises(SystemExit) as exited:
         export_module.main([str(saved), str(tmp_path / "x"), "--format", "tflite"])
     assert exited.value.code == 2
