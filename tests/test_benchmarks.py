@@ -16,19 +16,14 @@ from tests.conftest import requires_glue, requires_minilm
 @requires_minilm
 @requires_glue
 def test_engine_latency_writes_its_table(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    try:
-        output = tmp_path / "latency.json"
-        engine_latency.main(["--task", "mrpc", "--samples", "4", "--repeats", "1", "--batch-sizes", "2",
-                             "--thresholds", "0.3", "0.6", "--threads", "1", "--output", str(output)])
-    finally:
-        torch.set_num_threads(threads)
+    output = tmp_path / "latency.json"
+    assert engine_latency.main(["--task", "mrpc", "--samples", "4", "--repeats", "1", "--batch-sizes", "2",
+                                "--thresholds", "0.3", "0.6", "--threads", "1", "--runtimes", "eager",
+                                "--output", str(output)]) == 0
     result = json.loads(output.read_text())
     settings = [(row["setting"], row["batch_size"]) for row in result["rows"]]
     assert settings[:4] == [("plain HF model", 1), ("full", 1), ("skip_only", 1), ("entropy S=0.3", 1)]
-    assert (("onnxruntime full", 1) in settings) == engine_latency.onnx_runtime_available()
     assert ("plain HF model", 2) in settings and result["trained"] is False
-    assert result["machine"]["torch_threads"] == 1
     plain = {row["batch_size"]: row for row in result["rows"] if row["setting"] == "plain HF model"}
     for row in result["rows"]:
         assert row["mean_macs_exact"] > 0 and row["ms_per_sample"] > 0
@@ -42,6 +37,42 @@ def test_engine_latency_writes_its_table(tmp_path: Path) -> None:
     assert full["flops_speedup"] < 1.0  # the exit head is wider than the plain classifier
 
 
+def test_engine_latency_smoke_times_every_runtime_and_checks_their_decisions(tmp_path: Path, capsys) -> None:
+    """--smoke: a tiny random model, every runtime and mode, one interleaved run, decisions checked."""
+    output = tmp_path / "smoke.json"
+    runtimes = ["eager", "torch-export"] + (["onnx"] if engine_latency.onnx_runtime_available() else [])
+    assert engine_latency.main(["--smoke", "--runtimes", *runtimes, "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert result["command"].startswith("python -m benchmarks.engine_latency --smoke")
+    assert {"date", "device", "cpu", "torch", "onnxruntime", "transformers"} <= set(result["machine"])
+    assert result["runtimes"] == runtimes and result["threads"] == [1]
+    rows = {(row["runtime"], row["setting"], row["batch_size"]): row for row in result["rows"]}
+    for batch_size, exits in ((1, ["0.1", "0.3", "0.5", "0.6"]), (32, ["0.3", "0.6"])):
+        assert ("plain", "plain HF model", batch_size) in rows
+        assert (("plain", "plain HF model after an ORT call", batch_size) in rows) == ("onnx" in runtimes)
+        for runtime in runtimes:
+            for setting in ["full", "skip_only", *(f"entropy S={value}" for value in exits)]:
+                row = rows[runtime, setting, batch_size]
+                eager = rows["eager", setting, batch_size]
+                assert row["mean_macs_exact"] == eager["mean_macs_exact"]  # same decisions, same MACs
+                if runtime != "eager":
+                    assert row["decisions"]["same"] and row["decisions"]["rows"] == 16
+    assert result["decisions_match_eager"] is True
+    assert "take the eager engine's decisions on every timed row: True" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: ["--run", str(root / "missing-run")], "--run {root}/missing-run is not a folder"),
+    (lambda root: ["--model-dir", str(root / "missing")], "--model-dir {root}/missing is not a folder"),
+    (lambda root: ["--output", str(root)], "--output {root} is a folder"),
+])
+def test_engine_latency_errors_are_one_line(make, message: str, tmp_path: Path, capsys) -> None:
+    assert engine_latency.main(["--smoke", *make(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {message.format(root=tmp_path)}") and err.count("\n") == 1
+    assert "Traceback" not in out + err
+
+
 @pytest.mark.parametrize(
     "option, message",
     [
@@ -49,7 +80,8 @@ def test_engine_latency_writes_its_table(tmp_path: Path) -> None:
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--batch-sizes", "4", "0"], "--batch-sizes must all be >= 1"),
         (["--thresholds", "-0.1"], "--thresholds must all be >= 0"),
-        (["--threads", "-1"], "--threads must be >= 0"),
+        (["--threads", "1", "0"], "--threads must all be >= 1"),
+        (["--run", "a", "--model", "b"], "give one of --model-dir, --run and --model"),
         (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
     ],
 )
@@ -62,7 +94,7 @@ def test_engine_latency_rejects_bad_options(option: list[str], message: str, cap
 
 def test_engine_latency_help_names_every_default() -> None:
     actions = [action for action in engine_latency.build_parser()._actions if action.dest != "help"]
-    assert len(actions) == 14
+    assert len(actions) == 16
     for action in actions:
         assert "default" in action.help, f"{action.option_strings} does not document its default"
 

@@ -1,0 +1,195 @@
+"""What the latency benchmarks share: interleaved timing (CPU wall clock or CUDA events), the
+machine record, output paths checked before any work and written atomically, and the tiny random
+model and synthetic token batches of their ``--smoke`` runs."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Setting", "check_output_path", "cpu_name", "interleaved_times", "machine_record", "settings_for", "smoke_batches",
+           "smoke_encoder", "timed", "write_json"]
+
+# A pass runs one setting over every batch once; it may return its own timed seconds (for a pass
+# that does untimed work between the timed calls), else the whole call is timed.
+Pass = Callable[[], "float | None"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One engine setting: ``mode`` and, for exits, the entropy threshold."""
+
+    name: str
+    mode: str
+    threshold: float | None = None
+
+    def criterion(self) -> Any:
+        """The entropy exit at ``threshold`` (0 for the modes without exits: never exits early)."""
+        from adaptive_depth import EntropyExit
+
+        return EntropyExit(self.threshold if self.threshold is not None else 0.0)
+
+
+def settings_for(thresholds: list[float], has_gates: bool, batch_size: int) -> list[Setting]:
+    """full, skip_only (with gates) and exits at each threshold (every other one above batch 1)."""
+    exits = thresholds if batch_size == 1 else thresholds[1::2] or thresholds
+    mode = "adaptive" if has_gates else "exit_only"
+    return [Setting("full", "full"), *([Setting("skip_only", "skip_only")] if has_gates else []),
+            *(Setting(f"entropy S={value:g}", mode, value) for value in exits)]
+
+
+def timed(run_pass: Pass, device: torch.device) -> float:
+    """Seconds one pass takes: CUDA events around it on a GPU (the queue drained before and after),
+    the wall clock on a CPU; a pass's own returned seconds win."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        own = run_pass()
+        end.record()
+        torch.cuda.synchronize(device)
+        return own if own is not None else start.elapsed_time(end) / 1000
+    start_time = time.perf_counter()
+    own = run_pass()
+    return own if own is not None else time.perf_counter() - start_time
+
+
+def interleaved_times(groups: Mapping[int, Mapping[str, Pass]], repeats: int, device: torch.device,
+                      warmup: int = 1) -> dict[int, dict[str, float]]:
+    """Median seconds of each pass over ``repeats`` rounds, after ``warmup`` rounds.
+
+    ``groups`` maps a torch thread count (0: leave it) to its passes. Each round runs every pass of
+    every group once, in turn (the thread count set between groups, outside the timings), so drift
+    in the machine's speed (other processes, clock changes) falls on all settings alike.
+    """
+    def set_threads(threads: int) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+
+    for threads, passes in groups.items():
+        set_threads(threads)
+        for _ in range(warmup):
+            for run_pass in passes.values():
+                run_pass()
+    times: dict[int, dict[str, list[float]]] = {threads: {name: [] for name in passes} for threads, passes in groups.items()}
+    for _ in range(repeats):
+        for threads, passes in groups.items():
+            set_threads(threads)
+            for name, run_pass in passes.items():
+                times[threads][name].append(timed(run_pass, device))
+    return {threads: {name: statistics.median(values) for name, values in by_name.items()}
+            for threads, by_name in times.items()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_record(device: torch.device) -> dict[str, Any]:
+    """Where and with what a benchmark ran: device, CPU, cores, load, library versions, the date (UTC)."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": _version("transformers"),
+        "onnxruntime": _version("onnxruntime"),
+        "python": platform.python_version(),
+    }
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Check before any work that the JSON can be written to ``path`` (its parent is created).
+
+    Raises:
+        ValueError: ``path`` is a folder, a parent is a file, or the folder is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; name a .json file.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--output {path}: {parent} is a file, not a folder.")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output {path}: cannot create {path.parent} ({error.strerror}).") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"--output {path}: {path.parent} is not writable.")
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a temporary file renamed over it)."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def smoke_encoder(num_layers: int = 2, seed: int = 0) -> Any:
+    """A tiny random BERT (vocabulary 99, hidden 32) whose random gates skip and heads exit somewhere."""
+    from transformers import BertConfig, BertModel
+
+    from adaptive_depth import AdaptiveEncoder
+
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=64))
+    encoder = AdaptiveEncoder(bert, num_labels=2, gate_inner_size=16, head_inner_size=16).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in encoder.gates:
+            gate.score.weight.normal_(0.0, 2.0, generator=generator)
+            gate.score.bias.uniform_(-2.0, 2.0, generator=generator)
+        for head in encoder.exit_heads:
+            head.classifier.weight.normal_(0.0, 3.0, generator=generator)
+    return encoder
+
+
+def smoke_batches(samples: int, batch_size: int, max_length: int, device: torch.device,
+                  seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random token ids (5..98) of random lengths 4..``max_length``, right-padded per batch."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, max_length + 1, (samples,), generator=generator).tolist()
+    batches = []
+    for start in range(0, samples, batch_size):
+        rows = lengths[start:start + batch_size]
+        width = max(rows)
+        input_ids = torch.randint(5, 99, (len(rows), width), generator=generator)
+        attention_mask = (torch.arange(width)[None, :] < torch.tensor(rows)[:, None]).long()
+        batches.append({"input_ids": (input_ids * attention_mask).to(device), "attention_mask": attention_mask.to(device)})
+    return batches
