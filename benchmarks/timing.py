@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 __all__ = ["Setting", "check_output_path", "cpu_name", "interleaved_times", "machine_record", "settings_for", "smoke_batches",
-           "smoke_encoder", "timed", "write_json"]
+           "smoke_encoder", "spread_decisions", "timed", "write_json"]
 
 # A pass runs one setting over every batch once; it may return its own timed seconds (for a pass
 # that does untimed work between the timed calls), else the whole call is timed.
@@ -160,6 +160,19 @@ def write_json(path: Path, data: Any) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def spread_decisions(encoder: Any, seed: int) -> Any:
+    """Give ``encoder``'s random gates and heads weights that skip some layers and exit some rows
+    early (an untrained head barely exits, an untrained gate barely skips); returns it in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in encoder.gates:
+            gate.score.weight.normal_(0.0, 2.0, generator=generator)
+            gate.score.bias.uniform_(-2.0, 2.0, generator=generator)
+        for head in encoder.exit_heads:
+            head.classifier.weight.normal_(0.0, 3.0, generator=generator)
+    return encoder.eval()
+
+
 def smoke_encoder(num_layers: int = 2, seed: int = 0) -> Any:
     """A tiny random BERT (vocabulary 99, hidden 32) whose random gates skip and heads exit somewhere."""
     from transformers import BertConfig, BertModel
@@ -169,15 +182,7 @@ def smoke_encoder(num_layers: int = 2, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
                                 intermediate_size=37, max_position_embeddings=64))
-    encoder = AdaptiveEncoder(bert, num_labels=2, gate_inner_size=16, head_inner_size=16).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in encoder.gates:
-            gate.score.weight.normal_(0.0, 2.0, generator=generator)
-            gate.score.bias.uniform_(-2.0, 2.0, generator=generator)
-        for head in encoder.exit_heads:
-            head.classifier.weight.normal_(0.0, 3.0, generator=generator)
-    return encoder
+    return spread_decisions(AdaptiveEncoder(bert, num_labels=2, gate_inner_size=16, head_inner_size=16), seed)
 
 
 def smoke_batches(samples: int, batch_size: int, max_length: int, device: torch.device,
