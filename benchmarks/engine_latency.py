@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             batches = batches_of(batch_size)
             settings = settings_for(args.thresholds, encoder.has_gates, batch_size)
             groups: dict[int, dict[str, Callable[[], float | None]]] = {}
-            stats: dict[str, dict[str, Any]] = {}
+            stats: dict[int, dict[str, dict[str, Any]]] = {}
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 engines: dict[tuple[str, Setting], Any] = {}
@@ -178,8 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         if base is not None:
                             engines[runtime, setting] = base.with_operating_point(mode=setting.mode,
                                                                                   criterion=setting.criterion())
-                if not stats:  # MACs and decisions, on the timed rows (untimed)
-                    stats = _statistics(engines, batches, encoder.num_steps)
+                # MACs and decisions at this thread count, on the timed rows (untimed)
+                stats[threads] = _statistics(engines, batches, encoder.num_steps)
                 groups[threads] = {PLAIN: _plain_pass(plain, batches)}
                 if "onnx" in runtimes:
                     groups[threads][AFTER_ORT] = _plain_pass(plain, batches, before=engines["onnx", settings[0]])
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for threads, by_name in seconds.items():
                 reference = by_name[PLAIN]
                 for name, value in by_name.items():
-                    record = stats.get(name, {"mean_macs_exact": reference_macs})
+                    record = stats[threads].get(name, {"mean_macs_exact": reference_macs})
                     runtime, _, setting = name.partition(" | ")
                     row = {"runtime": runtime if setting else "plain", "setting": setting or name,
                            "batch_size": batch_size, "threads": threads, **record,
