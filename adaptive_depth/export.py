@@ -26,6 +26,7 @@ and the MACs of every step; with a tokenizer the folder classifies raw text
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import sys
@@ -75,7 +76,11 @@ def _export_one(
     dynamic = {name: {0: rows, 1: tokens} for name in example}
     if export_format == "torch-export":
         program = torch.export.export(module, (), kwargs=example, dynamic_shapes=dynamic, strict=False)
-        torch.export.save(program, path)
+        # torch's archive writer, once a write failed (a full disk), aborts the whole process when it is
+        # destroyed (std::terminate, torch 2.13): build the archive in memory, and let Python write it.
+        archive = io.BytesIO()
+        torch.export.save(program, archive)
+        path.write_bytes(archive.getbuffer())
         return
     torch.onnx.export(
         module, (), str(path), kwargs=example, dynamo=True, dynamic_shapes=dynamic,
@@ -322,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         criterion, gate_threshold, mode = _operating_point(encoder, args)
         out_dir = export_engine(encoder, args.out_dir, args.format, criterion=criterion, tokenizer=tokenizer,
                                 gate_threshold=gate_threshold, mode=mode, opset=args.opset, verbose=args.verbose)
-    except (ValueError, FileExistsError, FileNotFoundError, ExportStorageError, ModuleNotFoundError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, ExportStorageError, ModuleNotFoundError,
+            TimeoutError) as error:  # TimeoutError: a Hub id that did not resolve in time
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(f"wrote {out_dir} ({args.format}, mode={mode}, gate_threshold={gate_threshold}, {criterion})")

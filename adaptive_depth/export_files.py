@@ -18,6 +18,7 @@ from torch import Tensor
 
 from adaptive_depth.config import criterion_from_name, criterion_spec
 from adaptive_depth.exits import ExitCriterion
+from adaptive_depth.storage import storage_errno
 
 if TYPE_CHECKING:
     from adaptive_depth.encoder import AdaptiveEncoder
@@ -30,10 +31,10 @@ MANIFEST_VERSION = 2
 LOG_NAME = "export.log"
 # The lengths whose MACs the manifest stores: every count here is a polynomial of degree <= 2 in the length.
 COST_LENGTHS = (1, 2, 3)
-# OSErrors of the user's environment: a full disk, no permission, a read-only file system.
-_STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                   errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there",
-                   errno.EROFS: "the file system is read-only"}
+# What a storage failure of the environment means for the user (adaptive_depth.storage recognises it).
+_STORAGE_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                    errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there",
+                    errno.EROFS: "the file system is read-only"}
 
 
 class ExportStorageError(OSError):
@@ -41,18 +42,18 @@ class ExportStorageError(OSError):
 
 
 def storage_error(error: BaseException, target: Path) -> ExportStorageError | None:
-    """A one-line :class:`ExportStorageError` for a write that failed for the environment's reasons,
-    else ``None`` (a bug: re-raise it as it is). torch's zip writer reports a full disk as a
-    ``RuntimeError`` naming no errno."""
-    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
-        reason = _STORAGE_ERRNOS[error.errno]
-    elif isinstance(error, RuntimeError) and any(text in str(error) for text in ("No space left", "file write failed")):
-        reason = "writing a file failed (is the disk full?)"
-    else:
+    """A one-line :class:`ExportStorageError` for a write that failed for the environment's reasons
+    (:func:`adaptive_depth.storage.storage_errno`: the error, its message or what it was raised
+    from), else ``None`` (a bug: re-raise it as it is)."""
+    number = storage_errno(error)
+    if number is None:
         return None
-    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-    return ExportStorageError(f"cannot write the export to {target}: {reason}{where}; free some space or choose "
-                              "a writable folder.")
+    cause = next((item for item in (error, error.__cause__, error.__context__) if isinstance(item, OSError)), None)
+    where = f" ({cause.filename})" if cause is not None and cause.filename else ""
+    converted = ExportStorageError(f"cannot write the export to {target}: {_STORAGE_REASONS[number]}{where}; "
+                                   "free some space or choose a writable folder.")
+    converted.errno = number  # the message stays one line, without "[Errno N]"
+    return converted
 
 
 def check_output_dir(out_dir: str | Path) -> Path:

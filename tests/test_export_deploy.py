@@ -234,16 +234,45 @@ def test_missing_parents_are_created(tmp_path: Path) -> None:
     assert target.parent.is_dir() and not target.exists() and list(target.parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter "
-                                                  "failed writing file data/0: file write failed")])
+def _torch_write_failure() -> RuntimeError:
+    """What torch.export.save raises when the file object it writes to hits a full disk."""
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as cause:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0") from cause
+        except RuntimeError as error:
+            return error
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), _torch_write_failure()])
 def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(failure: Exception, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     def disk_full(*args, **kwargs):
         raise failure
 
     monkeypatch.setattr(torch.export, "save", disk_full)
-    with pytest.raises(ExportStorageError, match="cannot write the export to .*out: .*free some space") as error:
+    with pytest.raises(ExportStorageError, match="cannot write the export to .*out: the disk is full") as error:
         export_engine(spread_encoder(tiny_model("bert"), seed=0), tmp_path / "out", "torch-export")
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "Errno" not in str(error.value) and error.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_under_torch_export_is_one_line_and_the_process_survives(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's own archive writer aborts the process when destroyed after a failed write (try
+    ``torch.export.save(program, "/dev/full")``): the archive is built in memory and Python writes it."""
+    import gc
+
+    original = Path.write_bytes
+
+    def full_disk(self: Path, data) -> int:
+        if self.suffix == ".pt2":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return original(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(ExportStorageError, match="the disk is full"):
+        export_engine(spread_encoder(tiny_model("bert"), seed=0), tmp_path / "out", "torch-export", mode="full")
+    gc.collect()  # where torch's writer would have taken the process down
     assert list(tmp_path.iterdir()) == []
