@@ -56,7 +56,7 @@ from benchmarks.timing import (
     write_json,
 )
 
-__all__ = ["cpu_name", "load_encoder", "main", "make_batches", "run"]
+__all__ = ["cpu_name", "interleaved_medians", "load_encoder", "main", "make_batches", "run"]
 
 RUNTIMES = ("eager", "onnx", "torch-export")
 PLAIN, AFTER_ORT = "plain HF model", "plain HF model after an ORT call"
@@ -94,6 +94,12 @@ def make_batches(dataset: Any, batch_size: int, pad_token_id: int, device: torch
         batch.pop("labels")
         batches.append({key: value.to(device) for key, value in batch.items()})
     return batches
+
+
+def interleaved_medians(passes: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each pass over ``repeats`` rounds after one warm-up round, the passes run in
+    turn in every round (:func:`benchmarks.timing.interleaved_times` at the current thread count)."""
+    return interleaved_times({0: passes}, repeats, device)[0]
 
 
 def onnx_runtime_available() -> bool:

@@ -51,7 +51,7 @@ def settings_for(thresholds: list[float], has_gates: bool, batch_size: int) -> l
 
 def timed(run_pass: Pass, device: torch.device) -> float:
     """Seconds one pass takes: CUDA events around it on a GPU (the queue drained before and after),
-    the wall clock on a CPU; a pass's own returned seconds win."""
+    the wall clock on a CPU; seconds a pass returns itself (a float) win."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -59,10 +59,10 @@ def timed(run_pass: Pass, device: torch.device) -> float:
         own = run_pass()
         end.record()
         torch.cuda.synchronize(device)
-        return own if own is not None else start.elapsed_time(end) / 1000
+        return own if isinstance(own, float) else start.elapsed_time(end) / 1000
     start_time = time.perf_counter()
     own = run_pass()
-    return own if own is not None else time.perf_counter() - start_time
+    return own if isinstance(own, float) else time.perf_counter() - start_time
 
 
 def interleaved_times(groups: Mapping[int, Mapping[str, Pass]], repeats: int, device: torch.device,
