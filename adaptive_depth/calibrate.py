@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from adaptive_depth.pvalues import check_risk_level
     from adaptive_depth.measure import check_budget
     from adaptive_depth.pretrained import ADAPTIVE_CONFIG_NAME
-    from adaptive_depth.predict import check_output_path
+    from adaptive_depth.files import check_output_path
 
     try:
         check_risk_level(args.max_risk, "--max-risk")

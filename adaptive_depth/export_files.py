@@ -18,6 +18,7 @@ from torch import Tensor
 
 from adaptive_depth.config import criterion_from_name, criterion_spec
 from adaptive_depth.exits import ExitCriterion
+from adaptive_depth.files import file_in_the_way
 from adaptive_depth.storage import storage_errno
 
 if TYPE_CHECKING:
@@ -71,11 +72,9 @@ def check_output_dir(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() or out_dir.is_symlink():
         raise FileExistsError(f"{out_dir} already exists; choose a new folder or delete it first.")
-    for parent in out_dir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ExportStorageError(f"cannot create {out_dir}: {parent} is a file, not a folder; choose another path.")
-            break
+    blocking = file_in_the_way(out_dir)
+    if blocking is not None:
+        raise ExportStorageError(f"cannot create {out_dir}: {blocking} is a file, not a folder; choose another path.")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)  # missing parents are created, as by mkdir -p
         Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-check-", dir=out_dir.parent)).rmdir()

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InputFileError", "add_input_arguments", "check_output_path", "load_rows_and_pipeline", "main",
+from adaptive_depth.files import OutputPathError, check_output_path
+
+__all__ = ["InputFileError", "add_input_arguments", "load_rows_and_pipeline", "main",
            "read_rows", "show_progress"]
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "question1", "#1 String")
@@ -104,30 +104,6 @@ def _column(rows: list[dict[str, Any]], name: str) -> list[str]:
             raise InputFileError(f"row {index + 1}: column {name!r} is {type(value).__name__}, not text.")
         values.append(value)
     return values
-
-
-def check_output_path(path: str | Path) -> Path:
-    """``path`` if a file can be written there, checked before any work; else :class:`InputFileError`.
-
-    Refuses a folder, a missing parent folder, a parent that is a file, and a place where no
-    file can be created (read-only, no permission: a probe file is created and removed).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise InputFileError(f"output {path} is a folder; give a file name, e.g. {path / 'predictions.jsonl'}.")
-    parent = path.parent
-    if not parent.exists():
-        raise InputFileError(f"output folder {parent} does not exist; create it first.")
-    if not parent.is_dir():
-        raise InputFileError(f"output {path}: {parent} is a file, not a folder.")
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.probe-"):
-            pass
-    except OSError as error:
-        raise InputFileError(f"cannot write in {parent} ({error.strerror or error}); choose another --output.") from error
-    if path.exists() and not os.access(path, os.W_OK):
-        raise InputFileError(f"output {path} exists and is read-only; choose another --output.")
-    return path
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             certificate = Certificate.from_dict(config.certificate) if config.certificate is not None else None
         except ValueError as error:
             raise InputFileError(f"cannot load the model in {args.model}: its certificate: {error}") from error
-    except (InputFileError, FileNotFoundError) as error:
+    except (InputFileError, OutputPathError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{pipeline!r}: {len(texts)} rows from {args.input}", file=sys.stderr)

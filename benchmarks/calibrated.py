@@ -501,11 +501,14 @@ def runs_of(args: argparse.Namespace) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.calibrated``; returns the exit status (2 on a user error)."""
     from adaptive_depth.backbones import UnsupportedModelError
+    from adaptive_depth.files import OutputPathError, check_output_path
     from recipes.glue import GlueDataError, resolve_data_dir
 
     setup_logging()
     args = parse_args(argv)
-    with errors.error_boundary(handled=(GlueDataError, UnsupportedModelError)) as outcome, errors.catch_signals():
+    handled = (GlueDataError, UnsupportedModelError, OutputPathError)
+    with errors.error_boundary(handled=handled) as outcome, errors.catch_signals():
+        path = check_output_path(args.json, create_parents=True)  # before any work
         runs = runs_of(args)
         data_dir = resolve_data_dir(args.data_dir)
         if args.threads:
@@ -517,8 +520,6 @@ def main(argv: list[str] | None = None) -> int:
         table["wall_time_s"] = time.perf_counter() - started
         table["threads"] = torch.get_num_threads()
         table["command"] = " ".join(["python", "-m", "benchmarks.calibrated", *(argv if argv is not None else sys.argv[1:])])
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table, indent=2), encoding="utf-8")
         print(format_calibrated(table))
         print(f"table: {path}")

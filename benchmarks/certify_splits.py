@@ -183,7 +183,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.certify_splits``; returns the exit status (2 on a user error)."""
     from adaptive_depth.measure import check_budget
-    from adaptive_depth.predict import check_output_path, show_progress
+    from adaptive_depth.files import check_output_path
+    from adaptive_depth.predict import show_progress
 
     args = parse_args(argv)
     try:

@@ -44,17 +44,9 @@ import torch
 
 from adaptive_depth import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
-from benchmarks.timing import (
-    Setting,
-    check_output_path,
-    cpu_name,
-    interleaved_times,
-    machine_record,
-    smoke_batches,
-    settings_for,
-    smoke_encoder,
-    write_json,
-)
+from adaptive_depth.files import check_output_path
+from benchmarks.timing import (Setting, cpu_name, interleaved_times, machine_record, settings_for, smoke_batches,
+                               smoke_encoder, write_json)
 
 __all__ = ["cpu_name", "interleaved_medians", "load_encoder", "main", "make_batches", "run"]
 
@@ -381,7 +373,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         for option, folder in (("--model-dir", args.model_dir), ("--run", args.run)):
             if folder is not None and not Path(folder).is_dir():
                 raise ValueError(f"{option} {folder} is not a folder")
-        output = check_output_path(args.output or default_output("smoke" if args.smoke else args.task, args.device))
+        output = check_output_path(args.output or default_output("smoke" if args.smoke else args.task, args.device),
+                                   create_parents=True)
         print(HEADER, flush=True)
         result = run(args)
     except (ValueError, FileNotFoundError) as error:

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
+from adaptive_depth.files import check_output_path
 from benchmarks.timing import (
-    check_output_path,
     interleaved_times,
     machine_record,
     settings_for,
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir or f"runs/gpu-{stamp}")
     name = "gpu-train.json" if args.train else "gpu-latency.json"
     try:
-        output = check_output_path(output_dir / name)
+        output = check_output_path(output_dir / name, create_parents=True)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

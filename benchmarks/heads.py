@@ -114,13 +114,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.heads``; returns the exit status (2 on a user error)."""
     from adaptive_depth.backbones import UnsupportedModelError
+    from adaptive_depth.files import OutputPathError, check_output_path
     from benchmarks.calibrated import parse_run
     from recipes.glue import GlueDataError, resolve_data_dir
     from recipes.methods import get_method
 
     setup_logging()
     args = parse_args(argv)
-    with errors.error_boundary(handled=(GlueDataError, UnsupportedModelError)) as outcome, errors.catch_signals():
+    with errors.error_boundary(handled=(GlueDataError, UnsupportedModelError, OutputPathError)) as outcome, \
+            errors.catch_signals():
+        output = check_output_path(args.json, create_parents=True)  # before any work
         runs = [parse_run(argument) for argument in args.run]
         if not runs:
             raise ConfigError("nothing to score: give --run METHOD=FOLDER (repeatable)")
@@ -130,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         scores = [head_scores(method, folder, data_dir) for method, folder in runs]
-        output = Path(args.json)
-        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"runs": scores}, indent=1) + "\n", encoding="utf-8")
         print(format_heads(scores))
         print(f"scores: {output}")

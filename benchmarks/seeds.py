@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptive_depth.files import OutputPathError, check_output_path
 from recipes.loading import model_label
 
 VERDICT_BUDGETS = (0.75, 0.5, 0.33)
@@ -267,17 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.seeds``; returns 0, or 2 with a one-line error on bad input."""
     args = parse_args(argv)
     try:
+        path = check_output_path(args.json, create_parents=True) if args.json else None  # before any work
         groups = load_tables(args.tables)
-    except SeedsError as error:
+    except (SeedsError, OutputPathError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summaries = [summarize(group, tuple(args.compare)) for group in groups.values()]
     for summary in summaries:
         print(format_summary(summary))
         print()
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(summaries, indent=2), encoding="utf-8")
         temporary.replace(path)

@@ -22,7 +22,6 @@ version and threads), by default to a new file under ``runs/``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Iterable
@@ -34,9 +33,11 @@ import torch
 import transformers
 from adaptive_depth import AdaptivePipeline
 from adaptive_depth.config import criterion_spec
+from adaptive_depth.files import OutputPathError, check_output_path
 from adaptive_depth.flops import full_model_macs
 from adaptive_depth.metrics import CostAccumulator
 from benchmarks.engine_latency import cpu_name, interleaved_medians
+from benchmarks.timing import write_json
 from recipes.glue import get_task, read_split, resolve_data_dir
 
 PASSES = ("plain HF model", "batch engine", "stream")
@@ -168,18 +169,17 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Iterable[str] | None = None) -> None:
     args = parse_args(argv)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    try:  # before any work: a bad --output costs nothing
+        output = check_output_path(args.output or f"runs/stream_latency-{args.task}-{stamp}.json", create_parents=True)
+    except OutputPathError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(HEADER, flush=True)
     result = run(args)
-    if args.output:
-        output = Path(args.output)
-    else:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        output = Path(f"runs/stream_latency-{args.task}-{stamp}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(output, result)
     print(f"\nstream takes the batch engine's decisions on every row: {result['stream_equals_batch_engine']}")
     print(f"wrote {output}")
-
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Setting", "check_output_path", "cpu_name", "interleaved_times", "machine_record", "settings_for", "smoke_batches",
+__all__ = ["Setting", "cpu_name", "interleaved_times", "machine_record", "settings_for", "smoke_batches",
            "smoke_encoder", "spread_decisions", "timed", "write_json"]
 
 # A pass runs one setting over every batch once; it may return its own timed seconds (for a pass
@@ -125,29 +125,6 @@ def machine_record(device: torch.device) -> dict[str, Any]:
         "onnxruntime": _version("onnxruntime"),
         "python": platform.python_version(),
     }
-
-
-def check_output_path(path: str | Path) -> Path:
-    """Check before any work that the JSON can be written to ``path`` (its parent is created).
-
-    Raises:
-        ValueError: ``path`` is a folder, a parent is a file, or the folder is not writable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--output {path} is a folder; name a .json file.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--output {path}: {parent} is a file, not a folder.")
-            break
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--output {path}: cannot create {path.parent} ({error.strerror}).") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ValueError(f"--output {path}: {path.parent} is not writable.")
-    return path
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -37,6 +37,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from adaptive_depth import AdaptiveEncoder, skip_reward
 from adaptive_depth.contrastive import CrossLayerInfoNCE
+from adaptive_depth.files import OutputPathError, check_output_path
 from recipes.models import named_model_path
 
 # The recipe's MRPC settings (recipes/configs/smartbert_mrpc.yaml).
@@ -150,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-rows", type=int, default=3668, help="rows per epoch (MRPC train)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.json is not None:  # before any work
+        try:
+            check_output_path(args.json, create_parents=True)
+        except OutputPathError as error:
+            parser.error(str(error))
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

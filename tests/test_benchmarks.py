@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from benchmarks import engine_latency
 from tests.conftest import requires_glue, requires_minilm
@@ -64,9 +63,11 @@ def test_engine_latency_smoke_times_every_runtime_and_checks_their_decisions(tmp
 @pytest.mark.parametrize("make, message", [
     (lambda root: ["--run", str(root / "missing-run")], "--run {root}/missing-run is not a folder"),
     (lambda root: ["--model-dir", str(root / "missing")], "--model-dir {root}/missing is not a folder"),
-    (lambda root: ["--output", str(root)], "--output {root} is a folder"),
+    (lambda root: ["--output", str(root)], "output {root} is a folder"),
+    (lambda root: ["--output", str(root / "a_file" / "out.json")], "output {root}/a_file/out.json: {root}/a_file is a file"),
 ])
 def test_engine_latency_errors_are_one_line(make, message: str, tmp_path: Path, capsys) -> None:
+    (tmp_path / "a_file").write_text("x")
     assert engine_latency.main(["--smoke", *make(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert err.startswith(f"error: {message.format(root=tmp_path)}") and err.count("\n") == 1

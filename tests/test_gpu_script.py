@@ -47,6 +47,13 @@ def test_a_spent_budget_skips_the_rest_and_says_so(tmp_path: Path, capsys) -> No
     assert "over the 0 s budget: skipping smoke fp32" in capsys.readouterr().out
 
 
+
+def test_an_output_folder_under_a_file_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a_file").write_text("x")
+    assert gpu.main(["--device", "cpu", "--smoke", "--output-dir", str(tmp_path / "a_file" / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert "a_file is a file, not a folder" in err and err.count("\n") == 1 and "smoke fp32" not in out
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_without_cuda_it_stops_unless_told_cpu(tmp_path: Path, capsys) -> None:
     assert gpu.main(["--smoke", "--output-dir", str(tmp_path / "out")]) == 2

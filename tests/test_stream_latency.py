@@ -13,6 +13,17 @@ from tests.conftest import requires_minilm, tiny_minilm_encoder
 from tests.glue_fixtures import write_synthetic_glue
 
 
+
+def test_stream_latency_checks_its_output_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(stream_latency, "run", lambda args: pytest.fail("ran before the output was checked"))
+    (tmp_path / "a_file").write_text("x")
+    for output, message in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "out.json", "is a file, not a folder")):
+        with pytest.raises(SystemExit) as exited:
+            stream_latency.main(["--model", str(tmp_path), "--output", str(output)])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and message in err and err.count("\n") == 1
+
 @requires_minilm
 def test_stream_latency_writes_its_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
