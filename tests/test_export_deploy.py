@@ -65,17 +65,40 @@ def test_exported_engine_refuses_over_long_input_as_the_eager_engine_does(model_
     check_lengths_as_eager(encoder, ExportedEngine(folder))
 
 
+def check_torch_still_runs(encoder: AdaptiveEncoder, exported: ExportedEngine) -> None:
+    """ONNX Runtime and torch in one process: after an exported call, torch forwards (the eager
+    engine, the plain backbone) still run, on torch's own thread count, with the same results as
+    before it. No timing: the CPU is shared."""
+    input_ids, attention_mask = padded_batch(batch_size=4, num_tokens=9, seed=3)
+    eager = AdaptiveInferenceEngine(encoder, mode="full")
+    threads = torch.get_num_threads()
+
+    def torch_forwards():
+        with torch.inference_mode():
+            return eager(input_ids, attention_mask), encoder.backbone(
+                input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    before, plain_before = torch_forwards()
+    assert_same_run(before, exported(input_ids, attention_mask))
+    after, plain_after = torch_forwards()
+    assert torch.get_num_threads() == threads
+    assert_same_run(before, after)
+    torch.testing.assert_close(plain_after, plain_before, rtol=0, atol=1e-6)
+
+
 @needs_onnx
 @pytest.mark.parametrize("model_type", ["bert", "xlm-roberta"])
-def test_onnx_engine_refuses_over_long_input_as_the_eager_engine_does(model_type: str, tmp_path: Path) -> None:
+def test_onnx_engine_refuses_over_long_input_and_leaves_torch_working(model_type: str, tmp_path: Path) -> None:
     encoder = spread_encoder(tiny_model(model_type, num_layers=1), seed=1)
     folder = export_engine(encoder, tmp_path / "exported", "onnx", mode="full")
     exported = ExportedEngine(folder, num_threads=1)
     check_lengths_as_eager(encoder, exported)
+    check_torch_still_runs(encoder, exported)
     options = exported.session_options  # pinned to the caller's threads, no spin-waiting
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
 
 
 @needs_onnx
@@ -126,7 +149,7 @@ def test_torch_export_programs_run_without_per_call_guards_and_eval_no_ops(tmp_p
 @requires_minilm
 @pytest.mark.parametrize("export_format", ["torch-export", pytest.param("onnx", marks=[needs_onnx, pytest.mark.slow])])
 def test_exported_folder_classifies_raw_text_as_the_pipeline_does(export_format: str, tmp_path: Path, capsys) -> None:
-    from adaptive_depth.export_pipeline import ExportedPipeline
+    from adaptive_depth import ExportedPipeline  # the one documented call: ExportedPipeline.from_folder(folder)
     from tests.test_pipeline import PAIRS, SENTENCES, tiny_encoder
 
     encoder, tokenizer = tiny_encoder(num_layers=3)
