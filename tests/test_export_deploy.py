@@ -20,7 +20,7 @@ from adaptive_depth.export import export_engine
 from adaptive_depth.export_files import ExportStorageError, check_output_dir
 from adaptive_depth.export_runtime import ExportedEngine, onnx_session_options
 from adaptive_depth.export_steps import EmbeddingStep
-from tests.conftest import ALIASES, FAMILIES, padded_batch, requires_minilm, tiny_model
+from tests.conftest import ALIASES, FAMILIES, padded_batch, requires_minilm, tiny_minilm_encoder, tiny_model
 from tests.test_export import assert_same_run, spread_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,9 +150,9 @@ def test_torch_export_programs_run_without_per_call_guards_and_eval_no_ops(tmp_p
 @pytest.mark.parametrize("export_format", ["torch-export", pytest.param("onnx", marks=[needs_onnx, pytest.mark.slow])])
 def test_exported_folder_classifies_raw_text_as_the_pipeline_does(export_format: str, tmp_path: Path, capsys) -> None:
     from adaptive_depth import ExportedPipeline  # the one documented call: ExportedPipeline.from_folder(folder)
-    from tests.test_pipeline import PAIRS, SENTENCES, tiny_encoder
+    from tests.test_pipeline import PAIRS, SENTENCES
 
-    encoder, tokenizer = tiny_encoder(num_layers=3)
+    encoder, tokenizer = tiny_minilm_encoder(num_layers=3)
     encoder.adaptive_config.label_names = ["not_equivalent", "equivalent"]
     encoder.adaptive_config.max_length = 12  # trained at 12 tokens: the raw text is cut there
     saved = encoder.save_pretrained(tmp_path / "model", tokenizer=tokenizer)

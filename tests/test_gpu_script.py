@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,14 @@ import pytest
 import torch
 
 from benchmarks import gpu
-from tests.conftest import minilm_dir, save_tiny_bert
+from tests.conftest import minilm_dir, save_tiny_bert, subprocess_env
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.sh"
 
 
 def run_script(*options: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # No inherited PYTHONPATH: gpu.sh puts its own checkout first, as it does for a user.
+    env = subprocess_env(checkout_first=False) | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", str(SCRIPT), *options], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900, check=False)
 
