@@ -33,7 +33,7 @@ from adaptive_depth.flops import full_model_macs
 from adaptive_depth.metrics import CostAccumulator
 from benchmarks.engine_latency import make_batches
 from recipes.glue import EncodedDataset, encode_examples, get_task, read_split, resolve_data_dir
-from recipes.loading import load_model_and_tokenizer
+from recipes.run.models import load_model_and_tokenizer
 
 PARTS = ("prepare", "layers", "gates", "heads", "output", "loop")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -40,6 +40,9 @@ between "exit at the first heads" and nearly full depth).
 scores the other half: for a task whose train rows differ from dev (SST-2 trains on phrases and
 is evaluated on sentences), where a threshold calibrated on train overshoots the budget on dev.
 
+One run's calibration is :func:`benchmarks.run_calibration.calibrate_run`; this module builds the
+table over runs and is the command line.
+
 The JSON has the shape of a ``benchmarks.tradeoff`` table where it matters (``task``, ``model``,
 ``seed``, ``main_metric``, ``reference``, ``at_cost``, ``skipping``), so ``benchmarks.seeds``
 summarises several seeds of it as it does the grid tables; ``calibration`` holds every
@@ -50,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 import time
@@ -61,16 +63,16 @@ from typing import Any, get_args
 import torch
 
 from adaptive_depth.config import CriterionName
+from benchmarks.comparison import REFERENCE, check_alike, parse_run, reference_macs
+from benchmarks.run_calibration import CALIBRATE_ON, calibrate_run, calibration_rows, joint_skipping
 from benchmarks.seeds import VERDICT_BUDGETS
-from benchmarks.tradeoff import REFERENCE, check_alike, reference_macs
-from recipes import errors
-from recipes.errors import ConfigError, ResumeMismatchError
-from recipes.logs import setup_logging
-from recipes.methods import get_method
-from recipes.results import RunResults, read_results
-from recipes.run_folder import RUN_FILE, compare_data, run_examples, split_fingerprint
-
-logger = logging.getLogger("recipes")
+from recipes.run import errors
+from recipes.run.data import run_examples
+from recipes.run.errors import ConfigError
+from recipes.run.folder import BACKBONE_DIR, RESULTS_FILE
+from recipes.run.logs import setup_logging
+from recipes.run.method import get_method
+from recipes.run.results import RunResults, read_results
 
 SELECTION = "threshold calibrated to each budget on held-out rows"
 GATES_OFF = "_gates_off"  # suffix of a method calibrated with its skip gates off (--gates-off)
@@ -79,234 +81,11 @@ GATE_THRESHOLDS = (0.5, 0.6, 1.0)  # --joint's default gate thresholds
 # What --criterion may name, by the task's outputs (adaptive_depth.config.criterion_from_name).
 REGRESSION_CRITERIA = ("patience", "tolerance")
 CLASSIFICATION_CRITERIA = tuple(name for name in get_args(CriterionName) if name != "tolerance")
-# What ``--calibrate-on`` may name, and the selection each gives (``benchmarks.seeds`` keeps kinds apart).
-CALIBRATE_ON = ("heldout", "dev-half")
+# The selection each ``--calibrate-on`` gives (``benchmarks.seeds`` keeps kinds apart).
 SELECTIONS = {"heldout": SELECTION,
               "dev-half": "threshold calibrated to each budget on half of dev, scored on the other half"}
 
-__all__ = ["calibrate_run", "calibration_rows", "format_calibrated", "heldout_and_dev", "main"]
-
-
-def calibration_rows(examples: tuple[list[Any], list[Any]], config: Any, calibrate_on: str = "heldout"
-                     ) -> tuple[list[Any], list[Any]]:
-    """``(rows to calibrate on, rows to report on)`` of a run.
-
-    Args:
-        examples: the run's train and dev rows (:func:`recipes.run_folder.run_examples`).
-        calibrate_on: ``"heldout"``: the run's held-out part of train (the seeded
-            ``holdout_fraction`` split, the rows model selection used), reported on the whole dev
-            set; ``"dev-half"``: a seeded, label-stratified half of dev, reported on the other half
-            (for a task whose train rows differ from dev, like SST-2's phrases).
-    """
-    from recipes.glue import holdout_split
-
-    train, dev = examples
-    if calibrate_on == "heldout":
-        return holdout_split(train, config.holdout_fraction, config.seed)[1], dev
-    if calibrate_on == "dev-half":
-        report, calibrate = holdout_split(dev, 0.5, config.seed)
-        return calibrate, report
-    raise ValueError(f"calibrate_on must be one of {CALIBRATE_ON}, got {calibrate_on!r}")
-
-
-def heldout_and_dev(examples: tuple[list[Any], list[Any]], config: Any, tokenizer: Any, calibrate_on: str = "heldout"
-                    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
-    """The batches to calibrate on and to report on (:func:`calibration_rows`), as the run made
-    batches: the same tokenizer and ``max_length``, ``eval_batch_size`` rows per batch."""
-    from functools import partial
-
-    from recipes.glue import EncodedDataset, collate, encode_examples
-
-    heldout, dev = calibration_rows(examples, config, calibrate_on)
-
-    def batches(examples: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
-        dataset = EncodedDataset(encode_examples(examples, tokenizer, config.max_length))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config.eval_batch_size,
-                                             collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
-        return list(loader)
-
-    return batches(heldout), batches(dev)
-
-
-def check_data(run_dir: Path, data_dir: Path, config: Any, examples: tuple[list[Any], list[Any]]) -> None:
-    """Refuse a data folder whose rows (``examples``, read from ``data_dir``) differ from those the
-    run was trained and selected on.
-
-    Raises:
-        ResumeMismatchError: other rows, or a run folder without ``run.json``.
-    """
-    run_file = run_dir / RUN_FILE
-    if not run_file.is_file():
-        raise ResumeMismatchError(f"{run_dir} has no {RUN_FILE}: its data cannot be checked; is it a finished run folder?")
-    saved = json.loads(run_file.read_text(encoding="utf-8")).get("data")
-    moved = compare_data(saved, split_fingerprint(data_dir, config.task, config, examples), str(run_dir))
-    if moved:
-        logger.warning("%s", moved)
-
-
-def load_checked_run(method_name: str, run_dir: Path, data_dir: Path
-                     ) -> tuple[Any, Any, Any, tuple[list[Any], list[Any]]]:
-    """``(encoder, tokenizer, config, (train rows, dev rows))`` of a finished run, its rows read
-    from ``data_dir`` and checked to be those it was trained on (:func:`check_data`)."""
-    from recipes.reload import load_run
-
-    encoder, tokenizer, config = load_run(run_dir, method_name)
-    examples = run_examples(data_dir, config.task, config)
-    check_data(run_dir, data_dir, config, examples)
-    return encoder, tokenizer, config, examples
-
-
-def calibrate_run(method_name: str, run_dir: Path, data_dir: Path, budgets: Sequence[float],
-                  reference: float | None, *, convention: str = "paper", tolerance: float = 1e-3, progress: bool = True,
-                  calibrate_on: str = "heldout", gates_off: bool = False,
-                  gate_thresholds: Sequence[float] | None = None, criterion: str | None = None
-                  ) -> dict[str, dict[str, Any]]:
-    """Calibrate one finished run to every budget on its held-out rows; evaluate dev there.
-
-    Args:
-        method_name: the recipe that made ``run_dir`` (``"smartbert"``, ``"fastbert"``...).
-        run_dir: a finished run folder (``results.json``, ``model/``).
-        data_dir: the ``glue_data`` folder it was trained on (checked by fingerprint).
-        budgets: mean cost per row, as fractions of ``reference`` MACs.
-        reference: the denominator, paper-convention MACs per row (``benchmarks.tradeoff``'s
-            fine-tuned full depth); ``None``: each budget is a fraction of this run's own
-            full depth, in ``convention``, as the run's own calibration reads it.
-        convention: ``"paper"`` (every row at the padded length) or, with ``reference=None``,
-            ``"exact"`` (every row at its real length).
-        tolerance: of the threshold bisection (:func:`adaptive_depth.calibrate_threshold`).
-        progress: a progress bar per calibration.
-        calibrate_on: which rows to calibrate on and which to report on (:func:`calibration_rows`;
-            ``"dev-half"``: every "dev" below is the reported half of dev).
-        gates_off: run the engine with the skip gates off (mode ``"exit_only"``) instead of the
-            method's own exit mode, to measure what the gates add at each budget.
-        criterion: the exit criterion to calibrate (a :func:`adaptive_depth.config.criterion_from_name`
-            name, e.g. ``"tolerance"`` for a regression task); ``None``: the method's own.
-        gate_thresholds: choose the gate threshold too, among these, by the held-out metric
-            (:func:`adaptive_depth.calibrate_operating_point`); ``None``: the method's own.
-
-    Returns:
-        ``{str(budget): cell}`` where a cell is ``{"error": ...}`` when no threshold meets the
-        budget on held-out, else has ``setting``, ``main_metric`` and
-        ``relative_cost`` (dev, over ``reference``) as in ``benchmarks.tradeoff``'s ``at_cost``, plus
-        ``criterion``, ``threshold``, ``heldout_relative_cost``, ``heldout_metric``, ``metrics``
-        (dev), ``mean_layers_run`` (dev) and ``budget_own_full_depth`` (the budget over this run's
-        own full depth, as calibrated). With ``gate_thresholds`` a cell also has
-        ``gate_threshold`` (chosen), ``skip_rate_per_layer`` (dev, there), ``candidates``
-        (held-out, per gate threshold) and ``dev_candidates`` (dev metric, cost and mean layers
-        at every gate threshold's calibrated exit threshold: for the record, not for choosing).
-
-    Raises:
-        CheckpointError: ``run_dir`` is not a finished run of ``method_name``.
-        ResumeMismatchError: ``data_dir`` holds other rows than the run's.
-        ConfigError: the method has no exit threshold to calibrate, or (``gates_off``,
-            ``gate_thresholds``) no skip gates; both given.
-    """
-    from functools import partial
-
-    from adaptive_depth.calibration import calibrate_operating_point, calibrate_threshold, criterion_name
-    from adaptive_depth.config import criterion_from_name, criterion_with_threshold
-    from adaptive_depth.engine import AdaptiveInferenceEngine
-    from recipes.glue import GlueMetrics, get_task
-    from recipes.operating_point import first_exit_setting, main_metric_function
-    from recipes.sweep import SweepSetting, run_sweep
-
-    if reference is not None and convention != "paper":
-        raise ValueError("a shared reference is in paper-convention MACs; use convention='paper' or reference=None")
-    method = get_method(method_name)
-    encoder, tokenizer, config, examples = load_checked_run(method_name, run_dir, data_dir)
-    task = get_task(config.task)
-    settings = method.sweep_settings(config, task, encoder.num_steps)
-    exit_setting = first_exit_setting(settings)
-    if exit_setting is None:
-        raise ConfigError(f"{method_name} has no early exit, so no threshold trades accuracy for cost; leave it out "
-                          "(benchmarks.tradeoff shows its full depth)")
-    mode = exit_setting.mode
-    if gates_off and gate_thresholds is not None:
-        raise ConfigError("calibrate either with the gates off or over gate thresholds, not both")
-    if (gates_off or gate_thresholds is not None) and (mode != "adaptive" or not encoder.has_gates):
-        option = "--gates-off" if gates_off else "--joint"
-        raise ConfigError(f"{option} {method_name}: its runs have no skip gates (it exits with mode {mode!r}); "
-                          "name a method with gates, e.g. smartbert")
-    if gates_off:
-        mode = "exit_only"
-    gate_threshold = method.gate_threshold(config)
-    heldout, dev = heldout_and_dev(examples, config, tokenizer, calibrate_on)
-    own_full = float(encoder.full_depth_macs(config.padded_length, "paper"))
-    scale = 1.0 if reference is None else own_full / reference  # own relative cost -> relative to reference
-    # Any valid threshold: calibration replaces it.
-    exit_criterion = exit_setting.criterion if criterion is None else criterion_from_name(criterion, 1.0)
-    template = AdaptiveInferenceEngine(encoder, exit_criterion, gate_threshold, mode,  # type: ignore[arg-type]
-                                       config.padded_length)
-    make_metrics = lambda: GlueMetrics(task)  # noqa: E731
-    calibrate = (calibrate_threshold if gate_thresholds is None
-                 else partial(calibrate_operating_point, gate_thresholds=gate_thresholds))
-    own_cost_of = lambda row: row.relative_cost_paper if convention == "paper" else row.relative_cost_exact  # noqa: E731
-
-    def dev_row(gate_threshold: float | None, threshold: float, name: str) -> Any:
-        """Dev scored once at an operating point: a :class:`~recipes.results.SweepRow`."""
-        setting = SweepSetting(name, mode, criterion_with_threshold(template.criterion, threshold), threshold)
-        return run_sweep(encoder, dev, [setting], make_metrics, gate_threshold, config.padded_length)[0]
-
-    cells: dict[str, dict[str, Any]] = {}
-    for budget in budgets:
-        own_budget = min(1.0, budget / scale)
-        try:
-            calibration = calibrate(template, heldout, own_budget, convention=convention,
-                                    metric=main_metric_function(make_metrics), tolerance=tolerance, progress=progress)
-        except ValueError as error:  # even the first head that runs costs more
-            logger.info("%s at %.0f%%: %s", method_name, 100 * budget, error)
-            cells[str(budget)] = {"error": str(error), "budget_own_full_depth": own_budget}
-            continue
-        name = f"{criterion_name(template.criterion)}={calibration.threshold:.4g}"
-        if gate_thresholds is not None:
-            name += f", gate={calibration.gate_threshold:g}"
-        row = dev_row(calibration.gate_threshold, calibration.threshold, f"calibrated {name}")
-        own_cost = own_cost_of(row)
-        cells[str(budget)] = {
-            "setting": name, "main_metric": row.metrics[task.main_metric], "relative_cost": own_cost * scale,
-            "criterion": calibration.criterion, "threshold": calibration.threshold,
-            "heldout_relative_cost": calibration.relative_cost * scale,
-            "heldout_metric": calibration.metric, "heldout_rows": calibration.num_rows,
-            "metrics": row.metrics, "mean_layers_run": row.mean_layers_run,
-            "budget_own_full_depth": own_budget, "engine_passes": len(calibration.evaluations),
-        }
-        if gate_thresholds is not None:
-            cells[str(budget)].update(gate_threshold=calibration.gate_threshold,
-                                      skip_rate_per_layer=row.skip_rate_per_layer, candidates=[
-                {**candidate, **({} if "error" in candidate else {"relative_cost": candidate["relative_cost"] * scale})}
-                for candidate in calibration.candidates])
-            rows = {calibration.gate_threshold: row}  # dev at every candidate, for the record: the chosen one is scored
-            for candidate in calibration.candidates:
-                if "error" not in candidate and candidate["gate_threshold"] not in rows:
-                    rows[candidate["gate_threshold"]] = dev_row(candidate["gate_threshold"], candidate["threshold"],
-                                                                f"candidate gate={candidate['gate_threshold']:g}")
-            cells[str(budget)]["dev_candidates"] = [
-                {"gate_threshold": gate, "main_metric": rows[gate].metrics[task.main_metric],
-                 "relative_cost": own_cost_of(rows[gate]) * scale, "mean_layers_run": rows[gate].mean_layers_run}
-                for gate in (candidate["gate_threshold"] for candidate in calibration.candidates if "error" not in candidate)]
-        logger.info("%s at %.0f%%: %s (held-out cost %.3f), dev %s %.4f at cost %.3f", method_name, 100 * budget, name,
-                    cells[str(budget)]["heldout_relative_cost"], task.main_metric, cells[str(budget)]["main_metric"],
-                    cells[str(budget)]["relative_cost"])
-    return cells
-
-
-def joint_skipping(method_name: str, run_dir: Path, data_dir: Path, gate_thresholds: Sequence[float],
-                   calibrate_on: str = "heldout") -> dict[str, dict[str, Any]]:
-    """How per-sample the skipping is on the reported rows at each gate threshold (``--joint``):
-    :func:`recipes.sweep.skipping_statistics` (distinct skip patterns, skip rate per layer,
-    Spearman and mutual information between a row's skip count and its full-depth loss).
-
-    Returns:
-        ``{str(gate_threshold): statistics}``.
-    """
-    from recipes.glue import get_task
-    from recipes.reload import load_run
-    from recipes.sweep import skipping_statistics
-
-    encoder, tokenizer, config = load_run(run_dir, method_name)
-    _, dev = heldout_and_dev(run_examples(data_dir, config.task, config), config, tokenizer, calibrate_on)
-    is_regression = get_task(config.task).is_regression
-    return {str(gate): skipping_statistics(encoder, dev, gate, is_regression) for gate in gate_thresholds}
+__all__ = ["build_calibrated_table", "format_calibrated", "main"]
 
 
 def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Sequence[float], *,
@@ -331,7 +110,7 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
 
     all_results: dict[str, RunResults] = {}
     for method, run_dir in runs.items():
-        path = run_dir / "results.json"
+        path = run_dir / RESULTS_FILE
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: calibrate finished runs (train them with benchmarks.tradeoff "
                               "or python -m recipes.<method>)")
@@ -344,7 +123,8 @@ def build_calibrated_table(runs: dict[str, Path], data_dir: Path, budgets: Seque
     first = next(iter(all_results.values()))
     task = first.task
     padded_length = first.config["padded_length"]
-    reference = float(reference_macs(next(iter(runs.values())) / "backbone", get_task(task).num_labels, padded_length))
+    reference = float(reference_macs(next(iter(runs.values())) / BACKBONE_DIR, get_task(task).num_labels,
+                                     padded_length))
     if criterion is not None:
         usable = REGRESSION_CRITERIA if get_task(task).is_regression else CLASSIFICATION_CRITERIA
         if criterion not in usable:
@@ -424,14 +204,6 @@ def format_calibrated(table: dict[str, Any]) -> str:
         where = "the scored half of dev" if on_dev_half else "dev"
         lines.append(f"\nmajority-class baseline on {where}: {main_metric} {100 * majority:.2f}")
     return "\n".join(lines)
-
-
-def parse_run(argument: str) -> tuple[str, Path]:
-    """``method=folder`` -> ``(method, Path(folder))``."""
-    method, separator, folder = argument.partition("=")
-    if not separator or not method or not folder:
-        raise ConfigError(f"--run {argument!r}: expected method=run_folder, e.g. --run smartbert=runs/tradeoff-mrpc/smartbert")
-    return method.strip(), Path(folder)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

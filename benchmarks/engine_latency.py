@@ -69,7 +69,7 @@ def load_encoder(run_dir: str | None, model: str | None, num_labels: int,
 
         encoder, tokenizer, _ = load_trained(run_dir)
         return encoder, tokenizer, run_dir
-    from recipes.loading import load_model_and_tokenizer
+    from recipes.run.models import load_model_and_tokenizer
 
     backbone, tokenizer, name = load_model_and_tokenizer(model)
     return AdaptiveEncoder(backbone, num_labels=num_labels).eval(), tokenizer, name

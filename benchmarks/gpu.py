@@ -169,13 +169,13 @@ def _rescaled(batches: list[dict], vocab_size: int, max_length: int, seed: int) 
 
 def train(args: argparse.Namespace, device: torch.device, output_dir: Path, start: float) -> dict[str, Any]:
     """Part 2: ``python -m benchmarks.tradeoff`` per task, SmartBERT and FastBERT, the paper's schedule."""
-    from recipes.config import RecipeConfig
+    from recipes.run.config import RecipeConfig
 
     schedule = dict(PAPER_SCHEDULE) | (SMOKE_SCHEDULE if args.smoke else {})
     if "device" in {field.name for field in dataclasses.fields(RecipeConfig)}:
         schedule["device"] = str(device)
     elif device.type == "cuda":
-        raise ValueError("the recipes train on the CPU only (recipes.config.RecipeConfig has no 'device' key), so "
+        raise ValueError("the recipes train on the CPU only (recipes.run.config.RecipeConfig has no 'device' key), so "
                          "--train would not use the GPU; give the recipes a device first, or run the training part "
                          "with --device cpu")
     runs = []

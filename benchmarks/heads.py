@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from adaptive_depth.exits import predictions_from_logits
-from recipes import errors
-from recipes.errors import ConfigError
-from recipes.logs import setup_logging
+from recipes.run import errors
+from recipes.run.errors import ConfigError
+from recipes.run.logs import setup_logging
 
 __all__ = ["head_scores", "main"]
 
@@ -52,18 +52,17 @@ def head_scores(method_name: str, run_dir: Path, data_dir: Path) -> dict[str, An
         CheckpointError, ResumeMismatchError: not a finished run of ``method_name``, or
             ``data_dir`` holds other rows than the run's.
     """
-    from benchmarks.calibrated import heldout_and_dev, load_checked_run
-    from recipes.glue import GlueMetrics, get_task
-    from recipes.methods import get_method
-    from recipes.operating_point import first_exit_setting
+    from recipes.glue import GlueMetrics
+    from recipes.run.operating_point import first_exit_setting
+    from recipes.run.trained import load_trained_run
 
-    encoder, tokenizer, config, examples = load_checked_run(method_name, run_dir, data_dir)
-    task = get_task(config.task)
-    if first_exit_setting(get_method(method_name).sweep_settings(config, task, encoder.num_steps)) is None:
+    run = load_trained_run(method_name, run_dir, data_dir)
+    encoder, config, task = run.encoder, run.config, run.task
+    if first_exit_setting(run.method.sweep_settings(config, task, encoder.num_steps)) is None:
         raise ConfigError(f"{method_name} has no early exit (its intermediate heads are never trained), so there is "
                           "no head to score but the last; score a method with exits (smartbert, fastbert, deebert, "
                           "pabee)")
-    _, dev = heldout_and_dev(examples, config, tokenizer)
+    dev = run.batches(run.examples[1])
     steps = encoder.num_steps
     metrics = [GlueMetrics(task) for _ in range(steps)]
     agreement = torch.zeros(steps, dtype=torch.float64)
@@ -115,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.heads``; returns the exit status (2 on a user error)."""
     from adaptive_depth.backbones import UnsupportedModelError
     from adaptive_depth.files import OutputPathError, check_output_path
-    from benchmarks.calibrated import parse_run
+    from benchmarks.comparison import parse_run
     from recipes.glue import GlueDataError, resolve_data_dir
-    from recipes.methods import get_method
+    from recipes.run.method import get_method
 
     setup_logging()
     args = parse_args(argv)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_depth.files import OutputPathError, check_output_path
-from recipes.loading import model_label
+from recipes.run.models import model_label
 
 VERDICT_BUDGETS = (0.75, 0.5, 0.33)
 # How a table picked each method's setting per budget (its "selection"; tradeoff tables have none).

@@ -1,7 +1,7 @@
 """Accuracy-vs-FLOPs trade-off of every method on one task: paper Table 1 and its curves.
 
 Trains (or reuses) one run of each method with the same backbone and seed, each evaluated by
-its recipe with :func:`recipes.sweep.run_sweep` (the same inference engine and FLOPs
+its recipe with :func:`recipes.run.sweep.run_sweep` (the same inference engine and FLOPs
 accounting for all), then writes one JSON table and one PNG with every method's
 main-metric-vs-relative-FLOPs curve and prints a Table-1-style summary.
 
@@ -35,28 +35,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from recipes import errors
-from recipes.checkpoint import has_checkpoint
-from recipes.checks import same_model
-from recipes.cli import execute
-from recipes.config import config_to_dict, default_config_file, load_config, parse_overrides
-from recipes.errors import ConfigError, ResumeMismatchError
+from benchmarks.comparison import REFERENCE, check_alike, reference_macs
 from recipes.glue import TASKS, get_task, resolve_data_dir
-from recipes.loading import default_model_path, model_label
-from recipes.logs import setup_logging
-from recipes.methods import BUILTIN_METHODS, get_method
-from recipes.results import RunResults, read_results
-from recipes.run_folder import RUN_FILE, compare_data, config_differences, run_contents, split_fingerprint
-
-logger = logging.getLogger("recipes")
+from recipes.run import errors
+from recipes.run.checkpoints import has_checkpoint
+from recipes.run.cli import execute
+from recipes.run.compat import RunIdentity, check_compatible
+from recipes.run.config import config_to_dict, default_config_file, load_config, parse_overrides
+from recipes.run.data import split_fingerprint
+from recipes.run.errors import ConfigError, ResumeMismatchError
+from recipes.run.folder import BACKBONE_DIR, CHECKPOINT_DIR, RESULTS_FILE, read_run_record, run_contents
+from recipes.run.logs import logger, setup_logging
+from recipes.run.method import BUILTIN_METHODS, get_method
+from recipes.run.models import default_model_path, model_label
+from recipes.run.results import RunResults, read_results
 
 METHODS = tuple(BUILTIN_METHODS)
-REFERENCE = "finetune"
 # Config keys that do not change a finished run's results (timings aside).
 REUSE_ALLOWED_KEYS = ("torch_threads", "eval_batch_size")
 COST_BUDGETS = (1.0, 0.75, 0.5, 0.33)
@@ -76,35 +74,17 @@ def split_overrides(methods: list[str], overrides: list[str]) -> dict[str, list[
             for method in methods}
 
 
-def check_reusable(method: str, run_dir: Path, results: RunResults, expected: dict[str, Any], model_name: str,
-                   task: str, data: dict[str, Any]) -> None:
-    """Refuse to reuse a finished run made with another config, model, task or data.
+def check_reusable(run_dir: Path, results: RunResults, expected: RunIdentity) -> None:
+    """Refuse to reuse a finished run made with another config, model, task or data
+    (:func:`recipes.run.compat.check_compatible`; threads and the evaluation batch size may differ).
 
     Raises:
         ResumeMismatchError: with what differs and how to fix it.
     """
-    results_path = run_dir / "results.json"
-    fix = "delete the folder or pick another --output-dir"
-    differences = config_differences(results.config, expected, REUSE_ALLOWED_KEYS, get_method(method).config_class)
-    if differences:
-        raise ResumeMismatchError(f"{results_path} was made with another config ({'; '.join(differences)}) than this "
-                                  f"comparison asks for; {fix}")
-    if results.task != task:
-        raise ResumeMismatchError(f"{results_path} is a {results.task!r} run, not {task!r}; {fix}")
-    if not same_model(str(results.model), model_name):
-        raise ResumeMismatchError(f"{results_path} was made with model {results.model}, this comparison uses "
-                                  f"{model_name}; {fix}")
-    run_file = run_dir / RUN_FILE
-    if run_file.is_file():
-        moved = compare_data(json.loads(run_file.read_text(encoding="utf-8")).get("data"), data, str(results_path))
-    else:  # a run of an older version: only its data folder is known
-        saved_dir = Path(results.data_dir).expanduser().resolve()
-        if str(saved_dir) != data["data_dir"]:
-            raise ResumeMismatchError(f"{results_path} was made on the data in {saved_dir}, this comparison reads "
-                                      f"{data['data_dir']}; {fix}")
-        moved = f"{results_path} has no {RUN_FILE} (an older run): its rows cannot be checked, only its data folder"
-    if moved:
-        logger.warning("%s", moved)
+    saved = {"recipe": results.recipe, "task": results.task, "model": results.model, "config": results.config,
+             "data": read_run_record(run_dir).get("data")}
+    check_compatible(saved, expected, what=str(run_dir / RESULTS_FILE), allowed=REUSE_ALLOWED_KEYS,
+                     fix="delete the folder or pick another --output-dir")
 
 
 def ensure_run(method_name: str, task: str, run_dir: Path, data_dir: Path, model: str | None,
@@ -112,7 +92,7 @@ def ensure_run(method_name: str, task: str, run_dir: Path, data_dir: Path, model
     """Reuse, resume or train the run of ``method_name`` in ``run_dir``; returns its results.
 
     The config is built here (the method's shipped config for the task, then ``overrides``) and
-    handed to the run composer (:func:`recipes.cli.execute`): no command line in between.
+    handed to the run composer (:func:`recipes.run.cli.execute`): no command line in between.
 
     Raises:
         ResumeMismatchError: a finished run there was made with another config, model or data;
@@ -121,22 +101,22 @@ def ensure_run(method_name: str, task: str, run_dir: Path, data_dir: Path, model
     """
     method = get_method(method_name)
     config = load_config(method.config_class, default_config_file(method_name, task), overrides, task=task)
-    expected = config_to_dict(config)
-    model_name = str(default_model_path() if model is None else model)
-    results_path = run_dir / "results.json"
+    results_path = run_dir / RESULTS_FILE
     if results_path.is_file():
         try:
             results = read_results(results_path)
         except ValueError as error:
             raise ResumeMismatchError(f"{error}; delete {run_dir} or pick another --output-dir") from None
-        check_reusable(method_name, run_dir, results, expected, model_name, task,
-                       split_fingerprint(data_dir, task, config))
+        expected = RunIdentity(recipe=method_name, task=task, model=str(default_model_path() if model is None else model),
+                               config=config_to_dict(config), config_class=method.config_class,
+                               data=split_fingerprint(data_dir, task, config))
+        check_reusable(run_dir, results, expected)
         logger.info("%s: reusing %s", method_name, results_path)
         return results
     argv = ["--task", task, "--output-dir", str(run_dir), "--data-dir", str(data_dir)]
     if model is not None:
         argv += ["--model", str(model)]
-    resume = has_checkpoint(run_dir / "checkpoint")
+    resume = has_checkpoint(run_dir / CHECKPOINT_DIR)
     overwrite = not resume and run_dir.is_dir() and bool(run_contents(run_dir))
     if resume:
         logger.info("%s: resuming the checkpoint in %s", method_name, run_dir)
@@ -148,39 +128,14 @@ def ensure_run(method_name: str, task: str, run_dir: Path, data_dir: Path, model
     return results
 
 
-def reference_macs(backbone_dir: Path, num_labels: int, padded_length: int) -> int:
-    """Full-depth paper MACs of the plain fine-tuned model: embedding + every layer + a pooler head."""
-    from transformers import AutoConfig, AutoModel
-
-    from adaptive_depth.encoder import AdaptiveEncoder
-
-    backbone = AutoModel.from_config(AutoConfig.from_pretrained(backbone_dir))
-    encoder = AdaptiveEncoder(backbone, num_labels=num_labels, head_type="pooler", with_gates=False)
-    return encoder.full_depth_macs(padded_length, "paper")
-
-
-def check_alike(all_results: dict[str, RunResults]) -> None:
-    """Refuse to compare runs of different tasks, seeds, lengths or backbones.
-
-    Raises:
-        ConfigError: with the values that differ.
-    """
-    for key in ("task", "seed", "padded_length", "max_length"):
-        values = {method: results.config.get(key) for method, results in all_results.items()}
-        if len(set(values.values())) > 1:
-            raise ConfigError(f"the runs differ in {key}: {values}; compare runs made alike")
-    models = {method: results.model for method, results in all_results.items()}
-    if len(set(models.values())) > 1:
-        raise ConfigError(f"the runs use different backbones: {models}")
-
-
 def build_table(task: str, all_results: dict[str, RunResults], run_dirs: dict[str, Path]) -> dict[str, Any]:
     """One JSON-ready table: every method's rows with cost relative to the fine-tuned full depth."""
     check_alike(all_results)
     first = next(iter(all_results.values()))
     main_metric = first.main_metric
     padded_length = first.config["padded_length"]
-    analytic = reference_macs(run_dirs[next(iter(all_results))] / "backbone", get_task(task).num_labels, padded_length)
+    analytic = reference_macs(run_dirs[next(iter(all_results))] / BACKBONE_DIR, get_task(task).num_labels,
+                              padded_length)
     if REFERENCE in all_results:
         denominator, source = all_results[REFERENCE].full_depth.mean_macs_paper, f"{REFERENCE} full-depth row"
     else:

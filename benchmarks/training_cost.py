@@ -1,11 +1,13 @@
 """What SmartBERT training would cost on this machine: time a few steps, extrapolate per epoch.
 
-Times, on random token ids of a fixed length (the cost does not depend on the ids):
+Times, on random token ids of a fixed length (the cost does not depend on the ids), the
+recipe's own steps (:class:`recipes.smartbert.SmartBertModel` with the shipped MRPC config,
+``recipes/configs/smartbert_mrpc.yaml``, and its parameter groups):
 
 - a stage-1 step: soft gates, last head, ``CE + lambda / sum g + eta1 * InfoNCE`` over the
-  hidden states, backward through everything, AdamW step (paper eq. 3);
+  hidden states (paper eq. 3), backward through everything stage 1 trains, AdamW step;
 - a stage-2 step: hard gates, the intermediate heads, ``sum CE + eta2 * InfoNCE`` over the heads'
-  token states, backward into the heads only (backbone and gates frozen);
+  token states (eq. 6-8), backward into the heads only (backbone and gates frozen);
 - a full-depth inference batch (no gradient), for the held-out evaluations and the sweep.
 
 at ``--length 128`` (the recipe's ``max_length``) and, when ``--data-dir`` holds MRPC, at the
@@ -32,16 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from adaptive_depth import AdaptiveEncoder, skip_reward
-from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.files import OutputPathError, check_output_path
-from recipes.models import named_model_path
+from recipes import smartbert
+from recipes.glue import get_task
+from recipes.run.config import default_config_file, load_config
+from recipes.run.loop import freeze_for_stage2, stage2_train_mode
+from recipes.run.named_models import named_model_path
 
-# The recipe's MRPC settings (recipes/configs/smartbert_mrpc.yaml).
-SKIP_WEIGHT, ETA1, TAU1, ETA2, TAU2, INITIAL_SKIP_BIAS = 0.04, 0.01, 0.5, 0.05, 0.55, -1.0
+
+def mrpc_config() -> smartbert.SmartBertConfig:
+    """The recipe's MRPC settings (``recipes/configs/smartbert_mrpc.yaml``)."""
+    return load_config(smartbert.SmartBertConfig, default_config_file(smartbert.RECIPE, "mrpc"), task="mrpc")
 
 
 def mrpc_bucketed_length(data_dir: Path, tokenizer: Any, batch_size: int, max_length: int) -> tuple[float, int]:
@@ -78,56 +83,46 @@ def best_seconds(step: Callable[[], None], steps: int, threads: int, max_tries: 
     return (*min(clean), True) if clean else (*min(disturbed), False)
 
 
-def time_steps(encoder: AdaptiveEncoder, batch_size: int, length: int, steps: int, threads: int,
-               max_tries: int) -> dict[str, float]:
+def time_training_step(model: smartbert.SmartBertModel, batch: dict[str, torch.Tensor], stage: int,
+                       optimizer: torch.optim.Optimizer, options: dict[str, Any], steps: int, threads: int,
+                       max_tries: int) -> tuple[float, float, bool]:
+    """:func:`best_seconds` of one training step of ``stage``: the recipe's forward
+    (``model(batch, stage, **options)``, the stage's loss terms), backward and optimizer step."""
+
+    def step() -> None:
+        loss = model(batch, stage=stage, **options).total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return best_seconds(step, steps, threads, max_tries)
+
+
+def time_steps(model: smartbert.SmartBertModel, config: smartbert.SmartBertConfig, batch_size: int, length: int,
+               steps: int, threads: int, max_tries: int) -> dict[str, float]:
     """Wall seconds of a stage-1 step, a stage-2 step and a no-grad inference batch (see
-    :func:`best_seconds`), each with the cores it used and whether it ran undisturbed."""
+    :func:`best_seconds`), each with the cores it used and whether it ran undisturbed. ``model``
+    is left with stage 2's parameters trainable and the rest frozen."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, 1000, (batch_size, length), generator=generator)
-    attention_mask = torch.ones(batch_size, length, dtype=torch.long)
-    labels = torch.randint(0, 2, (batch_size,), generator=generator)
-    hidden = int(encoder.config.hidden_size)
-    contrast1 = CrossLayerInfoNCE(hidden, 128, TAU1)
-    contrast2 = CrossLayerInfoNCE(encoder.exit_heads[0].prelim.in_features, 128, TAU2)
+    batch = {"input_ids": torch.randint(5, 1000, (batch_size, length), generator=generator),
+             "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+             "labels": torch.randint(0, 2, (batch_size,), generator=generator)}
 
-    encoder.train()
-    stage1_parameters = [*encoder.parameters(), *contrast1.parameters()]
-    optimizer1 = torch.optim.AdamW(stage1_parameters, lr=1e-5)
-
-    def stage1_step() -> None:
-        out = encoder(input_ids, attention_mask, gate_mode="soft", heads="last")
-        loss = F.cross_entropy(out.logits, labels) + skip_reward(out.gate_probs, SKIP_WEIGHT)
-        loss = loss + ETA1 * contrast1(out.hidden_states[1:], out.attention_mask).loss
-        optimizer1.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer1.step()
-
-    stage1 = best_seconds(stage1_step, steps, threads, max_tries)
-    del optimizer1
-    heads = [*encoder.exit_heads[:-1], contrast2]
-    for parameter in encoder.parameters():
-        parameter.requires_grad_(False)
-    stage2_parameters = [parameter for module in heads for parameter in module.parameters()]
-    for parameter in stage2_parameters:
+    for parameter in model.parameters():
         parameter.requires_grad_(True)
-    optimizer2 = torch.optim.AdamW(stage2_parameters, lr=5e-4)
-
-    def stage2_step() -> None:
-        out = encoder(input_ids, attention_mask, gate_mode="hard", heads="intermediate", return_head_token_states=True)
-        intermediate = range(encoder.num_steps - 1)
-        loss = sum(F.cross_entropy(out.exit_logits[step], labels) for step in intermediate)
-        states = [out.head_token_states[step] for step in intermediate]
-        loss = loss + ETA2 * contrast2(states, out.attention_mask).loss
-        optimizer2.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer2.step()
-
-    stage2 = best_seconds(stage2_step, steps, threads, max_tries)
-    encoder.eval()
+    model.train()
+    optimizer = torch.optim.AdamW(smartbert.stage1_param_groups(model, config), weight_decay=config.weight_decay)
+    stage1 = time_training_step(model, batch, 1, optimizer, {"gate_mode": "soft"}, steps, threads, max_tries)
+    modules = smartbert.stage2_modules(model)
+    optimizer = torch.optim.AdamW(freeze_for_stage2(model, modules), lr=config.stage2_lr,
+                                  weight_decay=config.weight_decay)
+    stage2_train_mode(model, modules)
+    stage2 = time_training_step(model, batch, 2, optimizer, {}, steps, threads, max_tries)
+    model.eval()
 
     def inference() -> None:
         with torch.inference_mode():
-            encoder(input_ids, attention_mask, gate_mode="run", heads="last")
+            model.encoder(batch["input_ids"], batch["attention_mask"], gate_mode="run", heads="last")
 
     inference_run = best_seconds(inference, steps, threads, max_tries)
     figures = {}
@@ -140,7 +135,7 @@ def time_steps(encoder: AdaptiveEncoder, batch_size: int, length: int, steps: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mpnet-base", help="a named model (recipes.models) or a local folder")
+    parser.add_argument("--model", default="mpnet-base", help="a named model (recipes.run.named_models) or a local folder")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
@@ -162,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     path = named_model_path(args.model) or Path(args.model)
     backbone = AutoModel.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AdaptiveEncoder(backbone, num_labels=2, initial_skip_bias=INITIAL_SKIP_BIAS)
+    config = mrpc_config()
+    model = smartbert.build_model(backbone, config, get_task("mrpc"))
+    encoder = model.encoder
     lengths = {"fixed": args.length}
     if args.data_dir is not None:
         mean_length, _ = mrpc_bucketed_length(args.data_dir, tokenizer, args.batch_size, args.length)
@@ -175,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "load_average_before": os.getloadavg(), "settings": {},
     }
     for label, length in lengths.items():
-        figures = time_steps(encoder, args.batch_size, length, args.steps, args.threads, args.max_tries)
-        for parameter in encoder.parameters():
-            parameter.requires_grad_(True)
+        figures = time_steps(model, config, args.batch_size, length, args.steps, args.threads, args.max_tries)
         figures.update(
             length=length,
             stage1_epoch_min=figures["stage1_step_s"] * steps_per_epoch / 60,

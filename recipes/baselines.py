@@ -3,7 +3,7 @@
 Each baseline is a :class:`BaselineSpec`: a small record of what differs between them (exit-head
 type, the exit objective of each stage from :mod:`adaptive_depth.objectives`, the exit criterion
 and its default thresholds). :func:`baseline_method` turns a spec into a
-:class:`~recipes.methods.Method` for the run composer (:mod:`recipes.run`):
+:class:`~recipes.run.method.Method` for the run composer (:mod:`recipes.run.composer`):
 
 * stage 1: the backbone and the heads ``spec.stage1`` runs (its ``heads``) on that objective; the
   best epoch on the held-out part (full depth) is kept;
@@ -31,14 +31,14 @@ from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import ExitCriterion
 from adaptive_depth.losses import LossTerms
 from adaptive_depth.objectives import ExitObjective
-from recipes.cli import run_cli
-from recipes.config import RESUME_ALLOWED_KEYS, RecipeConfig
-from recipes.errors import ConfigError
 from recipes.glue import GlueTask
-from recipes.methods import Method, register_method
-from recipes.reload import load_run
-from recipes.results import SweepRow
-from recipes.sweep import SweepSetting
+from recipes.run.cli import run_cli
+from recipes.run.config import RESUME_ALLOWED_KEYS, RecipeConfig
+from recipes.run.errors import ConfigError
+from recipes.run.method import Method, register_method
+from recipes.run.results import SweepRow
+from recipes.run.sweep import SweepSetting
+from recipes.run.trained import load_run
 
 __all__ = ["BaselineConfig", "BaselineModel", "BaselineSpec", "baseline_method", "entry_points", "register_baseline"]
 
@@ -82,7 +82,7 @@ class BaselineSpec:
 @dataclass
 class BaselineConfig(RecipeConfig):
     """Hyper-parameters of the baseline recipes: the shared keys of
-    :class:`~recipes.config.RecipeConfig` (``stage1_head_lr`` applies to the heads; stage 2
+    :class:`~recipes.run.config.RecipeConfig` (``stage1_head_lr`` applies to the heads; stage 2
     is ignored by one-stage methods; ``head_inner_size`` only matters for FastBERT's attention
     heads), with a shorter default schedule, and:
 
@@ -135,7 +135,7 @@ def thresholds(spec: BaselineSpec, config: BaselineConfig, num_steps: int) -> li
 
 
 def baseline_method(spec: BaselineSpec) -> Method:
-    """The :class:`~recipes.methods.Method` of a baseline spec."""
+    """The :class:`~recipes.run.method.Method` of a baseline spec."""
 
     def build_model(backbone: nn.Module, config: BaselineConfig, task: GlueTask) -> BaselineModel:
         encoder = build_encoder(backbone, spec, task.num_labels, config)
@@ -178,7 +178,7 @@ def baseline_method(spec: BaselineSpec) -> Method:
 def entry_points(method: Method) -> tuple[Callable[..., tuple[AdaptiveEncoder, Any, BaselineConfig]],
                                           Callable[[list[str] | None], int]]:
     """``(load_trained, main)`` of a baseline module: ``load_trained(run_dir, device="cpu")`` reloads
-    a trained run (``(encoder in eval mode, tokenizer, config)``, see :func:`recipes.reload.load_run`);
+    a trained run (``(encoder in eval mode, tokenizer, config)``, see :func:`recipes.run.trained.load_run`);
     ``main(argv=None)`` is its command line."""
 
     def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[AdaptiveEncoder, Any, Any]:

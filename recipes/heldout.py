@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recipes import errors
-from recipes.errors import CheckpointError, ConfigError
+from recipes.run import errors
+from recipes.run.errors import CheckpointError, ConfigError
 
 __all__ = ["heldout_rows", "main"]
 
@@ -29,22 +29,22 @@ def heldout_rows(run_dir: Path, data_dir: str | None = None) -> list[dict[str, A
 
     Raises:
         CheckpointError: no readable ``run.json`` (not a run folder).
-        ResumeMismatchError: the data folder's rows are not the ones the run used.
+        ResumeMismatchError: the data folder's rows are not the ones the run used
+            (:func:`recipes.run.trained.checked_rows`).
     """
     from recipes.glue import get_task, holdout_split, resolve_data_dir
-    from recipes.methods import get_method
-    from recipes.run_folder import RUN_FILE, compare_data, run_examples, split_fingerprint
+    from recipes.run.folder import RUN_FILE, read_run_record
+    from recipes.run.method import get_method
+    from recipes.run.trained import checked_rows
 
+    record = read_run_record(run_dir)
     try:
-        record = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-        config = get_method(record["recipe"]).config_class(**record["config"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        method = get_method(record["recipe"])
+        config = method.config_class(**record["config"])
+    except (KeyError, TypeError) as error:
         raise CheckpointError(f"cannot read {run_dir / RUN_FILE} ({error}); is {run_dir} a recipe run folder?") from None
     folder = resolve_data_dir(data_dir if data_dir is not None else record.get("data", {}).get("data_dir"))
-    examples = run_examples(folder, config.task, config)
-    moved = compare_data(record.get("data"), split_fingerprint(folder, config.task, config, examples), str(run_dir))
-    if moved:
-        print(f"warning: {moved}", file=sys.stderr)
+    examples = checked_rows(run_dir, folder, method, config, record)
     task = get_task(config.task)
     rows = []
     for example in holdout_split(examples[0], config.holdout_fraction, config.seed)[1]:
@@ -60,12 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on a user error)."""
     from adaptive_depth.files import write_atomically
     from recipes.glue import GlueDataError
+    from recipes.run.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m recipes.heldout", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a recipe run folder (with run.json)")
     parser.add_argument("--data-dir", default=None, help="glue_data folder (default: the one the run recorded)")
     parser.add_argument("--output", type=Path, default=None, help="JSON-lines file (default: RUN_DIR/heldout.jsonl)")
     args = parser.parse_args(argv)
+    setup_logging()
     with errors.error_boundary(handled=(GlueDataError,)) as outcome:
         rows = heldout_rows(args.run_dir, args.data_dir)
         output = args.output or args.run_dir / "heldout.jsonl"

@@ -18,9 +18,10 @@ Paper sections 3.3-3.6 (eq. 3-8), as described in ``docs/design.md``:
 * sweep: the inference engine on dev at full depth, skip only and entropy thresholds; writes
   ``results.json`` and ``plot.png`` into the run folder.
 
-The method is :data:`METHOD` (a :class:`~recipes.methods.Method`); the loops, checkpoints,
-``--resume`` and the command line are the shared run composer's (:mod:`recipes.run`). With ``WORLD_SIZE > 1`` (torchrun) it trains with
-DistributedDataParallel (gloo on CPU); only rank 0 writes.
+The method is :data:`METHOD` (a :class:`~recipes.run.method.Method`); the loops, checkpoints,
+``--resume`` and the command line are the shared run machinery's (:mod:`recipes.run`). With
+``WORLD_SIZE > 1`` (torchrun) it trains with DistributedDataParallel (gloo on CPU); only rank 0
+writes.
 """
 
 from __future__ import annotations
@@ -33,21 +34,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adaptive_depth.config import check_gate_threshold
+from adaptive_depth.config import AdaptiveEncoderConfig, check_gate_threshold
 from adaptive_depth.contrastive import CrossLayerInfoNCE
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import EntropyExit, PatienceExit, ToleranceExit
 from adaptive_depth.gates import GateSchedule
 from adaptive_depth.losses import LossTerms, smartbert_stage1_loss, smartbert_stage2_loss
 from adaptive_depth.objectives import exit_objective, gate_objective, objective_spec
-from recipes.cli import run_cli
-from recipes.config import RESUME_ALLOWED_KEYS, RecipeConfig
-from recipes.errors import ConfigError
 from recipes.glue import GlueTask
-from recipes.methods import Method, register_method
-from recipes.reload import load_run
-from recipes.results import SweepRow
-from recipes.sweep import SweepSetting
+from recipes.run.cli import run_cli
+from recipes.run.config import RESUME_ALLOWED_KEYS, RecipeConfig
+from recipes.run.errors import ConfigError
+from recipes.run.method import Method, register_method
+from recipes.run.results import SweepRow
+from recipes.run.sweep import SweepSetting
+from recipes.run.trained import load_run
 
 __all__ = ["METHOD", "SmartBertConfig", "SmartBertModel", "load_trained", "main"]
 
@@ -59,7 +60,7 @@ class SmartBertConfig(RecipeConfig):
     """Hyper-parameters of the SmartBERT recipe (defaults: the official RTE run).
 
     The shared keys (data, schedule, optimizer) are those of
-    :class:`~recipes.config.RecipeConfig`; ``stage1_head_lr`` applies to the last head and
+    :class:`~recipes.run.config.RecipeConfig`; ``stage1_head_lr`` applies to the last head and
     the stage-1 projection. SmartBERT adds:
 
     Attributes:
@@ -92,8 +93,9 @@ class SmartBertConfig(RecipeConfig):
         eta1, tau1: weight and temperature of the stage-1 contrastive loss.
         eta2, tau2: weight and temperature of the stage-2 contrastive loss.
         projection_dim: width of the contrastive projection heads.
-        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (training and
-            inference; saved with the model).
+        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold``; set as the encoder's own
+            (``encoder.adaptive_config.gate_threshold``), which training, the held-out selection,
+            the sweep, calibration and the saved model read.
         gate_inner_size: width of the gates' self-attention.
         entropy_thresholds: the ``S`` values of the sweep.
     """
@@ -110,7 +112,7 @@ class SmartBertConfig(RecipeConfig):
     eta2: float = 0.05
     tau2: float = 0.55
     projection_dim: int = 128
-    gate_threshold: float = 0.5
+    gate_threshold: float = AdaptiveEncoderConfig.gate_threshold  # the library's default, the paper's 0.5
     gate_inner_size: int = 128
     entropy_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     regression_tolerance: float = 0.1
@@ -273,7 +275,6 @@ METHOD = register_method(Method(
     sweep_settings=sweep_settings,
     stage2_modules=stage2_modules,
     stage1_options=stage1_options,
-    gate_threshold=lambda config: config.gate_threshold,
     extra_results=extra_results,
     heldout_gate_mode="hard",  # the best epoch is picked with the gates skipping, as they will at inference
     stage1_selectable=stage1_selectable,

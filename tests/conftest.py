@@ -239,10 +239,10 @@ def assert_stage2_trained_only(run_dir: Path, trained: tuple[str, ...], frozen_i
     """A finished two-stage run changed in stage 2 only the weights under the ``trained`` prefixes
     (each of which did change); every other weight, among them some under each of the
     ``frozen_includes`` prefixes, equals the best stage-1 weights bit for bit (frozen, not retrained)."""
-    from recipes import checkpoint
+    from recipes.run import checkpoints, storage
 
-    best = checkpoint.load_weights(run_dir / "stage1_best.safetensors")
-    final, state, _ = checkpoint.load_checkpoint(run_dir / "checkpoint")
+    best = storage.load_weights(run_dir / "stage1_best.safetensors")
+    final, state, _ = checkpoints.load_checkpoint(run_dir / "checkpoint")
     assert state["stage"] == 2
     frozen = [key for key in best if not key.startswith(trained)]
     for prefix in frozen_includes:

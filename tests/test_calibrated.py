@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import calibrated, seeds
+from benchmarks import calibrated, run_calibration, seeds
 from recipes import deebert, fastbert, finetune, smartbert
 from tests.conftest import RECIPE_RUN_MARKS, THRESHOLD_RESOLUTION, TINY_BASELINE, TINY_SMARTBERT
 from tests.glue_fixtures import write_synthetic_glue
@@ -44,7 +44,7 @@ def test_reproduces_the_runs_own_operating_point(runs: dict[str, Path], data: Pa
     results = json.loads((runs[name] / "results.json").read_text())
     point = results["operating_point"]
     assert point["calibration"] is not None and "error" not in point["calibration"]
-    cells = calibrated.calibrate_run(name, runs[name], data, [point["budget"]], None, convention="exact",
+    cells = run_calibration.calibrate_run(name, runs[name], data, [point["budget"]], None, convention="exact",
                                      progress=False)
     cell = cells[str(point["budget"])]
     assert cell["threshold"] == pytest.approx(point["calibration"]["threshold"], abs=THRESHOLD_RESOLUTION)
@@ -91,7 +91,7 @@ def test_calibrate_on_half_of_dev_scores_the_other_half(runs: dict[str, Path], d
     """``--calibrate-on dev-half``: the threshold meets the budget on one half of dev; the metrics,
     cost and majority class are those of the other half, disjoint from it."""
     from recipes.glue import holdout_split, majority_class_metrics
-    from recipes.run_folder import run_examples
+    from recipes.run.data import run_examples
 
     out = tmp_path / "calibrated-dev-half.json"
     argv = ["--data-dir", str(data), "--run", f"deebert={runs['deebert']}", "--budgets", "0.8", "--calibrate-on",
@@ -106,16 +106,16 @@ def test_calibrate_on_half_of_dev_scores_the_other_half(runs: dict[str, Path], d
 
     config = deebert.METHOD.config_class(**json.loads((runs["deebert"] / "results.json").read_text())["config"])
     examples = run_examples(data, "mrpc", config)
-    calibrate, report = calibrated.calibration_rows(examples, config, "dev-half")
+    calibrate, report = run_calibration.calibration_rows(examples, config, "dev-half")
     assert not {row.source for row in calibrate} & {row.source for row in report}
     assert len(calibrate) + len(report) == len(examples[1])
     # The calibration ran on the calibration half's rows and dev was scored on the other half's.
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from adaptive_depth.exits import EntropyExit
-    from recipes.reload import load_run
+    from recipes.run.trained import load_run
 
     encoder, tokenizer, _ = load_run(runs["deebert"], "deebert")
-    calibrate_batches, report_batches = calibrated.heldout_and_dev(examples, config, tokenizer, "dev-half")
+    calibrate_batches, report_batches = run_calibration.heldout_and_dev(examples, config, tokenizer, "dev-half")
     first = tokenizer(calibrate[0].text_a, calibrate[0].text_b, truncation=True, max_length=config.max_length)
     assert calibrate_batches[0]["input_ids"][0, :len(first["input_ids"])].tolist() == first["input_ids"]
     assert sum(len(batch["labels"]) for batch in report_batches) == len(report)
@@ -139,8 +139,8 @@ def test_gates_off_calibrates_the_same_run_without_its_skip_gates(runs: dict[str
     (no layer skipped, no gate run), reported as ``smartbert_gates_off``."""
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from adaptive_depth.exits import EntropyExit
-    from recipes.reload import load_run
-    from recipes.run_folder import run_examples
+    from recipes.run.trained import load_run
+    from recipes.run.data import run_examples
 
     out = tmp_path / "gates-off.json"
     argv = ["--data-dir", str(data), "--run", f"smartbert={runs['smartbert']}", "--gates-off", "smartbert",
@@ -153,7 +153,7 @@ def test_gates_off_calibrates_the_same_run_without_its_skip_gates(runs: dict[str
     assert "error" not in cell and cell["heldout_relative_cost"] <= 0.8 + 1e-9
     # Dev at that threshold with the gates off: every layer up to the exit runs.
     encoder, tokenizer, config = load_run(runs["smartbert"], "smartbert")
-    _, dev = calibrated.heldout_and_dev(run_examples(data, "mrpc", config), config, tokenizer)
+    _, dev = run_calibration.heldout_and_dev(run_examples(data, "mrpc", config), config, tokenizer)
     engine = AdaptiveInferenceEngine(encoder, EntropyExit(cell["threshold"]), mode="exit_only",
                                      padded_length=config.padded_length)
     traces = [engine(batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"])

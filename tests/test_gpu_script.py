@@ -63,7 +63,7 @@ def test_without_cuda_it_stops_unless_told_cpu(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or "device" in {field.name for field in dataclasses.fields(
-    __import__("recipes.config", fromlist=["RecipeConfig"]).RecipeConfig)}, reason="the recipes take a device")
+    __import__("recipes.run.config", fromlist=["RecipeConfig"]).RecipeConfig)}, reason="the recipes take a device")
 def test_training_on_cuda_is_refused_while_the_recipes_train_on_the_cpu(tmp_path: Path) -> None:
     args = gpu.parse_args(["--train", "--output-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="the recipes train on the CPU only"):

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from recipes.methods import METHODS
+from recipes.run.method import METHODS
 from tests.conftest import REPO, requires_minilm
 
 

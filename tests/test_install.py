@@ -13,7 +13,7 @@ from tests.conftest import subprocess_env
 def test_recipes_and_benchmarks_import_outside_the_clone(tmp_path: Path) -> None:
     code = (
         "import benchmarks.tradeoff, recipes, recipes.smartbert\n"
-        "from recipes.config import CONFIG_DIR\n"
+        "from recipes.run.config import CONFIG_DIR\n"
         "assert (CONFIG_DIR / 'smartbert_mrpc.yaml').is_file(), CONFIG_DIR\n"
         "from adaptive_depth import AdaptiveInferenceEngine, AdaptivePipeline, calibrate_threshold\n"
         "print(recipes.__file__)\n"

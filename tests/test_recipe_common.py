@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaptive_depth.losses import LossTerms
-from recipes import loop
+from recipes.run import loop
 
 
 def test_progress_bar_is_quiet_when_stderr_is_a_file(capsys: pytest.CaptureFixture[str]) -> None:
@@ -24,8 +24,8 @@ def test_progress_bar_is_quiet_when_stderr_is_a_file(capsys: pytest.CaptureFixtu
 def test_an_option_added_after_a_run_counts_as_its_default() -> None:
     """A run made before ``gate_warmup_epochs`` existed is the same config as one asking for its
     default (0: what the run did), and a different one when another value is asked for."""
-    from recipes.config import config_to_dict, load_config
-    from recipes.run_folder import config_differences
+    from recipes.run.config import config_to_dict, load_config
+    from recipes.run.compat import config_differences
     from recipes.smartbert import SmartBertConfig
 
     current = config_to_dict(load_config(SmartBertConfig, None, ["gate_objective=budget"], task="mrpc"))

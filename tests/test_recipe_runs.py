@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 import torch
 
-from recipes import checkpoint as ckpt
-from recipes import loop, smartbert, sweep
-from recipes.errors import RunFolderError
-from recipes.run_folder import LOCK_FILE, RunLock
+from recipes import smartbert
+from recipes.run import checkpoints as ckpt
+from recipes.run import loop, storage, sweep
+from recipes.run.errors import RunFolderError
+from recipes.run.folder import LOCK_FILE, RunLock
 from tests.conftest import RECIPE_RUN_MARKS, approx_tree, assert_same_weights
 from tests.conftest import TINY_SMARTBERT as TINY
 from tests.conftest import run_smartbert as run_cli
@@ -62,7 +63,7 @@ def reference(tiny_model_dir: Path, glue_dir: Path, tmp_path_factory: pytest.Tem
     assert run_cli(*base(glue_dir, tiny_model_dir, out), *SCHEDULE) == 0
     weights, _, _ = ckpt.load_checkpoint(out / "checkpoint")
     return {"results": without_timings(json.loads((out / "results.json").read_text())), "weights": weights,
-            "best": ckpt.load_weights(out / "stage1_best.safetensors")}
+            "best": storage.load_weights(out / "stage1_best.safetensors")}
 
 
 def interrupt_epoch(monkeypatch: pytest.MonkeyPatch, epoch_call: int, signal_number: int) -> None:
@@ -92,7 +93,7 @@ def test_a_gate_warmup_epoch_is_never_the_best_stage1_epoch(
 ) -> None:
     """The warm-up epoch scores best on held-out here, but its gates are untrained (they would skip
     nothing): the best stage-1 weights must come from the epoch that trained the gates."""
-    from recipes.run import Run
+    from recipes.run.composer import Run
 
     scores = iter([0.9, 0.6])
     original = Run.evaluate_heldout
@@ -146,7 +147,7 @@ def test_interrupted_run_resumes_to_the_same_results_and_weights(
     assert results == approx_tree(reference["results"])
     final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
     assert_same_weights(final, reference["weights"])
-    assert_same_weights(ckpt.load_weights(out / "stage1_best.safetensors"), reference["best"])
+    assert_same_weights(storage.load_weights(out / "stage1_best.safetensors"), reference["best"])
 
 
 def test_interrupt_before_the_first_checkpoint_says_to_start_again(
@@ -364,7 +365,7 @@ def test_failures_that_were_tracebacks_are_one_line_errors(
     assert run_cli(*base(glue_dir, tiny_model_dir, a_file / "run")) == 2
     assert_one_error_line(capsys.readouterr().err, "is a file, not a folder")
 
-    monkeypatch.setattr("recipes.run_folder.os.access", lambda path, mode: False)
+    monkeypatch.setattr("recipes.run.folder.os.access", lambda path, mode: False)
     assert run_cli(*base(glue_dir, tiny_model_dir, tmp_path / "ro" / "run")) == 2
     assert_one_error_line(capsys.readouterr().err, "cannot write into", "writable --output-dir")
 

@@ -16,10 +16,11 @@ import torch
 import yaml
 
 from adaptive_depth.engine import AdaptiveInferenceEngine
-from recipes import checkpoint, smartbert
-from recipes.config import load_config
-from recipes.methods import freeze_for_stage2
-from recipes.errors import ConfigError
+from recipes import smartbert
+from recipes.run import checkpoints, storage
+from recipes.run.config import load_config
+from recipes.run.loop import freeze_for_stage2
+from recipes.run.errors import ConfigError
 from recipes.glue import EncodedDataset, collate, encode_examples, read_split
 from tests.conftest import RECIPE_RUN_MARKS, assert_stage2_trained_only, requires_glue, subprocess_env
 from tests.conftest import TINY_SMARTBERT as TINY
@@ -116,8 +117,8 @@ def test_load_trained_without_stage2_gives_the_best_stage1_weights(
     # The tiny model does not improve on the 4 held-out rows, so epoch 0 stays the best one and
     # the last checkpoint (epoch 1) holds other weights.
     assert results["best_stage1"]["epoch"] == 0
-    best = checkpoint.load_weights(out / "stage1_best.safetensors")
-    last, _, _ = checkpoint.load_checkpoint(out / "checkpoint")
+    best = storage.load_weights(out / "stage1_best.safetensors")
+    last, _, _ = checkpoints.load_checkpoint(out / "checkpoint")
     key = "encoder.exit_heads.1.classifier.bias"
     assert not torch.equal(best[key], last[key])
     # The saved model (<run>/model) holds the best stage-1 weights ...
@@ -128,7 +129,7 @@ def test_load_trained_without_stage2_gives_the_best_stage1_weights(
     shutil.rmtree(out / "model")
     encoder, _, _ = smartbert.load_trained(out)
     assert torch.equal(encoder.exit_heads[1].classifier.bias, best[key])
-    with pytest.raises(checkpoint.CheckpointError, match="not 'deebert'"):
+    with pytest.raises(checkpoints.CheckpointError, match="not 'deebert'"):
         from recipes import deebert
 
         deebert.load_trained(out)
@@ -138,7 +139,7 @@ def test_load_trained_without_stage2_gives_the_best_stage1_weights(
     data = bytearray(stored.read_bytes())
     data[-1] ^= 1
     stored.write_bytes(bytes(data))  # in place: the published stage1_best.safetensors is another file
-    with pytest.raises(checkpoint.CheckpointError, match="checksum differs"):
+    with pytest.raises(checkpoints.CheckpointError, match="checksum differs"):
         smartbert.load_trained(out)
 
 

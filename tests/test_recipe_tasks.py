@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recipes import smartbert
-from recipes.loading import load_model_and_tokenizer
+from recipes.run.models import load_model_and_tokenizer
 from tests.conftest import TINY_SMARTBERT, approx_tree, minilm_dir, requires_minilm, run_smartbert
 from tests.glue_fixtures import write_synthetic_glue
 
@@ -86,7 +86,7 @@ def test_gated_epochs_train_gates_keeps_the_fine_tuned_backbone(trained: str, ti
     warm-up left them while the gates train; the paper's ``all`` trains the backbone on."""
     import torch
 
-    from recipes.run import Run
+    from recipes.run.composer import Run
 
     snapshots: list[dict[str, torch.Tensor]] = []
     original = Run.evaluate_heldout
@@ -140,7 +140,7 @@ def test_skipping_statistics_reuse_the_sweeps_passes() -> None:
 
     from adaptive_depth import AdaptiveEncoder, EntropyExit
     from recipes.glue import GlueMetrics
-    from recipes.sweep import SweepSetting, run_sweep, skipping_statistics
+    from recipes.run.sweep import SweepSetting, run_sweep, skipping_statistics
     from tests.conftest import padded_batch, tiny_model
 
     torch.manual_seed(0)
@@ -168,8 +168,8 @@ def test_the_saved_operating_point_keeps_the_criterions_options(tmp_path: Path, 
     either branch of the calibration, and the reloaded model rebuilds it."""
     from adaptive_depth import AdaptiveEncoder, PatienceExit
     from recipes.glue import GlueMetrics
-    from recipes.operating_point import calibrate_and_save
-    from recipes.sweep import SweepSetting
+    from recipes.run.operating_point import calibrate_and_save
+    from recipes.run.sweep import SweepSetting
     from tests.conftest import padded_batch, tiny_model
 
     torch.manual_seed(0)
@@ -181,7 +181,7 @@ def test_the_saved_operating_point_keeps_the_criterions_options(tmp_path: Path, 
     settings = [SweepSetting("full", "full"),
                 SweepSetting("patience=2", "exit_only", PatienceExit(2, regression_tolerance=0.3), 2.0)]
     point = calibrate_and_save(encoder, None, tmp_path, settings, batches, batches, lambda: GlueMetrics("stsb"),
-                               budget=budget, gate_threshold=1.0, padded_length=None, label_names=None, max_length=9)
+                               budget=budget, padded_length=None, label_names=None, max_length=9)
     assert (point.calibration is not None and "error" in point.calibration) == (budget < 0.5)
     saved = AdaptiveEncoder.from_pretrained(tmp_path / point.model_dir).adaptive_config
     assert saved.criterion == "patience" and saved.criterion_options == {"regression_tolerance": 0.3}

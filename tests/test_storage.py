@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 
 from adaptive_depth import AdaptiveEncoder, EntropyExit
 from adaptive_depth.storage import as_storage_error, storage_errno
-from recipes import checkpoint as ckpt
-from recipes.errors import StorageError, error_boundary
+from recipes.run import checkpoints as ckpt
+from recipes.run.errors import StorageError, error_boundary
 from tests.conftest import assert_same_model, padded_batch, random_encoder, requires_minilm
 
 TORCH_ZIP_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
@@ -68,7 +68,7 @@ def test_a_checkpoint_save_that_meets_a_full_disk_is_a_storage_error(
         def failing(path: Path, tensors: Any) -> None:
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-        monkeypatch.setattr(ckpt, "_write_safetensors", failing)
+        monkeypatch.setattr(ckpt, "write_weights", failing)
     else:
         def failing_save(*args: Any, **kwargs: Any) -> None:
             raise torch_zip_error()

@@ -1,6 +1,15 @@
-"""Checkpoints: safetensors weights, a ``torch.save`` optimizer and random-generator file and a
-JSON state with every file's SHA-256, written to a temporary folder and swapped in as a whole;
-the previous checkpoint is kept as a fallback."""
+"""Checkpoints: a run's state at the end of an epoch, written as a whole, and the best stage-1 weights.
+
+* The format (:func:`save_checkpoint`, :func:`load_checkpoint`): safetensors weights, a
+  ``torch.save`` file of the optimizer, scheduler and random-generator states, and a JSON state
+  recording every file's SHA-256; written to a temporary folder and swapped in, the previous
+  checkpoint kept as ``<folder>.prev`` (one generation back) for when the newest is damaged.
+* :class:`RunCheckpoints`: a run's checkpoint after every epoch, with the best stage-1 weights
+  (published as ``<run>/stage1_best.safetensors``), checked and restored on ``--resume``.
+
+Files are written with :mod:`recipes.run.storage`; where they lie in a run folder is
+:mod:`recipes.run.folder`'s.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +17,33 @@ import datetime as _dt
 import json
 import os
 import random
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from adaptive_depth.storage import file_sha256 as file_digest
-from recipes.errors import CheckpointError
-from recipes.logs import logger
+from recipes.run import errors
+from recipes.run.errors import CheckpointError
+from recipes.run.logs import logger
+from adaptive_depth.storage import file_sha256
+from recipes.run.storage import (RecordedFile, atomic_write, copy_verified, detached, fsync, load_state_dict_strict,
+                                 load_weights, write_weights)
 
 __all__ = [
     "OPTIMIZER_FILE",
     "STATE_FILE",
     "WEIGHTS_FILE",
-    "RecordedFile",
-    "atomic_write",
+    "RunCheckpoints",
     "capture_rng_state",
-    "copy_verified",
-    "file_digest",
     "has_checkpoint",
     "load_checkpoint",
-    "load_state_dict_strict",
-    "load_weights",
     "previous_checkpoint",
+    "read_state",
     "restore_rng_state",
     "save_checkpoint",
-    "save_weights",
 ]
 
 
@@ -43,44 +51,6 @@ WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 PREVIOUS_SUFFIX = ".prev"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def _write_safetensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file(dict(tensors), str(path))
-
-
-def save_weights(path: Path, state_dict: Mapping[str, Tensor]) -> None:
-    """Write a state dict as safetensors, atomically (tensors copied, so shared storage is fine)."""
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
-    atomic_write(path, lambda temporary: _write_safetensors(temporary, tensors))
-
-
-def load_weights(path: Path, sha256: str | None = None) -> dict[str, Tensor]:
-    """Read a safetensors state dict; :class:`CheckpointError` if missing, unreadable, or (given
-    ``sha256``) not the file that was recorded."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint weights {path} do not exist")
-    if sha256 is not None and file_digest(path) != sha256:
-        raise CheckpointError(f"weights {path} differ from the ones the run recorded (checksum differs): the file "
-                              "is corrupt or was replaced")
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"checkpoint weights {path} are corrupt or unreadable: {error}") from error
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -100,43 +70,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk (a folder: its entries), where the platform allows it."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-class RecordedFile(NamedTuple):
-    """An existing file and the SHA-256 a checkpoint recorded for it (e.g. the best stage-1 weights)."""
-
-    path: Path
-    sha256: str
-
-
-def copy_verified(source: RecordedFile, target: Path) -> None:
-    """Copy ``source.path`` to ``target`` (a new file, never a hard link: a later write to one must
-    not change the other) and check the copy against ``source.sha256``.
-
-    Raises:
-        CheckpointError: the copy's bytes are not the recorded ones (the source was damaged or replaced).
-    """
-    import shutil
-
-    shutil.copyfile(source.path, target)
-    if file_digest(target) != source.sha256:
-        raise CheckpointError(f"{source.path} differs from the file the checkpoint recorded (checksum differs): it "
-                              "was damaged or replaced; resume falls back to the previous checkpoint, or start a new "
-                              "run (--overwrite)")
 
 
 def previous_checkpoint(folder: str | os.PathLike[str]) -> Path:
@@ -176,27 +109,23 @@ def save_checkpoint(
         scheduler: optional learning-rate scheduler.
         rng_state: :func:`capture_rng_state` at the moment of saving.
         extra_files: more weights files: ``{file name: state dict to write, or a
-            :class:`RecordedFile` to copy (checked against its digest)}``, e.g. the best stage-1
-            weights. No file is shared (hard-linked) between two checkpoints.
+            :class:`~recipes.run.storage.RecordedFile` to copy (checked against its digest)}``, e.g.
+            the best stage-1 weights. No file is shared (hard-linked) between two checkpoints.
 
     Raises:
         StorageError: the disk is full or not writable (the previous checkpoint is kept).
-        CheckpointError: a :class:`RecordedFile` no longer has its recorded bytes.
+        CheckpointError: a :class:`~recipes.run.storage.RecordedFile` no longer has its recorded bytes.
     """
-    from recipes.errors import storage_error
-
     folder = Path(folder)
     temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     previous = previous_checkpoint(folder)
-    import shutil
-
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         # Left by a process that died while saving (the run folder's lock keeps out live ones).
         for leftover in folder.parent.glob(f".{folder.name}.tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         temporary.mkdir()
-        _write_safetensors(temporary / WEIGHTS_FILE, _detached(state_dict))
+        write_weights(temporary / WEIGHTS_FILE, detached(state_dict))
         payload = {
             "optimizer": None if optimizer is None else optimizer.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
@@ -208,24 +137,23 @@ def save_checkpoint(
             if isinstance(source, RecordedFile):
                 copy_verified(source, temporary / name)
             else:
-                _write_safetensors(temporary / name, _detached(source))
-        files = {path.name: file_digest(path) for path in sorted(temporary.iterdir())}
+                write_weights(temporary / name, detached(source))
+        files = {path.name: file_sha256(path) for path in sorted(temporary.iterdir())}
         record = dict(state)
         record["files"] = files
-        record["weights_sha256"] = files[WEIGHTS_FILE]
         record["saved_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         (temporary / STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         for path in temporary.iterdir():
-            _fsync(path)
-        _fsync(temporary)
+            fsync(path)
+        fsync(temporary)
         if folder.exists():
             if previous.exists():
                 shutil.rmtree(previous)
             os.replace(folder, previous)
         os.replace(temporary, folder)
-        _fsync(folder.parent)
+        fsync(folder.parent)
     except Exception as error:  # OSError, or torch's / safetensors' error for a full disk
-        converted = storage_error(error, f"saving the checkpoint {folder}")
+        converted = errors.storage_error(error, f"saving the checkpoint {folder}")
         if converted is error:
             raise
         raise converted from error
@@ -235,11 +163,12 @@ def save_checkpoint(
     return folder
 
 
-def _detached(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
+def read_state(folder: Path) -> dict[str, Any]:
+    """The JSON state of the checkpoint in ``folder`` (not checked against its files).
 
-
-def _load_one_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    Raises:
+        CheckpointError: no ``state.json`` there, or not a readable JSON object.
+    """
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"no checkpoint in {folder} (missing {STATE_FILE}); nothing to resume")
@@ -247,16 +176,20 @@ def _load_one_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint state {state_path} is corrupt: {error}") from error
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint state {state_path} is not a JSON object")
-    recorded = state.get("files") or {WEIGHTS_FILE: state.get("weights_sha256")}
-    for name, digest in recorded.items():
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
+        raise CheckpointError(f"checkpoint state {state_path} is not a JSON object with the files' checksums")
+    return state
+
+
+def _load_one_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    state = read_state(folder)
+    for name, digest in state["files"].items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} lacks {name}, which {STATE_FILE} records")
-        if digest is not None and file_digest(path) != digest:
+        if file_sha256(path) != digest:
             raise CheckpointError(
-                f"checkpoint file {path} does not match {state_path} (checksum differs): the "
+                f"checkpoint file {path} does not match {folder / STATE_FILE} (checksum differs): the "
                 "checkpoint is corrupt or was partly overwritten"
             )
     state_dict = load_weights(folder / WEIGHTS_FILE)
@@ -301,30 +234,126 @@ def load_checkpoint(folder: str | os.PathLike[str], fallback: bool = True,
         return loaded
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """``module.load_state_dict`` with a :class:`CheckpointError` naming missing, unexpected or
-    mis-shaped keys (a checkpoint of another model or config)."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
-        for key in set(own) & set(state_dict)
-        if tuple(own[key].shape) != tuple(state_dict[key].shape)
-    )
-    if missing or unexpected or shapes:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+class RunCheckpoints:
+    """The checkpoint folder of one run and the best stage-1 weights it holds.
 
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {head(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {head(unexpected)}")
-        if shapes:
-            problems.append(f"shape mismatches: {head(shapes)}")
-        raise CheckpointError(
-            f"checkpoint {source} does not match this model ({'; '.join(problems)}); was it written "
-            "with another --model or config?"
-        )
-    module.load_state_dict(state_dict, strict=True)
+    Args:
+        folder: the checkpoint folder (``<run>/checkpoint``; its previous generation beside it).
+        best_path: where the best stage-1 weights are published (``<run>/stage1_best.safetensors``);
+            the checkpoint holds them under the same file name.
+        is_main: whether this process writes (rank 0).
+    """
+
+    def __init__(self, folder: Path, best_path: Path, is_main: bool = True) -> None:
+        self.folder = folder
+        self.best_path = best_path
+        self.best_name = best_path.name
+        self.is_main = is_main
+        self.best_sha256: str | None = None  # of the best stage-1 weights the last checkpoint holds
+        self.checkpointed: tuple[int, int] | None = None  # (stage, epoch) of the last checkpoint
+
+    def save(self, stage: int, epoch: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any],
+             new_best: Mapping[str, Tensor] | None = None) -> None:
+        """Checkpoint the end of ``epoch`` of ``stage``: weights, optimizer, random generators and
+        the best stage-1 weights (``new_best`` when this epoch is the best, else those of the last
+        checkpoint), all or nothing; then publish the best weights."""
+        if not self.is_main:
+            return
+        extra: dict[str, Any] = {}
+        source = self.best_source()
+        if new_best is not None:
+            extra[self.best_name] = new_best
+        elif source is not None:
+            extra[self.best_name] = source
+        with errors.deferred_signals():  # a SIGINT/SIGTERM now stops the run after the save
+            save_checkpoint(self.folder, model.state_dict(), optimizer, state, scheduler,
+                            rng_state=capture_rng_state(), extra_files=extra)
+            saved = json.loads((self.folder / STATE_FILE).read_text(encoding="utf-8"))
+            self.best_sha256 = saved["files"].get(self.best_name)
+            self.checkpointed = (stage, epoch)
+            self.publish_best()
+
+    def best_source(self) -> RecordedFile | None:
+        """The best stage-1 weights of the last checkpoint and their recorded digest, if it holds them."""
+        path = self.folder / self.best_name
+        return RecordedFile(path, self.best_sha256) if self.best_sha256 is not None and path.is_file() else None
+
+    def publish_best(self) -> None:
+        """``<run>/stage1_best.safetensors``: a copy of the checkpoint's best weights, checked against
+        the digest the checkpoint recorded and renamed into place. Never a hard link: a write into
+        the published file (``cp`` over it, a truncation) must not reach the checkpoints."""
+        source = self.best_source()
+        if source is None:
+            return
+        published = self.best_path
+        if (published.is_file() and not os.path.samefile(source.path, published)
+                and file_sha256(published) == source.sha256):
+            return  # already published
+        try:
+            atomic_write(published, lambda temporary: copy_verified(source, temporary))
+        except Exception as error:
+            converted = errors.storage_error(error, f"writing {published}")
+            if converted is error:
+                raise
+            raise converted from error
+
+    def restore_optimizer(self, optimizer: Any, scheduler: Any, payload: dict[str, Any] | None) -> None:
+        """Load the optimizer and scheduler state of a resumed checkpoint into fresh ones."""
+        if payload is None or payload.get("optimizer") is None:
+            return
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+            if payload.get("scheduler") is not None:
+                scheduler.load_state_dict(payload["scheduler"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"optimizer state in {self.folder} does not match: {error}") from error
+
+    def load_for_resume(self) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+        """``(weights, state, payload)`` of the newest readable checkpoint, made the newest one,
+        its best weights published and the random generators restored.
+
+        The caller checks ``state`` against the run before using the weights (recipe, task,
+        model, config, data).
+        """
+        state_dict, state, payload = load_checkpoint(self.folder)
+        loaded_from = Path(state["loaded_from"])
+        if state.get("stage") not in (1, 2) or not isinstance(state.get("epoch"), int):
+            raise CheckpointError(f"checkpoint state in {loaded_from} has no valid stage/epoch")
+        self.best_sha256 = state.get("files", {}).get(self.best_name)
+        if state.get("best_stage1") is not None and self.best_sha256 is None:
+            raise CheckpointError(f"the checkpoint in {loaded_from} records a best stage-1 epoch but holds no "
+                                  f"{self.best_name}: the checkpoint is incomplete; start a new run (--overwrite)")
+        return state_dict, state, payload
+
+    def adopt(self, state: dict[str, Any], payload: dict[str, Any]) -> None:
+        """Make the checkpoint just loaded the newest one (it may be the fallback), publish its best
+        weights and restore the random generators: the run continues exactly from there."""
+        loaded_from = Path(state["loaded_from"])
+        if loaded_from != self.folder and self.is_main:
+            # The newest checkpoint was damaged: continue from the previous one, as if it were the newest.
+            with errors.deferred_signals():
+                if self.folder.exists():
+                    shutil.rmtree(self.folder)
+                os.replace(loaded_from, self.folder)
+        if self.is_main:
+            self.publish_best()  # a crash may have cut off the last publication
+        self.checkpointed = (state["stage"], state["epoch"])
+        if payload.get("rng") is not None:
+            restore_rng_state(payload["rng"])
+        logger.info("resuming from %s: stage %d, epoch %d completed", loaded_from, state["stage"], state["epoch"])
+
+    def reload_best(self, model: nn.Module, keep: Callable[[str], bool], best_epoch: int) -> None:
+        """Load the best stage-1 weights of the last checkpoint into ``model``, checked against the
+        checksum it recorded; keys for which ``keep(key)`` is true keep their current values."""
+        if not self.is_main:  # rank 0 wrote the checkpoint (stage 1 ends with a barrier)
+            state = json.loads((self.folder / STATE_FILE).read_text(encoding="utf-8"))
+            self.best_sha256 = state.get("files", {}).get(self.best_name)
+        source = self.folder / self.best_name
+        if self.best_sha256 is None or not source.is_file():
+            raise CheckpointError(
+                f"the best stage-1 weights (epoch {best_epoch + 1}) are missing from {self.folder}; "
+                "the run folder was changed while it ran: start a new run (--overwrite)"
+            )
+        best = load_weights(source, sha256=self.best_sha256)
+        best.update({key: value for key, value in model.state_dict().items() if keep(key)})
+        load_state_dict_strict(model, best, str(self.best_path))

@@ -1,6 +1,6 @@
 """The command line every recipe shares: ``python -m recipes.<method> --task T [...]``.
 
-One error boundary: the user-facing failures of :mod:`recipes.errors` (and bad GLUE data, an
+One error boundary: the user-facing failures of :mod:`recipes.run.errors` (and bad GLUE data, an
 unsupported model) become one line, ``error: ...`` with a fix, and exit status 2; SIGINT and
 SIGTERM stop the run after the step in progress and print the command that resumes it.
 """
@@ -15,15 +15,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from recipes import checkpoint, errors
-from recipes.config import default_config_file, load_config, parse_overrides
-from recipes.errors import ConfigError
 from recipes.glue import TASKS, get_task, resolve_data_dir
-from recipes.logs import logger, setup_logging
-from recipes.methods import Method, get_method
-from recipes.results import RunResults
-from recipes.run import Run
-from recipes.run_folder import check_run_folder
+from recipes.run import errors
+from recipes.run.checkpoints import has_checkpoint
+from recipes.run.composer import Run
+from recipes.run.config import default_config_file, load_config, parse_overrides
+from recipes.run.errors import ConfigError
+from recipes.run.folder import check_run_folder
+from recipes.run.logs import logger, setup_logging
+from recipes.run.method import Method, get_method
+from recipes.run.results import RunResults
 
 __all__ = ["execute", "interrupt_message", "parse_args", "resume_command", "run_cli"]
 
@@ -60,7 +61,7 @@ def interrupt_message(recipe: str, argv: Sequence[str], run_dir: Path | None, ru
     """What an interrupted run says: where it stopped and the exact command that continues it."""
     if run_dir is None or run is None or run.lock is None:
         return "nothing was written; run the same command again"
-    if not checkpoint.has_checkpoint(run.checkpoint_dir):
+    if not has_checkpoint(run.checkpoint_dir):
         return (f"no epoch had finished, so {run_dir} holds no checkpoint; start again with: "
                 f"{resume_command(recipe, argv, run_dir).removesuffix(' --resume')} --overwrite")
     where = "" if run.checkpointed is None else f" (last checkpoint: stage {run.checkpointed[0]}, epoch {run.checkpointed[1] + 1})"
@@ -70,12 +71,12 @@ def interrupt_message(recipe: str, argv: Sequence[str], run_dir: Path | None, ru
 def run_cli(method: Method | str, argv: Sequence[str] | None = None) -> int:
     """Parse the command line, then set up, train, evaluate; returns the exit status.
 
-    Every user-facing failure (:mod:`recipes.errors`, bad GLUE data, an unsupported model) is
+    Every user-facing failure (:mod:`recipes.run.errors`, bad GLUE data, an unsupported model) is
     one line, ``error: ...``, and status 2; SIGINT/SIGTERM print how to resume and give 130/143.
     Anything else is a bug and keeps its traceback.
 
     Args:
-        method: a :class:`~recipes.methods.Method` or the name of a registered one.
+        method: a :class:`~recipes.run.method.Method` or the name of a registered one.
         argv: the arguments (default: ``sys.argv[1:]``).
     """
     from adaptive_depth.backbones import UnsupportedModelError
@@ -136,9 +137,9 @@ def execute(method: Method, config: Any, data_dir: Path, model: str | None, run_
         run_dir: the run folder.
         resume, overwrite: as ``--resume`` / ``--overwrite``.
         argv: the equivalent command-line arguments, for the records (``run.json``, ``results.json``).
-        on_start: called with the :class:`~recipes.run.Run` before it starts (e.g. to report an interrupt).
+        on_start: called with the :class:`~recipes.run.composer.Run` before it starts (e.g. to report an interrupt).
         stage1_from: ``--stage1-from``: a finished run whose stage 1 this run takes (see
-            :class:`~recipes.run.Run`).
+            :class:`~recipes.run.composer.Run`).
 
     Returns:
         The results (rank 0), or ``None`` on other ranks.

@@ -1,4 +1,4 @@
-"""The run composer: any :class:`~recipes.methods.Method` on the loops every method shares.
+"""The run composer: any :class:`~recipes.run.method.Method` on the loops every method shares.
 
 * ``setup``: GLUE train (minus a seeded held-out part for model selection) and dev, the
   method's modules around the backbone, the run folder claimed (after the inputs are checked);
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -24,25 +23,23 @@ import torch
 from torch import nn
 
 from adaptive_depth.exits import predictions_from_logits
-from recipes import checks, distributed, errors, loading, loop
-from recipes import sweep as sweeps
-from recipes.checkpoint import STATE_FILE, atomic_write, load_state_dict_strict, load_weights
-from recipes.config import OPERATING_POINT_KEYS, config_to_dict
-from recipes.errors import CheckpointError, ConfigError, ResumeMismatchError, TrainingDivergedError
 from recipes.glue import (EncodedDataset, GlueMetrics, collate, encode_examples, get_task, holdout_split,
                           majority_class_metrics, read_split)
-from recipes.logs import logger
-from recipes.methods import Method, freeze_for_stage2, stage2_train_mode
-from recipes.operating_point import calibrate_and_save
-from recipes.results import BestEpoch, EpochRecord, RunResults
-from recipes.results_io import command_line, write_results
-from recipes.run_checkpoints import BEST_STAGE1_FILE, RunCheckpoints
-from recipes.run_folder import (RUN_FILE, RunLock, check_epochs_recorded, check_resume_epochs, clear_run, compare_data,
-                                config_differences, run_examples, split_fingerprint)
+from recipes.run import distributed, input_checks, loop, models, sweep
+from recipes.run.checkpoints import RunCheckpoints
+from recipes.run.compat import RunIdentity
+from recipes.run.config import OPERATING_POINT_KEYS, config_to_dict
+from recipes.run.data import eval_loader, run_examples, split_fingerprint
+from recipes.run.errors import ConfigError
+from recipes.run.folder import BEST_STAGE1_FILE, CHECKPOINT_DIR, RunLock, lock_run_folder, record_run
+from recipes.run.logs import logger
+from recipes.run.method import Method
+from recipes.run.operating_point import calibrate_and_save
+from recipes.run.results import (BestEpoch, EpochRecord, RunResults, check_epochs_recorded, command_line,
+                                 write_results)
+from recipes.run.resume import adopt_stage1, resume_from_checkpoint
 
-__all__ = ["BACKBONE_DIR", "Run"]
-
-BACKBONE_DIR = "backbone"
+__all__ = ["Run"]
 
 
 class Run:
@@ -58,7 +55,7 @@ class Run:
         stage1_from: a finished run of the same method, task, model, data and stage-1 config whose
             stage 1 this run takes instead of training its own (``--stage1-from``): its best
             stage-1 weights, history and best epoch; this run trains only stage 2 (and may differ
-            in :attr:`Method.stage2_keys <recipes.methods.Method>`). Stage 2's random draws
+            in :attr:`Method.stage2_keys <recipes.run.method.Method>`). Stage 2's random draws
             (dropout) then differ from the source run's, which drew them after its stage 1.
     """
 
@@ -83,7 +80,7 @@ class Run:
         self.lock: RunLock | None = None
         self.data_record: dict[str, Any] | None = None
         self.resume_point: tuple[int, int, dict[str, Any]] | None = None
-        self.checkpoints = RunCheckpoints(run_dir)
+        self.checkpoints = RunCheckpoints(run_dir / CHECKPOINT_DIR, run_dir / BEST_STAGE1_FILE)
 
     @property
     def name(self) -> str:
@@ -104,8 +101,10 @@ class Run:
         return self.checkpoints.checkpointed
 
     @property
-    def gate_threshold(self) -> float:
-        return self.method.gate_threshold(self.config)
+    def identity(self) -> RunIdentity:
+        """What this run is (recipe, task, model, config, data rows), to check saved runs against."""
+        return RunIdentity(recipe=self.name, task=self.task.name, model=self.model_name,
+                           config=config_to_dict(self.config), config_class=type(self.config), data=self.data_record)
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -127,20 +126,19 @@ class Run:
         train_part, heldout_part = holdout_split(train_examples, config.holdout_fraction, config.seed)
         self.data_record = split_fingerprint(self.data_dir, self.task.name, config, (train_examples, dev_examples))
 
-        backbone, self.tokenizer, self.model_name = loading.load_model_and_tokenizer(self.model_name)
-        checks.check_model_inputs(backbone.config, self.tokenizer, config.max_length, self.model_name)
+        backbone, self.tokenizer, self.model_name = models.load_model_and_tokenizer(self.model_name)
+        input_checks.check_model_inputs(backbone.config, self.tokenizer, config.max_length, self.model_name)
         try:
             self.model = self.method.build_model(backbone, config, self.task)
         except ValueError as error:  # a module rejected a size from the config
             raise ConfigError(f"cannot build the {self.name} model with this config: {error}") from error
 
-        self.collate = partial(collate, pad_token_id=self.tokenizer.pad_token_id)
         encoded = {
             "train": encode_examples(train_part, self.tokenizer, config.max_length),
             "heldout": encode_examples(heldout_part, self.tokenizer, config.max_length),
             "dev": encode_examples(dev_examples, self.tokenizer, config.max_length),
         }
-        checks.check_unknown_tokens(encoded["train"].input_ids, self.tokenizer, self.model_name)
+        input_checks.check_unknown_tokens(encoded["train"].input_ids, self.tokenizer, self.model_name)
         # MNLI has a second dev set (mismatched genres): evaluated too, never used for any choice.
         for name in self.task.dev_splits[1:]:
             rows = read_split(self.data_dir, self.task, name).examples[: config.max_eval_rows or None]
@@ -152,10 +150,13 @@ class Run:
         if self.stage1_from is not None and not self.resume:  # checked before anything is written
             self._adopt_stage1(self.stage1_from)
         if self.is_main:
-            self._claim_run_folder()
+            self.lock = lock_run_folder(self.run_dir, self.overwrite)
         self.resume_point = self._load_resume_state()  # checked before run.json is rewritten
         if self.is_main:
-            self._record_run(backbone)
+            record_run(self.run_dir, {"recipe": self.name, "task": self.task.name, "model": self.model_name,
+                                      "config": config_to_dict(config), "data": self.data_record,
+                                      "command": command_line(f"recipes.{self.name}", self.argv)},
+                       backbone.config, self.tokenizer)
             logger.info("%s %s: %d train, %d held out (from train), %d %s rows; model %s (%d layers)",
                         self.name, self.task.name, self.sizes["train"], self.sizes["heldout"], self.sizes["dev"],
                         dev_name, self.model_name, self.model.encoder.num_steps)
@@ -163,30 +164,6 @@ class Run:
                 if count:
                     logger.warning("%s: %d of %d examples longer than max_length=%d tokens were truncated",
                                    name, count, self.sizes[name], config.max_length)
-
-    def _claim_run_folder(self) -> None:
-        """Lock the run folder and clear it on ``--overwrite``."""
-        self.lock = RunLock(self.run_dir)
-        with errors.deferred_signals():  # an interrupt here must not leave a lock without an owner
-            self.lock.acquire()
-        if self.overwrite:
-            removed = clear_run(self.run_dir)
-            if removed:
-                logger.info("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
-
-    def _record_run(self, backbone: nn.Module) -> None:
-        """Record ``run.json`` and the backbone's config and tokenizer (which make the folder
-        self-contained for :func:`recipes.reload.load_run`)."""
-        try:
-            backbone.config.save_pretrained(self.run_dir / BACKBONE_DIR)
-            self.tokenizer.save_pretrained(self.run_dir / BACKBONE_DIR)
-            record = {"recipe": self.name, "task": self.task.name, "model": self.model_name,
-                      "config": config_to_dict(self.config), "data": self.data_record,
-                      "command": command_line(f"recipes.{self.name}", self.argv)}
-            text = json.dumps(record, indent=2)
-            atomic_write(self.run_dir / RUN_FILE, lambda path: path.write_text(text, encoding="utf-8"))
-        except OSError as error:
-            raise errors.storage_error(error, f"writing into the run folder {self.run_dir}") from error
 
     def release(self) -> None:
         """Give the run folder up (remove the lock); safe to call more than once."""
@@ -204,10 +181,10 @@ class Run:
         """Batches of split ``name`` (``"train"``, ``"heldout"``, ``"dev"``, or a second dev split such
         as MNLI's ``"dev_mismatched"``), padded per batch."""
         if name != "train":
-            return torch.utils.data.DataLoader(self.datasets[name], batch_size=self.config.eval_batch_size,
-                                               collate_fn=self.collate)
+            return eval_loader(self.datasets[name], self.config.eval_batch_size, self.tokenizer.pad_token_id)
         lengths = [len(ids) for ids in self.datasets[name].encoded.input_ids] if self.config.bucket_by_length else None
-        return loop.make_loader(self.datasets[name], self.config.batch_size, self.collate, shuffle, self.config.seed,
+        return loop.make_loader(self.datasets[name], self.config.batch_size,
+                                partial(collate, pad_token_id=self.tokenizer.pad_token_id), shuffle, self.config.seed,
                                 epoch, lengths)
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -225,99 +202,27 @@ class Run:
         self.checkpoints.save(stage, epoch, self.model, optimizer, scheduler, state, new_best)
 
     def _adopt_stage1(self, source: Path) -> None:
-        """Take stage 1 from the finished run in ``source`` (``--stage1-from``): its best stage-1
-        weights (checked against the checksum its checkpoint recorded), its stage-1 history and
-        its best epoch.
-
-        Raises:
-            CheckpointError: ``source`` holds no checkpoint that finished stage 1, or its best
-                stage-1 weights are missing or damaged.
-            ResumeMismatchError: it is a run of another recipe, task, model or data, or its config
-                differs in a key that changes stage 1.
-        """
+        """``--stage1-from``: the best stage-1 weights, stage-1 history and best epoch of the finished
+        run in ``source`` (:func:`recipes.run.resume.adopt_stage1`)."""
         if not self.method.has_stage2:
             raise ConfigError(f"--stage1-from: {self.name} has no stage 2 to train on another run's stage 1")
-        what = f"--stage1-from {source}"
-        folder = source / "checkpoint"
-        state_path = folder / STATE_FILE
-        try:
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{what}: no {state_path}; give the folder of a {self.name} run that finished "
-                                  "stage 1") from None
-        except (OSError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{what}: cannot read {state_path} ({error})") from None
-        for key, expected in (("recipe", self.name), ("task", self.task.name)):
-            if state.get(key) != expected:
-                raise ResumeMismatchError(f"{what} is a run of {key} {state.get(key)!r}, this run is {expected!r}")
-        if state.get("model") is not None and not checks.same_model(state["model"], self.model_name):
-            raise ResumeMismatchError(f"{what} was trained from model {state['model']}, this run loads "
-                                      f"{self.model_name}; use the same --model")
-        config = self.config
-        allowed = tuple(dict.fromkeys((*self.method.stage2_keys, *OPERATING_POINT_KEYS,
-                                       *(key for key in self.method.resume_allowed_keys if key != "stage1_epochs"))))
-        differences = config_differences(state.get("config", {}), config_to_dict(config), ("task", *allowed),
-                                         type(config))
-        if differences:
-            raise ResumeMismatchError(f"{what} trained stage 1 with another config ({'; '.join(differences)}); only "
-                                      f"{', '.join(allowed)} may differ from it")
-        stage, epoch = state.get("stage"), state.get("epoch")
-        if not state.get("best_stage1") or not (stage == 2 or (stage == 1 and epoch == config.stage1_epochs - 1)):
-            raise CheckpointError(f"{what} has not finished stage 1 (its checkpoint is at stage {stage}, epoch "
-                                  f"{epoch if not isinstance(epoch, int) else epoch + 1}); finish it (--resume) first")
-        moved = compare_data(state.get("data"), self.data_record, what)
-        if moved:
-            logger.warning("%s", moved)
-        best = load_weights(folder / BEST_STAGE1_FILE, sha256=state.get("files", {}).get(BEST_STAGE1_FILE))
-        best.update({key: value for key, value in self.model.state_dict().items() if self._untrained_in_stage1(key)})
-        load_state_dict_strict(self.model, best, str(folder / BEST_STAGE1_FILE))
-        self.history["stage1"] = [EpochRecord(**record) for record in state.get("history", {}).get("stage1", [])]
-        self.best_stage1 = BestEpoch(**state["best_stage1"])
+        allowed = (*self.method.stage2_keys, *OPERATING_POINT_KEYS,
+                   *(key for key in self.method.resume_allowed_keys if key != "stage1_epochs"))
+        self.history["stage1"], self.best_stage1 = adopt_stage1(
+            source, self.model, self.identity, allowed, self.config.stage1_epochs, self._untrained_in_stage1)
         self.stage1_adopted = True
         if self.is_main:
             logger.info("stage 1 taken from %s: best epoch %d, held-out %s %.4f", source, self.best_stage1.epoch + 1,
                         self.best_stage1.metric, self.best_stage1.value)
 
     def _load_resume_state(self) -> tuple[int, int, dict[str, Any]] | None:
-        """``(stage, last completed epoch, optimizer payload)`` of the checkpoint, or None.
-
-        Raises:
-            ResumeMismatchError: the checkpoint is of another recipe, task or model, its config
-                differs in a key outside the method's ``resume_allowed_keys``, or it was trained
-                on other data rows.
-        """
+        """``--resume``: ``(stage, last completed epoch, optimizer payload)`` of the checkpoint
+        (:func:`recipes.run.resume.resume_from_checkpoint`), or ``None`` without ``--resume``."""
         if not self.resume:
             return None
-        state_dict, state, payload = self.checkpoints.load_for_resume()
-        loaded_from = Path(state["loaded_from"])
-        for key, expected in (("recipe", self.name), ("task", self.task.name)):
-            if state.get(key) != expected:
-                raise ResumeMismatchError(
-                    f"checkpoint in {loaded_from} is for {key} {state.get(key)!r}, this run is {expected!r}"
-                )
-        if state.get("model") is not None and not checks.same_model(state["model"], self.model_name):
-            raise ResumeMismatchError(f"the checkpoint in {loaded_from} was trained from model {state['model']}, "
-                                      f"this run loads {self.model_name}; resume with the same --model")
-        allowed = self.method.resume_allowed_keys
-        differences = config_differences(state.get("config", {}), config_to_dict(self.config), ("task", *allowed),
-                                         type(self.config))
-        if differences:
-            raise ResumeMismatchError(
-                f"the checkpoint in {loaded_from} was trained with another config ({'; '.join(differences)}); resume "
-                f"with the same values (only {', '.join(allowed)} may change) or start a new run"
-            )
-        check_resume_epochs(state.get("config", {}), config_to_dict(self.config), state["stage"], state["epoch"],
-                            self.run_dir, self.method.has_stage2)
-        moved = compare_data(state.get("data"), self.data_record, f"the checkpoint in {loaded_from}")
-        if moved:
-            logger.warning("%s", moved)
-        load_state_dict_strict(self.model, state_dict, str(loaded_from))
-        if "history" in state:
-            self.history = {stage: [EpochRecord(**record) for record in records]
-                            for stage, records in state["history"].items()}
-        self.best_stage1 = BestEpoch(**state["best_stage1"]) if state.get("best_stage1") else None
-        self.checkpoints.adopt(state, payload)
-        return state["stage"], state["epoch"], payload
+        point = resume_from_checkpoint(self.checkpoints, self.model, self.identity, self.method, self.run_dir)
+        self.history, self.best_stage1 = point.history, point.best_stage1
+        return point.stage, point.epoch, point.payload
 
     # -- training --------------------------------------------------------------------------
 
@@ -329,8 +234,7 @@ class Run:
         for batch in self.loader("heldout"):
             inputs = {key: value for key, value in batch.items() if key == "token_type_ids"}
             logits = self.model.encoder(batch["input_ids"], batch["attention_mask"],
-                                        gate_mode=self.method.heldout_gate_mode, heads="last",
-                                        gate_threshold=self.gate_threshold, **inputs).logits
+                                        gate_mode=self.method.heldout_gate_mode, heads="last", **inputs).logits
             metrics.update(predictions_from_logits(logits), batch["labels"])
         return metrics.compute()
 
@@ -364,7 +268,7 @@ class Run:
             raise ConfigError(f"{self.name}: this config freezes part of the model in some stage-1 epochs "
                               "(e.g. gated_epochs_train=gates), which distributed training does not support; "
                               "train it in one process")
-        model = self._wrap()
+        model, hint = self._wrap(), loop.divergence_hint(config, 1)
         for epoch in range(start_epoch, config.stage1_epochs):
             options = self.method.stage1_options(config, epoch)
             frozen = self.method.stage1_frozen(self.model, config, epoch)
@@ -376,9 +280,9 @@ class Run:
                 stats = loop.run_epoch(
                     self.loader("train", True, epoch), lambda batch: model(batch, stage=1, **options), optimizer,
                     trainable, f"{self.name} stage 1 epoch {epoch + 1}/{config.stage1_epochs}{shown}", scheduler,
-                    config.max_grad_norm, self._divergence_hint(1),
+                    config.max_grad_norm, hint,
                 )
-            self._check_finite(trainable, f"stage 1 epoch {epoch + 1}", 1)
+            loop.check_finite(trainable, f"stage 1 epoch {epoch + 1}", hint, self.checkpoint_dir)
             heldout = self.evaluate_heldout()
             main_value = heldout[self.task.main_metric]
             self.history["stage1"].append(EpochRecord(
@@ -402,26 +306,6 @@ class Run:
     def _stage1_state(self) -> dict[str, Any]:
         return {key: value for key, value in self.model.state_dict().items() if not self._untrained_in_stage1(key)}
 
-    def _divergence_hint(self, stage: int) -> str:
-        """How to fix a diverged stage: the learning rates to lower, with their values."""
-        config = self.config
-        if stage == 2:
-            return f"lower stage2_lr (now {config.stage2_lr:g}), e.g. stage2_lr={config.stage2_lr / 4:g}"
-        extra = [f"{key} (now {getattr(config, key):g})" for key in ("stage1_head_lr", "gate_lr")
-                 if getattr(config, key, 0)]
-        return (f"lower stage1_lr (now {config.stage1_lr:g}), e.g. stage1_lr={config.stage1_lr / 4:g}"
-                + (f", or {' / '.join(extra)}" if extra else ""))
-
-    def _check_finite(self, parameters: list[nn.Parameter], when: str, stage: int) -> None:
-        """:class:`TrainingDivergedError` when a trained parameter holds NaN or infinity."""
-        bad = sum(1 for parameter in parameters if not bool(torch.isfinite(parameter.detach()).all()))
-        if bad:
-            raise TrainingDivergedError(
-                f"after {when}, {bad} of {len(parameters)} trained parameter tensors hold NaN or infinity: training "
-                f"diverged; {self._divergence_hint(stage)} (the last good checkpoint, if any, is in "
-                f"{self.checkpoint_dir}, but it would diverge the same way: start again with --overwrite)"
-            )
-
     def _reload_best_stage1(self) -> None:
         """Stage 1 ends with the weights of its best held-out epoch (what stage 2 and the sweep use)."""
         if self.best_stage1 is None:
@@ -434,7 +318,7 @@ class Run:
     def train_stage2(self, start_epoch: int, payload: dict[str, Any] | None) -> None:
         config = self.config
         modules = self.method.stage2_modules(self.model)  # type: ignore[misc]
-        trainable = freeze_for_stage2(self.model, modules)
+        trainable = loop.freeze_for_stage2(self.model, modules)
         if config.stage2_epochs == 0:
             return
         optimizer = torch.optim.AdamW(trainable, lr=config.stage2_lr, weight_decay=config.weight_decay)
@@ -442,15 +326,14 @@ class Run:
             optimizer, config.stage2_epochs * len(self.loader("train", True)), config.warmup_ratio
         )
         self.checkpoints.restore_optimizer(optimizer, scheduler, payload)
-        model = self._wrap()
+        model, hint = self._wrap(), loop.divergence_hint(config, 2)
         for epoch in range(start_epoch, config.stage2_epochs):
-            stage2_train_mode(self.model, modules)
+            loop.stage2_train_mode(self.model, modules)
             stats = loop.run_epoch(
                 self.loader("train", True, 1000 + epoch), lambda batch: model(batch, stage=2), optimizer, trainable,
-                f"{self.name} stage 2 epoch {epoch + 1}/{config.stage2_epochs}", scheduler, config.max_grad_norm,
-                self._divergence_hint(2),
+                f"{self.name} stage 2 epoch {epoch + 1}/{config.stage2_epochs}", scheduler, config.max_grad_norm, hint,
             )
-            self._check_finite(trainable, f"stage 2 epoch {epoch + 1}", 2)
+            loop.check_finite(trainable, f"stage 2 epoch {epoch + 1}", hint, self.checkpoint_dir)
             self.history["stage2"].append(EpochRecord(
                 epoch=epoch, loss=stats.loss, terms=stats.terms, seconds=stats.seconds,
                 samples_per_second=stats.samples_per_second))
@@ -471,17 +354,17 @@ class Run:
         check_epochs_recorded(self.history, config, self.method.has_stage2)
         settings = self.method.sweep_settings(config, task, encoder.num_steps)
         traces: dict[str, Any] = {}  # the full and skip-only passes, reused for the skipping statistics
-        rows = sweeps.run_sweep(encoder, self.loader("dev"), settings, lambda: GlueMetrics(task),
-                                self.gate_threshold, config.padded_length, traces=traces)
-        other_dev = {name: sweeps.run_sweep(encoder, self.loader(name), settings, lambda: GlueMetrics(task),
-                                            self.gate_threshold, config.padded_length)
+        rows = sweep.run_sweep(encoder, self.loader("dev"), settings, lambda: GlueMetrics(task),
+                               padded_length=config.padded_length, traces=traces)
+        other_dev = {name: sweep.run_sweep(encoder, self.loader(name), settings, lambda: GlueMetrics(task),
+                                           padded_length=config.padded_length)
                      for name in task.dev_splits[1:]}
-        skipping = (sweeps.skipping_statistics(encoder, self.loader("dev"), self.gate_threshold, task.is_regression,
+        skipping = (sweep.skipping_statistics(encoder, self.loader("dev"), None, task.is_regression,
                                                traces) if encoder.has_gates else None)
         majority = self.majority_class_baseline()
         point = calibrate_and_save(
             encoder, self.tokenizer, self.run_dir, settings, self.loader("heldout"), self.loader("dev"),
-            lambda: GlueMetrics(task), budget=config.calibration_budget, gate_threshold=self.gate_threshold,
+            lambda: GlueMetrics(task), budget=config.calibration_budget,
             padded_length=config.padded_length, label_names=task.labels, max_length=config.max_length,
             rule=config.operating_point, max_risk=config.certify_max_risk, delta=config.certify_delta,
         )
@@ -498,7 +381,7 @@ class Run:
             skipping=skipping,
         )
         write_results(self.run_dir, results)
-        print(sweeps.format_table(rows, list(task.metrics)))
+        print(sweep.format_table(rows, list(task.metrics)))
         chosen_by = (f"disagreement with full depth certified <= {config.certify_max_risk:g} with probability >= "
                      f"{1 - config.certify_delta:g}" if point.rule == "certified"
                      else f"budget {point.budget:.0%} of full-depth MACs")

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_depth.pvalues import check_risk_level
-from recipes.errors import ConfigError
 from recipes.glue import get_task
+from recipes.run.errors import ConfigError
 
 __all__ = ["CONFIG_DIR", "OPERATING_POINT_KEYS", "RESUME_ALLOWED_KEYS", "RecipeConfig", "config_to_dict",
            "default_config_file", "load_config", "parse_overrides"]
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
 # Config keys a resumed run may change: settings that do not change what is trained (threads,
-# evaluation batch size) and the epoch keys, as far as recipes.run_folder.check_resume_epochs
+# evaluation batch size) and the epoch keys, as far as recipes.run.resume.check_resume_epochs
 # allows (stage2_epochs until stage 2 starts). Recipes add their sweep thresholds.
 RESUME_ALLOWED_KEYS = ("stage1_epochs", "stage2_epochs", "torch_threads", "eval_batch_size")
 # Config keys that say how the operating point is chosen after training (nothing trained depends on them).

@@ -10,7 +10,7 @@ Interruptions (SIGINT, SIGTERM) are :class:`Interrupted`: a ``BaseException``, l
 and exits 130 (SIGINT) or 143 (SIGTERM).
 
 Example:
-    >>> from recipes.errors import RunFolderError, error_boundary
+    >>> from recipes.run.errors import RunFolderError, error_boundary
     >>> def main() -> int:
     ...     with error_boundary() as outcome:
     ...         raise RunFolderError("runs/x holds a run; pass --resume or --overwrite")

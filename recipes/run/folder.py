@@ -1,16 +1,21 @@
-"""One run per folder: the ownership checks, the lock, the run's identity and the resume comparison.
+"""One run per folder: its layout, the ownership checks, the lock and ``run.json``.
 
 A run folder (``--output-dir``) belongs to one run:
 
+* the layout: :data:`CHECKPOINT_DIR` (and its previous generation), :data:`BEST_STAGE1_FILE`,
+  :data:`BACKBONE_DIR` (the backbone's config and tokenizer, which make the folder
+  self-contained), :data:`MODEL_DIR` (the saved model), :data:`RESULTS_FILE`, :data:`PLOT_FILE`,
+  :data:`RUN_FILE` and :data:`LOCK_FILE`;
 * :func:`check_run_folder` (no side effects, before anything is loaded) refuses a folder that
   holds a run unless ``--resume`` (continue it) or ``--overwrite`` (replace it) is given, and a
   folder that cannot be written;
 * :class:`RunLock` (``run.lock``, created with ``O_EXCL``) keeps a second process out while a
   run is in progress; a lock whose process is gone (same host, pid no longer alive) is stale and
   taken over;
-* ``run.json`` records what the run is: recipe, task, model, config and the data it trains on
-  (folder and a SHA-256 of the rows, :func:`data_fingerprint`); ``--resume`` and
-  ``benchmarks.tradeoff`` compare it with what they are asked to run (:func:`config_differences`).
+* :func:`lock_run_folder` takes the lock (and clears the folder on ``--overwrite``);
+  :func:`record_run` writes ``run.json``: what the run is (recipe, task, model, config and the
+  fingerprint of its data rows), which ``--resume``, ``--stage1-from`` and the benchmarks compare
+  with what they are asked to run (:mod:`recipes.run.compat`).
 
 Example:
     >>> import tempfile
@@ -23,38 +28,49 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from recipes.errors import RunFolderError
-from recipes.glue import get_task, read_split
+from recipes.run import errors
+from recipes.run.checkpoints import has_checkpoint, previous_checkpoint
+from recipes.run.errors import RunFolderError
+from recipes.run.logs import logger
+from recipes.run.storage import atomic_write
 
 __all__ = [
+    "BACKBONE_DIR",
+    "BEST_STAGE1_FILE",
+    "CHECKPOINT_DIR",
     "LOCK_FILE",
+    "MODEL_DIR",
+    "PLOT_FILE",
+    "RESULTS_FILE",
     "RUN_FILE",
     "RunLock",
-    "check_epochs_recorded",
-    "check_resume_epochs",
     "check_run_folder",
     "clear_run",
-    "compare_data",
-    "config_differences",
-    "data_fingerprint",
+    "lock_run_folder",
+    "read_run_record",
+    "record_run",
     "run_contents",
 ]
 
-LOCK_FILE = "run.lock"
+CHECKPOINT_DIR = "checkpoint"  # the last checkpoint (recipes.run.checkpoints); the one before: checkpoint.prev
+BEST_STAGE1_FILE = "stage1_best.safetensors"  # the best stage-1 weights, published from the checkpoint
+BACKBONE_DIR = "backbone"  # the backbone's config and tokenizer (weights: the checkpoint or the model)
+MODEL_DIR = "model"  # the trained model at its calibrated operating point (AdaptiveEncoder.save_pretrained)
+RESULTS_FILE = "results.json"
+PLOT_FILE = "plot.png"
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 # What a run writes into its folder; anything else there is left alone.
-RUN_ENTRIES = ("checkpoint", "checkpoint.prev", "stage1_best.safetensors", "backbone", "model", "results.json",
-               "plot.png", RUN_FILE)
+RUN_ENTRIES = (CHECKPOINT_DIR, previous_checkpoint(CHECKPOINT_DIR).name, BEST_STAGE1_FILE, BACKBONE_DIR, MODEL_DIR,
+               RESULTS_FILE, PLOT_FILE, RUN_FILE)
 
 
 def run_contents(run_dir: Path) -> list[str]:
@@ -82,16 +98,14 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
             without a checkpoint, a path that is a file, a folder that cannot be written, or a
             folder locked by a running process.
     """
-    from recipes.checkpoint import has_checkpoint
-
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite exclude each other: continue the run or replace it, not both")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"--output-dir {run_dir} is a file, not a folder; pass a folder")
     present = run_contents(run_dir) if run_dir.is_dir() else []
-    if resume and not has_checkpoint(run_dir / "checkpoint"):
+    if resume and not has_checkpoint(run_dir / CHECKPOINT_DIR):
         raise RunFolderError(
-            f"--resume: no checkpoint in {run_dir / 'checkpoint'} (no epoch of that run finished); run without "
+            f"--resume: no checkpoint in {run_dir / CHECKPOINT_DIR} (no epoch of that run finished); run without "
             "--resume (add --overwrite if the folder holds the rest of a run)"
         )
     if present and not (resume or overwrite):
@@ -214,134 +228,57 @@ def clear_run(run_dir: Path) -> list[str]:
     return removed
 
 
-def data_fingerprint(splits: Mapping[str, Sequence[Any]], data_dir: Path) -> dict[str, Any]:
-    """What a run trains and is evaluated on: the resolved data folder, rows per split and one
-    SHA-256 over every row's texts and label (in order).
+def lock_run_folder(run_dir: Path, overwrite: bool) -> RunLock:
+    """Take the run folder: lock it and clear it on ``--overwrite``.
 
-    Args:
-        splits: ``{split name: GlueExample list}`` as used (after ``max_*_rows``).
-        data_dir: the GLUE data folder.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(splits):
-        digest.update(f"[{name}]\n".encode())
-        for example in splits[name]:
-            digest.update(json.dumps([example.text_a, example.text_b, example.label]).encode("utf-8") + b"\n")
-    return {"data_dir": str(Path(data_dir).expanduser().resolve()),
-            "rows": {name: len(rows) for name, rows in sorted(splits.items())}, "sha256": digest.hexdigest()}
-
-
-def run_examples(data_dir: Path, task: str, config: Any) -> tuple[list[Any], list[Any]]:
-    """The train and first dev split rows a run with ``config`` reads, as :meth:`recipes.run.Run.setup`
-    reads them (``max_train_rows``, ``max_eval_rows``); the held-out part is ``holdout_split`` of train."""
-    glue_task = get_task(task)
-    train = read_split(data_dir, glue_task, "train").examples[: config.max_train_rows or None]
-    dev = read_split(data_dir, glue_task, glue_task.dev_splits[0]).examples[: config.max_eval_rows or None]
-    return list(train), list(dev)
-
-
-def split_fingerprint(data_dir: Path, task: str, config: Any, examples: tuple[list[Any], list[Any]] | None = None
-                      ) -> dict[str, Any]:
-    """:func:`data_fingerprint` of the rows a run with ``config`` reads, as
-    :meth:`recipes.run.Run.setup` computes it (for ``benchmarks.tradeoff`` to check a run);
-    ``examples``: those rows when already read (:func:`run_examples`)."""
-    train, dev = examples if examples is not None else run_examples(data_dir, task, config)
-    return data_fingerprint({"train": train, get_task(task).dev_splits[0]: dev}, data_dir)
-
-
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str],
-                       config_class: type | None = None) -> list[str]:
-    """``key: saved -> current`` for every config key that differs, except the ``allowed`` ones.
-
-    With ``config_class`` (a config dataclass), a key that ``saved`` lacks is no difference when
-    ``current`` holds that key's default: an option added after the run was made, whose default
-    is what the run did.
-    """
-    allowed = set(allowed)
-    defaults = {} if config_class is None else {
-        field.name: field.default for field in dataclasses.fields(config_class)
-        if field.default is not dataclasses.MISSING}
-    keys = sorted((set(saved) | set(current)) - allowed)
-    return [f"{key}: {saved.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
-            for key in keys if saved.get(key) != current.get(key)
-            and not (key not in saved and key in defaults and current.get(key) == defaults[key])]
-
-
-def compare_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any], what: str) -> str | None:
-    """A warning when only the data folder moved (same rows), ``None`` when all agrees.
+    Returns:
+        The held :class:`RunLock` (release it when the run ends).
 
     Raises:
-        ResumeMismatchError: the rows differ (or ``saved`` is missing).
+        RunFolderError: a live process holds the lock.
     """
-    from recipes.errors import ResumeMismatchError
-
-    if not saved or "sha256" not in saved:
-        raise ResumeMismatchError(f"{what} records no data fingerprint (made by an older version); cannot check that "
-                                  "it used the same data: start a new run (--overwrite or another --output-dir)")
-    if saved["sha256"] != current["sha256"] or saved.get("rows") != current["rows"]:
-        raise ResumeMismatchError(
-            f"{what} was made on other data ({saved.get('data_dir')}, rows {saved.get('rows')}) than this run "
-            f"({current['data_dir']}, rows {current['rows']}); use the same --data-dir and max_*_rows, or start a "
-            "new run (--overwrite or another --output-dir)"
-        )
-    if saved.get("data_dir") != current["data_dir"]:
-        return (f"{what} read its data from {saved.get('data_dir')}, this run from {current['data_dir']}; the rows are "
-                "identical, so it continues")
-    return None
+    lock = RunLock(run_dir)
+    with errors.deferred_signals():  # an interrupt here must not leave a lock without an owner
+        lock.acquire()
+    if overwrite:
+        removed = clear_run(run_dir)
+        if removed:
+            logger.info("--overwrite: removed %s from %s", ", ".join(removed), run_dir)
+    return lock
 
 
-
-def check_resume_epochs(saved: Mapping[str, Any], current: Mapping[str, Any], stage: int, epoch: int,
-                        run_dir: Path, has_stage2: bool) -> None:
-    """Refuse an epoch key (``stage1_epochs``, ``stage2_epochs``) that ``--resume`` changes for a
-    stage that has trained an epoch; ``stage2_epochs`` may change while stage 2 has not started.
-
-    A stage's learning rate warms up and decays to 0 over its epoch count, so changing it after
-    the stage started would give a run that no uninterrupted run matches: raising it trains
-    more epochs on a restarted schedule, lowering it below the epochs done would record epochs
-    that were trained as not trained. Resumed runs are bit-identical to uninterrupted ones.
-
-    Args:
-        saved, current: the checkpoint's config and this run's (as dicts).
-        stage, epoch: the checkpoint's stage (1 or 2) and last completed epoch (0-based).
-        run_dir: the run folder (named in the advice).
-        has_stage2: whether the method trains a stage 2.
+def record_run(run_dir: Path, record: Mapping[str, Any], backbone_config: Any, tokenizer: Any) -> None:
+    """Save the backbone's config and tokenizer (:data:`BACKBONE_DIR`, which make the folder
+    self-contained for :func:`recipes.run.trained.load_run`) and write ``run.json`` (``record``:
+    recipe, task, model, config, data fingerprint, command). A run calls it once its inputs, and
+    a resumed checkpoint, are checked.
 
     Raises:
-        ResumeMismatchError: an epoch key changed for a started stage (says what to do instead).
+        StorageError: the folder cannot be written (disk full, no permission).
     """
-    from recipes.errors import ResumeMismatchError
-
-    started = {1: epoch + 1 if stage == 1 else saved.get("stage1_epochs")}
-    if has_stage2 and stage == 2:
-        started[2] = epoch + 1
-    for number, done in started.items():
-        key = f"stage{number}_epochs"
-        before, after = saved.get(key), current.get(key)
-        if before == after or before is None:
-            continue
-        if after < done:
-            what = f"it has trained {done} epoch(s), which {key}={after} cannot take back"
-        elif stage > number or done >= before:
-            what = (f"it finished its {before} epoch(s), with the learning rate decayed to 0; {key}={after} would "
-                    "train more on a restarted schedule")
-        else:
-            what = (f"it is at epoch {done} of {before}, and its learning-rate schedule spans {key}, so it cannot "
-                    "change mid-stage")
-        if number == 1:
-            fix = f"start a new run with {key}={after} (--overwrite or another --output-dir)"
-        else:
-            fix = f"train stage 2 again in a new run on this stage 1: --stage1-from {run_dir} --output-dir NEW {key}={after}"
-        raise ResumeMismatchError(f"--resume with {key}={after}: stage {number} of the run in {run_dir} was trained "
-                                  f"with {key}={before} and {what}. Resume with {key}={before}, or {fix}")
+    try:
+        backbone_config.save_pretrained(run_dir / BACKBONE_DIR)
+        tokenizer.save_pretrained(run_dir / BACKBONE_DIR)
+        text = json.dumps(dict(record), indent=2)
+        atomic_write(run_dir / RUN_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    except OSError as error:
+        raise errors.storage_error(error, f"writing into the run folder {run_dir}") from error
 
 
-def check_epochs_recorded(history: Mapping[str, Sequence[Any]], config: Any, has_stage2: bool) -> None:
-    """A last check before ``results.json`` is written: its history holds every epoch its config
-    names, no more and no fewer (``RuntimeError`` otherwise: a bug, results must not claim it)."""
-    expected = {"stage1": config.stage1_epochs, "stage2": config.stage2_epochs if has_stage2 else 0}
-    for stage, epochs in expected.items():
-        recorded = [record.epoch for record in history.get(stage, [])]
-        if recorded != list(range(epochs)):
-            raise RuntimeError(f"{stage} recorded epochs {recorded} but the config says {epochs}; results.json "
-                               "would claim work that was not done")
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """The ``run.json`` of a run folder: what :func:`claim_run_folder` recorded.
+
+    Raises:
+        ResumeMismatchError: the folder has no readable ``run.json`` (it is not a run folder), so
+            nothing about the run can be checked.
+    """
+    path = run_dir / RUN_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise errors.ResumeMismatchError(f"{run_dir} has no {RUN_FILE}: what the run was made with cannot be "
+                                         "checked; is it a run folder?") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise errors.ResumeMismatchError(f"{path} is unreadable ({error}); what the run was made with cannot be "
+                                         "checked") from None
+    return record

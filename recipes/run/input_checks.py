@@ -13,17 +13,11 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from recipes.errors import InputCheckError
+from recipes.run.errors import InputCheckError
 
-__all__ = ["check_model_inputs", "check_unknown_tokens", "position_limit", "same_model"]
-
-
-def same_model(saved: str, current: str) -> bool:
-    """Whether two model names (local folders or hub ids) name the same model."""
-    return saved == current or Path(saved).expanduser().resolve() == Path(current).expanduser().resolve()
+__all__ = ["check_model_inputs", "check_unknown_tokens", "position_limit"]
 
 
 def position_limit(model_config: Any) -> int | None:

@@ -1,4 +1,5 @@
-"""The training loop: data loaders (length-bucketed on CPU), one epoch, the learning-rate schedule."""
+"""The training loop: data loaders (length-bucketed on CPU), one epoch, the learning-rate schedule,
+what each stage freezes, and the check that training has not diverged."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from adaptive_depth.losses import LossTerms
-from recipes.distributed import is_main_process
-from recipes.logs import logger
+from recipes.run.distributed import is_main_process
+from recipes.run.errors import TrainingDivergedError
+from recipes.run.logs import logger
 
-__all__ = ["EpochStats", "bucketed_batches", "linear_schedule", "make_loader", "run_epoch"]
+__all__ = ["EpochStats", "bucketed_batches", "check_finite", "divergence_hint", "freeze_for_stage2", "frozen", "linear_schedule",
+           "make_loader", "run_epoch", "stage2_train_mode"]
 
 
 def make_loader(
@@ -126,8 +129,6 @@ def run_epoch(
             terms = step(batch)
             loss = terms.total
             if not torch.isfinite(loss):
-                from recipes.errors import TrainingDivergedError
-
                 shown = ", ".join(f"{name} {value:.4g}" for name, value in terms.scalars().items())
                 raise TrainingDivergedError(
                     f"{description}: the loss is {loss.item()} at batch {batches + 1} ({shown}): training diverged; "
@@ -189,3 +190,44 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def freeze_for_stage2(model: nn.Module, modules: list[nn.Module]) -> list[nn.Parameter]:
+    """Freeze every parameter of ``model`` but those of ``modules``; returns the trainable ones."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    trainable = []
+    for module in modules:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+            trainable.append(parameter)
+    return trainable
+
+
+def stage2_train_mode(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Eval mode (no dropout) for the frozen parts, train mode for ``modules``."""
+    model.eval()
+    for module in modules:
+        module.train()
+
+
+def divergence_hint(config: Any, stage: int) -> str:
+    """How to fix a diverged ``stage`` (1 or 2): the learning rates of ``config`` to lower, with their values."""
+    if stage == 2:
+        return f"lower stage2_lr (now {config.stage2_lr:g}), e.g. stage2_lr={config.stage2_lr / 4:g}"
+    extra = [f"{key} (now {getattr(config, key):g})" for key in ("stage1_head_lr", "gate_lr")
+             if getattr(config, key, 0)]
+    return (f"lower stage1_lr (now {config.stage1_lr:g}), e.g. stage1_lr={config.stage1_lr / 4:g}"
+            + (f", or {' / '.join(extra)}" if extra else ""))
+
+
+def check_finite(parameters: Sequence[nn.Parameter], when: str, hint: str, checkpoint_dir: Any) -> None:
+    """:class:`~recipes.run.errors.TrainingDivergedError` when a trained parameter holds NaN or
+    infinity (``when``: ``"stage 1 epoch 2"``; ``hint``: which learning rate to lower)."""
+    bad = sum(1 for parameter in parameters if not bool(torch.isfinite(parameter.detach()).all()))
+    if bad:
+        raise TrainingDivergedError(
+            f"after {when}, {bad} of {len(parameters)} trained parameter tensors hold NaN or infinity: training "
+            f"diverged; {hint} (the last good checkpoint, if any, is in {checkpoint_dir}, but it would diverge the "
+            "same way: start again with --overwrite)"
+        )

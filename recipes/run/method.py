@@ -2,7 +2,7 @@
 
 A :class:`Method` is a record of small functions (how to build the trained modules, which
 parameters stage 1 trains at which learning rate, what stage 2 trains, how to evaluate) and
-a few settings. :class:`recipes.run.Run` composes any method with the loops every method
+a few settings. :class:`recipes.run.composer.Run` composes any method with the loops every method
 shares (held-out selection, two stages, checkpoints and ``--resume``, the dev sweep,
 calibration, ``results.json``); there is no base class to inherit from. The trained module's
 ``forward(batch, stage, **options)`` returns the stage's :class:`~adaptive_depth.losses.LossTerms`
@@ -21,20 +21,16 @@ from typing import Any
 
 from torch import nn
 
-from recipes.config import RESUME_ALLOWED_KEYS
-from recipes.errors import ConfigError
 from recipes.glue import GlueTask
-from recipes.sweep import SweepSetting
+from recipes.run.config import RESUME_ALLOWED_KEYS
+from recipes.run.errors import ConfigError
+from recipes.run.sweep import SweepSetting
 
 __all__ = ["BUILTIN_METHODS", "METHODS", "Method", "get_method", "register_method"]
 
 
 def _no_options(config: Any, epoch: int) -> dict[str, Any]:
     return {}
-
-
-def _default_gate_threshold(config: Any) -> float:
-    return float(getattr(config, "gate_threshold", 0.5))
 
 
 def _every_epoch(config: Any, epoch: int) -> bool:
@@ -58,10 +54,12 @@ class Method:
         name: ``python -m recipes.<name>``; ``results.json["recipe"]``; config files
             ``recipes/configs/<name>_<task>.yaml``.
         description: one line for ``--help`` and the records.
-        config_class: the config dataclass (extends :class:`~recipes.config.RecipeConfig`).
+        config_class: the config dataclass (extends :class:`~recipes.run.config.RecipeConfig`).
         build_model: ``(backbone, config, task) -> module`` with an ``encoder``
             (:class:`~adaptive_depth.AdaptiveEncoder`) and ``forward(batch, stage, **options)``
-            returning :class:`~adaptive_depth.losses.LossTerms`.
+            returning :class:`~adaptive_depth.losses.LossTerms`. The encoder's own gate threshold
+            (``encoder.adaptive_config.gate_threshold``) is the one the held-out evaluation, the
+            sweep, the calibration and the saved model use.
         stage1_param_groups: ``(module, config) -> AdamW groups`` of stage 1.
         sweep_settings: ``(config, task, num_steps) -> settings`` of the dev sweep (full depth
             first); the first one with an exit criterion is the one the run calibrates.
@@ -69,7 +67,6 @@ class Method:
             ``None`` for a one-stage method.
         stage1_options: ``(config, epoch) -> keyword arguments`` of the stage-1 forward
             (e.g. SmartBERT's gate mode), logged and shown in the progress bar.
-        gate_threshold: ``config -> threshold`` of the hard gates (held-out evaluation, sweep).
         extra_results: ``(config, task, sweep rows, majority-class metrics) -> fields`` added to
             ``results.json["extras"]``.
         heldout_gate_mode: gate mode of the held-out evaluation that picks the best epoch.
@@ -84,7 +81,7 @@ class Method:
         resume_allowed_keys: config keys a resumed run may change.
         stage2_keys: config keys that change only stage 2 (and the evaluation after it): a run
             started from another run's stage 1 (``--stage1-from``) may differ from it in these,
-            in the operating-point keys (``recipes.config.OPERATING_POINT_KEYS``) and in the
+            in the operating-point keys (``recipes.run.config.OPERATING_POINT_KEYS``) and in the
             ``resume_allowed_keys`` other than ``stage1_epochs``.
     """
 
@@ -96,7 +93,6 @@ class Method:
     sweep_settings: Callable[[Any, GlueTask, int], list[SweepSetting]]
     stage2_modules: Callable[[nn.Module], list[nn.Module]] | None = None
     stage1_options: Callable[[Any, int], dict[str, Any]] = _no_options
-    gate_threshold: Callable[[Any], float] = _default_gate_threshold
     extra_results: Callable[[Any, GlueTask, list[dict[str, Any]], dict[str, float] | None], dict[str, Any]] = \
         _no_extra_results
     heldout_gate_mode: str = "run"
@@ -139,22 +135,3 @@ def get_method(name: str) -> Method:
         known = sorted(set(METHODS) | set(BUILTIN_METHODS))
         raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(known)}")
     return METHODS[name]
-
-
-def freeze_for_stage2(model: nn.Module, modules: list[nn.Module]) -> list[nn.Parameter]:
-    """Freeze every parameter of ``model`` but those of ``modules``; returns the trainable ones."""
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    trainable = []
-    for module in modules:
-        for parameter in module.parameters():
-            parameter.requires_grad_(True)
-            trainable.append(parameter)
-    return trainable
-
-
-def stage2_train_mode(model: nn.Module, modules: list[nn.Module]) -> None:
-    """Eval mode (no dropout) for the frozen parts, train mode for ``modules``."""
-    model.eval()
-    for module in modules:
-        module.train()

