@@ -277,7 +277,7 @@ def model_dims(model: str) -> Any:
     from transformers import AutoConfig
 
     from adaptive_depth.flops import encoder_dims
-    from recipes.loading import default_model_path, model_label
+    from recipes.run.models import default_model_path, model_label
 
     folder = Path(model)
     if not (folder / "config.json").is_file():
