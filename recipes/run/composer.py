@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,12 @@ import torch
 from torch import nn
 
 from adaptive_depth.exits import predictions_from_logits
-from recipes.glue import (EncodedDataset, GlueMetrics, collate, encode_examples, get_task, holdout_split,
-                          majority_class_metrics, read_split)
+from recipes.glue import GlueMetrics, encode_examples, get_task, holdout_split, majority_class_metrics, read_split
 from recipes.run import distributed, input_checks, loop, models, sweep
 from recipes.run.checkpoints import RunCheckpoints
 from recipes.run.compat import RunIdentity
 from recipes.run.config import OPERATING_POINT_KEYS, config_to_dict
-from recipes.run.data import eval_loader, run_examples, split_fingerprint
+from recipes.run.data import RunSplits, run_examples, split_fingerprint
 from recipes.run.errors import ConfigError
 from recipes.run.folder import BEST_STAGE1_FILE, CHECKPOINT_DIR, RunLock, lock_run_folder, record_run
 from recipes.run.logs import logger
@@ -143,10 +141,8 @@ class Run:
         for name in self.task.dev_splits[1:]:
             rows = read_split(self.data_dir, self.task, name).examples[: config.max_eval_rows or None]
             encoded[name] = encode_examples(rows, self.tokenizer, config.max_length)
-        self.num_truncated = {name: split.num_truncated for name, split in encoded.items()}
-        self.datasets = {name: EncodedDataset(split) for name, split in encoded.items()}
-        self.sizes = {name: len(split) for name, split in encoded.items()}
-        self.dev_split_name = dev_name
+        self.splits = RunSplits(encoded, config, self.tokenizer.pad_token_id)
+        self.sizes, self.num_truncated, self.dev_split_name = self.splits.sizes, self.splits.num_truncated, dev_name
         if self.stage1_from is not None and not self.resume:  # checked before anything is written
             self._adopt_stage1(self.stage1_from)
         if self.is_main:
@@ -178,14 +174,8 @@ class Run:
         return self.model
 
     def loader(self, name: str, shuffle: bool = False, epoch: int = 0) -> Any:
-        """Batches of split ``name`` (``"train"``, ``"heldout"``, ``"dev"``, or a second dev split such
-        as MNLI's ``"dev_mismatched"``), padded per batch."""
-        if name != "train":
-            return eval_loader(self.datasets[name], self.config.eval_batch_size, self.tokenizer.pad_token_id)
-        lengths = [len(ids) for ids in self.datasets[name].encoded.input_ids] if self.config.bucket_by_length else None
-        return loop.make_loader(self.datasets[name], self.config.batch_size,
-                                partial(collate, pad_token_id=self.tokenizer.pad_token_id), shuffle, self.config.seed,
-                                epoch, lengths)
+        """Batches of split ``name`` (:meth:`recipes.run.data.RunSplits.loader`)."""
+        return self.splits.loader(name, shuffle, epoch)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -394,8 +384,7 @@ class Run:
     def majority_class_baseline(self) -> dict[str, float] | None:
         """Dev metrics of always answering train's most frequent label (what a model that learned
         nothing scores); ``None`` for regression."""
-        return majority_class_metrics(self.task, self.datasets["train"].encoded.labels,
-                                      self.datasets["dev"].encoded.labels)
+        return majority_class_metrics(self.task, self.splits.labels("train"), self.splits.labels("dev"))
 
     def cleanup(self) -> None:
         import torch.distributed as dist

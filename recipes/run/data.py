@@ -6,7 +6,8 @@ A run reads the first ``max_train_rows`` of train and ``max_eval_rows`` of the f
 (:func:`split_fingerprint`) in ``run.json`` and every checkpoint, so that ``--resume``,
 ``--stage1-from`` and the benchmarks can tell whether a data folder holds the same rows. Held-out
 and dev rows are evaluated in batches of ``eval_batch_size``, in file order, padded per batch
-(:func:`eval_loader`, :func:`eval_batches`).
+(:func:`eval_loader`, :func:`eval_batches`); train rows are shuffled (length-bucketed) per epoch
+(:class:`RunSplits`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from recipes.glue import EncodedDataset, GlueExample, collate, encode_examples, get_task, read_split
+from recipes.glue import EncodedDataset, EncodedSplit, GlueExample, collate, encode_examples, get_task, read_split
+from recipes.run.loop import make_loader
 
-__all__ = ["data_fingerprint", "eval_batches", "eval_loader", "run_examples", "split_fingerprint"]
+__all__ = ["RunSplits", "data_fingerprint", "eval_batches", "eval_loader", "run_examples", "split_fingerprint"]
 
 
 def run_examples(data_dir: Path, task: str, config: Any) -> tuple[list[GlueExample], list[GlueExample]]:
@@ -71,3 +73,44 @@ def eval_batches(rows: Sequence[GlueExample], tokenizer: Any, config: Any) -> li
     in batches of ``eval_batch_size`` (:func:`eval_loader`)."""
     dataset = EncodedDataset(encode_examples(rows, tokenizer, config.max_length))
     return list(eval_loader(dataset, config.eval_batch_size, tokenizer.pad_token_id))
+
+
+class RunSplits:
+    """A run's tokenized splits and their batches.
+
+    Args:
+        encoded: ``{split name: EncodedSplit}``: ``"train"`` (less the held-out part), ``"heldout"``,
+            ``"dev"`` and further dev splits (MNLI's ``"dev_mismatched"``).
+        config: the run's config (``batch_size``, ``eval_batch_size``, ``seed``, ``bucket_by_length``).
+        pad_token_id: the tokenizer's padding id.
+    """
+
+    def __init__(self, encoded: Mapping[str, EncodedSplit], config: Any, pad_token_id: int) -> None:
+        self.datasets = {name: EncodedDataset(split) for name, split in encoded.items()}
+        self.config = config
+        self.pad_token_id = pad_token_id
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Rows per split."""
+        return {name: len(dataset.encoded) for name, dataset in self.datasets.items()}
+
+    @property
+    def num_truncated(self) -> dict[str, int]:
+        """Rows per split that were longer than ``max_length`` tokens."""
+        return {name: dataset.encoded.num_truncated for name, dataset in self.datasets.items()}
+
+    def labels(self, name: str) -> list[int] | list[float]:
+        """The labels of split ``name``, in order."""
+        return self.datasets[name].encoded.labels
+
+    def loader(self, name: str, shuffle: bool = False, epoch: int = 0) -> DataLoader:
+        """Batches of split ``name``, padded per batch: for ``"train"`` (:func:`recipes.run.loop.make_loader`)
+        shuffled with the seed and ``epoch`` when ``shuffle``, length-bucketed when ``bucket_by_length``;
+        for the others :func:`eval_loader`."""
+        dataset = self.datasets[name]
+        if name != "train":
+            return eval_loader(dataset, self.config.eval_batch_size, self.pad_token_id)
+        lengths = [len(ids) for ids in dataset.encoded.input_ids] if self.config.bucket_by_length else None
+        return make_loader(dataset, self.config.batch_size, partial(collate, pad_token_id=self.pad_token_id), shuffle,
+                           self.config.seed, epoch, lengths)
