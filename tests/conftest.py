@@ -239,9 +239,9 @@ def assert_stage2_trained_only(run_dir: Path, trained: tuple[str, ...], frozen_i
     """A finished two-stage run changed in stage 2 only the weights under the ``trained`` prefixes
     (each of which did change); every other weight, among them some under each of the
     ``frozen_includes`` prefixes, equals the best stage-1 weights bit for bit (frozen, not retrained)."""
-    from recipes.run import checkpoints, storage
+    from recipes.run import checkpoints, files
 
-    best = storage.load_weights(run_dir / "stage1_best.safetensors")
+    best = files.load_weights(run_dir / "stage1_best.safetensors")
     final, state, _ = checkpoints.load_checkpoint(run_dir / "checkpoint")
     assert state["stage"] == 2
     frozen = [key for key in best if not key.startswith(trained)]

@@ -22,7 +22,7 @@ import torch
 
 from recipes import smartbert
 from recipes.run import checkpoints as ckpt
-from recipes.run import loop, storage, sweep
+from recipes.run import files, loop, sweep
 from recipes.run.errors import RunFolderError
 from recipes.run.folder import LOCK_FILE, RunLock
 from tests.conftest import RECIPE_RUN_MARKS, approx_tree, assert_same_weights
@@ -63,7 +63,7 @@ def reference(tiny_model_dir: Path, glue_dir: Path, tmp_path_factory: pytest.Tem
     assert run_cli(*base(glue_dir, tiny_model_dir, out), *SCHEDULE) == 0
     weights, _, _ = ckpt.load_checkpoint(out / "checkpoint")
     return {"results": without_timings(json.loads((out / "results.json").read_text())), "weights": weights,
-            "best": storage.load_weights(out / "stage1_best.safetensors")}
+            "best": files.load_weights(out / "stage1_best.safetensors")}
 
 
 def interrupt_epoch(monkeypatch: pytest.MonkeyPatch, epoch_call: int, signal_number: int) -> None:
@@ -147,7 +147,7 @@ def test_interrupted_run_resumes_to_the_same_results_and_weights(
     assert results == approx_tree(reference["results"])
     final, _, _ = ckpt.load_checkpoint(out / "checkpoint")
     assert_same_weights(final, reference["weights"])
-    assert_same_weights(storage.load_weights(out / "stage1_best.safetensors"), reference["best"])
+    assert_same_weights(files.load_weights(out / "stage1_best.safetensors"), reference["best"])
 
 
 def test_interrupt_before_the_first_checkpoint_says_to_start_again(

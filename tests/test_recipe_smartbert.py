@@ -17,7 +17,7 @@ import yaml
 
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from recipes import smartbert
-from recipes.run import checkpoints, storage
+from recipes.run import checkpoints, files
 from recipes.run.config import load_config
 from recipes.run.loop import freeze_for_stage2
 from recipes.run.errors import ConfigError
@@ -117,7 +117,7 @@ def test_load_trained_without_stage2_gives_the_best_stage1_weights(
     # The tiny model does not improve on the 4 held-out rows, so epoch 0 stays the best one and
     # the last checkpoint (epoch 1) holds other weights.
     assert results["best_stage1"]["epoch"] == 0
-    best = storage.load_weights(out / "stage1_best.safetensors")
+    best = files.load_weights(out / "stage1_best.safetensors")
     last, _, _ = checkpoints.load_checkpoint(out / "checkpoint")
     key = "encoder.exit_heads.1.classifier.bias"
     assert not torch.equal(best[key], last[key])

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from recipes.run import checkpoints as ckpt
-from recipes.run import storage
+from recipes.run import files
 from tests.conftest import RECIPE_RUN_MARKS, approx_tree, assert_same_weights
 from tests.test_recipe_runs import SCHEDULE, assert_one_error_line, base, interrupt_epoch, run_cli, without_timings
 from tests.test_recipe_runs import reference  # noqa: F401 (a module fixture, shared)
@@ -74,7 +74,7 @@ def test_a_damaged_checkpoint_copy_is_not_carried_into_the_next_checkpoint(tmp_p
     weights = {"w": torch.arange(4.0)}
     ckpt.save_checkpoint(folder, weights, None, {"epoch": 0}, extra_files={BEST: weights})
     recorded = json.loads((folder / ckpt.STATE_FILE).read_text())["files"][BEST]
-    best = storage.RecordedFile(folder / BEST, recorded)
+    best = files.RecordedFile(folder / BEST, recorded)
     ckpt.save_checkpoint(folder, weights, None, {"epoch": 1}, extra_files={BEST: best})
     assert os.stat(folder / BEST).st_ino != os.stat(ckpt.previous_checkpoint(folder) / BEST).st_ino
     with (folder / BEST).open("r+b") as handle:

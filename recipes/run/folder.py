@@ -40,7 +40,7 @@ from recipes.run import errors
 from recipes.run.checkpoints import has_checkpoint, previous_checkpoint
 from recipes.run.errors import RunFolderError
 from recipes.run.logs import logger
-from recipes.run.storage import atomic_write
+from recipes.run.files import atomic_write
 
 __all__ = [
     "BACKBONE_DIR",

@@ -23,7 +23,7 @@ from recipes.run.errors import CheckpointError, ResumeMismatchError
 from recipes.run.folder import BEST_STAGE1_FILE, CHECKPOINT_DIR
 from recipes.run.method import Method
 from recipes.run.results import BestEpoch, EpochRecord
-from recipes.run.storage import load_state_dict_strict, load_weights
+from recipes.run.files import load_state_dict_strict, load_weights
 
 __all__ = ["ResumePoint", "adopt_stage1", "check_resume_epochs", "resume_from_checkpoint"]
 

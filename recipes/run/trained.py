@@ -29,7 +29,7 @@ from recipes.run.data import eval_batches, run_examples, split_fingerprint
 from recipes.run.errors import CheckpointError
 from recipes.run.folder import BACKBONE_DIR, BEST_STAGE1_FILE, CHECKPOINT_DIR, MODEL_DIR, RESULTS_FILE, read_run_record
 from recipes.run.method import Method, get_method
-from recipes.run.storage import load_state_dict_strict, load_weights
+from recipes.run.files import load_state_dict_strict, load_weights
 
 __all__ = ["TrainedRun", "checked_rows", "load_run", "load_trained_run"]
 
