@@ -29,10 +29,11 @@ from recipes.run.compat import RunIdentity
 from recipes.run.config import OPERATING_POINT_KEYS, config_to_dict
 from recipes.run.data import RunSplits, run_examples, split_fingerprint
 from recipes.run.errors import ConfigError
-from recipes.run.folder import BEST_STAGE1_FILE, CHECKPOINT_DIR, RunLock, lock_run_folder, record_run
+from recipes.run.folder import (BEST_STAGE1_FILE, CHECKPOINT_DIR, PLOT_FILE, RESULTS_FILE, RunLock, lock_run_folder,
+                                record_run)
 from recipes.run.logs import logger
 from recipes.run.method import Method
-from recipes.run.operating_point import calibrate_and_save
+from recipes.run.operating_point import calibrate_and_save, describe_operating_point
 from recipes.run.results import (BestEpoch, EpochRecord, RunResults, check_epochs_recorded, command_line,
                                  write_results)
 from recipes.run.resume import adopt_stage1, resume_from_checkpoint
@@ -351,7 +352,8 @@ class Run:
                      for name in task.dev_splits[1:]}
         skipping = (sweep.skipping_statistics(encoder, self.loader("dev"), None, task.is_regression,
                                                traces) if encoder.has_gates else None)
-        majority = self.majority_class_baseline()
+        # Always answering train's most frequent label: what a model that learned nothing scores.
+        majority = majority_class_metrics(task, self.splits.labels("train"), self.splits.labels("dev"))
         point = calibrate_and_save(
             encoder, self.tokenizer, self.run_dir, settings, self.loader("heldout"), self.loader("dev"),
             lambda: GlueMetrics(task), budget=config.calibration_budget,
@@ -372,19 +374,10 @@ class Run:
         )
         write_results(self.run_dir, results)
         print(sweep.format_table(rows, list(task.metrics)))
-        chosen_by = (f"disagreement with full depth certified <= {config.certify_max_risk:g} with probability >= "
-                     f"{1 - config.certify_delta:g}" if point.rule == "certified"
-                     else f"budget {point.budget:.0%} of full-depth MACs")
-        print(f"operating point ({chosen_by}, chosen on held-out): "
-              f"{point.dev.name}: dev {point.dev.metrics}, relative cost (exact) {point.dev.relative_cost_exact:.3f}")
-        print(f"results: {self.run_dir / 'results.json'}  plot: {self.run_dir / 'plot.png'}  "
+        print(describe_operating_point(point, config.certify_max_risk, config.certify_delta))
+        print(f"results: {self.run_dir / RESULTS_FILE}  plot: {self.run_dir / PLOT_FILE}  "
               f"model: {self.run_dir / point.model_dir}")
         return results
-
-    def majority_class_baseline(self) -> dict[str, float] | None:
-        """Dev metrics of always answering train's most frequent label (what a model that learned
-        nothing scores); ``None`` for regression."""
-        return majority_class_metrics(self.task, self.splits.labels("train"), self.splits.labels("dev"))
 
     def cleanup(self) -> None:
         import torch.distributed as dist

@@ -29,7 +29,7 @@ from recipes.run.logs import logger
 from recipes.run.results import OperatingPoint
 from recipes.run.sweep import SweepSetting, run_sweep
 
-__all__ = ["calibrate_and_save", "first_exit_setting", "main_metric_function"]
+__all__ = ["calibrate_and_save", "describe_operating_point", "first_exit_setting", "main_metric_function"]
 
 
 def calibrate_and_save(
@@ -122,6 +122,15 @@ def calibrate_and_save(
     # model_dir is relative to the run folder, which may move.
     return OperatingPoint(budget=budget, convention="exact", calibration=calibrated, dev=dev_row, model_dir=MODEL_DIR,
                           reason=reason, rule=rule, certificate=certificate)
+
+
+def describe_operating_point(point: OperatingPoint, max_risk: float, delta: float) -> str:
+    """One line for the end of a run: how the operating point was chosen (``max_risk``, ``delta``:
+    the certificate's, for a certified point) and dev there."""
+    chosen_by = (f"disagreement with full depth certified <= {max_risk:g} with probability >= {1 - delta:g}"
+                 if point.rule == "certified" else f"budget {point.budget:.0%} of full-depth MACs")
+    return (f"operating point ({chosen_by}, chosen on held-out): {point.dev.name}: dev {point.dev.metrics}, "
+            f"relative cost (exact) {point.dev.relative_cost_exact:.3f}")
 
 
 def first_exit_setting(settings: Sequence[SweepSetting]) -> SweepSetting | None:
