@@ -23,7 +23,6 @@ which figures had none such, and the load average before and after.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from adaptive_depth.files import OutputPathError, check_output_path
 from recipes import smartbert
-from recipes.glue import get_task
+from recipes.glue import encode_examples, get_task, read_split
 from recipes.run.config import default_config_file, load_config
 from recipes.run.loop import freeze_for_stage2, stage2_train_mode
 from recipes.run.named_models import named_model_path
@@ -51,15 +50,12 @@ def mrpc_config() -> smartbert.SmartBertConfig:
 
 def mrpc_bucketed_length(data_dir: Path, tokenizer: Any, batch_size: int, max_length: int) -> tuple[float, int]:
     """Mean padded length of MRPC train batches when rows are sorted by length (as bucketing
-    nearly does), and the number of train rows."""
-    with open(data_dir / "MRPC" / "train.tsv", encoding="utf-8-sig", newline="") as file:
-        rows = list(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    lengths = sorted(
-        len(ids) for ids in tokenizer([row[3] for row in rows], [row[4] for row in rows], truncation=True,
-                                      max_length=max_length)["input_ids"]
-    )
+    nearly does), and the number of train rows; the rows read and tokenized as the recipe reads
+    them (:func:`recipes.glue.read_split`, :func:`recipes.glue.encode_examples`)."""
+    examples = read_split(data_dir, "mrpc", "train").examples
+    lengths = sorted(len(ids) for ids in encode_examples(examples, tokenizer, max_length).input_ids)
     batches = [lengths[start:start + batch_size] for start in range(0, len(lengths), batch_size)]
-    return statistics.mean(max(batch) for batch in batches), len(rows)
+    return statistics.mean(max(batch) for batch in batches), len(examples)
 
 
 def best_seconds(step: Callable[[], None], steps: int, threads: int, max_tries: int) -> tuple[float, float, bool]:
