@@ -62,7 +62,7 @@ from typing import Any, get_args
 
 import torch
 
-from adaptive_depth.config import CriterionName
+from adaptive_depth.config import CriterionName, check_gate_threshold
 from benchmarks.comparison import REFERENCE, check_alike, parse_run, reference_macs
 from benchmarks.run_calibration import CALIBRATE_ON, calibrate_run, calibration_rows, joint_skipping
 from benchmarks.seeds import VERDICT_BUDGETS
@@ -263,10 +263,11 @@ def runs_of(args: argparse.Namespace) -> dict[str, Path]:
         raise ConfigError(f"--budgets {bad}: each budget must be in (0, 1], a fraction of the fine-tuned full depth")
     if not 0.0 < args.tolerance < 1.0:  # 0 would bisect forever
         raise ConfigError(f"--tolerance {args.tolerance}: the bisection's stopping width must be in (0, 1), e.g. 1e-3")
-    bad = [value for value in args.gate_thresholds if not 0.0 <= value <= 1.0]
-    if bad:
-        raise ConfigError(f"--gate-thresholds {bad}: each must be in [0, 1] (a layer is skipped when p_skip >= it; "
-                          "1 never skips)")
+    for value in args.gate_thresholds:
+        try:
+            check_gate_threshold(value)
+        except ValueError as error:
+            raise ConfigError(f"--gate-thresholds {value}: {error}") from error
     return runs
 
 

@@ -231,7 +231,7 @@ def test_runs_from_a_tradeoff_table(runs: dict[str, Path], data: Path, tmp_path:
     ("gates_off_gateless", "--gates-off deebert: its run has no skip gates"),
     ("joint_missing", "--joint smartbert: not among the runs"),
     ("joint_gateless", "--joint deebert: its run has no skip gates"),
-    ("gate_thresholds", "--gate-thresholds [1.2]: each must be in [0, 1]"),
+    ("gate_thresholds", "--gate-thresholds 1.2: gate_threshold must be in [0, 1]"),
     ("tolerance", "--tolerance 0.0: the bisection's stopping width must be in (0, 1)"),
     ("criterion", "--criterion tolerance: mrpc is a classification task, whose exits can use entropy"),
 ])
