@@ -85,15 +85,17 @@ class CostAccumulator(Metric):
             raise ValueError(
                 f"trace has {output.layers_run.shape[1]} steps, the accumulator expects {self.num_steps}."
             )
+        # The sums go to the states' device (an engine on a GPU, statistics kept on the CPU).
+        device = self.device
         self.count += output.exit_layer.numel()
-        self.macs_exact += output.macs_exact.sum().double()
-        self.macs_paper += output.macs_paper.sum().double()
-        self.full_exact += output.full_macs_exact.sum().double()
-        self.full_paper += output.full_macs_paper.sum().double()
-        self.layers_run += output.layers_run.sum().double()
-        self.exit_histogram += torch.bincount(output.exit_layer - 1, minlength=self.num_steps).double()
-        self.skips += output.layers_skipped.sum(dim=0).double()
-        self.gate_runs += output.gates_run.sum(dim=0).double()
+        self.macs_exact += output.macs_exact.sum().double().to(device)
+        self.macs_paper += output.macs_paper.sum().double().to(device)
+        self.full_exact += output.full_macs_exact.sum().double().to(device)
+        self.full_paper += output.full_macs_paper.sum().double().to(device)
+        self.layers_run += output.layers_run.sum().double().to(device)
+        self.exit_histogram += torch.bincount(output.exit_layer - 1, minlength=self.num_steps).double().to(device)
+        self.skips += output.layers_skipped.sum(dim=0).double().to(device)
+        self.gate_runs += output.gates_run.sum(dim=0).double().to(device)
 
     def compute(self) -> dict[str, Any]:  # type: ignore[override]
         """The aggregate statistics (see the class docstring)."""

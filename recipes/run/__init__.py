@@ -9,6 +9,7 @@ Modules, from the command line down:
 * ``composer``: :class:`~recipes.run.composer.Run`: setup, stage 1, stage 2, evaluation.
 * ``data``: the rows a run reads, their fingerprint, the evaluation batches.
 * ``loop``: data loaders, one training epoch, the schedule, freezing, divergence checks.
+* ``device``: the ``device`` key checked (CPU, CUDA, one GPU per ``torchrun`` process), batches moved there.
 * ``sweep``: the dev sweep with the inference engine; per-sample skipping statistics.
 * ``operating_point``: calibration on the held-out rows and the saved model.
 * ``results``: ``results.json`` as dataclasses (read and write) and ``plot.png``.

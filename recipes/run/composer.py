@@ -75,7 +75,7 @@ class Run:
         self.best_stage1: BestEpoch | None = None
         self.argv: list[str] | None = None
         self.overwrite = False
-        self.rank, self.world_size = 0, 1
+        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
         self.lock: RunLock | None = None
         self.data_record: dict[str, Any] | None = None
         self.resume_point: tuple[int, int, dict[str, Any]] | None = None
@@ -112,7 +112,7 @@ class Run:
         load and check the checkpoint, then record ``run.json`` and ``backbone/``. Nothing is
         written before the inputs (and a resumed checkpoint) are checked."""
         config = self.config
-        self.rank, self.world_size = distributed.distributed_setup()
+        self.rank, self.world_size, self.device = distributed.distributed_setup(config.device)
         self.checkpoints.is_main = self.is_main
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -131,6 +131,7 @@ class Run:
             self.model = self.method.build_model(backbone, config, self.task)
         except ValueError as error:  # a module rejected a size from the config
             raise ConfigError(f"cannot build the {self.name} model with this config: {error}") from error
+        self.model.to(self.device)  # before a checkpoint's (CPU) weights are copied in, and the optimizers
 
         encoded = {
             "train": encode_examples(train_part, self.tokenizer, config.max_length),
@@ -142,7 +143,7 @@ class Run:
         for name in self.task.dev_splits[1:]:
             rows = read_split(self.data_dir, self.task, name).examples[: config.max_eval_rows or None]
             encoded[name] = encode_examples(rows, self.tokenizer, config.max_length)
-        self.splits = RunSplits(encoded, config, self.tokenizer.pad_token_id)
+        self.splits = RunSplits(encoded, config, self.tokenizer.pad_token_id, self.device)
         self.sizes, self.num_truncated, self.dev_split_name = self.splits.sizes, self.splits.num_truncated, dev_name
         if self.stage1_from is not None and not self.resume:  # checked before anything is written
             self._adopt_stage1(self.stage1_from)
@@ -171,7 +172,8 @@ class Run:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            return DistributedDataParallel(self.model, find_unused_parameters=True)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=True)
         return self.model
 
     def loader(self, name: str, shuffle: bool = False, epoch: int = 0) -> Any:

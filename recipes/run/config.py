@@ -15,6 +15,7 @@ from typing import Any
 
 from adaptive_depth.pvalues import check_risk_level
 from recipes.glue import get_task
+from recipes.run.device import check_device_name
 from recipes.run.errors import ConfigError
 
 __all__ = ["CONFIG_DIR", "OPERATING_POINT_KEYS", "RESUME_ALLOWED_KEYS", "RecipeConfig", "config_to_dict",
@@ -22,9 +23,10 @@ __all__ = ["CONFIG_DIR", "OPERATING_POINT_KEYS", "RESUME_ALLOWED_KEYS", "RecipeC
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 # Config keys a resumed run may change: settings that do not change what is trained (threads,
-# evaluation batch size) and the epoch keys, as far as recipes.run.resume.check_resume_epochs
+# evaluation batch size, the device: recipes.run.device warns that a device change is not
+# bit-identical) and the epoch keys, as far as recipes.run.resume.check_resume_epochs
 # allows (stage2_epochs until stage 2 starts). Recipes add their sweep thresholds.
-RESUME_ALLOWED_KEYS = ("stage1_epochs", "stage2_epochs", "torch_threads", "eval_batch_size")
+RESUME_ALLOWED_KEYS = ("stage1_epochs", "stage2_epochs", "torch_threads", "eval_batch_size", "device")
 # Config keys that say how the operating point is chosen after training (nothing trained depends on them).
 OPERATING_POINT_KEYS = ("calibration_budget", "operating_point", "certify_max_risk", "certify_delta")
 
@@ -51,6 +53,9 @@ class RecipeConfig:
         padded_length: length the paper's FLOPs convention counts at.
         bucket_by_length: batch training examples of similar length (less padding).
         torch_threads: ``torch.set_num_threads`` (0: leave the default).
+        device: where the run trains and evaluates, in fp32: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``
+            (under ``torchrun``, ``"cuda"``: each process uses ``cuda:LOCAL_RANK``); checked to
+            exist when the run starts (:mod:`recipes.run.device`).
         calibration_budget: after the sweep, the exit threshold is chosen on the held-out part of
             train so that the relative cost (total exact MACs over total full-depth MACs) is at
             most this; the model is saved to ``<run>/model`` at that operating point.
@@ -84,6 +89,7 @@ class RecipeConfig:
     padded_length: int = 128
     bucket_by_length: bool = True
     torch_threads: int = 0
+    device: str = "cpu"
     calibration_budget: float = 0.5
     operating_point: str = "budget"
     certify_max_risk: float = 0.05
@@ -109,6 +115,7 @@ class RecipeConfig:
         for name in self._strictly_positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_device_name(self.device)
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not 0.0 < self.calibration_budget <= 1.0:

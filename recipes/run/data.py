@@ -7,7 +7,7 @@ A run reads the first ``max_train_rows`` of train and ``max_eval_rows`` of the f
 ``--stage1-from`` and the benchmarks can tell whether a data folder holds the same rows. Held-out
 and dev rows are evaluated in batches of ``eval_batch_size``, in file order, padded per batch
 (:func:`eval_loader`, :func:`eval_batches`); train rows are shuffled (length-bucketed) per epoch
-(:class:`RunSplits`).
+(:class:`RunSplits`, whose batches are moved to the run's device).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from recipes.glue import EncodedDataset, EncodedSplit, GlueExample, collate, encode_examples, get_task, read_split
+from recipes.run.device import DeviceLoader
 from recipes.run.loop import make_loader
 
 __all__ = ["RunSplits", "data_fingerprint", "eval_batches", "eval_loader", "run_examples", "split_fingerprint"]
@@ -83,12 +85,15 @@ class RunSplits:
             ``"dev"`` and further dev splits (MNLI's ``"dev_mismatched"``).
         config: the run's config (``batch_size``, ``eval_batch_size``, ``seed``, ``bucket_by_length``).
         pad_token_id: the tokenizer's padding id.
+        device: where :meth:`loader`'s batches go (the run's device).
     """
 
-    def __init__(self, encoded: Mapping[str, EncodedSplit], config: Any, pad_token_id: int) -> None:
+    def __init__(self, encoded: Mapping[str, EncodedSplit], config: Any, pad_token_id: int,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.datasets = {name: EncodedDataset(split) for name, split in encoded.items()}
         self.config = config
         self.pad_token_id = pad_token_id
+        self.device = device
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -104,13 +109,13 @@ class RunSplits:
         """The labels of split ``name``, in order."""
         return self.datasets[name].encoded.labels
 
-    def loader(self, name: str, shuffle: bool = False, epoch: int = 0) -> DataLoader:
-        """Batches of split ``name``, padded per batch: for ``"train"`` (:func:`recipes.run.loop.make_loader`)
-        shuffled with the seed and ``epoch`` when ``shuffle``, length-bucketed when ``bucket_by_length``;
-        for the others :func:`eval_loader`."""
+    def loader(self, name: str, shuffle: bool = False, epoch: int = 0) -> DeviceLoader:
+        """Batches of split ``name``, padded per batch, on :attr:`device`: for ``"train"``
+        (:func:`recipes.run.loop.make_loader`) shuffled with the seed and ``epoch`` when ``shuffle``,
+        length-bucketed when ``bucket_by_length``; for the others :func:`eval_loader`."""
         dataset = self.datasets[name]
         if name != "train":
-            return eval_loader(dataset, self.config.eval_batch_size, self.pad_token_id)
+            return DeviceLoader(eval_loader(dataset, self.config.eval_batch_size, self.pad_token_id), self.device)
         lengths = [len(ids) for ids in dataset.encoded.input_ids] if self.config.bucket_by_length else None
-        return make_loader(dataset, self.config.batch_size, partial(collate, pad_token_id=self.pad_token_id), shuffle,
-                           self.config.seed, epoch, lengths)
+        return DeviceLoader(make_loader(dataset, self.config.batch_size, partial(collate, pad_token_id=self.pad_token_id),
+                                        shuffle, self.config.seed, epoch, lengths), self.device)

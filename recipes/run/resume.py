@@ -4,7 +4,8 @@ Both read a checkpoint's state, check it against this run with the one compatibi
 (:func:`recipes.run.compat.check_compatible`), load its weights (checked against the checksums it
 recorded) and return the training record to continue from; :class:`recipes.run.composer.Run`
 calls them during ``setup``, before it trains. ``--resume`` may change an epoch key only as far
-as :func:`check_resume_epochs` allows: a resumed run is bit-identical to an uninterrupted one.
+as :func:`check_resume_epochs` allows: a resumed run is bit-identical to an uninterrupted one on the
+same device (another ``device`` is allowed, with a warning: :mod:`recipes.run.device`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from torch import nn
 
 from recipes.run.checkpoints import STATE_FILE, RunCheckpoints
 from recipes.run.compat import RunIdentity, check_compatible
+from recipes.run.device import device_change_warning
 from recipes.run.errors import CheckpointError, ResumeMismatchError
 from recipes.run.folder import BEST_STAGE1_FILE, CHECKPOINT_DIR
 from recipes.run.method import Method
 from recipes.run.results import BestEpoch, EpochRecord
 from recipes.run.files import load_state_dict_strict, load_weights
+from recipes.run.logs import logger
 
 __all__ = ["ResumePoint", "adopt_stage1", "check_resume_epochs", "resume_from_checkpoint"]
 
@@ -70,6 +73,7 @@ def resume_from_checkpoint(checkpoints: RunCheckpoints, model: nn.Module, identi
                      made="was trained", fix="start a new run (--overwrite or another --output-dir)")
     check_resume_epochs(state.get("config", {}), identity.config, state["stage"], state["epoch"], run_dir,
                         method.has_stage2)
+    _warn_device_change(state, identity, f"the checkpoint in {loaded_from}")
     load_state_dict_strict(model, state_dict, str(loaded_from))
     history = {stage: [EpochRecord(**record) for record in records]
                for stage, records in state.get("history", {"stage1": [], "stage2": []}).items()}
@@ -112,6 +116,7 @@ def adopt_stage1(source: Path, model: nn.Module, identity: RunIdentity, allowed:
         raise CheckpointError(f"{what}: cannot read {state_path} ({error})") from None
     check_compatible(state, identity, what=what, allowed=allowed, made="trained stage 1",
                      fix="train stage 1 too (leave out --stage1-from)")
+    _warn_device_change(state, identity, what)
     stage, epoch = state.get("stage"), state.get("epoch")
     if not state.get("best_stage1") or not (stage == 2 or (stage == 1 and epoch == stage1_epochs - 1)):
         raise CheckpointError(f"{what} has not finished stage 1 (its checkpoint is at stage {stage}, epoch "
@@ -121,6 +126,12 @@ def adopt_stage1(source: Path, model: nn.Module, identity: RunIdentity, allowed:
     load_state_dict_strict(model, best, str(folder / BEST_STAGE1_FILE))
     history = [EpochRecord(**record) for record in state.get("history", {}).get("stage1", [])]
     return history, BestEpoch(**state["best_stage1"])
+
+
+def _warn_device_change(state: Mapping[str, Any], identity: RunIdentity, what: str) -> None:
+    warning = device_change_warning(state.get("config") or {}, identity.config, what)
+    if warning:
+        logger.warning("%s", warning)
 
 
 def check_resume_epochs(saved: Mapping[str, Any], current: Mapping[str, Any], stage: int, epoch: int,
