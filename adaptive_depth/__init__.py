@@ -6,11 +6,13 @@ cross-layer contrastive loss makes intermediate layers good enough to exit from
 """
 
 from adaptive_depth.backbones import BACKBONES, BackboneAdapter, LayerRunner, UnsupportedModelError, get_backbone
+from adaptive_depth.classifiers import CLASSIFIER_HEADS
 from adaptive_depth.config import AdaptiveEncoderConfig
 from adaptive_depth.contrastive import ContrastiveOutput, CrossLayerInfoNCE, cross_layer_info_nce
 from adaptive_depth.encoder import AdaptiveEncoder, AdaptiveEncoderOutput
 from adaptive_depth.engine import AdaptiveInferenceEngine, EngineOutput
 from adaptive_depth.exits import (
+    ClassifierExitHead,
     EntropyExit,
     ExitCriterion,
     ExitDecision,
@@ -74,6 +76,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BACKBONES",
+    "CLASSIFIER_HEADS",
     "AdaptiveEncoder",
     "AdaptiveEncoderConfig",
     "AdaptiveEncoderOutput",
@@ -83,6 +86,7 @@ __all__ = [
     "BudgetPenalty",
     "Calibration",
     "Certificate",
+    "ClassifierExitHead",
     "ContrastiveOutput",
     "CostAccumulator",
     "CrossLayerInfoNCE",

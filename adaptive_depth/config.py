@@ -17,6 +17,7 @@ from pathlib import Path
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from adaptive_depth.classifiers import check_last_head
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 from adaptive_depth.files import write_atomically
 
@@ -173,6 +174,9 @@ class AdaptiveEncoderConfig:
         num_labels: classes per exit head (1 for regression).
         head_type, with_gates, gate_inner_size, gate_num_heads, gate_pooling, head_inner_size,
         head_num_heads, dropout, initial_skip_bias: as in :class:`~adaptive_depth.AdaptiveEncoder`.
+        last_head: ``"exit_head"`` (a new head of ``head_type``) or ``"classifier:<model_type>"``: the
+            fine-tuned model's own classifier (:meth:`~adaptive_depth.AdaptiveEncoder.from_classifier`;
+            the folder then holds the whole ``*ForSequenceClassification``).
 
     Task:
         problem_type: ``"single_label_classification"`` or ``"regression"`` (default from
@@ -214,6 +218,7 @@ class AdaptiveEncoderConfig:
     metric: str | None = None
     text_pair: bool | None = None
     head_type: Literal["attention", "pooler"] = "attention"
+    last_head: str = "exit_head"
     with_gates: bool = True
     gate_inner_size: int = 128
     gate_num_heads: int = 2
@@ -266,6 +271,7 @@ class AdaptiveEncoderConfig:
         if self.mode in ("adaptive", "skip_only") and not self.with_gates:
             raise ValueError(f"mode {self.mode!r} needs skip gates, but with_gates is False.")
         self.gate_threshold = check_gate_threshold(self.gate_threshold)
+        check_last_head(self.last_head)
         if math.isnan(self.threshold):
             raise ValueError("threshold is NaN.")
         if not isinstance(self.criterion_options or {}, Mapping):
@@ -284,7 +290,7 @@ class AdaptiveEncoderConfig:
     def architecture_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~adaptive_depth.AdaptiveEncoder` (after the model)."""
         names = ("num_labels", "gate_inner_size", "gate_num_heads", "gate_pooling", "head_inner_size",
-                 "head_num_heads", "dropout", "initial_skip_bias", "head_type", "with_gates")
+                 "head_num_heads", "dropout", "initial_skip_bias", "head_type", "with_gates", "last_head")
         return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_depth.backbones import BackboneAdapter, LayerRunner, get_backbone
+from adaptive_depth.classifiers import (check_last_head, classifier_exit_head, classifier_label_names, classifier_name,
+                                         is_attached, load_classifier)
 from adaptive_depth.config import AdaptiveEncoderConfig, check_gate_threshold
 from adaptive_depth.exits import ExitHead, PoolerExitHead
 from adaptive_depth.gates import GatePooling, SkipGate, straight_through_hard
-from adaptive_depth.inputs import check_batch, check_input_names
+from adaptive_depth.inputs import check_batch, check_input_names, forced_gate_values, selected_head_steps
 
 __all__ = ["AdaptiveEncoder", "AdaptiveEncoderOutput", "GateMode", "HeadSelection"]
 
@@ -89,6 +91,8 @@ class AdaptiveEncoder(nn.Module):
             (:class:`PoolerExitHead`, DeeBERT/PABEE).
         with_gates: ``False`` builds no gates (early-exit-only methods); then only
             ``gate_mode="run"`` is available.
+        last_head: ``"exit_head"``, or ``"classifier:<model_type>"``: the last exit is the
+            fine-tuned ``model``'s own classifier (use :meth:`from_classifier`).
 
     Attributes:
         adaptive_config: an :class:`~adaptive_depth.AdaptiveEncoderConfig` of the arguments above
@@ -121,6 +125,7 @@ class AdaptiveEncoder(nn.Module):
         initial_skip_bias: float = 0.0,
         head_type: HeadType = "attention",
         with_gates: bool = True,
+        last_head: str = "exit_head",
     ) -> None:
         super().__init__()
         if head_type not in ("attention", "pooler"):
@@ -153,16 +158,20 @@ class AdaptiveEncoder(nn.Module):
             SkipGate(hidden_size, gate_inner_size, gate_num_heads, gate_pooling, dropout, initial_skip_bias)
             for _ in range(num_steps if with_gates else 0)
         )
+        attached = is_attached(check_last_head(last_head))
         self.exit_heads = nn.ModuleList(
             ExitHead(hidden_size, num_labels, head_inner_size, head_num_heads, dropout)
             if head_type == "attention"
             else PoolerExitHead(hidden_size, num_labels, dropout)
-            for _ in range(num_steps)
+            for _ in range(num_steps - attached)
         )
+        if attached:  # the model's own classifier modules, shared
+            self.exit_heads.append(classifier_exit_head(model, last_head))
         self.adaptive_config = AdaptiveEncoderConfig(
-            num_labels=num_labels, head_type=head_type, with_gates=with_gates, gate_inner_size=gate_inner_size,
-            gate_num_heads=gate_num_heads, gate_pooling=gate_pooling, head_inner_size=head_inner_size,
-            head_num_heads=head_num_heads, dropout=dropout, initial_skip_bias=initial_skip_bias,
+            num_labels=num_labels, head_type=head_type, last_head=last_head, with_gates=with_gates,
+            gate_inner_size=gate_inner_size, gate_num_heads=gate_num_heads, gate_pooling=gate_pooling,
+            head_inner_size=head_inner_size, head_num_heads=head_num_heads, dropout=dropout,
+            initial_skip_bias=initial_skip_bias,
         )
         # Gates and heads live where the backbone lives, in its floating dtype (a bf16 or float64
         # backbone would otherwise meet float32 gates in the first matmul).
@@ -222,6 +231,31 @@ class AdaptiveEncoder(nn.Module):
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                revision=revision, verify=verify)
 
+    @classmethod
+    def from_classifier(cls, model_or_path: nn.Module | str | os.PathLike[str], *, with_gates: bool = False,
+                        attn_implementation: str | None = None, **options: Any) -> AdaptiveEncoder:
+        """Wrap a fine-tuned ``*ForSequenceClassification`` (or its folder, loaded offline) whose own
+        classifier becomes the last exit, so that full depth (engine ``mode="full"``, ``heads="last"``)
+        gives the model's own logits; the new exit heads (and gates, ``with_gates=True``) are to be
+        trained by distillation (``python -m recipes.attach``). ``attn_implementation``: for a folder;
+        ``options``: the other :class:`AdaptiveEncoder` arguments. Families and refusals:
+        :mod:`adaptive_depth.classifiers`.
+
+        Example:
+            >>> from transformers import BertConfig, BertForSequenceClassification
+            >>> model = BertForSequenceClassification(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+            ...                                                  num_attention_heads=4, intermediate_size=37)).eval()
+            >>> encoder = AdaptiveEncoder.from_classifier(model, head_inner_size=16).eval()
+            >>> ids = torch.randint(0, 99, (2, 7))
+            >>> torch.allclose(encoder(ids, heads="last", gate_mode="run").logits, model(ids).logits, atol=1e-6)
+            True
+        """
+        if isinstance(model_or_path, (str, os.PathLike)):
+            model_or_path = load_classifier(model_or_path, attn_implementation)
+        encoder = cls(model_or_path, with_gates=with_gates, last_head=classifier_name(model_or_path), **options)
+        encoder.adaptive_config.label_names = classifier_label_names(model_or_path)
+        return encoder
+
     def unwrap(self) -> nn.Module:
         """The model that was wrapped, unchanged in structure (its weights are shared)."""
         return self._wrapped[0]
@@ -237,11 +271,13 @@ class AdaptiveEncoder(nn.Module):
             ``backbone`` (embeddings and layers), ``gates``, ``intermediate_heads`` (heads
             ``1..L-1``) and ``last_head``.
         """
+        backbone = self.backbone_parameters()
         return {
-            "backbone": self.backbone_parameters(),
+            "backbone": backbone,
             "gates": list(self.gates.parameters()),
             "intermediate_heads": [p for head in self.exit_heads[:-1] for p in head.parameters()],
-            "last_head": list(self.exit_heads[-1].parameters()),
+            # an attached BERT's or ALBERT's classifier also runs the backbone's pooler
+            "last_head": [p for p in self.exit_heads[-1].parameters() if all(p is not b for b in backbone)],
         }
 
     def full_depth_macs(self, seq_len: int, convention: Literal["paper", "exact"] = "exact") -> int:
@@ -311,8 +347,8 @@ class AdaptiveEncoder(nn.Module):
         gate_threshold = self.adaptive_config.gate_threshold if gate_threshold is None else check_gate_threshold(
             gate_threshold)
         batch_size = token_mask.shape[0]
-        head_steps = self._head_steps(heads)
-        forced = self._forced_gate_values(gate_values, batch_size, token_mask.device)
+        head_steps = selected_head_steps(heads, self.num_steps)
+        forced = forced_gate_values(gate_values, batch_size, self.num_steps, token_mask.device)
 
         hidden = runner.hidden_states
         hidden_states = [hidden]
@@ -361,37 +397,3 @@ class AdaptiveEncoder(nn.Module):
             head_token_states=head_token_states,
             attention_mask=token_mask,
         )
-
-    def _head_steps(self, heads: HeadSelection | Sequence[int]) -> set[int]:
-        last = self.num_steps - 1
-        if isinstance(heads, str):
-            choices = {
-                "all": set(range(self.num_steps)),
-                "last": {last},
-                "intermediate": set(range(last)),
-                "none": set(),
-            }
-            if heads not in choices:
-                raise ValueError(f"heads must be one of {sorted(choices)} or step indices, got {heads!r}.")
-            return choices[heads]
-        steps = {int(step) for step in heads}
-        out_of_range = sorted(step for step in steps if not 0 <= step <= last)
-        if out_of_range:
-            raise ValueError(f"head steps {out_of_range} are outside 0..{last}.")
-        return steps
-
-    def _forced_gate_values(
-        self, gate_values: Tensor | None, batch_size: int, device: torch.device
-    ) -> Tensor | None:
-        if gate_values is None:
-            return None
-        if gate_values.ndim == 1:
-            gate_values = gate_values.unsqueeze(0).expand(batch_size, -1)
-        if tuple(gate_values.shape) != (batch_size, self.num_steps):
-            raise ValueError(
-                f"gate_values must be [L] or [B, L] = {(batch_size, self.num_steps)}, "
-                f"got {tuple(gate_values.shape)}."
-            )
-        if bool(((gate_values < 0) | (gate_values > 1)).any()):
-            raise ValueError("gate_values must lie in [0, 1] (1 = skip the layer).")
-        return gate_values.to(device)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from adaptive_depth.narrow_attention import NarrowAttentionPool
 
 __all__ = [
+    "ClassifierExitHead",
     "EntropyExit",
     "ExitCriterion",
     "ExitDecision",
@@ -135,6 +136,46 @@ class PoolerExitHead(nn.Module):
             raise ValueError("PoolerExitHead has no token states; use ExitHead for the stage-2 contrastive loss.")
         pooled = torch.tanh(self.pooler(hidden_states[:, 0]))
         return ExitHeadOutput(logits=self.classifier(self.dropout(pooled)))
+
+
+class ClassifierExitHead(nn.Module):
+    """A fine-tuned model's own classifier as an exit head: its modules, applied in order.
+
+    The modules are the model's own (shared, not copied), so the head gives exactly the logits
+    the model computes from the same hidden states. Which modules, in which order, each family
+    uses is :data:`adaptive_depth.classifiers.CLASSIFIER_HEADS`; build it with
+    :func:`adaptive_depth.classifiers.classifier_exit_head`.
+
+    Args:
+        modules: ``[B, N, H] -> [B, C]`` when applied in order (the first reads position 0).
+        num_labels: ``C`` (1 for regression).
+
+    Example:
+        >>> from adaptive_depth.classifiers import FirstToken
+        >>> head = ClassifierExitHead([FirstToken(), nn.Linear(4, 3)], num_labels=3)
+        >>> tuple(head(torch.randn(2, 5, 4)).logits.shape)
+        (2, 3)
+    """
+
+    def __init__(self, modules: list[nn.Module], num_labels: int) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
+        self.num_labels = num_labels
+        self.classifier = nn.Sequential(*modules)
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, return_token_states: bool = False
+    ) -> ExitHeadOutput:
+        """Classify ``hidden_states`` ``[B, N, H]`` as the model does (``attention_mask`` is not
+        needed: every family reads position 0); it has no token states to return."""
+        if return_token_states:
+            raise ValueError("ClassifierExitHead has no token states; the contrastive loss needs ExitHead.")
+        return ExitHeadOutput(logits=self.classifier(hidden_states))
+
+    def linear_macs(self) -> int:
+        """MACs of one row: every ``nn.Linear`` once (each reads one position), in both conventions."""
+        return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
 
 
 def predictions_from_logits(logits: Tensor) -> Tensor:

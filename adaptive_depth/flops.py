@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from adaptive_depth.backbones import EncoderDims, get_backbone
-from adaptive_depth.exits import PoolerExitHead
+from adaptive_depth.exits import ClassifierExitHead, PoolerExitHead
 
 if TYPE_CHECKING:
     from adaptive_depth.encoder import AdaptiveEncoder
@@ -379,8 +379,8 @@ def encoder_cost(encoder: AdaptiveEncoder, seq_len: int, convention: Convention)
     if not encoder.has_gates:
         gates = [0] * encoder.num_steps
     heads = [
-        pooler_head_macs(head.pooler.in_features, head.num_labels)
-        if isinstance(head, PoolerExitHead)
+        pooler_head_macs(head.pooler.in_features, head.num_labels) if isinstance(head, PoolerExitHead)
+        else head.linear_macs() if isinstance(head, ClassifierExitHead)  # a fine-tuned model's own classifier
         else head_macs(head.pool.hidden_size, head.num_labels, seq_len, convention, head.pool.inner_size,
                        num_heads=head.pool.num_heads)
         for head in encoder.exit_heads

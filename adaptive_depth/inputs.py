@@ -4,12 +4,13 @@ the position table, and input names the wrapped model would silently ignore."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_batch", "check_input_names"]
+__all__ = ["check_batch", "check_input_names", "forced_gate_values", "selected_head_steps"]
 
 _ACCEPTED: dict[type, frozenset[str]] = {}
 
@@ -82,3 +83,33 @@ def _raise_for_bad_mask(token_mask: Tensor) -> None:
         "needs right padding, because gates and exit heads read the first position as [CLS]. Set "
         "tokenizer.padding_side = 'right' (or pad on the right yourself)."
     )
+
+
+def selected_head_steps(heads: str | Sequence[int], num_steps: int) -> set[int]:
+    """The 0-based steps whose heads run for ``AdaptiveEncoder.forward(heads=...)``: ``"all"``,
+    ``"last"``, ``"intermediate"`` (all but the last), ``"none"`` or step indices."""
+    last = num_steps - 1
+    if isinstance(heads, str):
+        choices = {"all": set(range(num_steps)), "last": {last}, "intermediate": set(range(last)), "none": set()}
+        if heads not in choices:
+            raise ValueError(f"heads must be one of {sorted(choices)} or step indices, got {heads!r}.")
+        return choices[heads]
+    steps = {int(step) for step in heads}
+    out_of_range = sorted(step for step in steps if not 0 <= step <= last)
+    if out_of_range:
+        raise ValueError(f"head steps {out_of_range} are outside 0..{last}.")
+    return steps
+
+
+def forced_gate_values(gate_values: Tensor | None, batch_size: int, num_steps: int,
+                       device: torch.device) -> Tensor | None:
+    """``gate_values`` (``[L]`` or ``[B, L]`` in ``[0, 1]``, 1 = skip) as ``[B, L]`` on ``device``."""
+    if gate_values is None:
+        return None
+    if gate_values.ndim == 1:
+        gate_values = gate_values.unsqueeze(0).expand(batch_size, -1)
+    if tuple(gate_values.shape) != (batch_size, num_steps):
+        raise ValueError(f"gate_values must be [L] or [B, L] = {(batch_size, num_steps)}, got {tuple(gate_values.shape)}.")
+    if bool(((gate_values < 0) | (gate_values > 1)).any()):
+        raise ValueError("gate_values must lie in [0, 1] (1 = skip the layer).")
+    return gate_values.to(device)

@@ -4,7 +4,9 @@ Layout of a saved model (the backbone files are plain Hugging Face files, so
 ``AutoModel.from_pretrained(folder)`` still loads the backbone alone)::
 
     folder/
-      config.json, model.safetensors     the backbone (base model), HF format
+      config.json, model.safetensors     the backbone (base model), HF format; for a model attached to
+                                         its own classifier (``from_classifier``), the whole
+                                         ``*ForSequenceClassification``
       adaptive_config.json               AdaptiveEncoderConfig: wrapper + operating point
       adaptive_heads.safetensors         gates and exit heads
       tokenizer.json, vocab.txt, ...     the tokenizer, when one was given
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adaptive_depth.classifiers import is_attached
 from adaptive_depth.config import AdaptiveEncoderConfig
 from adaptive_depth.hub import HubTimeoutError, OFFLINE_HINT, download_snapshot, looks_like_hub_id
 from adaptive_depth.model_folder import ModelFolderError, verify_model_folder, write_manifest
@@ -43,12 +46,22 @@ ADAPTIVE_WEIGHTS_NAME = "adaptive_heads.safetensors"
 
 
 def _wrapper_state(encoder: AdaptiveEncoder) -> dict[str, torch.Tensor]:
-    """The gates' and heads' weights (everything but the backbone), contiguous, on the CPU."""
+    """The gates' and heads' weights (all but the Hugging Face model's, see :func:`_hf_model`), on the CPU."""
+    hf_owned = ("backbone.", f"exit_heads.{encoder.num_steps - 1}.") if _attached(encoder) else ("backbone.",)
     return {
         key: value.detach().to("cpu").contiguous()
         for key, value in encoder.state_dict().items()
-        if not key.startswith("backbone.")
+        if not key.startswith(hf_owned)
     }
+
+
+def _attached(encoder: AdaptiveEncoder) -> bool:
+    return is_attached(encoder.adaptive_config.last_head)
+
+
+def _hf_model(encoder: AdaptiveEncoder) -> torch.nn.Module:
+    """What is saved in Hugging Face format: the base model, or the classifier the encoder is attached to."""
+    return encoder.unwrap() if _attached(encoder) else encoder.backbone
 
 
 def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[str], tokenizer: Any = None,
@@ -89,7 +102,7 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
     try:
         config = encoder.adaptive_config
         config.attn_implementation = getattr(encoder.config, "_attn_implementation", None)
-        encoder.backbone.save_pretrained(staging)
+        _hf_model(encoder).save_pretrained(staging)
         save_file(_wrapper_state(encoder), str(staging / ADAPTIVE_WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(staging / ADAPTIVE_CONFIG_NAME)
         if tokenizer is not None:
@@ -200,7 +213,7 @@ def load_pretrained(
     implementation = attn_implementation or config.attn_implementation
     if implementation:
         options["attn_implementation"] = implementation
-    backbone = _load_backbone(folder, options)
+    backbone = _load_backbone(folder, options, attached=is_attached(config.last_head))
     try:
         encoder = encoder_class(backbone, **config.architecture_kwargs())
     except (ValueError, TypeError) as error:
@@ -217,10 +230,13 @@ def _one_line(error: BaseException) -> str:
     return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
-def _load_backbone(folder: Path, options: dict[str, Any]) -> torch.nn.Module:
-    """The backbone of a saved folder; :class:`ModelFolderError` naming ``config.json`` or the weights."""
+def _load_backbone(folder: Path, options: dict[str, Any], attached: bool) -> torch.nn.Module:
+    """The backbone of a saved folder (the whole ``*ForSequenceClassification`` of an ``attached``
+    model); :class:`ModelFolderError` naming ``config.json`` or the weights."""
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    auto_class = AutoModelForSequenceClassification if attached else AutoModel
 
     config_path = folder / "config.json"
     try:
@@ -228,12 +244,12 @@ def _load_backbone(folder: Path, options: dict[str, Any]) -> torch.nn.Module:
     except Exception as error:  # OSError (bad JSON, no file), ValueError / TypeError (a field)
         raise ModelFolderError(f"{config_path} (the backbone's config) cannot be used: {_one_line(error)}") from error
     try:
-        return AutoModel.from_pretrained(str(folder), **options)
+        return auto_class.from_pretrained(str(folder), **options)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         weights = sorted(path for path in folder.glob("*.safetensors") if path.name != ADAPTIVE_WEIGHTS_NAME)
         reason = _one_line(error)
         if isinstance(error, RuntimeError) and "mismatched" in reason:  # transformers printed the tensors, said not
-            reason = _first_shape_mismatch(weights, AutoModel.from_config(config).state_dict()) or reason
+            reason = _first_shape_mismatch(weights, auto_class.from_config(config).state_dict()) or reason
         shown = ", ".join(path.name for path in weights) or "none found"
         raise ModelFolderError(f"the backbone weights in {folder} ({shown}) do not load with {config_path}: {reason}; "
                                "the file is truncated, damaged or of another model") from error

@@ -1,0 +1,172 @@
+"""``python -m recipes.attach``: exit heads trained on unlabeled text, the fine-tuned model left bit-identical,
+the saved folder usable by the pipeline, ``predict`` and ``export``; clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from adaptive_depth import AdaptiveEncoder, AdaptiveInferenceEngine, AdaptivePipeline
+from adaptive_depth.export import main as export_main
+from adaptive_depth.export_runtime import ExportedEngine
+from adaptive_depth.predict import main as predict_main
+from recipes.attach import AttachConfig, main, read_texts, train
+from recipes.errors import ConfigError
+from recipes.glue import EncodedDataset, GlueExample, collate, encode_examples, get_task
+from recipes.loop import make_loader
+from tests.conftest import minilm_dir, requires_minilm
+
+pytestmark = [requires_minilm, pytest.mark.usefixtures("one_thread")]
+
+WORDS = "the a film movie plot actor was is great awful dull fun boring moving story cast very not".split()
+
+
+def sentences(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 14))) for _ in range(count)]
+
+
+def save_classifier(folder: Path, num_labels: int = 2, num_layers: int = 3) -> Path:
+    """A random hidden-32 BERT classifier with the real MiniLM tokenizer, saved as a user would."""
+    torch.manual_seed(0)
+    labels = {0: "0", 1: "1"} if num_labels == 2 else {0: "LABEL_0"}
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=128, num_labels=num_labels, id2label=labels,
+                        label2id={name: index for index, name in labels.items()})
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("attach")
+    texts = root / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": text}) + "\n" for text in sentences(48, 0)), encoding="utf-8")
+    dev = root / "dev.tsv"
+    dev.write_text("sentence\tlabel\n" + "".join(f"{text}\t{i % 2}\n" for i, text in enumerate(sentences(20, 1))),
+                   encoding="utf-8")
+    return {"model": save_classifier(root / "fine-tuned"), "texts": texts, "dev": dev,
+            "regression": save_classifier(root / "regressor", num_labels=1)}
+
+
+def test_the_cli_trains_saves_and_the_folder_serves_predict_and_export(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["--model", str(files["model"]), "--texts", str(files["texts"]), "--task", "sst2", "--eval-texts",
+            str(files["dev"]), "--output-dir", str(out), "epochs=2", "batch_size=8", "head_inner_size=16"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"] == {"train": 43, "heldout": 5} and results["selected_epoch"] in (1, 2)
+    assert [len(epoch["heldout_agreement"]) for epoch in results["history"]] == [3, 3]
+    assert all(epoch["heldout_agreement"][-1] == 1.0 for epoch in results["history"])  # the last head is full depth
+    assert results["eval"]["full_depth_vs_model"] == {"max_abs_logit_difference": 0.0, "rows_predicted_differently": 0}
+    assert results["eval"]["metric_full_depth"] == results["eval"]["metric_model"]
+    assert results["command"].startswith("python -m recipes.attach --model") and results["date"]
+    # The fine-tuned model inside the saved folder is the one given, bit for bit.
+    original = AutoModelForSequenceClassification.from_pretrained(files["model"]).state_dict()
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(saved[key], original[key]) for key in original)
+
+    texts = [line.split("\t")[0] for line in files["dev"].read_text().splitlines()[1:]]
+    pipeline = AdaptivePipeline.from_pretrained(out / "model", mode="full")
+    reference = AutoModelForSequenceClassification.from_pretrained(files["model"]).eval()
+    batch = pipeline.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**batch).logits.argmax(-1).tolist()
+    assert [prediction.label_id for prediction in pipeline(texts)] == expected
+    assert predict_main([str(out / "model"), "--input", str(files["dev"]), "--label-column", "label",
+                         "--output", str(tmp_path / "predictions.jsonl"), "--no-progress"]) == 0
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 20
+    assert export_main([str(out / "model"), str(tmp_path / "exported"), "--format", "torch-export"]) == 0
+    encoder = AdaptiveEncoder.from_pretrained(out / "model")
+    engine = AdaptiveInferenceEngine(encoder, encoder.adaptive_config.make_criterion(), mode="exit_only")
+    exported = ExportedEngine(tmp_path / "exported")(**{key: batch[key] for key in ("input_ids", "attention_mask")})
+    assert torch.equal(exported.exit_layer, engine(batch["input_ids"], batch["attention_mask"]).exit_layer)
+
+    assert main(argv) == 2  # the run folder is taken
+    assert main([*argv, "--overwrite", "epochs=1"]) == 0
+    assert len(json.loads((out / "results.json").read_text())["history"]) == 1
+
+
+def test_training_moves_only_the_new_heads(files: dict[str, Path]) -> None:
+    config = AttachConfig(epochs=1, batch_size=8, head_inner_size=16)
+    torch.manual_seed(0)
+    encoder = AdaptiveEncoder.from_classifier(files["model"], head_inner_size=16)
+    tokenizer = AutoTokenizer.from_pretrained(str(files["model"]))
+    frozen = {key: value.clone() for key, value in encoder.unwrap().state_dict().items()}
+    heads = {key: value.clone() for key, value in encoder.exit_heads[:-1].state_dict().items()}
+    examples = [GlueExample(text, None, 0, str(i)) for i, text in enumerate(sentences(24, 2))]
+    split = encode_examples(examples, tokenizer, 32)
+    heldout = make_loader(EncodedDataset(split), 8, lambda rows: collate(rows, tokenizer.pad_token_id), False, 0)
+    history, selected = train(encoder, config, split, heldout, tokenizer.pad_token_id)
+    assert selected == 1 and len(history) == 1
+    assert all(torch.equal(value, frozen[key]) for key, value in encoder.unwrap().state_dict().items())
+    assert not any(parameter.requires_grad for parameter in encoder.backbone.parameters())
+    assert any(not torch.equal(value, heads[key]) for key, value in encoder.exit_heads[:-1].state_dict().items())
+
+
+def test_gates_and_regression_train_too(files: dict[str, Path], tmp_path: Path) -> None:
+    assert main(["--model", str(files["model"]), "--texts", str(files["texts"]), "--output-dir", str(tmp_path / "g"),
+                 "with_gates=true", "gate_epochs=1", "epochs=1", "batch_size=8", "head_inner_size=16"]) == 0
+    results = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert [epoch["phase"] for epoch in results["history"]] == ["gates", "heads"]
+    assert 0.0 <= results["history"][-1]["heldout_layers_run"] <= 1.0
+    assert AdaptiveEncoder.from_pretrained(tmp_path / "g" / "model").has_gates
+    assert main(["--model", str(files["regression"]), "--texts", str(files["texts"]), "--output-dir",
+                 str(tmp_path / "r"), "epochs=1", "batch_size=8", "head_inner_size=16"]) == 0
+    history = json.loads((tmp_path / "r" / "results.json").read_text())["history"]
+    assert history[0]["heldout_agreement"][-1] == 0.0  # minus the mean absolute difference to itself
+
+
+def test_glue_files_give_their_text_pairs_and_labels(tmp_path: Path) -> None:
+    path = tmp_path / "dev.tsv"
+    path.write_text("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA cat sat .\tA cat sits .\n"
+                    "0\t3\t4\tIt rains .\tThe sun shines .\n", encoding="utf-8")
+    rows = read_texts(str(path), get_task("mrpc"), None, None, with_labels=True)
+    assert rows == (["A cat sat .", "It rains ."], ["A cat sits .", "The sun shines ."], [1, 0])
+    qnli = tmp_path / "qnli.tsv"
+    qnli.write_text("index\tquestion\tsentence\tlabel\n0\tWho?\tHim.\tentailment\n", encoding="utf-8")
+    assert read_texts(str(qnli), get_task("qnli"), None, None, with_labels=True) == (["Who?"], ["Him."], [0])
+    assert read_texts(str(qnli), None, None, None, with_labels=True).labels is None  # no task: no labels read
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-folder", "no such folder"), ("base-model", "not a fine-tuned *ForSequenceClassification"),
+    ("empty", "holds no rows"), ("no-text", "no text column"), ("one-row", "at least 2 are needed"),
+    ("bad-key", "unknown config key 'epoch'"), ("bad-value", "holdout_fraction must be in (0, 1)"),
+])
+def test_errors_are_one_line(files: dict[str, Path], tmp_path: Path, capsys, case: str, message: str) -> None:
+    model, texts, extra = str(files["model"]), tmp_path / "texts.jsonl", []
+    texts.write_text('{"text": "fine"}\n{"text": "also fine"}\n')
+    if case == "no-folder":
+        model = str(tmp_path / "nowhere")
+    elif case == "base-model":
+        from transformers import AutoModel
+
+        AutoModel.from_pretrained(files["model"]).save_pretrained(tmp_path / "base")
+        AutoTokenizer.from_pretrained(str(files["model"])).save_pretrained(tmp_path / "base")
+        model = str(tmp_path / "base")
+    elif case == "empty":
+        texts.write_text("\n")
+    elif case == "no-text":
+        texts.write_text('{"body": "x"}\n')
+    elif case == "one-row":
+        texts.write_text('{"text": "alone"}\n')
+    else:
+        extra = ["epoch=2"] if case == "bad-key" else ["holdout_fraction=1.5"]
+    assert main(["--model", model, "--texts", str(texts), "--output-dir", str(tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_checks_its_ranges() -> None:
+    with pytest.raises(ConfigError, match="target_cost must be in"):
+        AttachConfig(target_cost=1.5)
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        AttachConfig(epochs=0)
