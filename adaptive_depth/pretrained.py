@@ -148,6 +148,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None
         if not (path / ADAPTIVE_CONFIG_NAME).is_file():
             hint = " (it looks like a plain Hugging Face model: wrap it with AdaptiveEncoder(model))" if (
                 path / "config.json").is_file() else ""
+            if hint and "ForSequenceClassification" in (path / "config.json").read_text(encoding="utf-8", errors="replace"):
+                hint = f" (it looks like a fine-tuned classifier: python -m recipes.attach --model {path} --texts ROWS)"
             raise FileNotFoundError(
                 f"{path} has no {ADAPTIVE_CONFIG_NAME}; it is not a model saved by "
                 f"AdaptiveEncoder.save_pretrained{hint}."

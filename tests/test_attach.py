@@ -176,3 +176,5 @@ def test_a_folder_path_is_loaded_offline_with_its_attention(tmp_path: Path) -> N
     with torch.no_grad():
         expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
     assert torch.equal(AdaptiveInferenceEngine(encoder, mode="full")(input_ids, attention_mask).logits, expected)
+    with pytest.raises(FileNotFoundError, match="looks like a fine-tuned classifier: python -m recipes.attach"):
+        AdaptiveEncoder.from_pretrained(tmp_path / "fine-tuned")
