@@ -94,9 +94,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     history = []
     for epoch in range(args.epochs):
         model.train()
-        batches = bucketed_batches(lengths, args.batch_size, args.seed + epoch)
+        epoch_batches = bucketed_batches(lengths, args.batch_size, args.seed + epoch)
         total, batches, epoch_start = 0.0, 0, time.perf_counter()
-        bar = tqdm(_batches(train_rows, tokenizer, args.max_length, batches), total=len(batches),
+        bar = tqdm(_batches(train_rows, tokenizer, args.max_length, epoch_batches), total=len(epoch_batches),
                    desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=0.1 if sys.stderr.isatty() else 60.0)
         for inputs, targets in bar:
             loss = model(**inputs, labels=targets).loss
