@@ -170,3 +170,34 @@ def test_config_checks_its_ranges() -> None:
         AttachConfig(target_cost=1.5)
     with pytest.raises(ConfigError, match="epochs must be >= 1"):
         AttachConfig(epochs=0)
+
+
+def test_a_plain_fine_tune_then_attach_the_users_flow(files: dict[str, Path], glue_dir: Path, tmp_path: Path) -> None:
+    from benchmarks.finetune_hf import main as finetune_main
+
+    model = tmp_path / "fine-tuned"
+    assert finetune_main(["--task", "mrpc", "--data-dir", str(glue_dir), "--model", str(files["model"]),
+                          "--output-dir", str(model), "--epochs", "1", "--batch-size", "8", "--train-rows", "0:24",
+                          "--threads", "1"]) == 0
+    record = json.loads((model / "finetune.json").read_text())
+    assert record["num_train_rows"] == 24 and record["dev_metric"] == "f1" and set(record["dev"]) == {"accuracy", "f1"}
+    assert AutoModelForSequenceClassification.from_pretrained(model).config.id2label == {0: "0", 1: "1"}
+    assert finetune_main(["--task", "mrpc", "--data-dir", str(glue_dir), "--output-dir", str(model)]) == 2  # not empty
+    dev = glue_dir / "MRPC" / "dev.tsv"
+    assert main(["--model", str(model), "--texts", str(glue_dir / "MRPC" / "train.tsv"), "--task", "mrpc",
+                 "--eval-texts", str(dev), "--output-dir", str(tmp_path / "run"), "epochs=1", "head_inner_size=16"]) == 0
+    report = json.loads((tmp_path / "run" / "results.json").read_text())["eval"]
+    assert report["rows"] == 16 and report["full_depth_vs_model"]["rows_predicted_differently"] == 0
+    assert report["metric_full_depth"] == report["metric_model"] == record["dev"]  # the same model, the same score
+
+
+def test_the_msr_test_file_is_parsed_strictly(tmp_path: Path) -> None:
+    from benchmarks.attach_data import read_msr_test
+
+    path = tmp_path / "msr_paraphrase_test.txt"
+    path.write_text('\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t10\t11\t"Quoted" text .\tA pair .\n',
+                    encoding="utf-8")
+    assert read_msr_test(path) == [{"id": ("10", "11"), "text": '"Quoted" text .', "text_pair": "A pair .", "label": 1}]
+    path.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t10\t11\tonly four fields\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2: expected 5 fields"):
+        read_msr_test(path)
