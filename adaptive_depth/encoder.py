@@ -272,12 +272,13 @@ class AdaptiveEncoder(nn.Module):
             ``1..L-1``) and ``last_head``.
         """
         backbone = self.backbone_parameters()
+        in_backbone = {id(parameter) for parameter in backbone}
         return {
             "backbone": backbone,
             "gates": list(self.gates.parameters()),
             "intermediate_heads": [p for head in self.exit_heads[:-1] for p in head.parameters()],
             # an attached BERT's or ALBERT's classifier also runs the backbone's pooler
-            "last_head": [p for p in self.exit_heads[-1].parameters() if all(p is not b for b in backbone)],
+            "last_head": [p for p in self.exit_heads[-1].parameters() if id(p) not in in_backbone],
         }
 
     def full_depth_macs(self, seq_len: int, convention: Literal["paper", "exact"] = "exact") -> int:

@@ -6,8 +6,8 @@
 The model (a supported ``*ForSequenceClassification`` saved with ``save_pretrained``) is wrapped by
 :meth:`AdaptiveEncoder.from_classifier <adaptive_depth.AdaptiveEncoder.from_classifier>`: its own
 classifier is the last exit, so full depth is the model, exactly. Backbone and classifier are frozen
-(``requires_grad`` off, not in the optimizer, eval mode, run under ``no_grad``); only the new heads
-after layers ``1..L-1`` train, on each batch's hidden states computed once, towards the model's
+(``requires_grad`` off, not in the optimizer, eval mode); only the new heads after layers ``1..L-1``
+train, on each batch's hidden states computed once under ``no_grad``, towards the model's
 full-depth predictions (:func:`~adaptive_depth.losses.distillation_loss`: KL, MSE for regression).
 No label is read for training. ``with_gates=true`` first trains skip gates against a cost budget
 (:func:`~adaptive_depth.losses.budget_penalty` plus the distillation of the last head behind them).
