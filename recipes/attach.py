@@ -9,16 +9,14 @@ classifier is the last exit, so full depth is the model, exactly. Backbone and c
 (``requires_grad`` off, not in the optimizer, eval mode); only the new heads after layers ``1..L-1``
 train, on each batch's hidden states computed once under ``no_grad``, towards the model's
 full-depth predictions (:func:`~adaptive_depth.losses.distillation_loss`: KL, MSE for regression).
-No label is read for training. ``with_gates=true`` first trains skip gates against a cost budget
-(:func:`~adaptive_depth.losses.budget_penalty` plus the distillation of the last head behind them).
+No label is read for training. ``with_gates=true`` first trains skip gates against a cost budget.
 
 Rows: ``.jsonl`` (``text``, optional ``text_pair``) or ``.tsv`` with a header (a GLUE file works:
 ``--task`` picks its text columns, and in ``--eval-texts`` its labels). A seeded ``holdout_fraction``
 of the texts selects the epoch whose heads agree most with full depth. ``--eval-texts`` (e.g. the
 task's ``dev.tsv``) reports each head's agreement with full depth, whether full depth equals the
-model's own forward row by row and, with ``--task`` and labels, the task metric. Writes
-``<output-dir>/model`` (for ``AdaptivePipeline`` / ``predict`` / ``export``; its operating point is
-the default until calibrated) and ``results.json``.
+model's own forward row by row and, with ``--task`` and labels, the task metric. Writes ``<output-dir>/model``
+(``AdaptivePipeline`` / ``predict`` / ``export``; certify it with ``python -m adaptive_depth.calibrate``) and ``results.json``.
 """
 
 from __future__ import annotations
@@ -340,6 +338,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     encoder, tokenizer = load_model(args.model, config)
+    # what predict and calibrate read: the task's metric (F1 for MRPC) and whether rows are pairs
+    encoder.adaptive_config.metric, encoder.adaptive_config.text_pair = task and task.main_metric, rows.pairs is not None
+
     def examples(rows: TextRows, count: int | None = None) -> list[GlueExample]:  # label 0: a placeholder, never read
         return [GlueExample(text, rows.pairs[i] if rows.pairs else None, rows.labels[i] if rows.labels else 0, str(i))
                 for i, text in enumerate(rows.texts[:count])]

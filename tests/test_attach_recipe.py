@@ -55,11 +55,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "regression": save_classifier(root / "regressor", num_labels=1)}
 
 
-def test_the_cli_trains_saves_and_the_folder_serves_predict_and_export(files: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    argv = ["--model", str(files["model"]), "--texts", str(files["texts"]), "--task", "sst2", "--eval-texts",
+def cli_argv(files: dict[str, Path], out: Path) -> list[str]:
+    return ["--model", str(files["model"]), "--texts", str(files["texts"]), "--task", "sst2", "--eval-texts",
             str(files["dev"]), "--output-dir", str(out), "epochs=2", "batch_size=8", "head_inner_size=16"]
-    assert main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def trained(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of ``python -m recipes.attach`` on the tiny classifier (two epochs)."""
+    out = tmp_path_factory.mktemp("attach-run") / "run"
+    assert main(cli_argv(files, out)) == 0
+    return out
+
+
+def test_the_cli_trains_saves_and_the_folder_serves_predict(files: dict[str, Path], trained: Path,
+                                                            tmp_path: Path) -> None:
+    out = trained
     results = json.loads((out / "results.json").read_text())
     assert results["rows"] == {"train": 43, "heldout": 5} and results["selected_epoch"] in (1, 2)
     assert [len(epoch["heldout_agreement"]) for epoch in results["history"]] == [3, 3]
@@ -71,6 +82,9 @@ def test_the_cli_trains_saves_and_the_folder_serves_predict_and_export(files: di
     original = AutoModelForSequenceClassification.from_pretrained(files["model"]).state_dict()
     saved = AutoModelForSequenceClassification.from_pretrained(out / "model").state_dict()
     assert all(torch.equal(saved[key], original[key]) for key in original)
+    config = AdaptiveEncoder.from_pretrained(out / "model").adaptive_config  # the manifest is checked on load
+    assert (config.last_head, config.metric, config.text_pair, config.label_names) == (
+        "classifier:bert", "accuracy", False, ["0", "1"])
 
     texts = [line.split("\t")[0] for line in files["dev"].read_text().splitlines()[1:]]
     pipeline = AdaptivePipeline.from_pretrained(out / "model", mode="full")
@@ -82,15 +96,27 @@ def test_the_cli_trains_saves_and_the_folder_serves_predict_and_export(files: di
     assert predict_main([str(out / "model"), "--input", str(files["dev"]), "--label-column", "label",
                          "--output", str(tmp_path / "predictions.jsonl"), "--no-progress"]) == 0
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 20
-    assert export_main([str(out / "model"), str(tmp_path / "exported"), "--format", "torch-export"]) == 0
-    encoder = AdaptiveEncoder.from_pretrained(out / "model")
+
+
+def test_a_taken_run_folder_is_refused_unless_overwritten(files: dict[str, Path], tmp_path: Path) -> None:
+    argv = [*cli_argv(files, tmp_path / "run"), "epochs=1"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    assert main(argv) == 2  # the run folder is taken
+    assert main([*argv, "--overwrite"]) == 0
+    assert len(json.loads((tmp_path / "run" / "results.json").read_text())["history"]) == 1
+
+
+@pytest.mark.slow
+def test_the_attached_folder_exports(trained: Path, tmp_path: Path) -> None:
+    """torch.export of the saved folder gives the engine's exits (slow: the export takes ~20 s on 2 cores)."""
+    assert export_main([str(trained / "model"), str(tmp_path / "exported"), "--format", "torch-export"]) == 0
+    encoder = AdaptiveEncoder.from_pretrained(trained / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(trained / "model"))
+    batch = tokenizer(sentences(6, 2), padding=True, return_tensors="pt")
     engine = AdaptiveInferenceEngine(encoder, encoder.adaptive_config.make_criterion(), mode="exit_only")
     exported = ExportedEngine(tmp_path / "exported")(**{key: batch[key] for key in ("input_ids", "attention_mask")})
     assert torch.equal(exported.exit_layer, engine(batch["input_ids"], batch["attention_mask"]).exit_layer)
-
-    assert main(argv) == 2  # the run folder is taken
-    assert main([*argv, "--overwrite", "epochs=1"]) == 0
-    assert len(json.loads((out / "results.json").read_text())["history"]) == 1
 
 
 def test_training_moves_only_the_new_heads(files: dict[str, Path]) -> None:
