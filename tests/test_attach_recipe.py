@@ -227,3 +227,23 @@ def test_the_msr_test_file_is_parsed_strictly(tmp_path: Path) -> None:
     path.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t10\t11\tonly four fields\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 2: expected 5 fields"):
         read_msr_test(path)
+
+
+def test_attach_eval_reports_the_operating_point_against_full_depth_and_the_model(
+        files: dict[str, Path], trained: Path, tmp_path: Path) -> None:
+    from benchmarks.attach_eval import main as eval_main
+
+    out = tmp_path / "eval.json"
+    assert eval_main([str(trained / "model"), "--input", str(files["dev"]), "--original", str(files["model"]),
+                      "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["rows"] == 20 and report["metric"] == "accuracy"
+    assert report["original"]["rows_predicted_differently"] == 0
+    assert report["original"]["max_abs_logit_difference"] < 1e-5
+    assert report["original"]["metric"] == report["full_depth"]["metric"]
+    point = report["operating_point"]
+    assert point["metric"] - point["metric_change"] == pytest.approx(report["full_depth"]["metric"])
+    assert point["rows_disagreeing"] == round(point["disagreement_with_full_depth"] * 20)
+    assert point["flops_speedup_exact"] == pytest.approx(1 / point["relative_cost_exact"])
+    assert report["full_depth"]["relative_cost_exact"] == pytest.approx(1.0)
+    assert report["command"].startswith("python -m benchmarks.attach_eval") and report["date"]
