@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from benchmarks import report_attach
 from benchmarks import report_tables as tables
 from benchmarks.report_data import (COLUMNS, FullDepthIndex, ReportError, Row, Source, TaskData, fill_static,
                                     load_task, read_json, static_costs)
@@ -150,6 +151,7 @@ def render(results_dir: Path) -> dict[str, str]:
                   *tables.made_by(tables.rows_of(classification, GATES), results_dir)],
         "contrastive": contrastive_block(tasks, results_dir),
         "provenance": tables.provenance(list(tasks.values()), results_dir),
+        **report_attach.blocks(results_dir),
     }
     return {name: "\n".join(lines) + "\n" for name, lines in blocks.items()}
 
