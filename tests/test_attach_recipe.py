@@ -247,3 +247,21 @@ def test_attach_eval_reports_the_operating_point_against_full_depth_and_the_mode
     assert point["flops_speedup_exact"] == pytest.approx(1 / point["relative_cost_exact"])
     assert report["full_depth"]["relative_cost_exact"] == pytest.approx(1.0)
     assert report["command"].startswith("python -m benchmarks.attach_eval") and report["date"]
+
+
+def test_the_attached_folder_certifies_in_place_and_still_loads(files: dict[str, Path], trained: Path,
+                                                                 tmp_path: Path) -> None:
+    """``python -m adaptive_depth.calibrate`` on an attached folder: the certificate is saved, the manifest
+    stays true (the folder loads with verification), the model's own classifier is still the last exit."""
+    import shutil
+
+    from adaptive_depth.calibrate import main as calibrate_main
+
+    folder = shutil.copytree(trained / "model", tmp_path / "model")
+    assert calibrate_main([str(folder), "--input", str(files["texts"]), "--max-disagreement", "0.1",
+                           "--delta", "0.05", "--no-progress"]) == 0
+    encoder = AdaptiveEncoder.from_pretrained(folder)
+    certificate = encoder.adaptive_config.certificate
+    assert certificate["n"] == 48 and certificate["max_risk"] == 0.1 and certificate["upper_bound"] <= 0.1
+    assert encoder.adaptive_config.threshold == certificate["threshold"]
+    assert encoder.adaptive_config.last_head == "classifier:bert"
