@@ -18,7 +18,14 @@ For each rule it reports the violation rate (the share of splits whose test-part
 ``max_risk``) with its Monte Carlo 95% interval (Clopper-Pearson), the mean test risk and cost,
 and how often nothing was chosen (a refusal deploys nothing, so it is no violation). The test
 part is finite, so its risk is itself noisy: a rule whose true risk sits just under
-``max_risk`` still shows test-part violations, which makes the measured rate conservative.
+``max_risk`` still shows test-part violations, so this rate may exceed ``delta`` although the
+guarantee holds (it bounds the risk on the distribution, not on a finite test set).
+
+``--draw bootstrap`` checks the guarantee itself: the rows are the population, each split draws
+its calibration rows from them with replacement (i.i.d. from the population, as the guarantee
+assumes), and the "test risk" is the chosen threshold's risk on all rows, the population's true
+risk, with no test-set noise. A certified rule's violation rate must then be at most ``delta``
+(plus Monte Carlo error).
 
     python -m benchmarks.certify_splits runs/attach-sst2/model --input dev.tsv --label-column label \\
         --max-risk 0.01 0.02 --delta 0.05 --splits 1000 --json benchmarks/results/certify_splits_sst2.json
@@ -44,7 +51,7 @@ from adaptive_depth.measure import batch_labels, record_rows, reference_predicti
 from adaptive_depth.predict import InputFileError, add_input_arguments, load_rows_and_pipeline
 from adaptive_depth.pvalues import check_risk_level, upper_confidence_bound
 
-__all__ = ["GridResults", "draw_split", "main", "run_grid", "split_rates"]
+__all__ = ["DRAWS", "GridResults", "draw_bootstrap", "draw_split", "main", "run_grid", "split_rates"]
 
 
 class GridResults:
@@ -95,6 +102,16 @@ def draw_split(seed: int, split: int, num_rows: int, calibration_rows: int) -> t
     return order[:calibration_rows], order[calibration_rows:]
 
 
+def draw_bootstrap(seed: int, split: int, num_rows: int, calibration_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(calibration rows drawn with replacement, every row)`` of split number ``split`` (seeded):
+    calibration i.i.d. from the rows as a population, tested against the population itself."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + split)
+    return torch.randint(num_rows, (calibration_rows,), generator=generator), torch.arange(num_rows)
+
+
+DRAWS = {"split": draw_split, "bootstrap": draw_bootstrap}
+
+
 def _interval(count: int, total: int) -> list[float]:
     """The Clopper-Pearson 95% interval of ``count / total``."""
     upper = upper_confidence_bound(count / total, total, 0.025)
@@ -120,9 +137,9 @@ def choose(grid: GridResults, calibration: torch.Tensor, *, max_risk: float, del
 
 
 def split_rates(grid: GridResults, *, max_risk: float, delta: float, splits: int, calibration_fraction: float,
-                seed: int, budget: float | None = None) -> list[dict[str, Any]]:
+                seed: int, budget: float | None = None, draw: str = "split") -> list[dict[str, Any]]:
     """One row per rule: violation rate (test risk > ``max_risk``) with its 95% interval, refusals,
-    mean test risk and cost over the ``splits`` random splits."""
+    mean test risk and cost over the ``splits`` random splits (``draw``: a key of :data:`DRAWS`)."""
     num_rows = grid.losses.shape[1]
     calibration_rows = round(calibration_fraction * num_rows)
     if not 0 < calibration_rows < num_rows:
@@ -131,7 +148,7 @@ def split_rates(grid: GridResults, *, max_risk: float, delta: float, splits: int
     outcomes: dict[str, list[int | None]] = {}
     tests = []
     for split in range(splits):
-        calibration, test = draw_split(seed, split, num_rows, calibration_rows)
+        calibration, test = DRAWS[draw](seed, split, num_rows, calibration_rows)
         for rule, index in choose(grid, calibration, max_risk=max_risk, delta=delta, budget=budget).items():
             outcomes.setdefault(rule, []).append(index)
         tests.append(test)
@@ -141,7 +158,7 @@ def split_rates(grid: GridResults, *, max_risk: float, delta: float, splits: int
         risks = [grid.risk_of(index, test) for index, test in deployed]
         violations = sum(value > max_risk for value in risks)
         rows.append({
-            "rule": rule, "max_risk": max_risk, "delta": delta, "splits": splits, "refused": splits - len(deployed),
+            "rule": rule, "draw": draw, "max_risk": max_risk, "delta": delta, "splits": splits, "refused": splits - len(deployed),
             "violations": violations, "violation_rate": violations / splits,
             "violation_rate_95": _interval(violations, splits),
             "mean_test_risk": sum(risks) / len(risks) if risks else None,
@@ -174,6 +191,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--splits", type=int, default=1000, help="random splits (>= 500 for a meaningful rate)")
     parser.add_argument("--calibration-fraction", type=float, default=0.5, help="share of rows that calibrate")
+    parser.add_argument("--draw", choices=tuple(DRAWS), default="split",
+                        help="split: disjoint calibration/test parts; bootstrap: calibration drawn with replacement, "
+                             "tested against all rows (the population's true risk)")
     parser.add_argument("--budget", type=float, default=None, help="also the budget rule at this relative cost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", required=True, help="where to write the results")
@@ -202,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [row for max_risk in args.max_risk
                 for row in split_rates(grid, max_risk=max_risk, delta=args.delta, splits=args.splits,
                                        calibration_fraction=args.calibration_fraction, seed=args.seed,
-                                       budget=args.budget)]
+                                       budget=args.budget, draw=args.draw)]
     except (InputFileError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -212,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": args.device},
         "model": str(args.model), "input": str(args.input), "rows": grid.losses.shape[1], "risk": args.risk,
-        "grid": grid.thresholds, "calibration_fraction": args.calibration_fraction, "seed": args.seed, "results": rows,
+        "grid": grid.thresholds, "calibration_fraction": args.calibration_fraction, "draw": args.draw, "seed": args.seed,
+        "results": rows,
     }
     output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(format_rows(rows))

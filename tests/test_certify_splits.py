@@ -83,3 +83,22 @@ def test_the_command_writes_its_table(model_and_rows: tuple[Path, Path], tmp_pat
     assert certify_splits.main([str(model), "--input", str(rows), "--splits", "0", "--json", str(out)]) == 2
     assert certify_splits.main([str(model), "--input", str(rows), "--max-risk", "1.5", "--json", str(out)]) == 2
 
+
+
+def test_bootstrap_draws_keep_the_certified_risk_on_the_population() -> None:
+    """Rows as the population, calibration drawn from it with replacement: the certified rule's true
+    (population) risk exceeds max_risk in at most about delta of the draws; the point estimate's far more."""
+    generator = torch.Generator().manual_seed(0)
+    uniform = torch.rand(600, generator=generator)
+    levels = torch.linspace(0.0, 0.2, 21)  # grid point j disagrees on rows with u < levels[j]
+    losses = (uniform.unsqueeze(0) < levels.unsqueeze(1)).double()
+    macs = (1000 - 40 * torch.arange(21)).unsqueeze(1).expand(21, 600).clone()
+    grid = certify_splits.GridResults(levels.tolist(), losses, macs, torch.full((600,), 1000), "disagreement")
+    calibration, test = certify_splits.draw_bootstrap(0, 3, 600, 300)
+    assert len(calibration) == 300 and len(set(calibration.tolist())) < 300 and torch.equal(test, torch.arange(600))
+    rows = certify_splits.split_rates(grid, max_risk=0.05, delta=0.1, splits=400, calibration_fraction=0.5, seed=1,
+                                      draw="bootstrap")
+    rates = {row["rule"]: row["violation_rate"] for row in rows}
+    assert rates["certified"] <= 0.1 + 3 * (0.1 * 0.9 / 400) ** 0.5
+    assert rates["point estimate"] > 0.3
+    assert all(row["draw"] == "bootstrap" for row in rows)
