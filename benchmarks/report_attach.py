@@ -5,7 +5,8 @@ Files (each written by the command it records, with its date and machine note in
 - ``attach-<task>.json``: ``python -m recipes.attach``'s ``results.json`` (training, dev evaluation);
 - ``certified-<task>-<P>.json``: ``python -m benchmarks.attach_eval`` on dev after ``python -m
   adaptive_depth.calibrate --max-disagreement 0.0P`` (the certificate is inside);
-- ``splits-<task>.json``: ``python -m benchmarks.certify_splits``;
+- ``splits-<task>.json``, ``splits-bootstrap-<task>.json``: ``python -m benchmarks.certify_splits``
+  (``--draw split`` and ``--draw bootstrap``);
 - ``latency-<task>-<P>-b<B>.json``: ``python -m benchmarks.stream_latency`` at the certified point,
   batch size ``B`` (the plain model there is the fine-tuned classifier itself).
 
@@ -76,23 +77,24 @@ def attach_block(results_dir: Path) -> list[str]:
 
 
 def splits_block(results_dir: Path) -> list[str]:
-    """Per task and level: how often each rule's test-part disagreement exceeded the level."""
-    lines = ["| task | rows | max risk | rule | violation rate [95% MC] | refused | mean test risk | mean test cost |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Per task, draw and level: how often each rule's test disagreement exceeded the level."""
+    lines = ["| task | rows | draw | max risk | rule | violation rate [95% MC] | refused | mean test risk "
+             "| mean test cost |", "|---|---|---|---|---|---|---|---|---|"]
     sources = []
     for task in TASKS:
-        path = results_dir / "attach" / f"splits-{task}.json"
-        record = _read(path)
-        if record is None:
-            lines.append(f"| {NAMES[task]} | not run | | | | | | |")
-            continue
-        sources.append(_source(path, record, results_dir))
-        for row in record["results"]:
-            low, high = row["violation_rate_95"]
-            lines.append(f"| {NAMES[task]} | {record['rows']} | {_pct(row['max_risk'], 0)}% (delta {row['delta']:g}) "
-                         f"| {row['rule']} | {row['violation_rate']:.3f} [{low:.3f}, {high:.3f}] "
-                         f"| {row['refused']}/{row['splits']} | {_pct(row['mean_test_risk'])}% "
-                         f"| {_pct(row['mean_test_relative_cost'], 1)}% |")
+        for draw, name in (("split", f"splits-{task}.json"), ("bootstrap", f"splits-bootstrap-{task}.json")):
+            path = results_dir / "attach" / name
+            record = _read(path)
+            if record is None:
+                lines.append(f"| {NAMES[task]} | not run | {draw} | | | | | | |")
+                continue
+            sources.append(_source(path, record, results_dir))
+            for row in record["results"]:
+                low, high = row["violation_rate_95"]
+                lines.append(f"| {NAMES[task]} | {record['rows']} | {draw} | {_pct(row['max_risk'], 0)}% (delta "
+                             f"{row['delta']:g}) | {row['rule']} | {row['violation_rate']:.3f} [{low:.3f}, {high:.3f}] "
+                             f"| {row['refused']}/{row['splits']} | {_pct(row['mean_test_risk'])}% "
+                             f"| {_pct(row['mean_test_relative_cost'], 1)}% |")
     return [*lines, "", "From: " + ("; ".join(sources) if sources else "nothing yet") + "."]
 
 

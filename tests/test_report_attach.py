@@ -38,7 +38,7 @@ def test_the_tables_show_the_json(tmp_path: Path) -> None:
              "mean_test_relative_cost": 0.6}
     write(tmp_path / "attach" / "splits-mrpc.json", {"rows": 1725, "results": [split], "date": "d",
                                                      "machine": {"processor": "cpu", "torch": "2", "torch_threads": 2}})
-    assert ("| MRPC | 1725 | 1% (delta 0.05) | certified | 0.006 [0.001, 0.017] | 0/500 | 0.40% | 60.0% |"
+    assert ("| MRPC | 1725 | split | 1% (delta 0.05) | certified | 0.006 [0.001, 0.017] | 0/500 | 0.40% | 60.0% |"
             in blocks(tmp_path)["attach-splits"])
     speed = [{"setting": "plain HF model", "wall_speedup": 1.0, "flops_speedup": 1.0},
              {"setting": "batch engine", "wall_speedup": 1.5, "flops_speedup": 1.8},
