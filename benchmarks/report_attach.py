@@ -38,8 +38,8 @@ def _pct(value: float | None, digits: int = 2) -> str:
 def _source(path: Path, record: dict[str, Any], results_dir: Path) -> str:
     machine = record.get("machine")
     if isinstance(machine, dict):
-        machine = f"{machine.get('processor', '')}, torch {machine.get('torch', '')}, " \
-                  f"{machine.get('torch_threads', '')} threads"
+        name = machine.get("processor") or machine.get("device_name") or machine.get("device", "")
+        machine = f"{name}, torch {machine.get('torch', '')}, {machine.get('torch_threads', '')} threads"
     return f"`{path.relative_to(results_dir)}` ({record.get('date', 'no date')}; {machine or 'no machine note'})"
 
 
