@@ -69,8 +69,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     from recipes.glue import get_task, read_split, resolve_data_dir
-    from recipes.loading import default_model_path
-    from recipes.loop import bucketed_batches
+    from recipes.run.models import default_model_path
+    from recipes.run.loop import bucketed_batches
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)

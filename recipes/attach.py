@@ -39,8 +39,8 @@ from torch import Tensor
 from adaptive_depth import AdaptiveEncoder
 from adaptive_depth.exits import predictions_from_logits
 from adaptive_depth.losses import LossTerms, budget_penalty, distillation_loss
-from recipes.errors import ConfigError, InputCheckError, ModelLoadError, RunFolderError
-from recipes.logs import logger
+from recipes.run.errors import ConfigError, InputCheckError, ModelLoadError, RunFolderError
+from recipes.run.logs import logger
 
 __all__ = ["AttachConfig", "head_agreement", "main"]
 
@@ -210,7 +210,7 @@ def train(encoder: AdaptiveEncoder, config: AttachConfig, train_split: Any, held
     """Gates (if any), then the heads, epoch by epoch; the heads of the epoch that agrees most with
     full depth on the held-out texts are kept. Returns the per-epoch history and that epoch."""
     from recipes.glue import EncodedDataset, collate
-    from recipes.loop import linear_schedule, make_loader, run_epoch
+    from recipes.run.loop import linear_schedule, make_loader, run_epoch
 
     for parameter in [*encoder.backbone_parameters(), *encoder.exit_heads[-1].parameters()]:
         parameter.requires_grad_(False)
@@ -287,8 +287,8 @@ def load_model(path: str, config: AttachConfig) -> tuple[AdaptiveEncoder, Any]:
     from transformers import AutoTokenizer
 
     from adaptive_depth.backbones import UnsupportedModelError
-    from recipes.checks import check_model_inputs
-    from recipes.loading import TOKENIZER_FILES
+    from recipes.run.input_checks import check_model_inputs
+    from recipes.run.models import TOKENIZER_FILES
 
     folder = Path(path)
     if not folder.is_dir():
@@ -311,12 +311,12 @@ def load_model(path: str, config: AttachConfig) -> tuple[AdaptiveEncoder, Any]:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Check the inputs, load, train, evaluate, save (errors propagate to :func:`main`'s boundary)."""
     from adaptive_depth.predict import InputFileError
-    from recipes.checkpoint import atomic_write
-    from recipes.config import config_to_dict, load_config
+    from recipes.run.files import atomic_write
+    from recipes.run.config import config_to_dict, load_config
     from recipes.glue import EncodedDataset, GlueExample, collate, encode_examples, get_task, holdout_split
-    from recipes.loop import make_loader
-    from recipes.results_io import command_line
-    from recipes.run_folder import RunLock, check_run_folder, clear_run, run_contents
+    from recipes.run.loop import make_loader
+    from recipes.run.results import command_line
+    from recipes.run.folder import RunLock, check_run_folder, clear_run, run_contents
 
     started = time.perf_counter()
     config = load_config(AttachConfig, args.config, args.overrides)
@@ -385,8 +385,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on a user error, one ``error: ...`` line)."""
     from adaptive_depth.backbones import UnsupportedModelError
-    from recipes.errors import catch_signals, error_boundary
-    from recipes.logs import setup_logging
+    from recipes.run.errors import catch_signals, error_boundary
+    from recipes.run.logs import setup_logging
 
     setup_logging()
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]

@@ -16,9 +16,9 @@ from adaptive_depth.export import main as export_main
 from adaptive_depth.export_runtime import ExportedEngine
 from adaptive_depth.predict import main as predict_main
 from recipes.attach import AttachConfig, main, read_texts, train
-from recipes.errors import ConfigError
+from recipes.run.errors import ConfigError
 from recipes.glue import EncodedDataset, GlueExample, collate, encode_examples, get_task
-from recipes.loop import make_loader
+from recipes.run.loop import make_loader
 from tests.conftest import minilm_dir, requires_minilm
 
 pytestmark = [requires_minilm, pytest.mark.usefixtures("one_thread")]
