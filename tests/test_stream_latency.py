@@ -29,6 +29,7 @@ def test_stream_latency_writes_its_table(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(tmp_path)
     encoder, tokenizer = tiny_minilm_encoder(seed=1)
     encoder.adaptive_config.threshold = 0.5
+    encoder.adaptive_config.text_pair = True  # the documented run: a pair model (MRPC's) timed on SST-2's texts
     model = encoder.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
     data = write_synthetic_glue(tmp_path / "glue", "sst2", n_train=40, n_dev=4)
     threads = torch.get_num_threads()
