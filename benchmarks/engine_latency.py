@@ -45,8 +45,8 @@ import torch
 from adaptive_depth import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.files import check_output_path
-from benchmarks.timing import (Setting, cpu_name, interleaved_times, machine_record, settings_for, smoke_batches,
-                               smoke_encoder, write_json)
+from benchmarks.timing import (Setting, StolenTime, cpu_name, interleaved_times, machine_record, settings_for, steal_line,
+                               smoke_batches, smoke_encoder, write_json)
 
 __all__ = ["cpu_name", "interleaved_medians", "load_encoder", "main", "make_batches", "run"]
 
@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runtimes = ["eager"]  # the exported runtimes here run on the CPU
     export_root = Path(tempfile.mkdtemp(prefix="engine_latency-"))
     rows: list[dict[str, Any]] = []
+    stolen = StolenTime()
     try:
         folders = _exported(encoder, runtimes, export_root)
         shared = {"torch-export": ExportedEngine(folders["torch-export"])} if "torch-export" in folders else {}
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python -m benchmarks.engine_latency " + " ".join(args.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_record(device),
+        "machine": machine_record(device, stolen),
         "task": task, "samples": count, "model": model_name,
         "trained": bool(args.run or args.model_dir), "seed": args.seed, "runtimes": runtimes,
         "threads": args.threads, "max_length": args.max_length,
@@ -384,6 +385,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         torch.set_num_threads(threads)
     write_json(output, result)
     print(f"\nexported runtimes take the eager engine's decisions on every timed row: {result['decisions_match_eager']}")
+    print(steal_line(result["machine"]["cpu_steal_share"]))
     print(f"wrote {output}")
     return 0
 

@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from adaptive_depth import AdaptivePipeline
 from adaptive_depth.config import criterion_spec
 from adaptive_depth.files import OutputPathError, check_output_path
 from adaptive_depth.flops import full_model_macs
 from adaptive_depth.metrics import CostAccumulator
-from benchmarks.engine_latency import cpu_name, interleaved_medians
-from benchmarks.timing import write_json
+from benchmarks.engine_latency import interleaved_medians
+from benchmarks.timing import StolenTime, machine_record, steal_line, write_json
 from recipes.glue import get_task, read_split, resolve_data_dir
 
 PASSES = ("plain HF model", "batch engine", "stream")
@@ -52,6 +51,7 @@ def load_texts(data_dir: str | None, task_name: str, split: str, rows: int) -> t
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    stolen = StolenTime()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -109,9 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python -m benchmarks.stream_latency " + " ".join(args.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "transformers": transformers.__version__},
+        "machine": {**machine_record(device, stolen), "torch_threads": torch.get_num_threads()},
         "model": str(args.model),
         "data": {"task": args.task, "split": args.split, "rows": count, "mean_tokens": statistics.fmean(lengths)},
         "batch_size": args.batch_size,
@@ -182,6 +180,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     result = run(args)
     write_json(output, result)
     print(f"\nstream takes the batch engine's decisions on every row: {result['stream_equals_batch_engine']}")
+    print(steal_line(result["machine"]["cpu_steal_share"]))
     print(f"wrote {output}")
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Setting", "cpu_name", "interleaved_times", "machine_record", "settings_for", "smoke_batches",
-           "smoke_encoder", "spread_decisions", "timed", "write_json"]
+__all__ = ["Setting", "StolenTime", "cpu_name", "interleaved_times", "machine_record", "settings_for", "smoke_batches",
+           "smoke_encoder", "spread_decisions", "steal_line", "timed", "write_json"]
 
 # A pass runs one setting over every batch once; it may return its own timed seconds (for a pass
 # that does untimed work between the timed calls), else the whole call is timed.
@@ -110,9 +110,48 @@ def _version(package: str) -> str | None:
         return None
 
 
-def machine_record(device: torch.device) -> dict[str, Any]:
-    """Where and with what a benchmark ran: device, CPU, cores, load, library versions, the date (UTC)."""
+def _cpu_ticks() -> tuple[int, int] | None:
+    """``(all, stolen)`` CPU ticks since boot from the ``cpu`` line of /proc/stat (Linux), else ``None``."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already counted in user and nice]
+    return (sum(fields[:8]), fields[7]) if len(fields) >= 8 else None
+
+
+class StolenTime:
+    """The share of CPU time the hypervisor gave to other guests (``steal`` in /proc/stat) since creation.
+
+    On a shared virtual machine this is the main source of noise in wall-clock timings, and it hurts
+    multi-threaded small operations most (a stolen core stalls the other thread at the join).
+    :meth:`share` is ``None`` where /proc/stat is not there (not Linux).
+    """
+
+    def __init__(self) -> None:
+        self._start = _cpu_ticks()
+
+    def share(self) -> float | None:
+        """Stolen ticks over all ticks since creation, in ``[0, 1]``; ``None`` when unknown."""
+        end = _cpu_ticks()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        return (end[1] - self._start[1]) / (end[0] - self._start[0])
+
+
+def steal_line(share: float | None) -> str:
+    """The line a benchmark prints about :class:`StolenTime` (above a few percent, timings are noisy)."""
+    if share is None:
+        return "CPU time stolen by the hypervisor during the run: unknown (no /proc/stat)"
+    return f"CPU time stolen by the hypervisor during the run: {100 * share:.1f}% (0 on a dedicated machine)"
+
+
+def machine_record(device: torch.device, stolen: StolenTime | None = None) -> dict[str, Any]:
+    """Where and with what a benchmark ran: device, CPU, cores, load, library versions, the date (UTC),
+    and with ``stolen`` the share of CPU time the hypervisor took during the run (``cpu_steal_share``)."""
     return {
+        "cpu_steal_share": stolen.share() if stolen is not None else None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),

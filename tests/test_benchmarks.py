@@ -57,7 +57,34 @@ def test_engine_latency_smoke_times_every_runtime_and_checks_their_decisions(tmp
                 if runtime != "eager":
                     assert row["decisions"]["same"] and row["decisions"]["rows"] == 16
     assert result["decisions_match_eager"] is True
-    assert "take the eager engine's decisions on every timed row: True" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "take the eager engine's decisions on every timed row: True" in out
+    # The hypervisor's share of the run (noise on a shared VM) is recorded and printed.
+    steal = result["machine"]["cpu_steal_share"]
+    assert steal is None or 0.0 <= steal <= 1.0
+    assert "CPU time stolen by the hypervisor during the run:" in out
+
+
+def test_stolen_time_is_the_steal_share_of_the_ticks_between_two_readings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import timing
+
+    readings = iter([(1000, 10), (3000, 110)])
+    monkeypatch.setattr(timing, "_cpu_ticks", lambda: next(readings))
+    assert timing.StolenTime().share() == pytest.approx(0.05)  # 100 of 2000 ticks
+    readings = iter([(1000, 10), None])
+    assert timing.StolenTime().share() is None  # /proc/stat unreadable at the end
+    assert "unknown" in timing.steal_line(None) and "5.0%" in timing.steal_line(0.05)
+
+
+def test_cpu_ticks_reads_the_steal_column_of_proc_stat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import timing
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 2 30 400 5 0 6 7 9 9\ncpu0 50 1 15 200 2 0 3 3 0 0\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(stat if path == "/proc/stat" else path, *a, **k))
+    # user nice system idle iowait irq softirq steal: all 8 summed; guest columns are already in user/nice
+    assert timing._cpu_ticks() == (100 + 2 + 30 + 400 + 5 + 0 + 6 + 7, 7)
 
 
 @pytest.mark.parametrize("make, message", [

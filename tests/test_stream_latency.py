@@ -43,6 +43,7 @@ def test_stream_latency_writes_its_table(tmp_path: Path, monkeypatch: pytest.Mon
     assert result["stream_equals_batch_engine"] is True
     assert result["data"] == {"task": "sst2", "split": "train", "rows": 30, "mean_tokens": pytest.approx(
         result["data"]["mean_tokens"])} and result["machine"]["torch_threads"] == 1
+    assert {"cpu", "date", "torch", "cpu_steal_share"} <= set(result["machine"])  # the shared machine record
     assert result["operating_point"]["criterion"] == "entropy" and result["operating_point"]["threshold"] == 0.5
     plain, batched, streamed = result["rows"]
     assert batched["mean_macs_exact"] == pytest.approx(streamed["mean_macs_exact"])  # the same work, regrouped
