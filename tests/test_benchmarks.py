@@ -56,6 +56,11 @@ def test_engine_latency_smoke_times_every_runtime_and_checks_their_decisions(tmp
                 assert row["mean_macs_exact"] == eager["mean_macs_exact"]  # same decisions, same MACs
                 if runtime != "eager":
                     assert row["decisions"]["same"] and row["decisions"]["rows"] == 16
+                # The ratio against the runtime's own full depth, from the same timings and MACs
+                full = rows[runtime, "full", batch_size]
+                expected = (full["ms_per_sample"] / row["ms_per_sample"]) / (full["mean_macs_exact"] / row["mean_macs_exact"])
+                assert row["wall_over_flops_vs_own_full"] == pytest.approx(expected, rel=1e-9)
+            assert rows["plain", "plain HF model", batch_size]["wall_over_flops_vs_own_full"] is None
     assert result["decisions_match_eager"] is True
     out = capsys.readouterr().out
     assert "take the eager engine's decisions on every timed row: True" in out
