@@ -37,6 +37,7 @@ import torch
 
 from adaptive_depth.files import check_output_path
 from benchmarks.timing import (
+    StolenTime,
     interleaved_times,
     machine_record,
     settings_for,
@@ -233,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status: 0, 2 on a user error (no CUDA, a bad folder), 1 when a training run failed."""
     args = parse_args(argv)
-    start = time.monotonic()
+    start, stolen = time.monotonic(), StolenTime()
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                    "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget_s}
         result |= latency(args, device, start)
     result["elapsed_s"] = time.monotonic() - start
+    machine["cpu_steal_share"] = stolen.share()  # the host CPU's share taken by the hypervisor during the run
     write_json(output, result)
     log(f"wrote {output}", start)
     return 1 if any(run["exit_status"] for run in result.get("runs", [])) else 0

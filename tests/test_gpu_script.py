@@ -30,6 +30,8 @@ def test_latency_smoke_on_the_cpu_writes_every_row(tmp_path: Path) -> None:
     table = json.loads((tmp_path / "out" / "gpu-latency.json").read_text())
     assert table["command"] == "bash benchmarks/gpu.sh --device cpu --smoke --output-dir out"
     assert table["machine"]["device"] == "cpu" and table["skipped_over_budget"] == []
+    steal = table["machine"]["cpu_steal_share"]  # measured over the whole run
+    assert steal is None or 0.0 <= steal <= 1.0
     assert [part["part"] for part in table["parts"]] == ["smoke fp32", "smoke bf16"]
     settings = ["plain HF model", "full", "skip_only", "entropy S=0.3", "entropy S=0.6"]
     assert {(row["dtype"], row["batch_size"], row["setting"]) for row in table["rows"]} == {

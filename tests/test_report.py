@@ -159,7 +159,8 @@ def test_synthetic_json_renders_intervals_single_seeds_and_not_run(results: Path
     assert gates_only[1].startswith("85.50 (1 seed)") and gates_only[2].startswith("no operating point")
     assert row(mrpc, "the same model, gates off (exits only)") == ["not run"] * 4
     assert row(mrpc, "DeeBERT") == ["not run"] * 4
-    assert row(mrpc, "PABEE")[0].startswith("84.00 (1 seed)") and row(mrpc, "PABEE")[3].startswith("no operating")
+    pabee = row(mrpc, "PABEE, its own patience exit")
+    assert pabee[0].startswith("84.00 (1 seed)") and pabee[3].startswith("no operating")
     assert row(mrpc, "plain fine-tuning (no exits)") == ["85.30 (1 seed) · 101%"] + ["no exits"] * 3
     # Full depth: each calibrated run's own full-depth row, found by its run folder.
     assert parse(row(mrpc, "FastBERT")[0])[0] == pytest.approx(86.0)
