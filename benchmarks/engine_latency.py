@@ -17,7 +17,8 @@ ratio (1.0 = every FLOP saved is time saved), and the same ratio against the run
 ("vs own full": how much of the saving each runtime turns into time, whatever its speed at full depth:
 ONNX Runtime is faster than torch at every depth, which the ratio against the plain HF model mixes in).
 For the exported runtimes it also checks, on the timed rows, that they take the eager engine's
-decisions (exit layers and skipped layers equal, logits allclose). It prints a table and writes JSON (command, machine, date, versions), by
+decisions (exit layers and skipped layers equal, logits allclose). It prints a table and the share of
+CPU time the hypervisor stole during the run, and writes JSON (command, machine, date, versions), by
 default to a new file under ``runs/``.
 
     python -m benchmarks.engine_latency --task mrpc --data-dir ../shared/data/glue --model-dir runs/smartbert-mrpc/model

@@ -30,7 +30,7 @@ CLASSIFICATION = ("mrpc", "cola", "sst2", "rte")
 REGRESSION = ("stsb",)
 CPU = "2-core AMD EPYC CPU (no GPU), torch 2.13.0+cpu, 2 threads"
 D23, D29, D30 = "2026-11-23", "2026-11-29", "2026-11-30"
-D_ABL = "2026-12-03"  # the contrastive ablation, and DeeBERT and PABEE on MRPC
+D_ABL = "2026-12-03"  # the contrastive ablation, and DeeBERT and PABEE on MRPC and RTE
 
 # Every row of the per-task tables: (key, label, kind, globs under benchmarks/results with {task}, the method's
 # name in the JSON, the tasks it belongs to, machine, days). A glob that matches nothing shows "not run".
