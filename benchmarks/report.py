@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from adaptive_depth.files import write_atomically
 from benchmarks import report_attach
 from benchmarks import report_tables as tables
 from benchmarks.report_data import (COLUMNS, FullDepthIndex, ReportError, Row, Source, TaskData, fill_static,
@@ -262,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
-    temporary = args.page.with_name(args.page.name + ".tmp")
-    temporary.write_text(new_page, encoding="utf-8")
-    temporary.replace(args.page)
+    write_atomically(args.page, [new_page])
     if not args.no_plots:
         tasks = load(args.results_dir.resolve())
         for task, data in tasks.items():

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptive_depth.files import OutputPathError, check_output_path
+from adaptive_depth.files import OutputPathError, check_output_path, write_atomically
 from recipes.run.models import model_label
 
 VERDICT_BUDGETS = (0.75, 0.5, 0.33)
@@ -278,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(summary))
         print()
     if path is not None:
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(summaries, indent=2), encoding="utf-8")
-        temporary.replace(path)
+        write_atomically(path, [json.dumps(summaries, indent=2)])
         print(f"summary: {path}")
     return 0
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from adaptive_depth.files import write_atomically
+
 __all__ = ["Setting", "StolenTime", "cpu_name", "interleaved_times", "machine_record", "settings_for", "smoke_batches",
            "smoke_encoder", "spread_decisions", "steal_line", "timed", "write_json"]
 
@@ -168,12 +170,7 @@ def machine_record(device: torch.device, stolen: StolenTime | None = None) -> di
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically (a temporary file renamed over it)."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomically(path, [json.dumps(data, indent=2) + "\n"])
 
 
 def spread_decisions(encoder: Any, seed: int) -> Any:

@@ -310,8 +310,8 @@ def load_model(path: str, config: AttachConfig) -> tuple[AdaptiveEncoder, Any]:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Check the inputs, load, train, evaluate, save (errors propagate to :func:`main`'s boundary)."""
+    from adaptive_depth.files import atomic_write
     from adaptive_depth.predict import InputFileError
-    from recipes.run.files import atomic_write
     from recipes.run.config import config_to_dict, load_config
     from recipes.glue import EncodedDataset, GlueExample, collate, encode_examples, get_task, holdout_split
     from recipes.run.loop import make_loader

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adaptive_depth.files import atomic_write, fsync
 from adaptive_depth.storage import file_sha256
 from recipes.run import errors
 from recipes.run.errors import CheckpointError
-from recipes.run.files import (RecordedFile, atomic_write, copy_verified, detached, fsync, load_state_dict_strict,
-                               load_weights, write_weights)
+from recipes.run.files import RecordedFile, copy_verified, detached, load_state_dict_strict, load_weights, write_weights
 from recipes.run.logs import logger
 
 __all__ = [

@@ -1,25 +1,17 @@
-"""Files a crash must never leave half-written: atomic writes, checked copies, safetensors weights.
+"""The files of a checkpoint: checked copies and safetensors weights.
 
-:func:`atomic_write` writes beside the target and renames it into place; :func:`copy_verified`
-copies a file whose SHA-256 a checkpoint recorded (:class:`RecordedFile`) and checks the copy;
-weights are safetensors files read back with :func:`load_weights` (checked against a recorded
-SHA-256, :func:`adaptive_depth.storage.file_sha256`) and loaded into a module with
-:func:`load_state_dict_strict` (a :class:`~recipes.run.errors.CheckpointError` naming the keys
-that do not fit). The checkpoint format built on them is :mod:`recipes.run.checkpoints`.
-
-Example:
-    >>> import tempfile
-    >>> path = Path(tempfile.mkdtemp()) / "note.txt"
-    >>> atomic_write(path, lambda temporary: temporary.write_text("done", encoding="utf-8"))
-    >>> path.read_text(encoding="utf-8")
-    'done'
+:func:`copy_verified` copies a file whose SHA-256 a checkpoint recorded (:class:`RecordedFile`) and
+checks the copy; weights are safetensors files read back with :func:`load_weights` (checked against a
+recorded SHA-256, :func:`adaptive_depth.storage.file_sha256`) and loaded into a module with
+:func:`load_state_dict_strict` (a :class:`~recipes.run.errors.CheckpointError` naming the keys that do
+not fit). The checkpoint format built on them is :mod:`recipes.run.checkpoints`; atomic writes are
+:func:`adaptive_depth.files.atomic_write`.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,20 +20,7 @@ from torch import Tensor, nn
 from adaptive_depth.storage import file_sha256
 from recipes.run.errors import CheckpointError
 
-__all__ = ["RecordedFile", "atomic_write", "copy_verified", "detached", "fsync", "load_state_dict_strict",
-           "load_weights", "write_weights"]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temporary)`` on a temporary file beside ``path``, then rename it to ``path``:
-    readers see the old file or the new one, never a part of it."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+__all__ = ["RecordedFile", "copy_verified", "detached", "load_state_dict_strict", "load_weights", "write_weights"]
 
 
 def detached(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -70,20 +49,6 @@ def load_weights(path: Path, sha256: str | None = None) -> dict[str, Tensor]:
         return load_file(str(path))
     except Exception as error:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"checkpoint weights {path} are corrupt or unreadable: {error}") from error
-
-
-def fsync(path: Path) -> None:
-    """Flush a file or folder to disk (a folder: its entries), where the platform allows it."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 class RecordedFile(NamedTuple):

@@ -36,11 +36,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from adaptive_depth.files import atomic_write
 from recipes.run import errors
 from recipes.run.checkpoints import has_checkpoint, previous_checkpoint
 from recipes.run.errors import RunFolderError
 from recipes.run.logs import logger
-from recipes.run.files import atomic_write
 
 __all__ = [
     "BACKBONE_DIR",

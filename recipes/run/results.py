@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptive_depth.files import atomic_write
 from recipes.run.folder import PLOT_FILE, RESULTS_FILE
 from recipes.run.models import model_label
-from recipes.run.files import atomic_write
 
 __all__ = ["RESULTS_SCHEMA_VERSION", "BestEpoch", "EpochRecord", "OperatingPoint", "RunResults", "SweepRow",
            "check_epochs_recorded", "command_line", "read_results", "write_results"]
