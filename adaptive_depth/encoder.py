@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from adaptive_depth.backbones import BackboneAdapter, LayerRunner, get_backbone
+from adaptive_depth.backbones import BackboneAdapter, EmbeddingReplay, LayerRunner, get_backbone
 from adaptive_depth.classifiers import (check_last_head, classifier_exit_head, classifier_label_names, classifier_name,
                                          is_attached, load_classifier)
 from adaptive_depth.config import AdaptiveEncoderConfig, check_gate_threshold
@@ -152,6 +152,8 @@ class AdaptiveEncoder(nn.Module):
         self.num_labels = num_labels
         self.backbone = base_model
         self._wrapped = [model]  # a list keeps the task model out of the module tree
+        # prepare(): per kind of batch without padding, how to embed it without the backbone's forward.
+        self._replays: dict[tuple, EmbeddingReplay | None] = {}
         hidden_size = int(config.hidden_size)
         num_steps = self.adapter.num_steps(config)
         self.gates = nn.ModuleList(
@@ -298,6 +300,10 @@ class AdaptiveEncoder(nn.Module):
     ) -> tuple[LayerRunner, Tensor]:
         """Validate the inputs, embed them and return a :class:`LayerRunner` and the ``[B, N]`` mask.
 
+        The backbone's own forward runs up to its first layer (:meth:`LayerRunner.capture`); a batch
+        without padding, of a kind already captured, calls the embeddings module alone where the
+        capture showed that to give the same layer inputs (:class:`~adaptive_depth.backbones.EmbeddingReplay`).
+
         Raises:
             ValueError: on an empty batch, a mask whose shape differs from ``input_ids``, a row
                 with no real token, padding before a real token (left padding), more tokens than
@@ -310,8 +316,27 @@ class AdaptiveEncoder(nn.Module):
                                                  self.adapter.max_tokens(self.config), self.config.model_type)
         if input_ids is not None:
             model_inputs["input_ids"] = input_ids
-        runner = LayerRunner.capture(self.backbone, attention_mask=attention_mask, **model_inputs)
+        key = self._replay_key(attention_mask, token_mask, model_inputs)
+        replay = None if key is None else self._replays.get(key)
+        if replay is not None:  # a batch like one already captured: the embeddings call alone
+            return replay.runner(self.backbone, attention_mask=attention_mask, **model_inputs), token_mask
+        if key is None or key in self._replays:  # padding, tracing, or a model that cannot replay
+            return LayerRunner.capture(self.backbone, attention_mask=attention_mask, **model_inputs), token_mask
+        runner, self._replays[key] = LayerRunner.capture_replayable(self.backbone, attention_mask=attention_mask,
+                                                                    **model_inputs)
         return runner, token_mask
+
+    def _replay_key(self, attention_mask: Tensor, token_mask: Tensor, model_inputs: dict[str, Any]) -> tuple | None:
+        """What a batch without padding shares with the batches whose embeddings call it may replay
+        (see :class:`~adaptive_depth.backbones.EmbeddingReplay`): the input names and which are
+        ``None``, the attention implementation and the training flag. ``None`` (capture, do not
+        replay) for a batch with padding, or while a compiler or tracer is recording the call."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            return None  # the recorded call must see the forward itself
+        if not bool(token_mask.all()):
+            return None
+        names = tuple(sorted((name, value is None) for name, value in model_inputs.items()))
+        return names, attention_mask.dtype, getattr(self.backbone.config, "_attn_implementation", None), self.training
 
     def forward(
         self,
