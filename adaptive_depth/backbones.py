@@ -347,8 +347,8 @@ class EmbeddingReplay:
     Made by :meth:`LayerRunner.capture_replayable` only when the capture shows that nothing else
     depended on the batch: the embeddings' tensor arguments were the caller's own input tensors
     (the same objects), the first layer received the embeddings' output itself, and the layer
-    mask and every other layer argument were plain values (no mask: a batch without padding on
-    ``sdpa`` attention). :meth:`runner` then calls the embeddings module with the new batch's
+    mask and every other layer argument were plain values (transformers 5.x gives the layers no
+    mask for a batch without padding, sdpa or eager). :meth:`runner` then calls the embeddings module with the new batch's
     tensors in those places: the same call, so the same hidden states, for any batch the forward
     would treat alike (same input names, no padding).
 
