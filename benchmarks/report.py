@@ -31,7 +31,8 @@ CLASSIFICATION = ("mrpc", "cola", "sst2", "rte")
 REGRESSION = ("stsb",)
 CPU = "2-core AMD EPYC CPU (no GPU), torch 2.13.0+cpu, 2 threads"
 D23, D29, D30 = "2026-11-23", "2026-11-29", "2026-11-30"
-D_ABL = "2026-12-03"  # the contrastive ablation, and DeeBERT and PABEE on MRPC and RTE
+D_ABL, D_ABL2 = "2026-12-03", "2026-12-04"  # the contrastive ablation, DeeBERT and PABEE: MRPC and RTE, then the rest
+ABL_DAYS = (("mrpc", (D_ABL,)), ("rte", (D_ABL,)))  # per-task days where they differ from (D_ABL, D_ABL2)
 
 # Every row of the per-task tables: (key, label, kind, globs under benchmarks/results with {task}, the method's
 # name in the JSON, the tasks it belongs to, machine, days). A glob that matches nothing shows "not run".
@@ -49,11 +50,12 @@ SOURCES = [
            ("issue13/gates_off/calibrated-gates-off-{task}-seed*.json",), "smartbert_gates_off", CLASSIFICATION,
            CPU, (D30,)),
     Source("no_contrastive", "SmartBERT, budget objective, no contrastive loss (eta1 = eta2 = 0)", "calibrated",
-           ("ablation/contrastive/{task}-seed*/calibrated-{task}.json",), "smartbert", CLASSIFICATION, CPU, (D_ABL,)),
+           ("ablation/contrastive/{task}-seed*/calibrated-{task}.json",), "smartbert", CLASSIFICATION, CPU,
+           (D_ABL, D_ABL2), ABL_DAYS),
     Source("deebert", "DeeBERT", "calibrated", ("baselines/{task}-seed*/calibrated-{task}.json",), "deebert",
-           CLASSIFICATION, CPU, (D_ABL,)),
+           CLASSIFICATION, CPU, (D_ABL, D_ABL2), ABL_DAYS),
     Source("pabee", "PABEE, its own patience exit", "calibrated", ("baselines/{task}-seed*/calibrated-{task}.json",),
-           "pabee", CLASSIFICATION, CPU, (D_ABL,)),
+           "pabee", CLASSIFICATION, CPU, (D_ABL, D_ABL2), ABL_DAYS),
     Source("static_fastbert", "FastBERT, one fixed exit for every row (static)", "heads",
            ("issue13/heads/heads-{task}.json",), "fastbert", CLASSIFICATION, CPU, (D30,)),
     Source("static_smartbert", "SmartBERT fine-tuned first, one fixed exit for every row (static)", "heads",

@@ -51,6 +51,8 @@ class Source:
         tasks: the tasks whose tables show this row.
         machine: where the JSON was made, from the lab record (the JSON holds the commands only).
         dates: the days its runs were trained and measured (UTC, ``YYYY-MM-DD``), from the lab record.
+        task_dates: ``(task, days)`` pairs for tasks whose runs were made on other days than
+            ``dates`` (which then holds every task's days, for the provenance list).
     """
 
     key: str
@@ -61,6 +63,11 @@ class Source:
     tasks: tuple[str, ...]
     machine: str = ""
     dates: tuple[str, ...] = ()
+    task_dates: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def dates_on(self, task: str | None) -> tuple[str, ...]:
+        """The days of ``task``'s runs (``None``: of every task)."""
+        return dict(self.task_dates).get(task, self.dates) if task is not None else self.dates
 
 
 @dataclass

@@ -115,17 +115,18 @@ def file_group(paths: list[Path], results_dir: Path) -> str:
 COMMANDS = {"calibrated": "benchmarks.calibrated", "full_depth": "benchmarks.tradeoff", "heads": "benchmarks.heads"}
 
 
-def when_where(rows: list[Row]) -> tuple[str, str]:
-    """``(machine, "day to day")`` of some rows (from their sources, or the JSON's own fields)."""
+def when_where(pairs: list[tuple[str | None, Row]]) -> tuple[str, str]:
+    """``(machine, "day to day")`` of some ``(task, row)`` pairs (from their sources, or the JSON's own
+    fields; task ``None``: the source's days on every task)."""
     from benchmarks.report_data import read_json
 
     machines, days = set(), set()
-    for row in rows:
+    for task, row in pairs:
         tables = [read_json(path) for path in row.files]
         machines |= {table["machine"] for table in tables if isinstance(table, dict) and table.get("machine")}
         days |= {str(table["date"])[:10] for table in tables if isinstance(table, dict) and table.get("date")}
         machines |= {row.source.machine} if row.source.machine else set()
-        days |= set(row.source.dates)
+        days |= set(row.source.dates_on(task))
     where = ", ".join(sorted(machines)) or "machine not recorded"
     when = "date not recorded" if not days else min(days) if len(days) == 1 else f"{min(days)} to {max(days)}"
     return where, when
@@ -138,7 +139,7 @@ def made_by(pairs: list[tuple[str, Row]], results_dir: Path) -> list[str]:
     if not pairs:
         return []
     tasks = list(dict.fromkeys(task for task, _ in pairs))
-    where, when = when_where([row for _, row in pairs])
+    where, when = when_where(list(pairs))
     lines = [f"Made on a {where}, {when}, by these commands (full command lines under "
              "[How these tables were made](#how-these-tables-were-made)):"]
     folded: dict[str, set[str]] = {}  # a name with <task> for the task -> the tasks it stands for
@@ -367,7 +368,7 @@ def provenance(tasks: list[TaskData], results_dir: Path) -> list[str]:
             first = read_json(row.files[0])
             written = first.get("command") if isinstance(first, dict) else None
             others = " (and the same for the other tasks)" if len(row.source.tasks) > 1 else ""
-            where, when = when_where([row])
+            where, when = when_where([(None, row)])
             lines.append(f"- **{row.source.label}** ({where}, {when}): `{file_group(row.files, results_dir)}`{others}")
             if written:
                 lines.append(f"  - `{sanitize(written)}`")

@@ -204,3 +204,16 @@ def test_plots_are_written_beside_the_page(results: Path, tmp_path: Path) -> Non
     assert report.main(["--page", str(page), "--results-dir", str(results)]) == 0
     assert (tmp_path / "docs" / "img" / "results-mrpc.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "docs" / "img" / "results-cola.png").exists()  # no data, no plot
+
+
+def test_a_source_names_other_days_for_the_tasks_run_on_other_days() -> None:
+    """A table's "Made on" days are its rows' days on that task; the provenance list gives every task's."""
+    from benchmarks.report_data import Row, Source
+    from benchmarks.report_tables import when_where
+
+    source = Source("x", "X", "calibrated", ("x.json",), "x", ("mrpc", "cola"), "a CPU", ("2026-12-03", "2026-12-04"),
+                    (("mrpc", ("2026-12-03",)),))
+    row = Row(source)
+    assert when_where([("mrpc", row)]) == ("a CPU", "2026-12-03")
+    assert when_where([("cola", row)]) == ("a CPU", "2026-12-03 to 2026-12-04")
+    assert when_where([(None, row)]) == when_where([("mrpc", row), ("cola", row)])
