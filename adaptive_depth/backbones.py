@@ -8,15 +8,8 @@ How layers are called: rather than rebuilding each family's embeddings and atten
 up to its first layer, where a pre-hook records the hidden states, the mask and the extra
 arguments exactly as the installed version builds them, and stops the forward there. Then
 :class:`LayerRunner` calls the layers itself with those arguments. This matched the models'
-own forward exactly for every family here (see ``tests/test_encoder.py``).
-
-That forward's preamble (argument checks, the mask builder, config lookups) costs about as much as
-a small kernel per call, which matters at batch size 1. For a batch without padding, when the
-capture shows that the first layer's input depended on the batch only through the embeddings
-module's call (its tensor arguments are the caller's own inputs, its output entered the first layer
-unchanged, and no mask or other tensor went to the layers), :class:`EmbeddingReplay` records that
-call and later batches of the same kind call the embeddings module alone (see
-:meth:`LayerRunner.capture_replayable`).
+own forward exactly for every family here (see ``tests/test_encoder.py``); a batch without padding
+can skip the forward (:mod:`adaptive_depth.embedding_replay`).
 """
 
 from __future__ import annotations
@@ -30,7 +23,6 @@ from torch import Tensor, nn
 __all__ = [
     "BACKBONES",
     "BackboneAdapter",
-    "EmbeddingReplay",
     "EncoderDims",
     "LayerRunner",
     "UnsupportedModelError",
@@ -246,34 +238,6 @@ class LayerRunner:
             extra_kwargs=recorded["kwargs"],
         )
 
-    @classmethod
-    def capture_replayable(
-        cls, base_model: nn.Module, **model_inputs: Any
-    ) -> tuple[LayerRunner, EmbeddingReplay | None]:
-        """:meth:`capture`, also recording the embeddings module's call: the runner, and an
-        :class:`EmbeddingReplay` when the runner depends on the inputs only through that call
-        (else ``None``). Call it on a batch without padding; the replay serves such batches only.
-        """
-        embeddings = getattr(base_model, "embeddings", None)
-        if not isinstance(embeddings, nn.Module):
-            return cls.capture(base_model, **model_inputs), None
-        call: dict[str, Any] = {}
-
-        def record_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            call["args"], call["kwargs"] = args, dict(kwargs)
-
-        def record_output(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            call["output"] = output
-
-        handles = (embeddings.register_forward_pre_hook(record_inputs, with_kwargs=True),
-                   embeddings.register_forward_hook(record_output, with_kwargs=True))
-        try:
-            runner = cls.capture(base_model, **model_inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return runner, EmbeddingReplay.from_call(call, runner, model_inputs)
-
     @property
     def num_steps(self) -> int:
         """How many layer applications a full forward makes."""
@@ -327,74 +291,3 @@ class LayerRunner:
             hidden_states = self.run_layer(step, hidden_states)
         return hidden_states
 
-
-_CONSTANT_TYPES = (type(None), bool, int, float, str)
-
-
-def _as_recipe(value: Any, inputs_by_id: Mapping[int, str]) -> tuple[str, Any] | None:
-    """``("input", name)`` for one of the caller's tensors, ``("constant", value)`` for a plain
-    value, ``None`` for anything else (a tensor the forward made itself, an object)."""
-    if isinstance(value, Tensor):
-        name = inputs_by_id.get(id(value))
-        return None if name is None else ("input", name)
-    return ("constant", value) if isinstance(value, _CONSTANT_TYPES) else None
-
-
-@dataclass(frozen=True)
-class EmbeddingReplay:
-    """The embeddings call that fed the first layer, replayable without the model's forward.
-
-    Made by :meth:`LayerRunner.capture_replayable` only when the capture shows that nothing else
-    depended on the batch: the embeddings' tensor arguments were the caller's own input tensors
-    (the same objects), the first layer received the embeddings' output itself, and the layer
-    mask and every other layer argument were plain values (transformers 5.x gives the layers no
-    mask for a batch without padding, sdpa or eager). :meth:`runner` then calls the embeddings module with the new batch's
-    tensors in those places: the same call, so the same hidden states, for any batch the forward
-    would treat alike (same input names, no padding).
-
-    Attributes:
-        args: per positional argument, ``("input", name)`` or ``("constant", value)``.
-        kwargs: ``(keyword, recipe)`` pairs, as ``args``.
-        layer_mask: the layer mask recorded (a plain value, ``None`` in practice).
-        extra_args: the layers' positional arguments after the mask (plain values).
-        extra_kwargs: the layers' keyword arguments (plain values).
-    """
-
-    args: tuple[tuple[str, Any], ...]
-    kwargs: tuple[tuple[str, tuple[str, Any]], ...]
-    layer_mask: Any
-    extra_args: tuple[Any, ...]
-    extra_kwargs: tuple[tuple[str, Any], ...]
-
-    @classmethod
-    def from_call(cls, call: Mapping[str, Any], runner: LayerRunner,
-                  model_inputs: Mapping[str, Any]) -> EmbeddingReplay | None:
-        """The replay of a recorded embeddings ``call`` (``args``, ``kwargs``, ``output``), or
-        ``None`` when ``runner`` depended on the batch through anything else."""
-        if "output" not in call or call["output"] is not runner.hidden_states:
-            return None
-        if not all(isinstance(value, _CONSTANT_TYPES) for value in
-                   (runner.layer_mask, *runner.extra_args, *runner.extra_kwargs.values())):
-            return None
-        inputs_by_id = {id(value): name for name, value in model_inputs.items() if isinstance(value, Tensor)}
-        args = tuple(_as_recipe(value, inputs_by_id) for value in call["args"])
-        kwargs = tuple((key, _as_recipe(value, inputs_by_id)) for key, value in call["kwargs"].items())
-        if any(recipe is None for recipe in args) or any(recipe is None for _, recipe in kwargs):
-            return None
-        return cls(args=args, kwargs=kwargs, layer_mask=runner.layer_mask,  # type: ignore[arg-type]
-                   extra_args=runner.extra_args, extra_kwargs=tuple(runner.extra_kwargs.items()))
-
-    def runner(self, base_model: nn.Module, **model_inputs: Any) -> LayerRunner:
-        """The :class:`LayerRunner` for ``model_inputs`` (a batch like the recorded one: the same
-        input names, no padding), from one call of the embeddings module."""
-
-        def value(recipe: tuple[str, Any]) -> Any:
-            kind, content = recipe
-            return model_inputs[content] if kind == "input" else content
-
-        embeddings = base_model.get_submodule("embeddings")
-        hidden_states = embeddings(*(value(recipe) for recipe in self.args),
-                                   **{key: value(recipe) for key, recipe in self.kwargs})
-        return LayerRunner(base_model=base_model, adapter=get_backbone(base_model.config),
-                           hidden_states=hidden_states, layer_mask=self.layer_mask, extra_args=self.extra_args,
-                           extra_kwargs=dict(self.extra_kwargs))

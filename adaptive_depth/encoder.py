@@ -18,10 +18,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from adaptive_depth.backbones import BackboneAdapter, EmbeddingReplay, LayerRunner, get_backbone
+from adaptive_depth.backbones import BackboneAdapter, LayerRunner, get_backbone
 from adaptive_depth.classifiers import (check_last_head, classifier_exit_head, classifier_label_names, classifier_name,
                                          is_attached, load_classifier)
 from adaptive_depth.config import AdaptiveEncoderConfig, check_gate_threshold
+from adaptive_depth.embedding_replay import ReplayCache
 from adaptive_depth.exits import ExitHead, PoolerExitHead
 from adaptive_depth.gates import GatePooling, SkipGate, straight_through_hard
 from adaptive_depth.inputs import check_batch, check_input_names, forced_gate_values, selected_head_steps
@@ -74,10 +75,9 @@ class AdaptiveEncoderOutput:
 class AdaptiveEncoder(nn.Module):
     """Wraps a Hugging Face encoder with one :class:`SkipGate` and one :class:`ExitHead` per layer.
 
-    Supported ``config.model_type``: bert, roberta, distilbert, albert (gates and heads are
-    indexed by step, the layers are shared), electra. The model may be a base model
-    (``BertModel``) or a task model (``BertForSequenceClassification``): only its base model's
-    embeddings and layers are used; the exit heads classify.
+    Supports every ``config.model_type`` of :data:`~adaptive_depth.backbones.BACKBONES` (ALBERT: gates
+    and heads per step, the layers shared). A base model (``BertModel``) or a task model
+    (``BertForSequenceClassification``): only its base model's embeddings and layers are used.
 
     Args:
         model: a loaded ``transformers.PreTrainedModel`` of a supported family.
@@ -132,28 +132,23 @@ class AdaptiveEncoder(nn.Module):
             raise ValueError(f"head_type must be 'attention' or 'pooler', got {head_type!r}.")
         config = getattr(model, "config", None)
         if config is None:
-            raise TypeError(
-                f"AdaptiveEncoder wraps a transformers PreTrainedModel; got {type(model).__name__} "
-                "without a .config."
-            )
+            raise TypeError(f"AdaptiveEncoder wraps a transformers PreTrainedModel; got {type(model).__name__} "
+                            "without a .config.")
         self.adapter: BackboneAdapter = get_backbone(config)
         base_model = getattr(model, "base_model", model)
         is_task_model = base_model is not model
         if num_labels is None:
             num_labels = int(config.num_labels)
         elif is_task_model and int(config.num_labels) != num_labels:
-            raise ValueError(
-                f"num_labels={num_labels} does not match the wrapped {type(model).__name__}, whose "
-                f"config.num_labels is {config.num_labels}; pass num_labels={config.num_labels} "
-                "or load the model with the number of labels you need."
-            )
+            raise ValueError(f"num_labels={num_labels} does not match the wrapped {type(model).__name__}, whose "
+                             f"config.num_labels is {config.num_labels}; pass num_labels={config.num_labels} or "
+                             "load the model with the number of labels you need.")
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
         self.num_labels = num_labels
         self.backbone = base_model
         self._wrapped = [model]  # a list keeps the task model out of the module tree
-        # prepare(): per kind of batch without padding, how to embed it without the backbone's forward.
-        self._replays: dict[tuple, EmbeddingReplay | None] = {}
+        self._replays = ReplayCache()  # prepare(): batches without padding, embedded without the forward
         hidden_size = int(config.hidden_size)
         num_steps = self.adapter.num_steps(config)
         self.gates = nn.ModuleList(
@@ -300,9 +295,8 @@ class AdaptiveEncoder(nn.Module):
     ) -> tuple[LayerRunner, Tensor]:
         """Validate the inputs, embed them and return a :class:`LayerRunner` and the ``[B, N]`` mask.
 
-        The backbone's own forward runs up to its first layer (:meth:`LayerRunner.capture`); a batch
-        without padding, of a kind already captured, calls the embeddings module alone where the
-        capture showed that to give the same layer inputs (:class:`~adaptive_depth.backbones.EmbeddingReplay`).
+        The backbone's forward runs up to its first layer (:meth:`LayerRunner.capture`), or for a batch
+        without padding, the embeddings alone where that is the same (:mod:`adaptive_depth.embedding_replay`).
 
         Raises:
             ValueError: on an empty batch, a mask whose shape differs from ``input_ids``, a row
@@ -316,27 +310,8 @@ class AdaptiveEncoder(nn.Module):
                                                  self.adapter.max_tokens(self.config), self.config.model_type)
         if input_ids is not None:
             model_inputs["input_ids"] = input_ids
-        key = self._replay_key(attention_mask, token_mask, model_inputs)
-        replay = None if key is None else self._replays.get(key)
-        if replay is not None:  # a batch like one already captured: the embeddings call alone
-            return replay.runner(self.backbone, attention_mask=attention_mask, **model_inputs), token_mask
-        if key is None or key in self._replays:  # padding, tracing, or a model that cannot replay
-            return LayerRunner.capture(self.backbone, attention_mask=attention_mask, **model_inputs), token_mask
-        runner, self._replays[key] = LayerRunner.capture_replayable(self.backbone, attention_mask=attention_mask,
-                                                                    **model_inputs)
-        return runner, token_mask
-
-    def _replay_key(self, attention_mask: Tensor, token_mask: Tensor, model_inputs: dict[str, Any]) -> tuple | None:
-        """What a batch without padding shares with the batches whose embeddings call it may replay
-        (see :class:`~adaptive_depth.backbones.EmbeddingReplay`): the input names and which are
-        ``None``, the attention implementation and the training flag. ``None`` (capture, do not
-        replay) for a batch with padding, or while a compiler or tracer is recording the call."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-            return None  # the recorded call must see the forward itself
-        if not bool(token_mask.all()):
-            return None
-        names = tuple(sorted((name, value is None) for name, value in model_inputs.items()))
-        return names, attention_mask.dtype, getattr(self.backbone.config, "_attn_implementation", None), self.training
+        return self._replays.runner(self.backbone, token_mask, self.training, attention_mask=attention_mask,
+                                    **model_inputs), token_mask
 
     def forward(
         self,

@@ -1,4 +1,4 @@
-"""The embeddings replay of ``AdaptiveEncoder.prepare`` (adaptive_depth.backbones.EmbeddingReplay): a batch
+"""The embeddings replay of ``AdaptiveEncoder.prepare`` (adaptive_depth.embedding_replay): a batch
 without padding skips the backbone's forward preamble, with the same layer inputs as a capture, on every family."""
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ def test_a_batch_without_padding_gets_the_captured_layer_inputs(model_type: str,
     first = torch.randint(5, 99, (2, 7), generator=generator)
     with torch.no_grad():
         encoder.prepare(first, torch.ones_like(first))  # captures, and records the replay where it is exact
-        replays = list(encoder._replays.values())
+        replays = list(encoder._replays.kinds.values())
         assert len(replays) == 1 and (replays[0] is not None) == (model_type in REPLAYED)
         for shape in [(1, 5), (3, 11), (1, 1)]:  # other batch sizes and lengths: the same kind of batch
             input_ids = torch.randint(5, 99, shape, generator=generator)
             runner, token_mask = encoder.prepare(input_ids, torch.ones_like(input_ids))
             _assert_same_layer_inputs(runner, _captured(encoder, input_ids))
             assert bool(token_mask.all())
-    assert len(encoder._replays) == 1
+    assert len(encoder._replays.kinds) == 1
 
 
 def test_token_types_and_training_mode_are_kinds_of_their_own() -> None:
@@ -63,7 +63,7 @@ def test_token_types_and_training_mode_are_kinds_of_their_own() -> None:
     with torch.no_grad():
         encoder.prepare(input_ids)
         runner, _ = encoder.prepare(input_ids, token_type_ids=token_type_ids)
-        assert len(encoder._replays) == 2
+        assert len(encoder._replays.kinds) == 2
         _assert_same_layer_inputs(runner, _captured(encoder, input_ids, token_type_ids=token_type_ids))
         replayed, _ = encoder.prepare(input_ids, token_type_ids=token_type_ids)
         _assert_same_layer_inputs(replayed, _captured(encoder, input_ids, token_type_ids=token_type_ids))
@@ -72,7 +72,7 @@ def test_token_types_and_training_mode_are_kinds_of_their_own() -> None:
     trained, _ = encoder.prepare(input_ids)  # embedding dropout: the same random draws as the capture's
     torch.manual_seed(3)
     expected = _captured(encoder, input_ids)
-    assert len(encoder._replays) == 3 and torch.equal(trained.hidden_states, expected.hidden_states)
+    assert len(encoder._replays.kinds) == 3 and torch.equal(trained.hidden_states, expected.hidden_states)
 
 
 def test_a_padded_batch_is_always_captured() -> None:
@@ -80,7 +80,7 @@ def test_a_padded_batch_is_always_captured() -> None:
     input_ids, attention_mask = padded_batch()
     with torch.no_grad():
         runner, _ = encoder.prepare(input_ids, attention_mask)
-    assert encoder._replays == {} and runner.layer_mask is not None
+    assert encoder._replays.kinds == {} and runner.layer_mask is not None
 
 
 @settings(max_examples=15, deadline=None)
@@ -95,7 +95,7 @@ def test_the_engine_decides_and_answers_alike_with_and_without_the_replay(length
     generator = torch.Generator().manual_seed(len(lengths))
     rows = [torch.randint(5, 99, (1, length), generator=generator) for length in lengths]
     replayed = [engine(row) for row in rows]
-    encoder._replay_key = lambda *args: None  # every call captures
+    encoder._replays.key = lambda *args: None  # every call captures
     captured = [engine(row) for row in rows]
     for fast, slow in zip(replayed, captured):
         assert torch.equal(fast.logits, slow.logits) and torch.equal(fast.exit_layer, slow.exit_layer)
