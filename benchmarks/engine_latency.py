@@ -45,8 +45,7 @@ from typing import Any
 
 import torch
 
-from adaptive_depth import AdaptiveEncoder
-from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth import AdaptiveEncoder, AdaptiveInferenceEngine
 from adaptive_depth.files import check_output_path
 from benchmarks.timing import (Setting, StolenTime, cpu_name, interleaved_times, machine_record, settings_for, steal_line,
                                smoke_batches, smoke_encoder, write_json)
@@ -392,9 +391,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     write_json(output, result)
-    print(f"\nexported runtimes take the eager engine's decisions on every timed row: {result['decisions_match_eager']}")
-    print(steal_line(result["machine"]["cpu_steal_share"]))
-    print(f"wrote {output}")
+    print(f"\nexported runtimes take the eager engine's decisions on every timed row: {result['decisions_match_eager']}",
+          steal_line(result["machine"]["cpu_steal_share"]), f"wrote {output}", sep="\n")
     return 0
 
 
