@@ -50,8 +50,8 @@ SOURCES = [
            ("issue13/gates_off/calibrated-gates-off-{task}-seed*.json",), "smartbert_gates_off", CLASSIFICATION,
            CPU, (D30,)),
     Source("no_contrastive", "SmartBERT, budget objective, no contrastive loss (eta1 = eta2 = 0)", "calibrated",
-           ("ablation/contrastive/{task}-seed*/calibrated-{task}.json",), "smartbert", CLASSIFICATION, CPU,
-           (D_ABL, D_ABL2), ABL_DAYS),
+           ("ablation/contrastive/{task}-seed*/calibrated-{task}.json",), "smartbert", ("mrpc", "sst2"), CPU,
+           (D_ABL, D_ABL2), ABL_DAYS),  # the ablation's two tasks
     Source("deebert", "DeeBERT", "calibrated", ("baselines/{task}-seed*/calibrated-{task}.json",), "deebert",
            CLASSIFICATION, CPU, (D_ABL, D_ABL2), ABL_DAYS),
     Source("pabee", "PABEE, its own patience exit", "calibrated", ("baselines/{task}-seed*/calibrated-{task}.json",),
