@@ -290,4 +290,3 @@ class LayerRunner:
         for step in range(self.num_steps):
             hidden_states = self.run_layer(step, hidden_states)
         return hidden_states
-

@@ -9,7 +9,7 @@ for paired differences, of the mean difference).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from benchmarks.report_data import COLUMNS, FULL, Cell, Row, TaskData
@@ -115,7 +115,7 @@ def file_group(paths: list[Path], results_dir: Path) -> str:
 COMMANDS = {"calibrated": "benchmarks.calibrated", "full_depth": "benchmarks.tradeoff", "heads": "benchmarks.heads"}
 
 
-def when_where(pairs: list[tuple[str | None, Row]]) -> tuple[str, str]:
+def when_where(pairs: Sequence[tuple[str | None, Row]]) -> tuple[str, str]:
     """``(machine, "day to day")`` of some ``(task, row)`` pairs (from their sources, or the JSON's own
     fields; task ``None``: the source's days on every task)."""
     from benchmarks.report_data import read_json
@@ -139,7 +139,7 @@ def made_by(pairs: list[tuple[str, Row]], results_dir: Path) -> list[str]:
     if not pairs:
         return []
     tasks = list(dict.fromkeys(task for task, _ in pairs))
-    where, when = when_where(list(pairs))
+    where, when = when_where(pairs)
     lines = [f"Made on a {where}, {when}, by these commands (full command lines under "
              "[How these tables were made](#how-these-tables-were-made)):"]
     folded: dict[str, set[str]] = {}  # a name with <task> for the task -> the tasks it stands for

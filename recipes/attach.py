@@ -310,7 +310,7 @@ def load_model(path: str, config: AttachConfig) -> tuple[AdaptiveEncoder, Any]:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Check the inputs, load, train, evaluate, save (errors propagate to :func:`main`'s boundary)."""
-    from adaptive_depth.files import atomic_write
+    from adaptive_depth.files import write_atomically
     from adaptive_depth.predict import InputFileError
     from recipes.run.config import config_to_dict, load_config
     from recipes.glue import EncodedDataset, GlueExample, collate, encode_examples, get_task, holdout_split
@@ -378,7 +378,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
                    "command": command_line("recipes.attach", argv), "seconds": time.perf_counter() - started,
                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         text = json.dumps(results, indent=2) + "\n"
-        atomic_write(run_dir / "results.json", lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        write_atomically(run_dir / "results.json", [text])
     logger.info("%s: saved %s and %s", RECIPE, model_dir, run_dir / "results.json")
 
 

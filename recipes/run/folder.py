@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adaptive_depth.files import atomic_write
+from adaptive_depth.files import write_atomically
 from recipes.run import errors
 from recipes.run.checkpoints import has_checkpoint, previous_checkpoint
 from recipes.run.errors import RunFolderError
@@ -260,7 +260,7 @@ def record_run(run_dir: Path, record: Mapping[str, Any], backbone_config: Any, t
         backbone_config.save_pretrained(run_dir / BACKBONE_DIR)
         tokenizer.save_pretrained(run_dir / BACKBONE_DIR)
         text = json.dumps(dict(record), indent=2)
-        atomic_write(run_dir / RUN_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+        write_atomically(run_dir / RUN_FILE, [text])
     except OSError as error:
         raise errors.storage_error(error, f"writing into the run folder {run_dir}") from error
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptive_depth.files import atomic_write
+from adaptive_depth.files import atomic_write, write_atomically
 from recipes.run.folder import PLOT_FILE, RESULTS_FILE
 from recipes.run.models import model_label
 
@@ -235,7 +235,7 @@ def write_results(run_dir: str | os.PathLike[str], results: RunResults) -> tuple
     run_dir.mkdir(parents=True, exist_ok=True)
     json_path = run_dir / RESULTS_FILE
     text = json.dumps(results.to_dict(), indent=2)
-    atomic_write(json_path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    write_atomically(json_path, [text])
 
     import matplotlib
 
