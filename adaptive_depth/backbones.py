@@ -278,6 +278,45 @@ class LayerRunner:
             extra_kwargs=self.extra_kwargs,
         )
 
+    def trim(self, length: int, padded: bool) -> LayerRunner:
+        """A runner for the first ``length`` positions of its rows (whose tokens all lie within them).
+
+        Args:
+            length: positions kept, at most the current length.
+            padded: whether some of the rows still end before ``length``; if not, the layers run
+                without a mask, as transformers runs a batch without padding.
+
+        Raises:
+            NotImplementedError: a batched layer argument that is not a ``[..., N, N]`` position bias.
+        """
+        mask = self.layer_mask
+        if isinstance(mask, Tensor) and padded:
+            mask = mask[..., :length, :length] if mask.shape[-2] > 1 else mask[..., :length]
+        elif not padded:
+            mask = None
+        elif mask is not None:
+            raise NotImplementedError(
+                f"cannot cut a {type(mask).__name__} attention mask; load the model with "
+                "attn_implementation='sdpa' or 'eager'."
+            )
+        extra_args = list(self.extra_args)
+        for index in self.adapter.batched_extra_args:
+            arg, num_tokens = extra_args[index], self.hidden_states.shape[1]
+            if not (isinstance(arg, Tensor) and arg.ndim >= 2 and tuple(arg.shape[-2:]) == (num_tokens, num_tokens)):
+                raise NotImplementedError(
+                    f"cannot cut {self.adapter.model_type} layer argument {index + 2} "
+                    f"({type(arg).__name__} {tuple(getattr(arg, 'shape', ()))}) to {length} positions."
+                )
+            extra_args[index] = arg[..., :length, :length]
+        return LayerRunner(
+            base_model=self.base_model,
+            adapter=self.adapter,
+            hidden_states=self.hidden_states[:, :length],
+            layer_mask=mask,
+            extra_args=tuple(extra_args),
+            extra_kwargs=self.extra_kwargs,
+        )
+
     def run_layer(self, step: int, hidden_states: Tensor) -> Tensor:
         """Apply layer ``step`` to ``hidden_states`` ``[B', N, H]`` (rows matching the mask)."""
         output = self.layer(step)(hidden_states, self.layer_mask, *self.extra_args, **self.extra_kwargs)

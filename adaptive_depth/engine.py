@@ -8,7 +8,9 @@ runs it on a whole batch by keeping only the rows still active: at every step
    selected with ``index_select`` and written back with ``index_copy``; at threshold 1, which
    never skips, the gates are not run at all (nor counted: the run is then ``exit_only``'s);
 3. exit heads run only for rows whose layer ran; the criterion decides who leaves;
-4. rows that left are dropped from every tensor the loop carries.
+4. rows that left are dropped from every tensor the loop carries; in a padded batch, once the
+   longest rows have left, the others run at the longest real length among them (the padding
+   only the rows that left needed is cut, so it costs neither time nor memory).
 
 The last step's head always answers for the rows still there (its layer may have been
 skipped: then it reads ``X^L = X^{L-1}``). Each row's work is the same as if it were alone,
@@ -96,24 +98,33 @@ def _check_attention(encoder: AdaptiveEncoder) -> None:
 
 
 class _EngineRows:
-    """:class:`StepRows` over an encoder's own modules; the layer runner is narrowed only when a
-    layer runs on the selected rows (heads need only the token mask)."""
+    """:class:`StepRows` over an encoder's own modules; the layer runner is narrowed (to the selected
+    rows, and to ``length`` positions once trimmed) only when a layer runs on them (heads need only
+    the token mask)."""
 
     def __init__(self, encoder: AdaptiveEncoder, runner: LayerRunner, mask: Tensor | None,
-                 pending: Tensor | None = None) -> None:
-        self.encoder, self.runner, self.mask, self.pending = encoder, runner, mask, pending
+                 pending: Tensor | None = None, length: int | None = None) -> None:
+        self.encoder, self.runner, self.mask, self.pending, self.length = encoder, runner, mask, pending, length
 
     def select(self, rows: Tensor) -> _EngineRows:
         mask = self.mask.index_select(0, rows) if self.mask is not None else None
         pending = rows if self.pending is None else self.pending.index_select(0, rows)
-        return _EngineRows(self.encoder, self.runner, mask, pending)
+        return _EngineRows(self.encoder, self.runner, mask, pending, self.length)
+
+    def trim(self, length: int) -> _EngineRows:
+        mask = self.mask[:, :length] if self.mask is not None else None
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding left: gates, heads and layers run unmasked, as for such a batch
+        return _EngineRows(self.encoder, self.runner, mask, self.pending, length)
 
     def gate(self, step: int, hidden: Tensor) -> Tensor:
         return self.encoder.gates[step](hidden, self.mask).p_skip
 
     def layer(self, step: int, hidden: Tensor) -> Tensor:
-        if self.pending is not None:  # narrow once, then keep the narrowed runner
-            self.runner, self.pending = self.runner.select_rows(self.pending), None
+        if self.pending is not None or self.length is not None:  # narrow once, then keep the narrowed runner
+            runner = self.runner if self.pending is None else self.runner.select_rows(self.pending)
+            self.runner = runner if self.length is None else runner.trim(self.length, padded=self.mask is not None)
+            self.pending = self.length = None
         return self.runner.run_layer(step, hidden)
 
     def head(self, step: int, hidden: Tensor) -> Tensor:
@@ -204,9 +215,10 @@ class AdaptiveInferenceEngine:
         runner, token_mask = self._prepare(input_ids, attention_mask, model_inputs)
         # Without padding, gates and heads need no mask (a few ops less per call at batch size 1).
         mask = token_mask if not bool(token_mask.all()) else None
+        lengths = token_mask.sum(dim=-1).tolist() if mask is not None else None  # padding to cut as rows leave
         trace = skip_exit_loop(self._rows(runner, mask), runner.hidden_states, num_steps=self.encoder.num_steps,
                                num_labels=self.encoder.num_labels, mode=self.mode, criterion=self.criterion,
-                               gate_threshold=self.gate_threshold)
+                               gate_threshold=self.gate_threshold, lengths=lengths)
         return self._output(trace, token_mask)
 
     def stream(self, batches: Iterable[Mapping[str, Tensor]], max_rows: int | None = None) -> Iterator[EngineOutput]:

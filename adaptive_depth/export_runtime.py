@@ -245,9 +245,11 @@ class ExportedEngine:
         inputs = {"input_ids": input_ids.long(), "token_type_ids": (
             torch.zeros_like(mask) if token_type_ids is None else token_type_ids.long())}
         hidden = self.embeddings(**{name: inputs[name] for name in self.embedding_inputs})
-        trace = skip_exit_loop(_ExportedRows(self, mask), hidden, num_steps=self.num_steps, num_labels=self.num_labels,
-                               mode=self.mode, criterion=self.criterion, gate_threshold=self.gate_threshold)
         lengths = token_mask.sum(dim=-1)
+        padded = not bool(token_mask.all())  # then the padding is cut as rows leave, as in the eager engine
+        trace = skip_exit_loop(_ExportedRows(self, mask), hidden, num_steps=self.num_steps, num_labels=self.num_labels,
+                               mode=self.mode, criterion=self.criterion, gate_threshold=self.gate_threshold,
+                               lengths=lengths.tolist() if padded else None)
         macs, full_macs = self._macs(lengths, trace.layers_run, trace.gates_run, trace.heads_run)
         return ExportedEngineOutput(
             logits=trace.logits,
@@ -285,6 +287,9 @@ class _ExportedRows:
 
     def select(self, rows: Tensor) -> _ExportedRows:
         return _ExportedRows(self.engine, self.mask.index_select(0, rows))
+
+    def trim(self, length: int) -> _ExportedRows:
+        return _ExportedRows(self.engine, self.mask[:, :length].contiguous())
 
     def gate(self, step: int, hidden: Tensor) -> Tensor:
         return self.engine.gates[step](hidden_states=hidden, attention_mask=self.mask)

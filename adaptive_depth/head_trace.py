@@ -108,6 +108,9 @@ class _RecordingRows:
     def select(self, rows: Tensor) -> _RecordingRows:
         return _RecordingRows(self.inner.select(rows), self.ids.index_select(0, rows), self.record)
 
+    def trim(self, length: int) -> _RecordingRows:
+        return _RecordingRows(self.inner.trim(length), self.ids, self.record)
+
     def gate(self, step: int, hidden: Tensor) -> Tensor:
         return self.inner.gate(step, hidden)
 

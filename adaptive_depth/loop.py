@@ -30,11 +30,14 @@ EngineMode = Literal["adaptive", "skip_only", "exit_only", "full"]
 class StepRows(Protocol):
     """What the skip/exit loop calls for the rows it carries (the engine's modules, or exported graphs).
 
-    ``select`` narrows the context to some of its rows (``[R']`` indices); the three step functions
-    take the hidden states ``[R, N, H]`` of exactly those rows.
+    ``select`` narrows the context to some of its rows (``[R']`` indices), ``trim`` to the first
+    ``length`` positions (when the rows left hold no token past them); the three step functions take
+    the hidden states ``[R, N, H]`` of exactly those rows and positions.
     """
 
     def select(self, rows: Tensor) -> StepRows: ...
+
+    def trim(self, length: int) -> StepRows: ...
 
     def gate(self, step: int, hidden: Tensor) -> Tensor: ...  # p_skip [R]
 
@@ -138,12 +141,15 @@ def run_step(rows: StepRows, step: int, hidden: Tensor, state: Tensor | None, *,
 
 
 def skip_exit_loop(rows: StepRows, hidden: Tensor, *, num_steps: int, num_labels: int, mode: EngineMode,
-                   criterion: ExitCriterion, gate_threshold: float) -> LoopTrace:
+                   criterion: ExitCriterion, gate_threshold: float, lengths: list[int] | None = None) -> LoopTrace:
     """The per-sample skip and exit loop (paper eq. 9-10) on a batch, keeping only the active rows.
 
     At every step (:func:`run_step`) the gates of the active rows decide who runs the layer
     (``index_select`` / ``index_copy``), the heads of the rows whose layer ran decide who leaves, and
     rows that left are dropped from every carried tensor. The last head answers for every row still there.
+    With ``lengths``, the padding the rows left no longer need is cut too: once the longest rows have
+    left, the others run at the longest real length among them (the padding positions are masked, so
+    only float rounding changes), and every FLOP the exits save is a FLOP not spent on padding.
 
     Args:
         rows: the step functions for the batch (:class:`StepRows`).
@@ -151,6 +157,8 @@ def skip_exit_loop(rows: StepRows, hidden: Tensor, *, num_steps: int, num_labels
         num_steps, num_labels: ``L`` and ``C``.
         mode, criterion, gate_threshold: as in :class:`~adaptive_depth.engine.AdaptiveInferenceEngine`.
             At ``gate_threshold >= 1`` no gate could skip, so none runs (``gates_run`` stays false).
+        lengths: the ``B`` real (unpadded) lengths of a right-padded batch, to cut its padding as rows
+            leave (``None``: keep the batch's length throughout).
 
     Raises:
         FloatingPointError: an exit head gave NaN or infinite logits (such rows would never exit).
@@ -191,8 +199,12 @@ def skip_exit_loop(rows: StepRows, hidden: Tensor, *, num_steps: int, num_labels
         keep = staying.nonzero().flatten()
         if len(keep) == 0:
             break
-        active, hidden, rows = active.index_select(0, keep), hidden.index_select(0, keep), rows.select(keep)
-        state = state.index_select(0, keep)
+        active, rows, state = active.index_select(0, keep), rows.select(keep), state.index_select(0, keep)
+        if lengths is not None:
+            lengths = [lengths[row] for row in keep.tolist()]
+            if max(lengths) < hidden.shape[1]:  # the rows left end earlier: cut their padding
+                hidden, rows = hidden[:, :max(lengths)], rows.trim(max(lengths))
+        hidden = hidden.index_select(0, keep)
     return LoopTrace(logits=logits, exit_layer=exit_layer, layers_run=layers_run.T, gates_run=gates_run.T,
                      heads_run=heads_run.T)
 
