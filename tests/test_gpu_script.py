@@ -48,12 +48,28 @@ def test_a_spent_budget_skips_the_rest_and_says_so(tmp_path: Path, capsys) -> No
     assert "over the 0 s budget: skipping smoke fp32" in capsys.readouterr().out
 
 
+def test_each_finished_group_is_written_before_the_next_starts(tmp_path: Path, monkeypatch) -> None:
+    # A run killed by a time limit (the lent machine's) keeps the groups it finished, marked incomplete.
+    writes: list[tuple[bool, list[str], int]] = []
+    real_write = gpu.write_json
+
+    def recording_write(path: Path, data: dict) -> None:
+        writes.append((data["complete"], [part["part"] for part in data["parts"]], len(data["rows"])))
+        real_write(path, data)
+
+    monkeypatch.setattr(gpu, "write_json", recording_write)
+    assert gpu.main(["--device", "cpu", "--smoke", "--output-dir", str(tmp_path)]) == 0
+    assert writes == [(False, ["smoke fp32"], 10), (False, ["smoke fp32", "smoke bf16"], 20),
+                      (True, ["smoke fp32", "smoke bf16"], 20)]
+    assert json.loads((tmp_path / "gpu-latency.json").read_text())["complete"] is True
+
 
 def test_an_output_folder_under_a_file_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
     (tmp_path / "a_file").write_text("x")
     assert gpu.main(["--device", "cpu", "--smoke", "--output-dir", str(tmp_path / "a_file" / "out")]) == 2
     out, err = capsys.readouterr()
     assert "a_file is a file, not a folder" in err and err.count("\n") == 1 and "smoke fp32" not in out
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_without_cuda_it_stops_unless_told_cpu(tmp_path: Path, capsys) -> None:
