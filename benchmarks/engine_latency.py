@@ -347,6 +347,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if any(size < 1 for size in args.batch_sizes):
         parser.error(f"--batch-sizes must all be >= 1, got {args.batch_sizes}")
+    # Batch 1 is always timed; a repeated size (or 1 given again) would be timed twice, as two rows.
+    args.batch_sizes = [size for size in dict.fromkeys(args.batch_sizes) if size != 1]
     if any(not threshold >= 0 for threshold in args.thresholds):
         parser.error(f"--thresholds must all be >= 0 (entropy thresholds), got {args.thresholds}")
     if any(threads < 1 for threads in args.threads):

@@ -125,6 +125,12 @@ def test_engine_latency_rejects_bad_options(option: list[str], message: str, cap
     assert f"error: {message}" in capsys.readouterr().err
 
 
+def test_engine_latency_times_each_batch_size_once() -> None:
+    # Batch 1 is always timed: giving it (or any size twice) must not time it twice.
+    assert engine_latency.parse_args(["--batch-sizes", "1", "32", "8", "32"]).batch_sizes == [32, 8]
+    assert engine_latency.parse_args(["--batch-sizes", "1"]).batch_sizes == []
+
+
 def test_engine_latency_help_names_every_default() -> None:
     actions = [action for action in engine_latency.build_parser()._actions if action.dest != "help"]
     assert len(actions) == 16
