@@ -148,6 +148,12 @@ class AdaptiveInferenceEngine:
         padded_length: the length the "paper" FLOPs convention counts at (128 in the paper);
             ``None`` uses each batch's padded length.
 
+    Speed: on a CPU it turns most of the FLOPs saving into time (docs/benchmarks.md). On a GPU the
+    loop is host-bound: every step dispatches its gate, layer, head and row-selection operators and
+    reads its decisions on the host, so it pays off with large fp32 batches of a base-size model and
+    can be slower than the plain model in bf16 or at small batches (measured on an H200,
+    docs/benchmarks.md "GPU").
+
     Example:
         >>> from transformers import BertConfig, BertModel
         >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
