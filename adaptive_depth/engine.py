@@ -189,8 +189,8 @@ class AdaptiveInferenceEngine:
         self.gate_threshold = encoder.adaptive_config.gate_threshold if gate_threshold is None else gate_threshold
         self.mode: EngineMode = mode
         self.padded_length = padded_length
-        self._cost_tables: dict[tuple[int, Convention], Tensor] = {}
-        self._costs: dict[tuple[int, Convention], EncoderCost] = {}
+        self._cost_tables: dict[tuple[int, Convention, bool], Tensor] = {}
+        self._costs: dict[tuple[int, Convention, bool], EncoderCost] = {}
         self._full_mask: Tensor | None = None
 
     @property
@@ -330,16 +330,16 @@ class AdaptiveInferenceEngine:
         )
 
     def _cost(self, length: int, convention: Convention) -> EncoderCost:
-        """The encoder's per-component MACs at ``length`` (cached per length)."""
-        key = (length, convention)
+        """The encoder's per-component MACs at ``length`` as it runs now (cached per length and fusion)."""
+        key = (length, convention, self.encoder.fused_for_inference)
         cost = self._costs.get(key)
         if cost is None:
-            cost = self._costs[key] = encoder_cost(self.encoder, length, convention)
+            cost = self._costs[key] = encoder_cost(self.encoder, length, convention, key[2])
         return cost
 
     def _cost_table(self, length: int, convention: Convention) -> Tensor:
         """``[4, L]`` int64 MACs at ``length``: rows embedding (in column 0), layer, gate, head."""
-        key = (length, convention)
+        key = (length, convention, self.encoder.fused_for_inference)
         table = self._cost_tables.get(key)
         if table is None:
             cost = self._cost(length, convention)

@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from adaptive_depth.fused_pool import FusedPool, fused_call_allowed
 from adaptive_depth.narrow_attention import NarrowAttentionPool
 
 __all__ = [
@@ -79,6 +80,11 @@ class ExitHead(nn.Module):
         self.pool = NarrowAttentionPool(hidden_size, inner_size, num_heads, dropout)
         self.prelim = nn.Linear(inner_size, inner_size)
         self.classifier = nn.Linear(inner_size, num_labels)
+        self._fused: FusedPool | None = None  # set by AdaptiveEncoder.fuse_for_inference
+
+    def _set_fused(self, enabled: bool) -> None:
+        """Fuse the attention pooling and ``prelim`` for inference (:mod:`adaptive_depth.fused_pool`), or stop."""
+        self._fused = FusedPool.build(self.pool, self.prelim) if enabled else None
 
     def forward(
         self,
@@ -96,6 +102,9 @@ class ExitHead(nn.Module):
         Returns:
             :class:`ExitHeadOutput`.
         """
+        if self._fused is not None and not return_token_states and fused_call_allowed(self):
+            self._fused = fused = self._fused.refreshed(self.pool, self.prelim)
+            return ExitHeadOutput(logits=self.classifier(torch.tanh(fused(hidden_states, attention_mask))))
         pooled = self.pool(hidden_states, attention_mask, return_token_states)
         logits = self.classifier(torch.tanh(self.prelim(pooled.pooled)))
         return ExitHeadOutput(logits=logits, token_states=pooled.token_states)

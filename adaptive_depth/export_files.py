@@ -109,7 +109,7 @@ def cost_record(encoder: AdaptiveEncoder, max_length: int) -> dict[str, Any]:
     """
     from adaptive_depth.flops import encoder_cost
 
-    costs = [encoder_cost(encoder, length, "exact") for length in COST_LENGTHS]
+    costs = [encoder_cost(encoder, length, "exact", fused=False) for length in COST_LENGTHS]  # export traces unfused
     record = {
         "convention": "exact", "lengths": list(COST_LENGTHS),
         "embedding": [cost.embedding for cost in costs],
@@ -117,7 +117,7 @@ def cost_record(encoder: AdaptiveEncoder, max_length: int) -> dict[str, Any]:
            for part in ("layers", "gates", "heads")},
     }
     for length in {7, max(max_length, 4)}:
-        expected = encoder_cost(encoder, length, "exact")
+        expected = encoder_cost(encoder, length, "exact", fused=False)
         parts = (record["embedding"], *record["layers"], *record["gates"], *record["heads"])
         if [quadratic_at(values, length) for values in parts] != [expected.embedding, *expected.layers,
                                                                   *expected.gates, *expected.heads]:

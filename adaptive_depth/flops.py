@@ -21,7 +21,8 @@ Two conventions (:data:`Convention`):
     the attention scores (``n * n * H``) and the attention-weighted sum (``n * n * H``). For
     gates and heads, exactly what this repository's modules compute at inference: one
     ``[CLS]`` query with the key projection folded into it and the value projection applied
-    after the pooling (:mod:`adaptive_depth.narrow_attention`), or, when token states are asked
+    after the pooling (:mod:`adaptive_depth.narrow_attention`); when the encoder is fused for
+    inference (:mod:`adaptive_depth.fused_pool`), the fused matmuls; when token states are asked
     for (training stage 2), every token's query, key and value. Matches ``FlopCounterMode`` on
     eager-attention models (on CPU it counts SDPA as zero).
 
@@ -159,23 +160,29 @@ def pooler_macs(dims: EncoderDims, convention: Convention) -> int:
 
 
 def _narrow_attention_macs(
-    hidden_size: int, inner_size: int, seq_len: int, convention: Convention, token_states: bool, num_heads: int
+    hidden_size: int, inner_size: int, seq_len: int, convention: Convention, token_states: bool, num_heads: int,
+    post_size: int, fused: bool = False,
 ) -> int:
-    """MACs of :class:`~adaptive_depth.narrow_attention.NarrowAttentionPool`.
+    """MACs of :class:`~adaptive_depth.narrow_attention.NarrowAttentionPool` and the ``d -> post_size``
+    linear layer after it (a gate's score, a head's ``prelim``).
 
     ``"paper"``: ``n H d + 3 n d^2`` (narrow, then query/key/value for every token). ``"exact"``:
     ``n H d + 3 d^2 + 2 heads n d`` at inference (narrow; the ``[CLS]`` query, the key folded into
     it and the value of each head's pooled vector; scores and pooling per head), or with token
-    states ``n H d + 3 n d^2 + 2 n^2 d`` (every position's query, key and value).
+    states ``n H d + 3 n d^2 + 2 n^2 d`` (every position's query, key and value); then ``d post``.
+    Fused (:mod:`adaptive_depth.fused_pool`): ``n H d + heads d^2 + 2 heads n d + heads d post``.
     """
     narrow = seq_len * hidden_size * inner_size
+    post = inner_size * post_size
     if convention == "paper":
-        return narrow + 3 * seq_len * inner_size * inner_size
+        return narrow + 3 * seq_len * inner_size * inner_size + post
     if token_states:
-        return narrow + 3 * seq_len * inner_size * inner_size + 2 * seq_len * seq_len * inner_size
+        return narrow + 3 * seq_len * inner_size * inner_size + 2 * seq_len * seq_len * inner_size + post
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}.")
-    return narrow + 3 * inner_size * inner_size + 2 * num_heads * seq_len * inner_size
+    if fused:
+        return narrow + num_heads * inner_size * inner_size + 2 * num_heads * seq_len * inner_size + num_heads * post
+    return narrow + 3 * inner_size * inner_size + 2 * num_heads * seq_len * inner_size + post
 
 
 def gate_macs(
@@ -185,6 +192,7 @@ def gate_macs(
     inner_size: int = 128,
     pooling: Literal["attention", "cls", "mean"] = "attention",
     num_heads: int = 2,
+    fused: bool = False,
 ) -> int:
     """MACs of one :class:`~adaptive_depth.gates.SkipGate` on one sequence.
 
@@ -208,6 +216,8 @@ def gate_macs(
         pooling: the gate's pooling.
         num_heads: attention heads of ``"attention"`` pooling (only the ``"exact"`` count
             depends on it).
+        fused: the gate runs fused (:mod:`adaptive_depth.fused_pool`); only changes the ``"exact"``
+            count of ``"attention"`` pooling.
 
     Returns:
         MACs.
@@ -219,11 +229,10 @@ def gate_macs(
         1241216
     """
     _check(seq_len, convention)
-    score = inner_size
     if pooling == "attention":
-        return _narrow_attention_macs(hidden_size, inner_size, seq_len, convention, False, num_heads) + score
+        return _narrow_attention_macs(hidden_size, inner_size, seq_len, convention, False, num_heads, 1, fused)
     if pooling in ("cls", "mean"):
-        return hidden_size * inner_size + score
+        return hidden_size * inner_size + inner_size
     raise ValueError(f"pooling must be 'attention', 'cls' or 'mean', got {pooling!r}.")
 
 
@@ -235,6 +244,7 @@ def head_macs(
     inner_size: int = 128,
     token_states: bool = False,
     num_heads: int = 4,
+    fused: bool = False,
 ) -> int:
     """MACs of one :class:`~adaptive_depth.exits.ExitHead` on one sequence.
 
@@ -251,6 +261,8 @@ def head_macs(
         token_states: the head also computes every token's attention output
             (``return_token_states=True``); only changes the ``"exact"`` count.
         num_heads: attention heads (only the inference ``"exact"`` count depends on it).
+        fused: the head runs fused (:mod:`adaptive_depth.fused_pool`); only changes the inference
+            ``"exact"`` count.
 
     Returns:
         MACs.
@@ -260,8 +272,9 @@ def head_macs(
         1270016
     """
     _check(seq_len, convention)
-    pool = _narrow_attention_macs(hidden_size, inner_size, seq_len, convention, token_states, num_heads)
-    return pool + inner_size * inner_size + inner_size * num_labels
+    pool = _narrow_attention_macs(hidden_size, inner_size, seq_len, convention, token_states, num_heads, inner_size,
+                                  fused and not token_states)
+    return pool + inner_size * num_labels
 
 
 def pooler_head_macs(hidden_size: int, num_labels: int) -> int:
@@ -353,7 +366,8 @@ class EncoderCost:
         return self.sample_macs([True] * steps, [False] * steps, [False] * (steps - 1) + [True])
 
 
-def encoder_cost(encoder: AdaptiveEncoder, seq_len: int, convention: Convention) -> EncoderCost:
+def encoder_cost(encoder: AdaptiveEncoder, seq_len: int, convention: Convention,
+                 fused: bool | None = None) -> EncoderCost:
     """Per-component MACs of a wrapped model, read from its config, gates and heads.
 
     The base model's pooler is not counted: the encoder classifies with its exit heads.
@@ -363,26 +377,29 @@ def encoder_cost(encoder: AdaptiveEncoder, seq_len: int, convention: Convention)
         encoder: the :class:`~adaptive_depth.AdaptiveEncoder`.
         seq_len: ``n``, tokens (the padded length for ``"paper"``).
         convention: ``"paper"`` or ``"exact"``.
+        fused: count the attention gates and heads fused (:mod:`adaptive_depth.fused_pool`); ``None``:
+            as the encoder runs them now (``encoder.fused_for_inference``).
 
     Returns:
         :class:`EncoderCost`.
     """
     _check(seq_len, convention)
     dims = encoder_dims(encoder.config)
+    fused = encoder.fused_for_inference if fused is None else fused
     gates = []
     for gate in encoder.gates:
         if gate.pooling == "attention":
             hidden_size, inner_size, num_heads = gate.pool.hidden_size, gate.pool.inner_size, gate.pool.num_heads
         else:
             hidden_size, inner_size, num_heads = gate.narrow.in_features, gate.narrow.out_features, 1
-        gates.append(gate_macs(hidden_size, seq_len, convention, inner_size, gate.pooling, num_heads))
+        gates.append(gate_macs(hidden_size, seq_len, convention, inner_size, gate.pooling, num_heads, fused))
     if not encoder.has_gates:
         gates = [0] * encoder.num_steps
     heads = [
         pooler_head_macs(head.pooler.in_features, head.num_labels) if isinstance(head, PoolerExitHead)
         else head.linear_macs() if isinstance(head, ClassifierExitHead)  # a fine-tuned model's own classifier
         else head_macs(head.pool.hidden_size, head.num_labels, seq_len, convention, head.pool.inner_size,
-                       num_heads=head.pool.num_heads)
+                       num_heads=head.pool.num_heads, fused=fused)
         for head in encoder.exit_heads
     ]
     return EncoderCost(

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from adaptive_depth.fused_pool import FusedPool, fused_call_allowed
 from adaptive_depth.narrow_attention import NarrowAttentionPool
 
 __all__ = [
@@ -86,6 +87,11 @@ class SkipGate(nn.Module):
             self.narrow = nn.Linear(hidden_size, inner_size)
         self.score = nn.Linear(inner_size, 1)
         nn.init.constant_(self.score.bias, initial_skip_bias)
+        self._fused: FusedPool | None = None  # set by AdaptiveEncoder.fuse_for_inference
+
+    def _set_fused(self, enabled: bool) -> None:
+        """Fuse the attention pooling and the score for inference (:mod:`adaptive_depth.fused_pool`), or stop."""
+        self._fused = FusedPool.build(self.pool, self.score) if enabled and self.pooling == "attention" else None
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> SkipGateOutput:
         """Score the hidden states entering a layer.
@@ -97,6 +103,10 @@ class SkipGate(nn.Module):
         Returns:
             :class:`SkipGateOutput` with ``p_skip`` of shape ``[B]``.
         """
+        if self._fused is not None and fused_call_allowed(self):
+            self._fused = fused = self._fused.refreshed(self.pool, self.score)
+            logit = fused(hidden_states, attention_mask).squeeze(-1)
+            return SkipGateOutput(p_skip=torch.sigmoid(logit), logit=logit)
         if self.pooling == "attention":
             pooled = self.pool(hidden_states, attention_mask).pooled
         elif self.pooling == "cls":

@@ -91,7 +91,8 @@ class AdaptivePipeline(TextPipeline):
         verify: bool = True,
         **options: Any,
     ) -> AdaptivePipeline:
-        """Load a model saved with its tokenizer by :meth:`AdaptiveEncoder.save_pretrained`.
+        """Load a model saved with its tokenizer by :meth:`AdaptiveEncoder.save_pretrained`, its gates and
+        heads fused for inference (:meth:`AdaptiveEncoder.fuse_for_inference`).
 
         Args:
             name_or_path: the folder (or a Hub id).
@@ -113,6 +114,7 @@ class AdaptivePipeline(TextPipeline):
                 f"{folder} holds no tokenizer; save the model with encoder.save_pretrained(folder, tokenizer=...)."
             )
         encoder = AdaptiveEncoder.from_pretrained(folder, dtype=dtype, device=device, verify=verify)
+        encoder.fuse_for_inference()  # a loaded model is not trained further: derive the fused weights once
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except Exception as error:  # tokenizers raises its own types for a damaged tokenizer.json

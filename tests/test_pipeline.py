@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adaptive_depth import (
+    AdaptiveEncoder,
     AdaptivePipeline,
     EntropyExit,
     ToleranceExit,
@@ -33,6 +34,18 @@ def saved_pair_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     encoder.adaptive_config.label_names = ["not_equivalent", "equivalent"]
     encoder.adaptive_config.threshold = 0.5
     return encoder.save_pretrained(tmp_path_factory.mktemp("models") / "pair", tokenizer=tokenizer)
+
+
+def test_a_loaded_pipeline_runs_its_gates_and_heads_fused(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    assert pipeline.encoder.fused_for_inference
+    assert all(module._fused is not None for module in (*pipeline.encoder.gates, *pipeline.encoder.exit_heads))
+    unfused = AdaptiveEncoder.from_pretrained(saved_pair_model)
+    engine = AdaptiveInferenceEngine(unfused, pipeline.engine.criterion)
+    predictions = pipeline(SENTENCES, PAIRS)
+    for prediction, text, pair in zip(predictions, SENTENCES, PAIRS):
+        alone = engine(**pipeline.tokenizer([text], [pair], return_tensors="pt"))
+        assert prediction.exit_layer == int(alone.exit_layer[0])
 
 
 def test_predict_on_raw_text_pairs_matches_the_engine_row_by_row(saved_pair_model: Path) -> None:
