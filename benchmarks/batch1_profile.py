@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
     encoder, tokenizer = load(args, task.num_labels)
+    encoder.fuse_for_inference()  # as AdaptivePipeline runs it
     examples = read_split(resolve_data_dir(args.data_dir), task, task.dev_splits[0]).examples[: args.samples]
     dataset = EncodedDataset(encode_examples(examples, tokenizer, args.max_length))
     batches = make_batches(dataset, 1, tokenizer.pad_token_id, torch.device("cpu"))

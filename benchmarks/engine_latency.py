@@ -104,7 +104,7 @@ def onnx_runtime_available() -> bool:
 def _inputs(args: argparse.Namespace, device: torch.device) -> tuple[AdaptiveEncoder, str, str, Callable[[int], list]]:
     """The model, its name, the task and ``batch_size -> batches`` of the timed rows."""
     if args.smoke:
-        encoder = smoke_encoder().to(device)
+        encoder = smoke_encoder().to(device).fuse_for_inference()
         return encoder, "tiny random BERT (smoke)", "synthetic", lambda size: smoke_batches(
             args.samples, size, args.max_length, device)
     from recipes.glue import EncodedDataset, encode_examples, get_task, read_split, resolve_data_dir
@@ -112,7 +112,7 @@ def _inputs(args: argparse.Namespace, device: torch.device) -> tuple[AdaptiveEnc
     task = get_task(args.task)
     torch.manual_seed(args.seed)  # untrained gates and heads: the same skip/exit pattern on every run
     encoder, tokenizer, name = load_encoder(args.run, args.model, task.num_labels, args.model_dir)
-    encoder = encoder.to(device).eval()
+    encoder = encoder.to(device).eval().fuse_for_inference()  # as AdaptivePipeline runs it (exports trace unfused)
     examples = read_split(resolve_data_dir(args.data_dir), task, task.dev_splits[0]).examples[: args.samples]
     dataset = EncodedDataset(encode_examples(examples, tokenizer, args.max_length))
     return encoder, name, task.name, lambda size: make_batches(dataset, size, tokenizer.pad_token_id, device)

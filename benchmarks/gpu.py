@@ -111,7 +111,7 @@ def latency(args: argparse.Namespace, device: torch.device, start: float,
                     AdaptiveEncoder.from_pretrained(model))
             else:
                 encoder = build_encoder(model, args.seed)
-            encoder = encoder.to(device=device, dtype=DTYPES[dtype_name]).eval()
+            encoder = encoder.to(device=device, dtype=DTYPES[dtype_name]).eval().fuse_for_inference()
             plain = encoder.unwrap()
             settings = settings_for(args.thresholds, encoder.has_gates, 1)
             for batch_size in args.batch_sizes:

@@ -53,9 +53,12 @@ def test_engine_latency_smoke_times_every_runtime_and_checks_their_decisions(tmp
             for setting in ["full", "skip_only", *(f"entropy S={value}" for value in exits)]:
                 row = rows[runtime, setting, batch_size]
                 eager = rows["eager", setting, batch_size]
-                assert row["mean_macs_exact"] == eager["mean_macs_exact"]  # same decisions, same MACs
                 if runtime != "eager":
                     assert row["decisions"]["same"] and row["decisions"]["rows"] == 16
+                    # The exports run the unfused gates and heads, the eager engine the fused ones (as
+                    # AdaptivePipeline does): the same decisions, MACs apart by the gates' and heads' counts.
+                    assert row["mean_macs_exact"] == rows["torch-export", setting, batch_size]["mean_macs_exact"]
+                    assert row["mean_macs_exact"] == pytest.approx(eager["mean_macs_exact"], rel=0.05)
                 # The ratio against the runtime's own full depth, from the same timings and MACs
                 full = rows[runtime, "full", batch_size]
                 expected = (full["ms_per_sample"] / row["ms_per_sample"]) / (full["mean_macs_exact"] / row["mean_macs_exact"])
