@@ -190,8 +190,9 @@ def test_bad_input() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu() -> None:
-    encoder = random_encoder("bert", seed=5, num_layers=4)
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_matches_cpu(fused: bool) -> None:
+    encoder = random_encoder("bert", seed=5, num_layers=4).fuse_for_inference(fused)  # moved below: rebuilt there
     input_ids, attention_mask = padded_batch(batch_size=6, num_tokens=11)
     cpu = AdaptiveInferenceEngine(encoder, EntropyExit(0.7))(input_ids, attention_mask)
     gpu = AdaptiveInferenceEngine(encoder.cuda(), EntropyExit(0.7))(input_ids.cuda(), attention_mask.cuda())
