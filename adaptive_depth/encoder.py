@@ -203,7 +203,8 @@ class AdaptiveEncoder(nn.Module):
 
         Each attention gate's and head's pooling and the linear layer after it become three matmuls and
         a softmax, with ``sigmoid`` in place of ``tanh`` in float32 and float64 (see
-        :mod:`adaptive_depth.fused_pool`): the same decisions, logits equal within float rounding, fewer
+        :mod:`adaptive_depth.fused_pool`): in float32 the same decisions, logits equal within float rounding
+        (in bf16/fp16 a row within rounding of a threshold can decide otherwise), fewer
         operators per call (the trained MiniLM's gate, one thread: 128 -> 92 us at batch 1 and 42 tokens,
         719 -> 550 us on 32 rows of 13 tokens; docs/benchmarks.md). Training, gradients, ``torch.compile``, ``torch.export`` and ONNX
         export keep the unfused path, and the ``exact`` MACs count the fused one while it is on.

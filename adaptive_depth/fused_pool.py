@@ -27,7 +27,9 @@ MACs (the ``exact`` convention of :mod:`adaptive_depth.flops` counts these when 
 ``n H d + 3 d^2 + 2 heads n d + d out``; fewer for a gate (two heads, ``out = 1``), ``4 d^2`` more for a
 head (four heads, ``out = d``: 0.2% of an engine call's MACs on MiniLM), for three to five operators
 fewer and no ``tanh`` over the sequence. The result equals the unfused path within float rounding
-(``tests/test_fused_pool.py``).
+(``tests/test_fused_pool.py``). In float16 and bfloat16 that rounding is coarse: the derived weights are
+rounded once where the unfused path rounds after each projection, so a row whose entropy or ``p_skip`` lies
+within it of a threshold can take another decision (some rows did on an H200, docs/benchmarks.md "GPU").
 
 The derived weights are a snapshot, stamped with each source parameter's storage and version counter:
 an optimizer step, ``load_state_dict``, ``.to()`` or a replaced parameter is seen at the next call and the
