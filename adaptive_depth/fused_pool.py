@@ -101,7 +101,7 @@ class FusedPool:
     def build(cls, pool: NarrowAttentionPool, post: nn.Linear) -> FusedPool:
         """Derive the weights from the modules' current parameters (in float64, stored in their dtype)."""
         sources = _sources(pool, post)
-        dtype = pool.narrow.weight.dtype
+        dtype = sources[0].dtype
         sigmoid = dtype in (torch.float32, torch.float64)
         alpha, beta, factor = (2.0, -1.0, 2.0) if sigmoid else (1.0, 0.0, 1.0)
         narrow_w, narrow_b, w_q, b_q, w_k, w_v, b_v, w_o, b_o = (tensor.double() for tensor in sources)
@@ -113,9 +113,9 @@ class FusedPool:
         b_q = b_q + beta * w_q.sum(dim=-1)  # the [CLS] state enters as alpha s_0 + beta
         query = (alpha * alpha * scale) * torch.bmm(w_q.transpose(1, 2), w_k)  # [heads, d, d]: s_0 -> u_h
         query_bias = (alpha * scale) * torch.bmm(b_q.unsqueeze(1), w_k).squeeze(1)  # [heads, d]
-        w_o = w_o.view(-1, heads, head_size).transpose(0, 1)  # [heads, out, d_h]
-        out = alpha * torch.bmm(w_o, w_v).transpose(1, 2)  # [heads, d, out]
-        out_bias = post.weight.double() @ (b_v + beta * w_v.sum(dim=-1).reshape(-1)) + b_o
+        out_bias = w_o @ (b_v + beta * w_v.sum(dim=-1).reshape(-1)) + b_o  # the pooled states enter as alpha P + beta
+        out = alpha * torch.bmm(w_o.view(-1, heads, head_size).transpose(0, 1), w_v)  # [heads, out, d]
+        out = out.transpose(1, 2)  # [heads, d, out]
         return cls(
             narrow_weight=(factor * narrow_w).to(dtype), narrow_bias=(factor * narrow_b).to(dtype),
             query=query.transpose(0, 1).reshape(inner, heads * inner).to(dtype),
