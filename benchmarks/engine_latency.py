@@ -3,9 +3,10 @@
 Times, in one interleaved run on real GLUE dev inputs, one model:
 
 - the plain HF model (the baseline, at each batch size and thread count);
-- the engine in each runtime: eager (``AdaptiveInferenceEngine``), ONNX Runtime and
-  ``torch.export`` (``ExportedEngine`` over one adaptive export of the model, not timed), each in
-  full, skip-only and entropy-exit modes;
+- the engine in each runtime: eager (``AdaptiveInferenceEngine``, its gates and heads fused for
+  inference as ``AdaptivePipeline`` runs them), ONNX Runtime and ``torch.export`` (``ExportedEngine``
+  over one adaptive export of the model, not timed; the exports trace the unfused gates and heads),
+  each in full, skip-only and entropy-exit modes;
 - "plain HF model after an ORT call": the plain model timed right after each batch went through
   ONNX Runtime, which shows whether ORT's threads slow the torch work beside them;
 

@@ -3,8 +3,8 @@
 On a saved model folder (``--model``, written by ``AdaptiveEncoder.save_pretrained``, e.g. a recipe
 run's ``<run>/model``) at its saved operating point (criterion, threshold, gate threshold, mode), over
 the first ``--rows`` texts of a GLUE split (SST-2 train by default), tokenized and batched as
-``AdaptivePipeline`` does (rows of similar length together, ``--batch-size`` rows per batch). Three
-passes, timed in turn within every round (one warm-up round, the median of ``--repeats``):
+``AdaptivePipeline`` does (rows of similar length together, ``--batch-size`` rows per batch), with the
+pipeline's engine (gates and heads fused for inference). Three passes, timed in turn within every round (one warm-up round, the median of ``--repeats``):
 
 - the plain Hugging Face model at full depth, batch after batch;
 - the batch engine, one ``engine(**batch)`` per batch (rows leave the batch as they exit);
