@@ -14,6 +14,7 @@ from adaptive_depth.exits import ExitHead
 from adaptive_depth.flops import encoder_cost, gate_macs, head_macs
 from adaptive_depth.gates import SkipGate
 from tests.conftest import FAMILIES, padded_batch, tiny_model
+from tests.test_narrow_attention import right_padded_mask
 
 
 def outputs(gate: SkipGate, head: ExitHead, hidden: torch.Tensor, mask: torch.Tensor | None,
@@ -55,11 +56,7 @@ def test_fused_gate_and_head_equal_the_unfused_path(seed, gate_heads, head_heads
     head = ExitHead(24, 3, inner_size=16, num_heads=head_heads).to(dtype).eval()
     randomize(gate, head, scale=scale)
     hidden = 3 * torch.randn(batch_size, num_tokens, 24, dtype=dtype)
-    mask = torch.ones(batch_size, num_tokens, dtype=torch.long)
-    if padded:
-        for row in range(batch_size):
-            mask[row, 1 + row % num_tokens:] = 0
-    mask = mask if padded else None
+    mask = right_padded_mask(batch_size, num_tokens) if padded else None
     fused = outputs(gate, head, hidden, mask, True)
     # The truth: the unfused path in float64. Float32 rounding grows with the values (head logits up to ~20
     # with scale 4, where both paths are off by up to ~1e-4): held to 2e-5 of the largest value, plus 2e-5.
