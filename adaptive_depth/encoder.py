@@ -201,13 +201,14 @@ class AdaptiveEncoder(nn.Module):
     def fuse_for_inference(self, enabled: bool = True) -> AdaptiveEncoder:
         """Run the attention gates and heads at inference as fused matmuls over weights derived once.
 
-        Each attention gate's and head's pooling and the linear layer after it become three matmuls and
-        a softmax, with ``sigmoid`` in place of ``tanh`` in float32 and float64 (see
-        :mod:`adaptive_depth.fused_pool`): in float32 the same decisions, logits equal within float rounding
-        (in bf16/fp16 a row within rounding of a threshold can decide otherwise), fewer
-        operators per call (the trained MiniLM's gate, one thread: 128 -> 92 us at batch 1 and 42 tokens,
-        719 -> 550 us on 32 rows of 13 tokens; docs/benchmarks.md). Training, gradients, ``torch.compile``, ``torch.export`` and ONNX
-        export keep the unfused path, and the ``exact`` MACs count the fused one while it is on.
+        Each attention gate's and head's pooling and the linear layer after it become the narrowing
+        matmul, then four small matmuls and a softmax, with ``sigmoid`` in place of ``tanh`` in float32
+        and float64 (see :mod:`adaptive_depth.fused_pool`): in float32 the same decisions, logits equal
+        within float rounding (in bf16/fp16 a row within rounding of a threshold can decide otherwise),
+        fewer operators per call (the trained MiniLM's gate, one thread: 128 -> 92 us at batch 1 and 42
+        tokens, 719 -> 550 us on 32 rows of 13 tokens; docs/benchmarks.md). Training, gradients,
+        ``torch.compile``, ``torch.export`` and ONNX export keep the unfused path, and the ``exact`` MACs
+        count the fused one while it is on.
 
         The derived weights are rebuilt when a parameter changes through an in-place operation (an
         optimizer step, ``load_state_dict``), is replaced, or moves (``.to()``); an edit through ``.data``

@@ -1,11 +1,11 @@
-"""A gate's or head's attention and the linear layer after it, fused into four matmuls for inference.
+"""A gate's or head's attention and the linear layer after it, fused for inference.
 
 :class:`~adaptive_depth.narrow_attention.NarrowAttentionPool` at inference already folds the key into
 the ``[CLS]`` query and applies the value after the pooling, reading its parameters at every call.
 What is left is a dozen small operators per gate or head, and on a CPU ``tanh`` is slow (torch 2.13:
 about 2.8 ns per element against 0.6 for ``sigmoid``, 150 us on MiniLM's ``[416, 128]`` narrowed
 states at batch 32 and one thread). With weights derived once, everything between the narrowing and
-the decision becomes three matmuls and a softmax:
+the decision becomes four small matmuls and a softmax:
 
 - the narrowing runs as ``z = alpha s + beta`` with ``s = sigmoid(2 (x W_n^T + b_n))``, ``alpha = 2``,
   ``beta = -1`` (``tanh y = 2 sigmoid(2y) - 1``; float32 and float64). The factor 2 is folded into the
