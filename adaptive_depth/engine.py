@@ -225,7 +225,7 @@ class AdaptiveInferenceEngine:
         trace = skip_exit_loop(self._rows(runner, mask), runner.hidden_states, num_steps=self.encoder.num_steps,
                                num_labels=self.encoder.num_labels, mode=self.mode, criterion=self.criterion,
                                gate_threshold=self.gate_threshold, lengths=lengths)
-        return self._output(trace, token_mask)
+        return self._output(trace, token_mask, row_length=token_mask.shape[1] if lengths is None else lengths[0])
 
     def stream(self, batches: Iterable[Mapping[str, Tensor]], max_rows: int | None = None) -> Iterator[EngineOutput]:
         """Classify a corpus batch after batch, running every layer on full groups of rows.
@@ -309,11 +309,22 @@ class AdaptiveInferenceEngine:
         """The step functions over the encoder's modules for the rows of ``runner``."""
         return _EngineRows(self.encoder, runner, mask)
 
-    def _output(self, trace: LoopTrace, token_mask: Tensor) -> EngineOutput:
-        """The :class:`EngineOutput` of a batch: the loop's decisions and what they cost."""
-        lengths = token_mask.sum(dim=-1)
+    def _output(self, trace: LoopTrace, token_mask: Tensor, row_length: int | None = None) -> EngineOutput:
+        """The :class:`EngineOutput` of a batch: the loop's decisions and what they cost.
+
+        ``row_length``: the first row's real length, known on the host; with a one-row trace's ``flags``
+        the lengths and MACs then come from host values as one tensor (a few operators at batch size 1).
+        """
         layers_run, gates_run, heads_run = trace.layers_run, trace.gates_run, trace.heads_run
-        macs = self._trace_macs(lengths, self.padded_length or token_mask.shape[1], layers_run, gates_run, heads_run)
+        padded_length = self.padded_length or token_mask.shape[1]
+        if trace.flags is not None and row_length is not None:
+            exact, paper = self._cost(row_length, "exact"), self._cost(padded_length, "paper")
+            counts = torch.tensor([[row_length, exact.sample_macs(*trace.flags), paper.sample_macs(*trace.flags),
+                                    exact.full_depth_macs(), paper.full_depth_macs()]], device=token_mask.device)
+            lengths, *macs = counts.unbind(1)
+        else:
+            lengths = token_mask.sum(dim=-1)
+            macs = self._trace_macs(lengths, padded_length, layers_run, gates_run, heads_run).unbind(1)
         return EngineOutput(
             logits=trace.logits,
             predictions=predictions_from_logits(trace.logits),
@@ -323,10 +334,10 @@ class AdaptiveInferenceEngine:
             heads_run=heads_run,
             gates_run=gates_run,
             num_tokens=lengths,
-            macs_exact=macs[:, 0],
-            macs_paper=macs[:, 1],
-            full_macs_exact=macs[:, 2],
-            full_macs_paper=macs[:, 3],
+            macs_exact=macs[0],
+            macs_paper=macs[1],
+            full_macs_exact=macs[2],
+            full_macs_paper=macs[3],
         )
 
     def _cost(self, length: int, convention: Convention) -> EncoderCost:

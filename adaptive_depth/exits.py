@@ -7,6 +7,7 @@ tensor, so an inference engine can drop rows that left with one ``index_select``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -242,7 +243,10 @@ class ExitCriterion(Protocol):
     """Decides, after each layer that ran, which rows exit.
 
     ``initial_state`` gives a ``[B, k]`` tensor; ``decide`` takes the logits of the rows
-    that just ran and their state rows, and returns an :class:`ExitDecision`.
+    that just ran and their state rows, and returns an :class:`ExitDecision`. A stateless criterion
+    may also offer ``decide_row(logits: Sequence[float]) -> bool | None``, the decision for one row
+    from logits read on the host (``None``: undecided, use ``decide``); the batch-1 loop calls it to
+    save tensor operators (:class:`EntropyExit`, :class:`MaxProbExit`).
     """
 
     def initial_state(self, batch_size: int, device: torch.device) -> Tensor: ...
@@ -252,6 +256,17 @@ class ExitCriterion(Protocol):
 
 def _stateless(batch_size: int, device: torch.device) -> Tensor:
     return torch.zeros(batch_size, 0, device=device)
+
+
+def _host_compare(value: float, threshold: float, spread: float, num_classes: int, *, strict: bool) -> bool | None:
+    """``value < threshold`` (``strict``) or ``value >= threshold`` for a score computed in float64 on the
+    host, or ``None`` when ``value`` lies so near the threshold that the float32 tensor computation of
+    the same logits could fall on the other side. Its rounding error is a few units of float32's
+    epsilon (1.2e-7) times the logits' spread and the number of classes; the margin allows 1e-5 of
+    each (about 100 times that), so a row it refuses is rare and settled by the tensor computation."""
+    if abs(value - threshold) <= 1e-5 * num_classes * (1.0 + spread):
+        return None
+    return value < threshold if strict else value >= threshold
 
 
 @dataclass(frozen=True)
@@ -284,6 +299,20 @@ class EntropyExit:
         values = entropy(logits, self.normalized)
         return ExitDecision(should_exit=values < self.threshold, state=state, score=values)
 
+    def decide_row(self, logits: Sequence[float]) -> bool | None:
+        """:meth:`decide` for one row whose finite logits were read on the host: computed in float64,
+        ``None`` where the entropy lies within float32's rounding of the threshold (then :meth:`decide`
+        settles it). Saves a batch-1 loop the eight tensor operators of :func:`entropy`."""
+        if len(logits) < 2:
+            return None  # decide() raises the error
+        top = max(logits)
+        weights = [math.exp(value - top) for value in logits]
+        total = math.fsum(weights)
+        value = -math.fsum(w / total * (value - top - math.log(total)) for w, value in zip(weights, logits))
+        if self.normalized:
+            value /= math.log(len(logits))
+        return _host_compare(value, self.threshold, top - min(logits), len(logits), strict=True)
+
 
 @dataclass(frozen=True)
 class MaxProbExit:
@@ -308,6 +337,15 @@ class MaxProbExit:
             raise ValueError("MaxProbExit needs at least 2 classes; for regression use PatienceExit.")
         top = logits.float().softmax(dim=-1).amax(dim=-1)
         return ExitDecision(should_exit=top >= self.threshold, state=state, score=top)
+
+    def decide_row(self, logits: Sequence[float]) -> bool | None:
+        """:meth:`decide` for one row whose finite logits were read on the host (see
+        :meth:`EntropyExit.decide_row`): ``None`` within float32's rounding of the threshold."""
+        if len(logits) < 2:
+            return None  # decide() raises the error
+        top = max(logits)
+        value = 1.0 / math.fsum(math.exp(value - top) for value in logits)
+        return _host_compare(value, self.threshold, top - min(logits), len(logits), strict=False)
 
 
 @dataclass(frozen=True)

@@ -49,13 +49,15 @@ class StepRows(Protocol):
 @dataclass
 class LoopTrace:
     """What :func:`skip_exit_loop` decided: ``logits`` ``[B, C]``, ``exit_layer`` ``[B]`` (1-based) and
-    ``[B, L]`` bool records ``layers_run``, ``gates_run``, ``heads_run``."""
+    ``[B, L]`` bool records ``layers_run``, ``gates_run``, ``heads_run``; for one row, ``flags`` holds
+    the same three records as Python lists (so the output needs no host read of them)."""
 
     logits: Tensor
     exit_layer: Tensor
     layers_run: Tensor
     gates_run: Tensor
     heads_run: Tensor
+    flags: tuple[list[bool], list[bool], list[bool]] | None = None
 
 
 def loop_plan(mode: EngineMode, gate_threshold: float) -> tuple[bool, bool]:
@@ -87,16 +89,21 @@ class StepResult:
     state: Tensor | None
 
 
-def _check_finite(logits: Tensor, step: int) -> None:
-    """Refuse NaN/inf logits: a NaN entropy is never below the threshold, so such rows would never exit."""
-    finite = all(map(math.isfinite, logits.reshape(-1).tolist())) if logits.numel() <= 8 else bool(
-        torch.isfinite(logits).all())
+def _check_finite(logits: Tensor, step: int) -> list[float] | None:
+    """Refuse NaN/inf logits: a NaN entropy is never below the threshold, so such rows would never exit.
+
+    Returns:
+        the logits read on the host (flattened) when there are at most 8 of them, else ``None``.
+    """
+    values = logits.reshape(-1).tolist() if logits.numel() <= 8 else None
+    finite = all(map(math.isfinite, values)) if values is not None else bool(torch.isfinite(logits).all())
     if not finite:
         bad = int((~torch.isfinite(logits)).any(dim=-1).sum())
         raise FloatingPointError(
             f"exit head {step + 1} gave NaN or infinite logits for {bad} of {len(logits)} rows; the "
             "model's weights (or inputs_embeds) hold NaN/inf, e.g. from a diverged training run."
         )
+    return values
 
 
 def run_step(rows: StepRows, step: int, hidden: Tensor, state: Tensor | None, *, last_step: bool, use_gates: bool,
@@ -215,6 +222,7 @@ def _one_row_loop(rows: StepRows, hidden: Tensor, num_steps: int, use_gates: boo
     lists (no index tensors, no ``nonzero``), which is most of the loop's own cost at batch size 1."""
     layers, gates, heads = [False] * num_steps, [False] * num_steps, [False] * num_steps
     state = criterion.initial_state(1, hidden.device) if use_exits else None
+    decide_row = getattr(criterion, "decide_row", None)  # a host-side decision saves its tensor operators
     logits = hidden.new_empty(0)
     for step in range(num_steps):
         last_step = step == num_steps - 1
@@ -227,14 +235,16 @@ def _one_row_loop(rows: StepRows, hidden: Tensor, num_steps: int, use_gates: boo
         if not (last_step or (use_exits and runs)):
             continue
         logits, heads[step] = rows.head(step, hidden), True
-        _check_finite(logits, step)
+        values = _check_finite(logits, step)
         if last_step:
             break
-        decision = criterion.decide(logits, state)
-        state = decision.state
-        if bool(decision.should_exit):
+        exits = decide_row(values) if decide_row is not None and values is not None else None
+        if exits is None:
+            decision = criterion.decide(logits, state)
+            state, exits = decision.state, bool(decision.should_exit)
+        if exits:
             break
     device = hidden.device
+    layers_run, gates_run, heads_run = torch.tensor([[layers], [gates], [heads]], device=device).unbind(0)
     return LoopTrace(logits=logits.to(hidden.dtype), exit_layer=torch.tensor([step + 1], device=device),
-                     layers_run=torch.tensor([layers], device=device), gates_run=torch.tensor([gates], device=device),
-                     heads_run=torch.tensor([heads], device=device))
+                     layers_run=layers_run, gates_run=gates_run, heads_run=heads_run, flags=(layers, gates, heads))

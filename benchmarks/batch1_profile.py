@@ -87,9 +87,9 @@ class TimedEngine(AdaptiveInferenceEngine):
     def _rows(self, runner: Any, mask: Any) -> Any:
         return _Timed(super()._rows(runner, mask), self.seconds)
 
-    def _output(self, *args: Any) -> Any:
+    def _output(self, *args: Any, **kwargs: Any) -> Any:
         start = CLOCK()
-        output = super()._output(*args)
+        output = super()._output(*args, **kwargs)
         self.seconds["output"] += CLOCK() - start
         return output
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit
+from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit, entropy
 from adaptive_depth.engine import AdaptiveInferenceEngine
 from adaptive_depth.metrics import CostAccumulator
 from tests.conftest import ALIASES, FAMILIES, counted_flops, padded_batch, random_encoder, tiny_model
@@ -40,15 +40,39 @@ def test_batched_equals_batch_size_one(model_type, seed, criterion, threshold, g
     engine = AdaptiveInferenceEngine(encoder, exit_criterion, gate_threshold=gate_threshold, padded_length=16)
     input_ids, attention_mask = padded_batch(batch_size=batch_size, num_tokens=11, seed=seed)
     batched = engine(input_ids, attention_mask)
-    for row, single in enumerate(run_one_by_one(engine, input_ids, attention_mask)):
-        assert batched.exit_layer[row] == single.exit_layer[0]
-        assert torch.equal(batched.layers_run[row], single.layers_run[0])
-        assert torch.equal(batched.layers_skipped[row], single.layers_skipped[0])
-        assert torch.equal(batched.heads_run[row], single.heads_run[0])
-        assert batched.predictions[row] == single.predictions[0]
-        torch.testing.assert_close(batched.logits[row], single.logits[0])
-        assert batched.macs_exact[row] == single.macs_exact[0]
-        assert batched.macs_paper[row] == single.macs_paper[0]
+    padded_rows = [engine(input_ids[row : row + 1], attention_mask[row : row + 1]) for row in range(batch_size)]
+    for row, (single, padded) in enumerate(zip(run_one_by_one(engine, input_ids, attention_mask), padded_rows)):
+        for one in (single, padded):  # the one-row path, without and with padding
+            assert batched.exit_layer[row] == one.exit_layer[0]
+            for name in ("layers_run", "layers_skipped", "heads_run", "gates_run"):
+                assert torch.equal(getattr(batched, name)[row], getattr(one, name)[0]), name
+            assert batched.predictions[row] == one.predictions[0]
+            torch.testing.assert_close(batched.logits[row], one.logits[0])
+            for name in ("num_tokens", "macs_exact", "full_macs_exact"):
+                assert getattr(one, name).shape == (1,) and getattr(one, name).dtype == torch.long, name
+                assert getattr(batched, name)[row] == getattr(one, name)[0], name
+        assert single.macs_paper[0] == batched.macs_paper[row] == padded.macs_paper[0]
+        assert single.full_macs_paper[0] == batched.full_macs_paper[row]
+
+
+class _HostOnly(EntropyExit):
+    """Decides on the host only: its tensor ``decide`` counts the calls it gets."""
+
+    def decide(self, logits: torch.Tensor, state: torch.Tensor):
+        object.__setattr__(self, "tensor_calls", getattr(self, "tensor_calls", 0) + 1)
+        return super().decide(logits, state)
+
+
+def test_one_row_decides_on_the_host_and_defers_near_the_threshold() -> None:
+    encoder = random_encoder("bert", 3)
+    input_ids, attention_mask = padded_batch(batch_size=1, num_tokens=9, seed=3)
+    first = AdaptiveInferenceEngine(encoder, EntropyExit(0.0), mode="exit_only").trace_heads(input_ids, attention_mask)
+    score = float(entropy(first.head_logits[0, 0][None]))  # the first head's entropy, as the tensor path computes it
+    far, on = _HostOnly(score + 0.05), _HostOnly(score)
+    assert int(AdaptiveInferenceEngine(encoder, far, mode="exit_only")(input_ids, attention_mask).exit_layer) == 1
+    assert getattr(far, "tensor_calls", 0) == 0  # decided on the host
+    AdaptiveInferenceEngine(encoder, on, mode="exit_only")(input_ids, attention_mask)
+    assert on.tensor_calls >= 1  # on the threshold: deferred to the tensor computation
 
 
 def test_the_random_gates_really_mix_skip_and_run() -> None:

@@ -121,6 +121,35 @@ def test_criteria_follow_the_protocol_and_validate() -> None:
         EntropyExit(0.3).decide(torch.zeros(2, 1), torch.zeros(2, 0))
 
 
+one_row_logits = st.integers(2, 8).flatmap(
+    lambda classes: arrays("float32", (classes,), elements=st.floats(-1000, 1000, width=32)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(logits=one_row_logits, kind=st.sampled_from(["entropy", "normalized", "max_prob"]), data=st.data())
+def test_host_decision_of_one_row_is_the_tensor_decision_or_none(logits, kind: str, data) -> None:
+    """``decide_row`` (the batch-1 loop's host path) decides as ``decide`` does, or defers (``None``)
+    near the threshold; thresholds on, one float32 step beside, and away from the tensor score."""
+    row = torch.from_numpy(logits)[None]
+    make = {"entropy": EntropyExit, "normalized": lambda t: EntropyExit(t, normalized=True), "max_prob": MaxProbExit}[kind]
+    score = float(make(0.0).decide(row, torch.zeros(1, 0)).score)
+    near = [score, float(torch.tensor(score).nextafter(torch.tensor(math.inf))),
+            float(torch.tensor(score).nextafter(torch.tensor(-math.inf)))]
+    away = data.draw(st.floats(0.0, 1.0) if kind != "entropy" else st.floats(0.0, math.log(len(logits)) + 1.0))
+    for threshold in (*near, away):
+        threshold = min(max(threshold, 0.0), 1.0) if kind == "max_prob" else max(threshold, 0.0)
+        criterion = make(threshold)
+        expected = bool(criterion.decide(row, torch.zeros(1, 0)).should_exit)
+        decided = criterion.decide_row(logits.tolist())
+        assert decided in (None, expected), (threshold, score, decided, expected)
+        if abs(threshold - score) > 1e-2 and float(row.max() - row.min()) <= 20:  # the host does decide there
+            assert decided is expected
+
+
+def test_host_decision_defers_below_two_classes() -> None:
+    assert EntropyExit(0.3).decide_row([0.5]) is None and MaxProbExit(0.5).decide_row([0.5]) is None
+
+
 def test_exit_head_cls_output_equals_full_self_attention_at_cls() -> None:
     torch.manual_seed(0)
     head = ExitHead(hidden_size=16, num_labels=3, inner_size=8, num_heads=4).eval()
