@@ -218,8 +218,11 @@ def skip_exit_loop(rows: StepRows, hidden: Tensor, *, num_steps: int, num_labels
 
 def _one_row_loop(rows: StepRows, hidden: Tensor, num_steps: int, use_gates: bool, use_exits: bool,
                   criterion: ExitCriterion, gate_threshold: float) -> LoopTrace:
-    """:func:`skip_exit_loop` for one row: the same decisions from the same tensors, recorded in Python
-    lists (no index tensors, no ``nonzero``), which is most of the loop's own cost at batch size 1."""
+    """:func:`skip_exit_loop` for one row: the same decisions, recorded in Python lists (no index
+    tensors, no ``nonzero``); the exit decision comes from the criterion's ``decide_row`` on the logits
+    read on the host when it offers one and can decide (see :class:`~adaptive_depth.exits.ExitCriterion`).
+    Each operator saved counts: right after a layer the first call of an operator costs several times
+    its hot cost (docs/benchmarks.md, "Fewer operators at batch 1")."""
     layers, gates, heads = [False] * num_steps, [False] * num_steps, [False] * num_steps
     state = criterion.initial_state(1, hidden.device) if use_exits else None
     decide_row = getattr(criterion, "decide_row", None)  # a host-side decision saves its tensor operators
