@@ -48,10 +48,11 @@ import torch
 
 from adaptive_depth import AdaptiveEncoder, AdaptiveInferenceEngine
 from adaptive_depth.files import check_output_path
-from benchmarks.timing import (Setting, StolenTime, cpu_name, interleaved_times, machine_record, settings_for, steal_line,
+from benchmarks.timing import (Setting, StolenTime, cpu_name, interleaved_rounds, machine_record,
+                               ratio_range, round_ratios, settings_for, steal_line,
                                smoke_batches, smoke_encoder, write_json)
 
-__all__ = ["cpu_name", "interleaved_medians", "load_encoder", "main", "make_batches", "run"]
+__all__ = ["cpu_name", "load_encoder", "main", "make_batches", "run"]
 
 RUNTIMES = ("eager", "onnx", "torch-export")
 PLAIN, AFTER_ORT = "plain HF model", "plain HF model after an ORT call"
@@ -89,12 +90,6 @@ def make_batches(dataset: Any, batch_size: int, pad_token_id: int, device: torch
         batch.pop("labels")
         batches.append({key: value.to(device) for key, value in batch.items()})
     return batches
-
-
-def interleaved_medians(passes: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each pass over ``repeats`` rounds after one warm-up round, the passes run in
-    turn in every round (:func:`benchmarks.timing.interleaved_times` at the current thread count)."""
-    return interleaved_times({0: passes}, repeats, device)[0]
 
 
 def onnx_runtime_available() -> bool:
@@ -187,10 +182,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     groups[threads][AFTER_ORT] = _plain_pass(plain, batches, before=engines["onnx", settings[0]])
                 for (runtime, setting), engine in engines.items():
                     groups[threads][f"{runtime} | {setting.name}"] = _engine_pass(engine, batches)
-            seconds = interleaved_times(groups, args.repeats, device)
+            rounds = interleaved_rounds(groups, args.repeats, device)
             count = sum(len(batch["input_ids"]) for batch in batches)
             reference_macs = plain_macs(encoder, batches)
-            for threads, by_name in seconds.items():
+            for threads, by_name_rounds in rounds.items():
+                by_name = {name: statistics.median(values) for name, values in by_name_rounds.items()}
                 reference = by_name[PLAIN]
                 for name, value in by_name.items():
                     record = stats[threads].get(name, {"mean_macs_exact": reference_macs})
@@ -200,6 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "ms_per_sample": 1000 * value / count,
                            "flops_speedup": reference_macs / record["mean_macs_exact"], "wall_speedup": reference / value}
                     row["wall_over_flops"] = row["wall_speedup"] / row["flops_speedup"]
+                    row["wall_over_flops_rounds"] = round_ratios(by_name_rounds[PLAIN], by_name_rounds[name],
+                                                                 row["flops_speedup"]) if setting else None
                     own_full = f"{runtime} | full"
                     row["wall_over_flops_vs_own_full"] = (
                         (by_name[own_full] / value) / (stats[threads][own_full]["mean_macs_exact"] / record["mean_macs_exact"])
@@ -284,7 +282,7 @@ def _engine_pass(engine: Any, batches: list[dict]) -> Callable[[], None]:
 
 
 HEADER = (f"{'runtime':<12} {'setting':<32} {'batch':>5} {'thr':>3} {'MMACs':>7} {'ms/sample':>9} {'FLOPs x':>7} "
-          f"{'wall x':>6} {'wall/FLOPs':>10} {'vs own full':>11}  same as eager")
+          f"{'wall x':>6} {'wall/FLOPs':>10} {'rounds':>9} {'vs own full':>11}  same as eager")
 
 
 def _format(row: dict) -> str:
@@ -294,7 +292,8 @@ def _format(row: dict) -> str:
                                          f"NO ({decisions['same_exit_layer']}/{decisions['rows']} exit layers)")
     return (f"{row['runtime']:<12} {row['setting']:<32} {row['batch_size']:>5} {row['threads']:>3} "
             f"{row['mean_macs_exact'] / 1e6:>7.1f} {row['ms_per_sample']:>9.3f} {row['flops_speedup']:>7.2f} "
-            f"{row['wall_speedup']:>6.2f} {row['wall_over_flops']:>10.2f} {own_full:>11}  {same}")
+            f"{row['wall_speedup']:>6.2f} {row['wall_over_flops']:>10.2f} {ratio_range(row['wall_over_flops_rounds']):>9} "
+            f"{own_full:>11}  {same}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,8 +35,7 @@ from adaptive_depth.config import criterion_spec
 from adaptive_depth.files import OutputPathError, check_output_path
 from adaptive_depth.flops import full_model_macs
 from adaptive_depth.metrics import CostAccumulator
-from benchmarks.engine_latency import interleaved_medians
-from benchmarks.timing import StolenTime, machine_record, steal_line, write_json
+from benchmarks.timing import StolenTime, interleaved_rounds, machine_record, ratio_range, round_ratios, steal_line, write_json
 from recipes.glue import get_task, read_split, resolve_data_dir
 
 PASSES = ("plain HF model", "batch engine", "stream")
@@ -92,7 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in engine.stream(batches, max_rows=args.batch_size):
             pass
 
-    seconds = interleaved_medians(dict(zip(PASSES, (plain_pass, engine_pass, stream_pass))), args.repeats, device)
+    rounds = interleaved_rounds({0: dict(zip(PASSES, (plain_pass, engine_pass, stream_pass)))}, args.repeats, device)[0]
+    seconds = {name: statistics.median(values) for name, values in rounds.items()}
     count = len(lengths)
     rows = []
     for name in PASSES:
@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "setting": name, "rows_per_second": count / seconds[name], "seconds": seconds[name],
             "mean_macs_exact": macs, "flops_speedup": flops_speedup, "wall_speedup": wall_speedup,
             "wall_over_flops": wall_speedup / flops_speedup,
+            "wall_over_flops_rounds": None if name == PASSES[0] else round_ratios(rounds[PASSES[0]], rounds[name],
+                                                                                  flops_speedup),
             "mean_layers_run": None if name == PASSES[0] else costs[name]["mean_layers_run"],
         })
         print(_format(rows[-1]), flush=True)
@@ -122,13 +124,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 HEADER = (f"{'setting':<15} {'rows/s':>9} {'MMACs/row':>10} {'FLOPs x':>8} {'wall x':>7} {'wall/FLOPs':>10} "
-          f"{'layers/row':>10}")
+          f"{'rounds':>9} {'layers/row':>10}")
 
 
 def _format(row: dict[str, Any]) -> str:
     layers = "" if row["mean_layers_run"] is None else f"{row['mean_layers_run']:.2f}"
     return (f"{row['setting']:<15} {row['rows_per_second']:>9.1f} {row['mean_macs_exact'] / 1e6:>10.1f} "
-            f"{row['flops_speedup']:>8.2f} {row['wall_speedup']:>7.2f} {row['wall_over_flops']:>10.2f} {layers:>10}")
+            f"{row['flops_speedup']:>8.2f} {row['wall_speedup']:>7.2f} {row['wall_over_flops']:>10.2f} "
+            f"{ratio_range(row['wall_over_flops_rounds']):>9} {layers:>10}")
 
 
 def build_parser() -> argparse.ArgumentParser:

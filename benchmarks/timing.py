@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,8 +20,9 @@ import torch
 
 from adaptive_depth.files import write_atomically
 
-__all__ = ["Setting", "StolenTime", "cpu_name", "interleaved_times", "machine_record", "settings_for", "smoke_batches",
-           "smoke_encoder", "spread_decisions", "steal_line", "timed", "write_json"]
+__all__ = ["Setting", "StolenTime", "cpu_name", "interleaved_rounds", "interleaved_times", "machine_record", "ratio_range",
+           "round_ratios", "settings_for", "smoke_batches", "smoke_encoder", "spread_decisions", "steal_line", "timed",
+           "write_json"]
 
 # A pass runs one setting over every batch once; it may return its own timed seconds (for a pass
 # that does untimed work between the timed calls), else the whole call is timed.
@@ -67,9 +68,9 @@ def timed(run_pass: Pass, device: torch.device) -> float:
     return own if isinstance(own, float) else time.perf_counter() - start_time
 
 
-def interleaved_times(groups: Mapping[int, Mapping[str, Pass]], repeats: int, device: torch.device,
-                      warmup: int = 1) -> dict[int, dict[str, float]]:
-    """Median seconds of each pass over ``repeats`` rounds, after ``warmup`` rounds.
+def interleaved_rounds(groups: Mapping[int, Mapping[str, Pass]], repeats: int, device: torch.device,
+                       warmup: int = 1) -> dict[int, dict[str, list[float]]]:
+    """Seconds of each pass in each of ``repeats`` rounds (in round order), after ``warmup`` rounds.
 
     ``groups`` maps a torch thread count (0: leave it) to its passes. Each round runs every pass of
     every group once, in turn (the thread count set between groups, outside the timings), so drift
@@ -90,8 +91,26 @@ def interleaved_times(groups: Mapping[int, Mapping[str, Pass]], repeats: int, de
             set_threads(threads)
             for name, run_pass in passes.items():
                 times[threads][name].append(timed(run_pass, device))
+    return times
+
+
+def interleaved_times(groups: Mapping[int, Mapping[str, Pass]], repeats: int, device: torch.device,
+                      warmup: int = 1) -> dict[int, dict[str, float]]:
+    """Median seconds of each pass over the rounds of :func:`interleaved_rounds`."""
     return {threads: {name: statistics.median(values) for name, values in by_name.items()}
-            for threads, by_name in times.items()}
+            for threads, by_name in interleaved_rounds(groups, repeats, device, warmup).items()}
+
+
+def round_ratios(reference: Sequence[float], seconds: Sequence[float], flops_speedup: float) -> list[float]:
+    """wall/FLOPs of each round: the reference pass's seconds over this pass's in the same round,
+    divided by the FLOPs speed-up. Their range shows how far one run's median can be trusted on a
+    noisy machine (the median of a run is the ratio of the passes' median seconds)."""
+    return [reference_seconds / own / flops_speedup for reference_seconds, own in zip(reference, seconds)]
+
+
+def ratio_range(ratios: Sequence[float] | None) -> str:
+    """``"lo-hi"`` of per-round ratios for a table (empty for none)."""
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
 
 
 def cpu_name() -> str:

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import engine_latency
+from benchmarks import engine_latency, timing
 from tests.conftest import requires_glue, requires_minilm
 
 
@@ -63,7 +64,10 @@ def test_engine_latency_smoke_times_every_runtime_and_checks_their_decisions(tmp
                 full = rows[runtime, "full", batch_size]
                 expected = (full["ms_per_sample"] / row["ms_per_sample"]) / (full["mean_macs_exact"] / row["mean_macs_exact"])
                 assert row["wall_over_flops_vs_own_full"] == pytest.approx(expected, rel=1e-9)
+                # One round (--smoke): its ratio is the run's ratio
+                assert row["wall_over_flops_rounds"] == [pytest.approx(row["wall_over_flops"], rel=1e-12)]
             assert rows["plain", "plain HF model", batch_size]["wall_over_flops_vs_own_full"] is None
+            assert rows["plain", "plain HF model", batch_size]["wall_over_flops_rounds"] is None
     assert result["decisions_match_eager"] is True
     out = capsys.readouterr().out
     assert "take the eager engine's decisions on every timed row: True" in out
@@ -71,6 +75,17 @@ def test_engine_latency_smoke_times_every_runtime_and_checks_their_decisions(tmp
     steal = result["machine"]["cpu_steal_share"]
     assert steal is None or 0.0 <= steal <= 1.0
     assert "CPU time stolen by the hypervisor during the run:" in out
+
+
+def test_interleaved_rounds_keep_each_round_and_round_ratios_pair_them() -> None:
+    """Passes that report their own seconds: the rounds come back in order, the medians from them, and
+    each round's wall/FLOPs pairs the reference's seconds with the pass's in the same round."""
+    seconds = {"plain": iter([9.0, 4.0, 6.0, 5.0]), "engine": iter([9.0, 2.0, 2.0, 4.0])}  # warm-up first
+    passes = {name: (lambda values=values: next(values)) for name, values in seconds.items()}
+    rounds = timing.interleaved_rounds({0: passes}, repeats=3, device=torch.device("cpu"))[0]
+    assert rounds == {"plain": [4.0, 6.0, 5.0], "engine": [2.0, 2.0, 4.0]}
+    assert timing.round_ratios(rounds["plain"], rounds["engine"], flops_speedup=2.0) == [1.0, 1.5, 0.625]
+    assert timing.ratio_range([1.0, 1.5, 0.625]) == "0.62-1.50" and timing.ratio_range(None) == ""
 
 
 def test_stolen_time_is_the_steal_share_of_the_ticks_between_two_readings(monkeypatch: pytest.MonkeyPatch) -> None:

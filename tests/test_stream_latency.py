@@ -51,6 +51,8 @@ def test_stream_latency_writes_its_table(tmp_path: Path, monkeypatch: pytest.Mon
         assert row["rows_per_second"] > 0
         assert row["flops_speedup"] == pytest.approx(plain["mean_macs_exact"] / row["mean_macs_exact"])
         assert row["wall_over_flops"] == pytest.approx(row["wall_speedup"] / row["flops_speedup"])
+    assert plain["wall_over_flops_rounds"] is None  # one round: its ratio is the run's
+    assert [streamed["wall_over_flops"]] == pytest.approx(streamed["wall_over_flops_rounds"], rel=1e-12)
     assert sum(result["exit_layer_histogram"]) == 30
 
 
