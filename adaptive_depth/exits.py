@@ -308,7 +308,7 @@ class EntropyExit:
         top = max(logits)
         weights = [math.exp(value - top) for value in logits]
         total = math.fsum(weights)
-        value = -math.fsum(w / total * (value - top - math.log(total)) for w, value in zip(weights, logits))
+        value = -math.fsum(weight / total * (logit - top - math.log(total)) for weight, logit in zip(weights, logits))
         if self.normalized:
             value /= math.log(len(logits))
         return _host_compare(value, self.threshold, top - min(logits), len(logits), strict=True)
@@ -344,7 +344,7 @@ class MaxProbExit:
         if len(logits) < 2:
             return None  # decide() raises the error
         top = max(logits)
-        value = 1.0 / math.fsum(math.exp(value - top) for value in logits)
+        value = 1.0 / math.fsum(math.exp(logit - top) for logit in logits)
         return _host_compare(value, self.threshold, top - min(logits), len(logits), strict=False)
 
 

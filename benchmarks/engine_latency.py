@@ -14,7 +14,8 @@ at batch 1 and ``--batch-sizes``, at each of ``--threads``. Each round runs ever
 turn, thread counts included, so that drift in the machine's speed falls on all alike; medians of
 ``--repeats`` rounds after a warm-up. It reports exact MACs per sample, ms per sample, the FLOPs
 and wall-clock speed-ups against the plain model at the same batch size and threads, and their
-ratio (1.0 = every FLOP saved is time saved), and the same ratio against the runtime's own full depth
+ratio (1.0 = every FLOP saved is time saved) with its range over the rounds ("rounds": each round's plain
+seconds over the setting's, the noise one run's median carries), and the same ratio against the runtime's own full depth
 ("vs own full": how much of the saving each runtime turns into time, whatever its speed at full depth:
 ONNX Runtime is faster than torch at every depth, which the ratio against the plain HF model mixes in).
 For the exported runtimes it also checks, on the timed rows, that they take the eager engine's

@@ -11,7 +11,7 @@ pipeline's engine (gates and heads fused for inference). Three passes, timed in 
 - the streaming engine, ``engine.stream(batches)``: every layer runs on full groups of rows.
 
 For each: rows per second, exact MACs per row, the FLOPs speed-up and the wall-clock speed-up over the
-plain model, and their ratio (1.0: every FLOP saved is time saved). It checks that the stream takes the
+plain model, and their ratio (1.0: every FLOP saved is time saved) with its range over the rounds. It checks that the stream takes the
 batch engine's decisions on every row, prints a table and writes JSON (command, machine, date, torch
 version and threads), by default to a new file under ``runs/``.
 
