@@ -318,9 +318,8 @@ class AdaptiveInferenceEngine:
         layers_run, gates_run, heads_run = trace.layers_run, trace.gates_run, trace.heads_run
         padded_length = self.padded_length or token_mask.shape[1]
         if trace.flags is not None and row_length is not None:
-            exact, paper = self._cost(row_length, "exact"), self._cost(padded_length, "paper")
-            counts = torch.tensor([[row_length, exact.sample_macs(*trace.flags), paper.sample_macs(*trace.flags),
-                                    exact.full_depth_macs(), paper.full_depth_macs()]], device=token_mask.device)
+            counts = torch.tensor([[row_length, *self._row_macs(row_length, padded_length, trace.flags)]],
+                                  device=token_mask.device)
             lengths, *macs = counts.unbind(1)
         else:
             lengths = token_mask.sum(dim=-1)
@@ -348,6 +347,13 @@ class AdaptiveInferenceEngine:
             cost = self._costs[key] = encoder_cost(self.encoder, length, convention, key[2])
         return cost
 
+    def _row_macs(self, length: int, padded_length: int,
+                  flags: tuple[list[bool], list[bool], list[bool]]) -> list[int]:
+        """One row's MACs, summed in Python from its ``layers_run``, ``gates_run``, ``heads_run`` flags:
+        what ran (exact at ``length``, paper at ``padded_length``), then full depth (exact, paper)."""
+        exact, paper = self._cost(length, "exact"), self._cost(padded_length, "paper")
+        return [exact.sample_macs(*flags), paper.sample_macs(*flags), exact.full_depth_macs(), paper.full_depth_macs()]
+
     def _cost_table(self, length: int, convention: Convention) -> Tensor:
         """``[4, L]`` int64 MACs at ``length``: rows embedding (in column 0), layer, gate, head."""
         key = (length, convention, self.encoder.fused_for_inference)
@@ -370,10 +376,8 @@ class AdaptiveInferenceEngine:
         """
         lengths_cpu = lengths.cpu()
         if len(lengths_cpu) == 1:
-            exact, paper = self._cost(int(lengths_cpu[0]), "exact"), self._cost(padded_length, "paper")
             flags = (layers_run[0].tolist(), gates_run[0].tolist(), heads_run[0].tolist())
-            row = [exact.sample_macs(*flags), paper.sample_macs(*flags), exact.full_depth_macs(),
-                   paper.full_depth_macs()]
+            row = self._row_macs(int(lengths_cpu[0]), padded_length, flags)
             return torch.tensor([row], dtype=torch.long, device=lengths.device)
         exact_tables, paper_table, ran = self._row_tables(lengths_cpu, padded_length, layers_run, gates_run, heads_run)
         full = self._full_depth_mask()
