@@ -4,7 +4,7 @@ On a saved model folder (``--model``, written by ``AdaptiveEncoder.save_pretrain
 run's ``<run>/model``) at its saved operating point (criterion, threshold, gate threshold, mode), over
 the first ``--rows`` texts of a GLUE split (SST-2 train by default), tokenized and batched as
 ``AdaptivePipeline`` does (rows of similar length together, ``--batch-size`` rows per batch), with the
-pipeline's engine (gates and heads fused for inference). Three passes, timed in turn within every round (one warm-up round, the median of ``--repeats``):
+pipeline's engine (gates and heads fused for inference), in ``--dtype`` (fp32; bf16 or fp16 on a GPU). Three passes, timed in turn within every round (one warm-up round, the median of ``--repeats``):
 
 - the plain Hugging Face model at full depth, batch after batch;
 - the batch engine, one ``engine(**batch)`` per batch (rows leave the batch as they exit);
@@ -39,6 +39,7 @@ from benchmarks.timing import StolenTime, interleaved_rounds, machine_record, ra
 from recipes.glue import get_task, read_split, resolve_data_dir
 
 PASSES = ("plain HF model", "batch engine", "stream")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_texts(data_dir: str | None, task_name: str, split: str, rows: int) -> tuple[list[str], list[str] | None]:
@@ -57,8 +58,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts, pairs = load_texts(args.data_dir, args.task, args.split, args.rows)
     # A pair model (e.g. MRPC's) timed on single texts (SST-2's, the documented corpus): its answers
     # mean nothing there, but what runs and what it costs is what this benchmark measures.
-    pipeline = AdaptivePipeline.from_pretrained(args.model, device=device, batch_size=args.batch_size,
-                                                allow_single_texts=pairs is None)
+    pipeline = AdaptivePipeline.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype],
+                                                batch_size=args.batch_size, allow_single_texts=pairs is None)
     engine, encoder = pipeline.engine, pipeline.encoder
     batches = [inputs for _, inputs in pipeline.batches(texts, pairs)]
     plain = encoder.unwrap().eval()
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(args.model),
         "data": {"task": args.task, "split": args.split, "rows": count, "mean_tokens": statistics.fmean(lengths)},
         "batch_size": args.batch_size,
+        "dtype": str(next(encoder.parameters()).dtype).removeprefix("torch."),  # what ran, e.g. "bfloat16"
         "operating_point": {"mode": engine.mode, "criterion": criterion, "threshold": threshold,
                             "criterion_options": options, "gate_threshold": engine.gate_threshold},
         "exit_layer_histogram": costs["stream"]["exit_layer_histogram"],
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds after one warm-up round; the median is reported (default: 3)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="weights' and activations' dtype; bf16 and fp16 are for a GPU (default: fp32)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads for the whole run; 0 keeps torch's default (default: 0)")
     parser.add_argument("--output", default=None,

@@ -219,10 +219,16 @@ def test_cuda_matches_cpu(fused: bool) -> None:
     encoder = random_encoder("bert", seed=5, num_layers=4).fuse_for_inference(fused)  # moved below: rebuilt there
     input_ids, attention_mask = padded_batch(batch_size=6, num_tokens=11)
     cpu = AdaptiveInferenceEngine(encoder, EntropyExit(0.7))(input_ids, attention_mask)
-    gpu = AdaptiveInferenceEngine(encoder.cuda(), EntropyExit(0.7))(input_ids.cuda(), attention_mask.cuda())
+    engine = AdaptiveInferenceEngine(encoder.cuda(), EntropyExit(0.7))
+    gpu = engine(input_ids.cuda(), attention_mask.cuda())
     assert torch.equal(cpu.exit_layer, gpu.exit_layer.cpu()) and torch.equal(cpu.layers_run, gpu.layers_run.cpu())
     assert torch.equal(cpu.predictions, gpu.predictions.cpu())
     torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, rtol=1e-5, atol=1e-5)
+    for row in range(len(input_ids)):  # batch 1: the one-row loop, whose exit decisions are taken on the host
+        one = engine(input_ids[row:row + 1].cuda(), attention_mask[row:row + 1].cuda())
+        for field in ("exit_layer", "layers_run", "predictions"):
+            assert torch.equal(getattr(one, field).cpu(), getattr(cpu, field)[row:row + 1]), field
+        torch.testing.assert_close(one.logits.cpu(), cpu.logits[row:row + 1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "distilbert"])
