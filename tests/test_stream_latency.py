@@ -43,6 +43,7 @@ def test_stream_latency_writes_its_table(tmp_path: Path, monkeypatch: pytest.Mon
     assert [row["setting"] for row in result["rows"]] == ["plain HF model", "batch engine", "stream"]
     # bf16 rounds differently in differently composed groups: a row near a threshold may go either way there
     assert result["stream_equals_batch_engine"] is True or dtype == "bf16"
+    assert result["stream_equals_batch_engine"] == (result["rows_with_other_decisions"] == 0)
     assert result["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]  # what ran, not what was asked
     assert result["data"] == {"task": "sst2", "split": "train", "rows": 30, "mean_tokens": pytest.approx(
         result["data"]["mean_tokens"])} and result["machine"]["torch_threads"] == 1
