@@ -50,6 +50,13 @@ def load_texts(data_dir: str | None, task_name: str, split: str, rows: int) -> t
     return [example.text_a for example in examples], pairs
 
 
+def rows_with_other_decisions(first: Iterable[Any], second: Iterable[Any]) -> int:
+    """How many rows differ in exit layer, layers run or prediction between two runs' outputs, batch by batch
+    (:class:`~adaptive_depth.engine.EngineOutput` s of the same batches)."""
+    return sum(int(((one.exit_layer != other.exit_layer) | (one.layers_run != other.layers_run).any(dim=-1)
+                    | (one.predictions != other.predictions)).sum()) for one, other in zip(first, second, strict=True))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     stolen = StolenTime()
     if args.threads:
@@ -67,9 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         batched = [engine(**batch) for batch in batches]
         streamed = list(engine.stream(batches, max_rows=args.batch_size))
-    # rows whose exit layer, layers run or prediction differ between the stream and the batch engine
-    differing = sum(int(((one.exit_layer != other.exit_layer) | (one.layers_run != other.layers_run).any(dim=-1)
-                         | (one.predictions != other.predictions)).sum()) for one, other in zip(batched, streamed))
+    differing = rows_with_other_decisions(batched, streamed)
     costs = {}
     for name, outputs in (("batch engine", batched), ("stream", streamed)):
         accumulator = CostAccumulator(encoder.num_steps)

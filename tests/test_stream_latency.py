@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,6 +59,20 @@ def test_stream_latency_writes_its_table(tmp_path: Path, monkeypatch: pytest.Mon
     assert plain["wall_over_flops_rounds"] is None  # one round: its ratio is the run's
     assert [streamed["wall_over_flops"]] == pytest.approx(streamed["wall_over_flops_rounds"], rel=1e-12)
     assert sum(result["exit_layer_histogram"]) == 30
+
+
+def test_rows_with_other_decisions_counts_each_differing_row_once() -> None:
+    def output(exit_layer: list[int], layers_run: list[list[bool]], predictions: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(exit_layer=torch.tensor(exit_layer), layers_run=torch.tensor(layers_run),
+                               predictions=torch.tensor(predictions))
+
+    first = [output([1, 2, 2], [[1, 0], [1, 1], [0, 1]], [0, 1, 1]), output([2], [[1, 1]], [0])]
+    assert stream_latency.rows_with_other_decisions(first, first) == 0
+    second = [output([1, 2, 1], [[1, 0], [1, 0], [0, 1]], [0, 1, 0]),  # row 2: exit and prediction; row 1: a layer
+              output([2], [[1, 1]], [1])]  # a prediction only
+    assert stream_latency.rows_with_other_decisions(first, second) == 3
+    with pytest.raises(ValueError):  # batches that do not pair up are an error, not a silent truncation
+        stream_latency.rows_with_other_decisions(first, second[:1])
 
 
 def test_stream_latency_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
