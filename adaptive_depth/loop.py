@@ -120,18 +120,19 @@ def run_step(rows: StepRows, step: int, hidden: Tensor, state: Tensor | None, *,
     if use_gates:
         running = (~skip_decision(rows.gate(step, hidden), gate_threshold)).nonzero().flatten()
         all_run = len(running) == hidden.shape[0]
-    running_rows = None
+    running_rows = ran_hidden = None
     if all_run:
         hidden, ran = rows.layer(step, hidden), None
     else:
         ran = running
         if len(running) > 0:
             running_rows = rows.select(running)
-            hidden = hidden.index_copy(0, running, running_rows.layer(step, hidden.index_select(0, running)))
+            ran_hidden = running_rows.layer(step, hidden.index_select(0, running))  # [len(running), N, H]
+            hidden = hidden.index_copy(0, running, ran_hidden)
     if last_step or (use_exits and all_run):
         answered, head_logits = None, rows.head(step, hidden)
     elif use_exits and running_rows is not None:
-        answered, head_logits = running, running_rows.head(step, hidden.index_select(0, running))
+        answered, head_logits = running, running_rows.head(step, ran_hidden)
     else:
         return StepResult(hidden, ran, False, None, None, None, state)
     _check_finite(head_logits, step)
