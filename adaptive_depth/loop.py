@@ -223,7 +223,7 @@ def _one_row_loop(rows: StepRows, hidden: Tensor, num_steps: int, use_gates: boo
     tensors, no ``nonzero``); the exit decision comes from the criterion's ``decide_row`` on the logits
     read on the host when it offers one and can decide (see :class:`~adaptive_depth.exits.ExitCriterion`).
     Each operator saved counts: right after a layer the first call of an operator costs several times
-    its hot cost (docs/benchmarks.md, "Fewer operators at batch 1")."""
+    its hot cost (docs/benchmarks.md, "Where the batch-1 time goes")."""
     layers, gates, heads = [False] * num_steps, [False] * num_steps, [False] * num_steps
     state = criterion.initial_state(1, hidden.device) if use_exits else None
     decide_row = getattr(criterion, "decide_row", None)  # a host-side decision saves its tensor operators
