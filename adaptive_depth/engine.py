@@ -245,9 +245,14 @@ class AdaptiveInferenceEngine:
             One :class:`EngineOutput` per input batch, in input order, equal to ``engine(**batch)``
             row by row (the same decisions, the same MACs, logits within float rounding).
 
+        The engine's mode, criterion and gate threshold are read when ``stream`` is called; the
+        batches are drawn lazily, outside inference mode, and the token masks are copied, so a
+        generator may reuse its buffers. An invalid batch raises when it is reached; the outputs of
+        the batches before it that had not been yielded yet are lost with the stream.
+
         Raises:
             ValueError: ``max_rows < 1``, or an invalid batch (as :meth:`__call__`).
-            TypeError: a batch that is not a mapping of model inputs.
+            TypeError: ``max_rows`` not an integer, or a batch that is not a mapping of model inputs.
 
         Example:
             >>> from transformers import BertConfig, BertModel

@@ -23,6 +23,7 @@ A family whose layers take per-batch tensors besides the mask (MPNet's relative 
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -113,6 +114,8 @@ class _Stream:
     def __init__(self, engine: AdaptiveInferenceEngine, max_rows: int | None) -> None:
         self.engine, self.max_rows = engine, max_rows
         self.num_steps = engine.encoder.num_steps
+        # The operating point when stream() was called; changing the engine while it runs does not mix two.
+        self.criterion, self.gate_threshold = engine.criterion, engine.gate_threshold
         self.use_gates, self.use_exits = loop_plan(engine.mode, engine.gate_threshold)
         self.queues: list[deque[_Chunk]] = [deque() for _ in range(self.num_steps)]
         self.counts = [0] * self.num_steps
@@ -122,26 +125,30 @@ class _Stream:
         self.records: _Records | None = None
 
     def run(self, batches: Iterable[Mapping[str, Tensor]]) -> Iterator[EngineOutput]:
+        """The stream. The engine's work runs in inference mode; the caller's iterator does not."""
         iterator, exhausted = iter(batches), False
         while True:
             full = [step for step, count in enumerate(self.counts) if count >= self.max_rows] if self.max_rows else []
             if full:
-                self._run_step(full[-1])
+                step = full[-1]
             elif not exhausted:
                 try:
                     batch = next(iterator)
                 except StopIteration:
                     exhausted = True
                 else:
-                    self._add(batch)
+                    with torch.inference_mode():
+                        self._add(batch)
                 continue
             else:
                 waiting = [step for step, count in enumerate(self.counts) if count > 0]
                 if not waiting:
                     break
-                self._run_step(waiting[0])
-            yield from self._finished()
-        yield from self._finished()
+                step = waiting[0]
+            with torch.inference_mode():
+                self._run_step(step)
+                finished = list(self._finished())
+            yield from finished
         if self.pending:  # every row leaves at the last step at the latest
             raise RuntimeError(f"stream ended with {len(self.pending)} batch(es) unfinished; this is a bug.")
 
@@ -153,6 +160,7 @@ class _Stream:
         inputs = dict(batch)
         input_ids, attention_mask = inputs.pop("input_ids", None), inputs.pop("attention_mask", None)
         runner, token_mask = self.engine._prepare(input_ids, attention_mask, inputs)
+        token_mask = token_mask.clone()  # may be the caller's own bool mask, which it may refill before rows finish
         hidden = runner.hidden_states
         rows = token_mask.shape[0]
         if self.template is None:
@@ -165,7 +173,7 @@ class _Stream:
         ids = torch.arange(self.next_id, self.next_id + rows, device=hidden.device)
         self.pending.append((self.next_id, rows, token_mask))
         self.next_id += rows
-        state = (self.engine.criterion.initial_state(rows, hidden.device) if self.use_exits
+        state = (self.criterion.initial_state(rows, hidden.device) if self.use_exits
                  else hidden.new_zeros(rows, 0))
         extra = tuple(runner.extra_args[index][:1] for index in runner.adapter.batched_extra_args)
         self.queues[0].append(_Chunk(hidden, token_mask, token_mask.sum(dim=-1).tolist(), state, ids, extra))
@@ -225,10 +233,9 @@ class _Stream:
         group, padded = self._gather(step)
         rows = self.engine._rows(self._layer_runner(group, padded), group.tokens if padded else None)
         last_step = step == self.num_steps - 1
-        engine = self.engine
         result = run_step(rows, step, group.hidden.contiguous(), group.state, last_step=last_step,
-                          use_gates=self.use_gates, use_exits=self.use_exits, criterion=engine.criterion,
-                          gate_threshold=engine.gate_threshold)
+                          use_gates=self.use_gates, use_exits=self.use_exits, criterion=self.criterion,
+                          gate_threshold=self.gate_threshold)
         records = self.records
         assert records is not None
         local = group.ids - records.base
@@ -276,8 +283,13 @@ def stream_batches(engine: AdaptiveInferenceEngine, batches: Iterable[Mapping[st
     """:meth:`AdaptiveInferenceEngine.stream <adaptive_depth.engine.AdaptiveInferenceEngine.stream>`.
 
     Raises:
-        ValueError: ``max_rows < 1`` (at once, before any batch is read).
+        TypeError: ``max_rows`` is not an integer (at once, before any batch is read).
+        ValueError: ``max_rows < 1`` (at once).
     """
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1 (rows per layer run), got {max_rows}.")
-    return torch.inference_mode()(_Stream(engine, max_rows).run)(batches)
+    if max_rows is not None:
+        if isinstance(max_rows, bool) or not hasattr(max_rows, "__index__"):
+            raise TypeError(f"max_rows must be an int (rows per layer run) or None, got {max_rows!r}.")
+        max_rows = operator.index(max_rows)
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 (rows per layer run), got {max_rows}.")
+    return _Stream(engine, max_rows).run(batches)

@@ -136,10 +136,50 @@ def test_empty_input_one_row_and_unpadded_batches() -> None:
     assert_same_as_batch_engine(engine, unpadded, list(engine.stream(iter(unpadded), max_rows=5)))
 
 
+def test_a_generator_may_refill_its_buffers_and_keeps_building_graphs() -> None:
+    """A generator that reuses one bool mask buffer (and one ids buffer) for every batch gets each batch's own
+    results, though rows of a batch wait in the queues while later batches overwrite the buffers; and the
+    generator's own code runs outside inference mode (its tensors are ordinary ones)."""
+    encoder = random_encoder("bert", 3, num_layers=3)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.6))
+    batches = make_batches([(4, 9)] * 4, seed=1)
+    ids, mask = torch.zeros(4, 9, dtype=torch.long), torch.zeros(4, 9, dtype=torch.bool)
+    made_inside_inference_mode = []
+
+    def refilled():
+        for batch in batches:
+            ids.copy_(batch["input_ids"])
+            mask.copy_(batch["attention_mask"].bool())
+            made_inside_inference_mode.append(torch.ones(1).is_inference())
+            yield {"input_ids": ids, "attention_mask": mask}
+
+    outputs = list(engine.stream(refilled(), max_rows=8))
+    assert len(torch.cat([out.exit_layer for out in outputs]).unique()) > 1  # rows did wait in the queues
+    assert_same_as_batch_engine(engine, batches, outputs)
+    assert made_inside_inference_mode == [False] * len(batches)
+
+
+def test_the_operating_point_is_the_one_at_the_call() -> None:
+    """Changing the engine between stream() and the first output does not mix two operating points."""
+    batches = make_batches([(4, 9), (3, 5), (4, 7)], seed=1)
+    engine = AdaptiveInferenceEngine(random_encoder("bert", 3, num_layers=3), EntropyExit(0.6))
+    expected = [engine(**batch) for batch in batches]
+    streamed = engine.stream(batches, max_rows=4)
+    engine.mode, engine.gate_threshold, engine.criterion = "exit_only", 1.0, EntropyExit(0.01)
+    for batch, out, before in zip(batches, streamed, expected):
+        for field in FIELDS:
+            assert torch.equal(getattr(out, field), getattr(before, field)), field
+    assert not torch.equal(torch.cat([engine(**b).exit_layer for b in batches]),
+                           torch.cat([out.exit_layer for out in expected]))  # the change would have mattered
+
+
 def test_bad_input_is_refused_clearly() -> None:
     engine = AdaptiveInferenceEngine(random_encoder("bert", 0), EntropyExit(0.5))
     with pytest.raises(ValueError, match="max_rows must be >= 1"):
         engine.stream([], max_rows=0)
+    for max_rows in (2.0, 2.5, "4", True):
+        with pytest.raises(TypeError, match="max_rows must be an int"):
+            engine.stream([], max_rows=max_rows)
     with pytest.raises(TypeError, match="a mapping"):
         list(engine.stream([torch.ones(2, 3, dtype=torch.long)]))
     with pytest.raises(ValueError, match="padding before a real token"):
