@@ -37,15 +37,24 @@ def check_batch(input_ids: Tensor | None, attention_mask: Tensor | None, model_i
     """Validate one batch; returns ``(attention_mask, token_mask)`` (a default all-ones mask if none).
 
     Raises:
-        ValueError: no ``input_ids`` (or ``inputs_embeds``), an empty batch, a mask whose shape
+        TypeError: ``input_ids``, ``inputs_embeds`` or ``attention_mask`` is not a tensor (a list, say).
+        ValueError: no ``input_ids`` (or ``inputs_embeds``), ids not ``[B, N]`` (embeddings not
+            ``[B, N, H]``), an empty batch, a mask whose shape
             differs, more tokens than the position table holds (``max_tokens``), a row with no real
             token, or padding before a real token (left padding).
     """
+    name = "input_ids" if input_ids is not None else "inputs_embeds"
     reference = input_ids if input_ids is not None else model_inputs.get("inputs_embeds")
     if reference is None:
         raise ValueError("pass input_ids (or inputs_embeds) of shape [B, N].")
-    if reference.ndim < 2:
-        raise ValueError(f"input_ids must be [B, N], got shape {tuple(reference.shape)}.")
+    for key, value in ((name, reference), ("attention_mask", attention_mask)):
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"{key} must be a torch.Tensor, got a {type(value).__name__}; a tokenizer gives "
+                            "tensors with return_tensors='pt'.")
+    expected = 2 if input_ids is not None else 3  # [B, N] ids, or [B, N, H] embeddings
+    if reference.ndim != expected:
+        shape = "[B, N]" if expected == 2 else "[B, N, H]"
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(reference.shape)}.")
     batch_size, num_tokens = reference.shape[:2]
     if batch_size == 0 or num_tokens == 0:
         raise ValueError(f"empty batch: input_ids has shape {tuple(reference.shape)}.")

@@ -37,6 +37,21 @@ def test_more_tokens_than_the_position_table_is_a_clear_error(model_type: str) -
         AdaptiveInferenceEngine(encoder, mode="full")(torch.full((1, limit + 1), 7))
 
 
+def test_inputs_that_are_not_tensors_of_the_right_rank_are_clear_errors() -> None:
+    """A list of ids, 3-D ids or 2-D embeddings used to fail inside transformers (AttributeError, unpacking)."""
+    engine = AdaptiveInferenceEngine(make_encoder())
+    input_ids, attention_mask = padded_batch()
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor, got a list.*return_tensors='pt'"):
+        engine(input_ids.tolist(), attention_mask)
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor, got a list"):
+        engine(input_ids, attention_mask.tolist())
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, N\], got shape \(1, 2, 5\)"):
+        engine(torch.ones(1, 2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[B, N, H\], got shape \(2, 5\)"):
+        engine(inputs_embeds=torch.ones(2, 5))
+    engine(input_ids, attention_mask)  # the same batch as tensors runs
+
+
 def test_nan_exit_head_is_an_error_not_a_row_that_never_exits() -> None:
     encoder = make_encoder()
     with torch.no_grad():
