@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from adaptive_depth.fused_pool import FusedPool, fused_call_allowed
+from adaptive_depth.fused_pool import FusedPool, FusedSnapshot, fused_call_allowed
 from adaptive_depth.narrow_attention import NarrowAttentionPool
 
 __all__ = [
@@ -47,7 +47,7 @@ class ExitHeadOutput:
     token_states: Tensor | None = None
 
 
-class ExitHead(nn.Module):
+class ExitHead(FusedSnapshot, nn.Module):
     """Classifier attached after one layer: the official SmartBERT / FastBERT head.
 
     ``tanh(Linear(H -> 128))``, one 128-d self-attention with 4 heads over the padding-masked

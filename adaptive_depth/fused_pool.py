@@ -33,7 +33,10 @@ within it of a threshold can take another decision (some rows did on an H200, do
 
 The derived weights are a snapshot, stamped with each source parameter's storage and version counter:
 an optimizer step, ``load_state_dict``, ``.to()`` or a replaced parameter is seen at the next call and the
-snapshot is rebuilt. An in-place edit through ``.data`` bypasses the version counter and is not seen; call
+snapshot is rebuilt; so is anything done in training mode (``.train()`` marks the snapshot stale, for fused
+optimizers, whose in-place updates leave version counters alone). Not seen: an in-place edit through
+``.data``, and one of a parameter created under ``torch.inference_mode`` (it has no version counter), both
+outside training mode; call
 :meth:`AdaptiveEncoder.fuse_for_inference <adaptive_depth.encoder.AdaptiveEncoder.fuse_for_inference>`
 again after one.
 """
@@ -48,7 +51,7 @@ from torch import Tensor, nn
 
 from adaptive_depth.narrow_attention import NarrowAttentionPool
 
-__all__ = ["FusedPool", "fused_call_allowed"]
+__all__ = ["FusedPool", "FusedSnapshot", "fused_call_allowed"]
 
 
 def _parameter(module: nn.Module, name: str) -> Tensor:
@@ -68,8 +71,13 @@ def _sources(pool: NarrowAttentionPool, post: nn.Linear) -> tuple[Tensor, ...]:
 
 
 def _stamp(tensors: tuple[Tensor, ...]) -> list[int]:
-    """Each tensor's version counter, then each one's storage address (one flat list: cheap to compare)."""
-    return [tensor._version for tensor in tensors] + [tensor.data_ptr() for tensor in tensors]
+    """Each tensor's version counter, then each one's storage address (one flat list: cheap to compare).
+    An inference tensor (a parameter created under ``torch.inference_mode``) has no version counter: -1."""
+    try:
+        versions = [tensor._version for tensor in tensors]
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        versions = [-1 if tensor.is_inference() else tensor._version for tensor in tensors]
+    return versions + [tensor.data_ptr() for tensor in tensors]
 
 
 def fused_call_allowed(module: nn.Module) -> bool:
@@ -77,6 +85,20 @@ def fused_call_allowed(module: nn.Module) -> bool:
     tracer (``torch.compile``, ``torch.export``, ONNX and TorchScript trace the parameters themselves)."""
     return not (module.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or torch.jit.is_tracing() or torch.jit.is_scripting())
+
+
+class FusedSnapshot:
+    """Mixin of the modules that hold a :class:`FusedPool` in ``_fused`` (gates and exit heads): entering
+    training mode marks the snapshot stale. Fused optimizers (``torch.optim.Adam(..., fused=True)``) update
+    parameters in place without bumping their version counters; a training phase between ``.train()`` and
+    ``.eval()`` is then still seen."""
+
+    _fused: FusedPool | None
+
+    def train(self, mode: bool = True):  # noqa: ANN201 (nn.Module.train returns the module)
+        if mode and self._fused is not None:
+            self._fused.mark_stale()
+        return super().train(mode)  # type: ignore[misc]
 
 
 @dataclass
@@ -128,6 +150,10 @@ class FusedPool:
         """Whether the modules hold the parameters it was built from, in the same storage, unchanged in place."""
         sources = _sources(pool, post)
         return all(map(operator.is_, sources, self.sources)) and _stamp(sources) == self.stamp
+
+    def mark_stale(self) -> None:
+        """Make the next :meth:`refreshed` rebuild the weights whatever the stamp says."""
+        self.stamp = []
 
     def refreshed(self, pool: NarrowAttentionPool, post: nn.Linear) -> FusedPool:
         """``self`` while :meth:`is_current`, else one built anew from the modules' parameters."""

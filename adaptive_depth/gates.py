@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from adaptive_depth.fused_pool import FusedPool, fused_call_allowed
+from adaptive_depth.fused_pool import FusedPool, FusedSnapshot, fused_call_allowed
 from adaptive_depth.narrow_attention import NarrowAttentionPool
 
 __all__ = [
@@ -43,7 +43,7 @@ class SkipGateOutput:
     logit: Tensor
 
 
-class SkipGate(nn.Module):
+class SkipGate(FusedSnapshot, nn.Module):
     """Decides per sample whether to skip the next transformer layer.
 
     The default (``pooling="attention"``) is the official SmartBERT gate:

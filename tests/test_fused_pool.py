@@ -185,3 +185,40 @@ def test_changed_weights_are_seen_and_data_edits_once_fused_again() -> None:
     torch.testing.assert_close(outputs_kept(True)[0], before, rtol=0.0, atol=0.0)
     gate._set_fused(True)
     check()
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_a_fused_optimizer_step_in_training_mode_is_seen(name: str) -> None:
+    """torch's fused optimizer kernels leave the parameters' version counters alone; ``.train()`` marks the
+    snapshot stale, so the step between ``.train()`` and ``.eval()`` is seen at the next call."""
+    torch.manual_seed(2)
+    head = ExitHead(16, 3, 8, 4).eval()
+    head._set_fused(True)
+    hidden = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = head(hidden).logits  # the snapshot is built
+    optimizer = getattr(torch.optim, name)(head.parameters(), lr=0.1, fused=True)
+    version = head.pool.query.weight._version
+    head.train()
+    head(hidden).logits.pow(2).sum().backward()
+    optimizer.step()
+    head.eval()
+    assert head.pool.query.weight._version == version  # why the stamp alone cannot see it
+    with torch.no_grad():
+        fused = head(hidden).logits
+        head._set_fused(False)
+        unfused = head(hidden).logits
+    assert (unfused - before).abs().max() > 1e-3  # the step changed the answer
+    torch.testing.assert_close(fused, unfused, rtol=0.0, atol=1e-6)
+
+
+def test_modules_built_under_inference_mode_fuse() -> None:
+    """Parameters created under torch.inference_mode (say, a pipeline loaded inside it) have no version
+    counter; fusing them works and equals the unfused path."""
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        gate, head = SkipGate(16, 8, 2).eval(), ExitHead(16, 2, 8, 4).eval()
+    assert gate.pool.key.weight.is_inference()
+    hidden = torch.randn(2, 5, 16)
+    for one, other in zip(outputs(gate, head, hidden, None, fused=True), outputs(gate, head, hidden, None, fused=False)):
+        torch.testing.assert_close(one, other, rtol=0.0, atol=1e-6)
