@@ -201,6 +201,12 @@ def predictions_from_logits(logits: Tensor) -> Tensor:
     return logits[..., 0] if logits.shape[-1] == 1 else logits.argmax(dim=-1)
 
 
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """Half-precision logits in float32, float32 and float64 ones as they are (a float64 model's exits are
+    decided in float64, as a one-row loop's host-side ``decide_row`` decides them)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def entropy(logits: Tensor, normalized: bool = False) -> Tensor:
     """Entropy of ``softmax(logits)`` in nats, per row.
 
@@ -217,7 +223,7 @@ def entropy(logits: Tensor, normalized: bool = False) -> Tensor:
             f"entropy needs at least 2 classes, got logits of shape {tuple(logits.shape)}; "
             "for regression use PatienceExit."
         )
-    log_probabilities = logits.float().log_softmax(dim=-1)
+    log_probabilities = _at_least_float32(logits).log_softmax(dim=-1)
     values = (-(log_probabilities.exp() * log_probabilities).sum(dim=-1)).clamp_min(0.0)
     return values / math.log(num_classes) if normalized else values
 
@@ -335,7 +341,7 @@ class MaxProbExit:
     def decide(self, logits: Tensor, state: Tensor) -> ExitDecision:
         if logits.shape[-1] < 2:
             raise ValueError("MaxProbExit needs at least 2 classes; for regression use PatienceExit.")
-        top = logits.float().softmax(dim=-1).amax(dim=-1)
+        top = _at_least_float32(logits).softmax(dim=-1).amax(dim=-1)
         return ExitDecision(should_exit=top >= self.threshold, state=state, score=top)
 
     def decide_row(self, logits: Sequence[float]) -> bool | None:

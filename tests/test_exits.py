@@ -146,6 +146,18 @@ def test_host_decision_of_one_row_is_the_tensor_decision_or_none(logits, kind: s
             assert decided is expected
 
 
+@pytest.mark.parametrize("make", [MaxProbExit, EntropyExit])
+def test_float64_logits_are_decided_in_float64_by_both_paths(make) -> None:
+    """Large float64 logits 0.03 apart: float32 rounds them equal (entropy log 2, top probability 0.5), float64
+    does not. The tensor decision used to round to float32 and disagree with the host's float64 one."""
+    logits = [1_000_000.03, 1_000_000.0]
+    row = torch.tensor([logits], dtype=torch.float64)
+    criterion = make(0.505) if make is MaxProbExit else make(0.6931)
+    assert bool(criterion.decide(row, torch.zeros(1, 0)).should_exit) is True
+    assert criterion.decide_row(logits) is True
+    assert bool(criterion.decide(row.float(), torch.zeros(1, 0)).should_exit) is False  # float32 rounds them equal
+
+
 def test_host_decision_defers_below_two_classes() -> None:
     assert EntropyExit(0.3).decide_row([0.5]) is None and MaxProbExit(0.5).decide_row([0.5]) is None
 
