@@ -134,7 +134,8 @@ def export_engine(
 
     Raises:
         ValueError: unknown ``format`` or ``mode``, a gated mode on an encoder without gates, an
-            attention implementation other than sdpa/eager, a criterion class that is not built in.
+            attention implementation other than sdpa/eager, a criterion class that is not built in,
+            a bfloat16 encoder exported to ONNX (ONNX Runtime's CPU kernels do not run it).
         FileExistsError: ``out_dir`` exists.
         ExportStorageError: ``out_dir`` cannot be written (read-only, under a file, disk full).
         UnsupportedModelError: a model family the exporter does not know.
@@ -168,6 +169,11 @@ def export_engine(
         raise UnsupportedModelError(
             f"exporting model_type {config.model_type!r} is not supported; "
             f"supported: {', '.join(sorted(EXPORT_EMBEDDINGS))}."
+        )
+    if format == "onnx" and next(encoder.parameters()).dtype == torch.bfloat16:
+        raise ValueError(
+            "ONNX Runtime's CPU kernels do not run bfloat16 graphs (the export would not load); export a "
+            "float32 or float16 copy (encoder.float()), or use format='torch-export'."
         )
     if format == "onnx":
         for package in ("onnx", "onnxscript"):
@@ -206,6 +212,8 @@ def export_engine(
             "label_names": saved.label_names,
             "text_pair": saved.text_pair,
             "hidden_size": int(config.hidden_size),
+            "vocab_size": int(config.vocab_size),  # ids outside the tables are refused (ONNX would wrap negative ones)
+            "type_vocab_size": getattr(config, "type_vocab_size", None),
             "max_tokens": max_tokens,
             "max_length": truncation,
             "tokenizer": tokenizer is not None,

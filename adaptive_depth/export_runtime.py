@@ -117,6 +117,18 @@ def _onnx_step(path: Path, options: Any) -> StepFunction:
     return run
 
 
+def _check_ids(name: str, ids: Tensor, table_size: int | None) -> None:
+    """Refuse ids outside ``[0, table_size)`` (``None``: unknown, no check). ONNX Runtime's Gather wraps a
+    negative id to the end of the embedding table and answers; the eager engine raises an IndexError."""
+    if table_size is None:
+        return
+    outside = (ids < 0) | (ids >= table_size)
+    if bool(outside.any()):
+        values = sorted(set(ids[outside].tolist()))
+        raise ValueError(f"{name} must lie in [0, {table_size}) (the model's embedding table); got "
+                         f"{values[:5]}{' ...' if len(values) > 5 else ''}. Use the exported folder's tokenizer.")
+
+
 class ExportedEngine:
     """The adaptive engine over exported step graphs, with its operating point from the manifest.
 
@@ -168,6 +180,9 @@ class ExportedEngine:
         self.num_steps: int = manifest["num_steps"]
         self.num_labels: int = manifest["num_labels"]
         self.max_tokens: int | None = manifest["max_tokens"]
+        # Folders exported before these were recorded have no id check beyond the runtime's own.
+        self.vocab_size: int | None = manifest.get("vocab_size")
+        self.type_vocab_size: int | None = manifest.get("type_vocab_size")
         self.embedding_inputs: list[str] = manifest["embedding_inputs"]
         self.session_options = onnx_session_options(num_threads) if self.format == "onnx" else None
         loaded: dict[str, StepFunction] = {}
@@ -238,9 +253,12 @@ class ExportedEngine:
         Raises:
             ValueError: the inputs the eager engine refuses, with the same message
                 (:func:`adaptive_depth.inputs.check_batch`): too many tokens, an empty batch or
-                row, a mask of another shape, left padding.
+                row, a mask of another shape, left padding; and ids outside the embedding tables.
         """
         attention_mask, token_mask = check_batch(input_ids, attention_mask, {}, self.max_tokens, self.model_type)
+        _check_ids("input_ids", input_ids, self.vocab_size)
+        if token_type_ids is not None and "token_type_ids" in self.embedding_inputs:
+            _check_ids("token_type_ids", token_type_ids, self.type_vocab_size)
         mask = attention_mask.long()
         inputs = {"input_ids": input_ids.long(), "token_type_ids": (
             torch.zeros_like(mask) if token_type_ids is None else token_type_ids.long())}

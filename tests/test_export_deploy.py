@@ -86,6 +86,32 @@ def check_torch_still_runs(encoder: AdaptiveEncoder, exported: ExportedEngine) -
     torch.testing.assert_close(plain_after, plain_before, rtol=0, atol=1e-6)
 
 
+def check_ids_outside_the_tables_are_refused(encoder: AdaptiveEncoder, exported: ExportedEngine) -> None:
+    """ONNX Runtime's Gather wraps a negative id to the end of the table and answers where the eager engine
+    raises: the exported engine refuses ids outside the tables, naming them."""
+    input_ids = torch.randint(5, 99, (2, 6))
+    vocab = int(encoder.config.vocab_size)
+    for bad in (-1, vocab):
+        ids = input_ids.clone()
+        ids[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {vocab}\).*\[{bad}\]"):
+            exported(ids)
+    if "token_type_ids" in exported.embedding_inputs:
+        types = torch.zeros_like(input_ids)
+        types[0, 2] = -1
+        with pytest.raises(ValueError, match=r"token_type_ids must lie in \[0, "):
+            exported(input_ids, token_type_ids=types)
+    exported(input_ids)  # the ids themselves run
+
+
+def test_a_bfloat16_onnx_export_is_refused_before_any_work(tmp_path: Path) -> None:
+    """ONNX Runtime's CPU provider has no bfloat16 kernels: the folder would be written and never load."""
+    encoder = spread_encoder(tiny_model("bert", num_layers=1), seed=1).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="do not run bfloat16 graphs.*format='torch-export'"):
+        export_engine(encoder, tmp_path / "exported", "onnx", mode="full")
+    assert not (tmp_path / "exported").exists()
+
+
 @needs_onnx
 @pytest.mark.parametrize("model_type", ["bert", "xlm-roberta"])
 def test_onnx_engine_refuses_over_long_input_and_leaves_torch_working(model_type: str, tmp_path: Path) -> None:
@@ -94,6 +120,7 @@ def test_onnx_engine_refuses_over_long_input_and_leaves_torch_working(model_type
     exported = ExportedEngine(folder, num_threads=1)
     check_lengths_as_eager(encoder, exported)
     check_torch_still_runs(encoder, exported)
+    check_ids_outside_the_tables_are_refused(encoder, exported)
     options = exported.session_options  # pinned to the caller's threads, no spin-waiting
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
