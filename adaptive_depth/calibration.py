@@ -22,6 +22,7 @@ on the held-out labels, so the gates are used at a budget only where they help t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,9 +244,10 @@ def calibrate_operating_point(
     fewer (1.0 never skips, so the engine runs no gate there and the exits alone meet the
     budget, as in ``exit_only`` mode). For each gate threshold
     in ``gate_thresholds``, :func:`calibrate_threshold` finds the least aggressive exit threshold
-    within ``max_relative_cost``; the pair with the best metric on ``data`` wins (ties: the
-    cheaper, then the earlier in ``gate_thresholds``). ``data`` must hold labels: the choice is
-    made by the metric, so calibrate on held-out rows and report on others.
+    within ``max_relative_cost``; the pair with the best (highest) metric on ``data`` wins (ties: the
+    cheaper, then the earlier in ``gate_thresholds``; a pair whose metric is NaN is listed, not chosen).
+    ``data`` must hold labels: the choice is made by the metric, so calibrate on held-out rows and
+    report on others. The metric must grow with quality (accuracy, F1, a correlation; not an error).
 
     Args:
         engine_or_model, max_relative_cost, convention, metric, tolerance, progress: as in
@@ -305,10 +307,15 @@ def calibrate_operating_point(
         candidates.append({"gate_threshold": gate_threshold, "threshold": calibration.threshold,
                            "relative_cost": calibration.relative_cost, "mean_layers_run": calibration.mean_layers_run,
                            "metric": calibration.metric})
+        if calibration.metric is not None and not math.isfinite(calibration.metric):  # NaN compares as neither
+            errors.append(f"gate_threshold={gate_threshold:g}: the metric is {calibration.metric} (e.g. a "
+                          "correlation of constant predictions)")
+            continue
         if best is None or (calibration.metric, -calibration.relative_cost) > (best.metric, -best.relative_cost):
             best = calibration
     if best is None:
-        raise ValueError("no gate threshold meets the budget: " + "; ".join(errors))
+        finite = " with a finite metric" if any("the metric is" in error for error in errors) else ""
+        raise ValueError(f"no gate threshold meets the budget{finite}: " + "; ".join(errors))
     best.candidates = candidates
     return best
 
@@ -331,12 +338,13 @@ def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[flo
         for candidate in candidates:
             if measure(candidate).relative_cost(convention) <= budget:
                 return candidate
-        return _impossible(name, candidates[-1], measure(candidates[-1]).relative_cost(convention), budget)
+        return _impossible(name, candidates[-1], measure(candidates[-1]).relative_cost(convention), budget, template)
     threshold_at = threshold_at_fraction(name, template.encoder.num_labels)
     if measure(threshold_at(0.0)).relative_cost(convention) <= budget:
         return threshold_at(0.0)
     if measure(threshold_at(1.0)).relative_cost(convention) > budget:
-        return _impossible(name, threshold_at(1.0), measure(threshold_at(1.0)).relative_cost(convention), budget)
+        return _impossible(name, threshold_at(1.0), measure(threshold_at(1.0)).relative_cost(convention), budget,
+                           template)
     low, high = 0.0, 1.0  # cost(low) > budget >= cost(high)
     while high - low > tolerance:
         middle = (low + high) / 2
@@ -347,8 +355,10 @@ def _search(name: str, template: AdaptiveInferenceEngine, measure: Callable[[flo
     return threshold_at(high)
 
 
-def _impossible(name: str, threshold: float, cost: float, budget: float) -> float:
-    earliest = "the second head that runs" if name == "tolerance" else "the first head that runs"
+def _impossible(name: str, threshold: float, cost: float, budget: float, template: AdaptiveInferenceEngine) -> float:
+    earliest = "the first head that runs"
+    if name == "tolerance":  # it needs `patience` heads after the first to agree
+        earliest = f"head {getattr(template.criterion, 'patience', 1) + 1} of those that run"
     raise ValueError(
         f"no {name} threshold meets max_relative_cost={budget:g}: even {name}={threshold:.4g}, which exits "
         f"at {earliest}, costs {cost:.3f} of full depth on this data (the first layer, the gates "

@@ -344,13 +344,14 @@ def _refusal(selection: Selection, name: str, risk: str, n: int, max_risk: float
                 f"most max_relative_cost={max_relative_cost:g}: the cheapest certified one, {name}="
                 f"{cheapest.threshold:.4g}, costs {cheapest.relative_cost:.3f} of full depth (total MACs / full-depth "
                 "MACs); raise the budget or max_risk, or give more rows.")
-    losses = {"disagreement": "disagreements with full depth", "moved": "scores moved beyond the tolerance"}
+    losses = {"disagreement": ("disagreements with full depth", "no disagreement at all"),
+              "moved": ("scores moved beyond the tolerance", "no score moved beyond it")}
     if risk == "error_gap":
         seen = f"an error gap of {first.empirical_risk:+.2%} to full depth"
         best_case, best_words = 0.5 * n, "no error gap at all"
     else:
-        seen = f"{round(first.empirical_risk * n)}/{n} {losses[risk]}"
-        best_case, best_words = 0.0, f"no {losses[risk].split(' ')[0]} at all"
+        seen = f"{round(first.empirical_risk * n)}/{n} {losses[risk][0]}"
+        best_case, best_words = 0.0, losses[risk][1]
     loss_sum = (first.empirical_risk + 1.0) / 2.0 * n if risk == "error_gap" else first.empirical_risk * n
     bound = risk_upper_bound(risk, loss_sum, n, delta)
     smallest = risk_upper_bound(risk, best_case, n, delta)

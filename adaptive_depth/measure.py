@@ -123,7 +123,8 @@ def batch_labels(batches: Sequence[Mapping[str, Tensor]]) -> Tensor | None:
     """The ``[R]`` labels of every batch, concatenated on the CPU; ``None`` when no batch has any.
 
     Raises:
-        ValueError: labels in some batches only (a metric over part of the rows would mislead).
+        ValueError: labels in some batches only (a metric over part of the rows would mislead), or a
+            batch whose label count is not its row count (labels would be broadcast or misaligned).
     """
     labelled = [batch.get("labels") is not None for batch in batches]
     if not any(labelled):
@@ -131,6 +132,12 @@ def batch_labels(batches: Sequence[Mapping[str, Tensor]]) -> Tensor | None:
     if not all(labelled):
         raise ValueError(f"{sum(labelled)} of {len(batches)} batches hold 'labels'; give labels in every batch or "
                          "in none.")
+    for index, batch in enumerate(batches):
+        reference = batch.get("input_ids", batch.get("inputs_embeds"))
+        rows = len(reference) if reference is not None else None
+        if rows is not None and batch["labels"].numel() != rows:
+            raise ValueError(f"batch {index} has {rows} rows but {batch['labels'].numel()} labels; give one label "
+                             "per row.")
     return torch.cat([batch["labels"].reshape(-1).cpu() for batch in batches])
 
 
@@ -159,10 +166,13 @@ def threshold_at_fraction(name: str, num_labels: int) -> Callable[[float], float
         if num_labels < 2:
             raise ValueError("entropy exits need at least 2 classes; calibrate a regression model with PatienceExit.")
         top = 1.0 if name == "normalized_entropy" else math.log(num_labels)
-        top = math.nextafter(top, math.inf)  # above every reachable entropy: exit at the first head
+        # The most aggressive point must lie above every computed entropy: in float32 a near-uniform row's
+        # reaches log C + 1e-6 (and log C itself rounds up to float32), so nextafter(log C) did not exit them.
+        beyond = top + 1e-3
+        top = math.nextafter(top, math.inf)
 
         def threshold_at(fraction: float) -> float:
-            return fraction * top
+            return beyond if fraction >= 1.0 else fraction * top
     elif name == "max_prob":  # 1.0 exits only on a saturated head, 0.0 at the first head that runs
 
         def threshold_at(fraction: float) -> float:

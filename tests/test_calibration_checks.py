@@ -60,6 +60,40 @@ def test_labels_on_some_batches_only_are_refused(engine: AdaptiveInferenceEngine
     assert labelled.metric_name == "accuracy" and 0.0 <= labelled.metric <= 1.0
 
 
+def test_a_label_count_other_than_the_row_count_is_refused(engine: AdaptiveInferenceEngine) -> None:
+    """One label for a batch used to broadcast over its rows (a metric, or a certificate, from nothing)."""
+    data = batches()
+    data[1]["labels"] = data[1]["labels"][:1]
+    with pytest.raises(ValueError, match="batch 1 has 6 rows but 1 labels; give one label per row"):
+        calibrate_threshold(engine, data, 0.8)
+
+
+def test_a_nan_metric_is_listed_not_chosen(engine: AdaptiveInferenceEngine) -> None:
+    """NaN compares as neither better nor worse, so a first NaN candidate used to win every comparison."""
+    calls = []
+
+    def nan_first(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+        calls.append(1)
+        return math.nan if len(calls) == 1 else 0.5
+
+    chosen = calibrate_operating_point(engine, batches(), 1.0, gate_thresholds=(0.5, 1.0), metric=nan_first)
+    assert chosen.gate_threshold == 1.0 and chosen.metric == 0.5
+    assert math.isnan(chosen.candidates[0]["metric"])
+    with pytest.raises(ValueError, match="with a finite metric: gate_threshold=0.5: the metric is nan"):
+        calibrate_operating_point(engine, batches(), 1.0, gate_thresholds=(0.5,), metric=lambda p, y: math.nan)
+
+
+@pytest.mark.parametrize("num_labels", [2, 3, 6, 39])
+@pytest.mark.parametrize("name", ["entropy", "normalized_entropy"])
+def test_the_most_aggressive_entropy_point_exits_near_uniform_rows(name: str, num_labels: int) -> None:
+    """In float32 a near-uniform row's entropy exceeds log C by up to ~1e-6; nextafter(log C) kept them."""
+    from adaptive_depth.measure import threshold_at_fraction
+
+    criterion = EntropyExit(threshold_at_fraction(name, num_labels)(1.0), normalized=name == "normalized_entropy")
+    logits = torch.randn(1000, num_labels, generator=torch.Generator().manual_seed(num_labels)) * 1e-4
+    assert bool(criterion.decide(logits, torch.zeros(1000, 0)).should_exit.all())
+
+
 def test_task_metrics_match_their_definitions() -> None:
     predictions, labels = torch.tensor([1, 1, 0, 0, 1]), torch.tensor([1, 0, 0, 1, 1])
     assert task_metric("accuracy", predictions, labels, 2) == pytest.approx(0.6)

@@ -185,7 +185,8 @@ def test_certify_threshold_end_to_end(one_thread: None) -> None:
 def test_certify_refuses_what_cannot_be_certified_and_says_what_can(one_thread: None) -> None:
     engine = AdaptiveInferenceEngine(tiny_encoder(), EntropyExit(0.3), mode="exit_only")
     with pytest.raises(ValueError, match=r"no threshold is certified at max_risk=0.01, delta=0.05 with n=20 rows: .*"
-                                         r"0/20 disagreements .*smallest certifiable risk with 20 rows is 13\.91%"):
+                                         r"0/20 disagreements .*smallest certifiable risk with 20 rows is 13\.91% "
+                                         r"\(with no disagreement at all\)"):
         certify_threshold(engine, batches_of(20), max_risk=0.01)
     with pytest.raises(ValueError, match=r"costs at most max_relative_cost=0.01: the cheapest certified one"):
         certify_threshold(engine, batches_of(300), max_risk=0.2, max_relative_cost=0.01)

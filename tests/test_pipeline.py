@@ -154,7 +154,7 @@ def test_calibrate_a_regression_tolerance_to_the_budget(tmp_path: Path) -> None:
     saved = pipeline.calibrate(SENTENCES * 3, PAIRS * 3, labels=scores * 3, max_relative_cost=budget)
     reloaded = AdaptivePipeline.from_pretrained(pipeline.encoder.save_pretrained(tmp_path / "c", tokenizer=tokenizer))
     assert reloaded.engine.criterion == ToleranceExit(saved.threshold)
-    with pytest.raises(ValueError, match=r"no tolerance threshold meets .*exits at the second head"):
+    with pytest.raises(ValueError, match=r"no tolerance threshold meets .*exits at head 2 of those that run"):
         calibrate_threshold(pipeline.engine, data, max_relative_cost=cheapest * 0.9)
 
 
