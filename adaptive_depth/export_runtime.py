@@ -142,8 +142,8 @@ class ExportedEngine:
 
     Raises:
         FileNotFoundError: no manifest in ``folder``.
-        ValueError: a manifest of another version (re-export), or a ``mode`` whose graphs the
-            export does not hold.
+        ValueError: a manifest that is not JSON or of another version (re-export), or a ``mode``
+            whose graphs the export does not hold.
 
     Example:
         >>> engine = ExportedEngine("exported-mrpc")  # doctest: +SKIP
@@ -166,7 +166,11 @@ class ExportedEngine:
             raise FileNotFoundError(
                 f"{manifest_path} not found; pass a folder written by adaptive_depth.export.export_engine."
             )
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{manifest_path} is not valid JSON ({error}); the folder is damaged: re-export the model "
+                             "(python -m adaptive_depth.export MODEL_DIR OUT_DIR).") from error
         if not isinstance(manifest, dict) or manifest.get("manifest_version") != MANIFEST_VERSION:
             version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
             raise ValueError(

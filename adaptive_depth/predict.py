@@ -8,9 +8,12 @@ rows, exact convention) and, with ``--label-column``, the task's metric saved wi
 (F1 for MRPC...) and accuracy.
 
 Input: a ``.jsonl`` file (one object per line) or a ``.tsv`` file with a header row (read with
-``csv.QUOTE_NONE``, as GLUE files must be). The text column defaults to the first of
-``text, sentence, sentence1, question, question1, #1 String`` that exists; the pair column to
-the first of ``text_pair, sentence2, question2, #2 String``. So a GLUE ``dev.tsv`` works as is.
+``csv.QUOTE_NONE``, as GLUE files must be). For a model that may read pairs, the columns default to
+the first known pair the file has (``text``/``text_pair``, ``sentence1``/``sentence2``,
+``question1``/``question2``, ``#1 String``/``#2 String``, QNLI's ``question``/``sentence``); otherwise
+the text column is the first of ``text, sentence, sentence1, question, question1, #1 String`` that
+exists, and a pair column the first of ``text_pair, sentence2, question2, #2 String`` that is not
+the text column. So a GLUE ``dev.tsv`` works as is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +34,9 @@ __all__ = ["InputFileError", "add_input_arguments", "load_rows_and_pipeline", "m
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "question1", "#1 String")
 PAIR_COLUMNS = ("text_pair", "sentence2", "question2", "#2 String")
+# (first text, second text) as the GLUE files and the usual JSON name them; QNLI puts the question first.
+KNOWN_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("question1", "question2"),
+               ("#1 String", "#2 String"), ("question", "sentence"))
 
 
 class InputFileError(ValueError):
@@ -64,23 +71,62 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                         raise InputFileError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
                     rows.append(row)
             else:
-                reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-                header = next(reader, None)
-                if header is None:
-                    raise InputFileError(f"{path} is empty; a .tsv input needs a header row.")
-                for number, fields in enumerate(reader, start=2):
-                    if not fields:
-                        continue
-                    if len(fields) != len(header):
-                        raise InputFileError(
-                            f"{path}, line {number}: {len(fields)} tab-separated fields, the header has {len(header)}."
-                        )
-                    rows.append(dict(zip(header, fields)))
+                rows = _tsv_rows(path, handle)
     except UnicodeDecodeError as error:
         raise InputFileError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of a read chunk).") from error
     if not rows:
         raise InputFileError(f"{path} holds no rows.")
     return rows
+
+
+def _tsv_rows(path: Path, handle: Any) -> list[dict[str, Any]]:
+    """The rows of a header-first ``.tsv``; fields of any length (the csv module stops at 128 KiB by default,
+    a limit it keeps process-wide, so it is raised only while reading)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
+    try:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None:
+            raise InputFileError(f"{path} is empty; a .tsv input needs a header row.")
+        rows = []
+        for number, fields in enumerate(reader, start=2):
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise InputFileError(
+                    f"{path}, line {number}: {len(fields)} tab-separated fields, the header has {len(header)}."
+                )
+            rows.append(dict(zip(header, fields)))
+        return rows
+    except csv.Error as error:
+        raise InputFileError(f"{path}, line {reader.line_num}: {error}.") from error
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _pick_texts(rows: list[dict[str, Any]], text_asked: str | None, pair_asked: str | None,
+                pairs_wanted: bool) -> tuple[str, str | None]:
+    """``(text column, pair column or None)``: the ones asked for, else the defaults of the module docstring."""
+    columns = list(rows[0])
+    for asked, what in ((text_asked, "text"), (pair_asked, "pair")):
+        if asked is not None and asked not in columns:
+            raise InputFileError(f"--{what}-column {asked!r} is not a column of the input; columns: {columns}.")
+    if pairs_wanted and text_asked is None and pair_asked is None:
+        known = next(((text, pair) for text, pair in KNOWN_PAIRS if text in columns and pair in columns), None)
+        if known is not None:
+            return known
+    text = text_asked or next((name for name in TEXT_COLUMNS if name in columns and name != pair_asked), None)
+    if text is None:
+        raise InputFileError(f"no text column found among {columns}; name it with --text-column.")
+    pair = pair_asked
+    if pair is None and pairs_wanted:
+        pair = next((second for first, second in KNOWN_PAIRS if first == text and second in columns),
+                    next((name for name in PAIR_COLUMNS if name in columns and name != text), None))
+    if pair == text:
+        raise InputFileError(f"the text and the pair column are both {text!r}; name the other with --text-column or "
+                             "--pair-column.")
+    return text, pair
 
 
 def _pick_column(rows: list[dict[str, Any]], asked: str | None, defaults: Sequence[str], what: str,
@@ -94,6 +140,18 @@ def _pick_column(rows: list[dict[str, Any]], asked: str | None, defaults: Sequen
     if found is None and required:
         raise InputFileError(f"no text column found among {columns}; name it with --{what}-column.")
     return found
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch does not know or cannot use here, before anything is loaded."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise InputFileError(f"--device {device!r}: {error}") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputFileError(f"--device {device!r}: this torch has no usable CUDA device; use --device cpu.")
 
 
 def _column(rows: list[dict[str, Any]], name: str) -> list[str]:
@@ -157,10 +215,15 @@ def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None
 
     if args.batch_size < 1:
         raise InputFileError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    _check_device(args.device)
     rows = read_rows(args.input)
-    text_column = _pick_column(rows, args.text_column, TEXT_COLUMNS, "text", required=True)
+    _pick_texts(rows, args.text_column, args.pair_column, pairs_wanted=True)  # column errors before the model loads
     if label_column is not None:
         label_column = _pick_column(rows, label_column, (), "label", required=False)
+        missing = [number for number, row in enumerate(rows, start=1) if label_column not in row]
+        if missing:
+            raise InputFileError(f"--label-column {label_column!r}: rows {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                                 "have no such field.")
     try:
         pipeline = AdaptivePipeline.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
                                                     verify=not args.no_verify,
@@ -168,9 +231,9 @@ def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None
     except ValueError as error:  # a damaged adaptive_config.json or weights that do not fit it
         raise InputFileError(f"cannot load the model in {args.model}: {error}") from error
     # A model known to read single texts needs no pair column, even if the file has one.
-    pair_defaults = () if pipeline.encoder.adaptive_config.text_pair is False else PAIR_COLUMNS
-    pair_column = _pick_column(rows, args.pair_column, pair_defaults, "pair", required=False)
-    texts = _column(rows, text_column)  # type: ignore[arg-type]
+    pairs_wanted = pipeline.encoder.adaptive_config.text_pair is not False
+    text_column, pair_column = _pick_texts(rows, args.text_column, args.pair_column, pairs_wanted)
+    texts = _column(rows, text_column)
     pairs = _column(rows, pair_column) if pair_column else None
     try:
         pipeline.check_texts(texts, pairs)
@@ -238,7 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     else:
-        sys.stdout.writelines(lines)
+        try:
+            sys.stdout.writelines(lines)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has gone; stop quietly, as command-line tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 1
     summary = (f"{len(predictions)} rows, relative cost {relative_cost(predictions):.3f} (total MACs / full-depth "
                "MACs, exact convention)")
     if labels is not None:

@@ -10,8 +10,9 @@ Relative cost, everywhere: total MACs over total full-depth MACs of the same row
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,10 +142,10 @@ class TextPipeline:
             if len(labels) != len(texts):
                 raise ValueError(f"got {len(labels)} labels for {len(texts)} texts.")
             labels = label_ids(self.adaptive_config, labels)
+        size = _batch_size(batch_size, self.batch_size)
         lengths = self.tokenizer(texts, text_pairs, truncation=True, max_length=self.max_length,
                                  return_length=True)["length"]
         order = sorted(range(len(texts)), key=lambda index: lengths[index])
-        size = batch_size or self.batch_size
         for start in range(0, len(order), size):
             rows = order[start:start + size]
             batch = self.tokenizer(
@@ -173,6 +174,7 @@ class TextPipeline:
         as batch by batch).
         """
         texts, text_pairs = self.check_texts(texts, text_pairs)
+        size = _batch_size(batch_size, self.batch_size)
         results: list[Prediction | None] = [None] * len(texts)
         bar = None
         if progress:
@@ -180,7 +182,6 @@ class TextPipeline:
 
             bar = tqdm(total=len(texts), desc="predicting", unit="row")
         names = self.adaptive_config.label_names
-        size = batch_size or self.batch_size
         batch_rows: deque[list[int]] = deque()
 
         def inputs() -> Iterator[dict[str, Tensor]]:
@@ -236,8 +237,21 @@ class TextPipeline:
         return texts, text_pairs
 
 
+def _batch_size(asked: int | None, default: int) -> int:
+    """``asked`` rows per batch, checked (``None``: ``default``)."""
+    if asked is None:
+        return default
+    if isinstance(asked, bool) or not hasattr(asked, "__index__") or operator.index(asked) < 1:
+        raise ValueError(f"batch_size must be an int >= 1 (rows per engine call), got {asked!r}.")
+    return operator.index(asked)
+
+
 def _check_texts(texts: str | Sequence[str], text_pairs: str | Sequence[str] | None
                  ) -> tuple[list[str], list[str] | None]:
+    for name, value in (("texts", texts), ("text_pairs", text_pairs)):
+        if isinstance(value, (Mapping, bytes, bytearray)):
+            raise TypeError(f"{name} must be a string or a sequence of strings, got a {type(value).__name__}; for "
+                            "a pair task pass pipeline(texts, text_pairs), each a list of strings.")
     texts = [texts] if isinstance(texts, str) else list(texts)
     if text_pairs is not None:
         text_pairs = [text_pairs] if isinstance(text_pairs, str) else list(text_pairs)

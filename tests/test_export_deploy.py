@@ -327,3 +327,11 @@ def test_a_full_disk_under_torch_export_is_one_line_and_the_process_survives(tmp
         export_engine(spread_encoder(tiny_model("bert"), seed=0), tmp_path / "out", "torch-export", mode="full")
     gc.collect()  # where torch's writer would have taken the process down
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_manifest_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"manifest_version": 2, "format": "on')
+    with pytest.raises(ValueError, match=r"manifest.json is not valid JSON .*re-export the model"):
+        ExportedEngine(folder)

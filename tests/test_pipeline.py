@@ -290,3 +290,77 @@ def test_predict_command_line_errors_are_one_line(saved_pair_model: Path, tmp_pa
     assert predict_main([model, "--input", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_predict_reads_qnli_columns_in_their_order(saved_pair_model: Path, tmp_path: Path) -> None:
+    """QNLI's dev.tsv is ``index question sentence label``: the question is the first text. The text column used
+    to default to ``sentence`` and the pair to nothing (or, with --pair-column sentence, to the same column)."""
+    rows = tmp_path / "dev.tsv"
+    lines = ["index\tquestion\tsentence\tlabel"]
+    lines += [f"{i}\t{a}\t{b}\tentailment" for i, (a, b) in enumerate(zip(SENTENCES, PAIRS))]
+    rows.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    expected = [p.label for p in AdaptivePipeline.from_pretrained(saved_pair_model)(SENTENCES, PAIRS)]
+    swapped = [p.label for p in AdaptivePipeline.from_pretrained(saved_pair_model)(PAIRS, SENTENCES)]
+    assert expected != swapped  # the order of the pair matters to this model
+    for extra in ([], ["--pair-column", "sentence"], ["--text-column", "question"]):
+        output = tmp_path / f"out{len(extra)}{''.join(extra)}.jsonl"
+        assert predict_main([str(saved_pair_model), "--input", str(rows), "--output", str(output), "--no-progress",
+                             *extra]) == 0
+        assert [json.loads(line)["label"] for line in output.read_text().splitlines()] == expected, extra
+    assert predict_main([str(saved_pair_model), "--input", str(rows), "--no-progress", "--text-column", "sentence",
+                         "--pair-column", "sentence"]) == 2
+
+
+def test_predict_reads_a_tsv_field_longer_than_the_csv_modules_default_limit(saved_pair_model: Path,
+                                                                            tmp_path: Path) -> None:
+    import csv
+
+    rows = tmp_path / "long.tsv"
+    rows.write_text("sentence1\tsentence2\n" + "word " * 40_000 + "\tshort\n", encoding="utf-8")  # 200,000 characters
+    limit = csv.field_size_limit()
+    assert predict_main([str(saved_pair_model), "--input", str(rows), "--output", str(tmp_path / "o.jsonl"),
+                         "--no-progress"]) == 0
+    assert csv.field_size_limit() == limit  # the csv module's process-wide limit is left as it was
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nolabel", "--label-column 'label': rows [2] have no such field"),
+    ("device", "--device 'gpu': "),
+])
+def test_predict_refuses_a_row_without_its_label_and_an_unknown_device(saved_pair_model: Path, tmp_path: Path,
+                                                                       capsys, case: str, message: str) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a", "text_pair": "b", "label": 1}\n{"text": "c", "text_pair": "d"}\n')
+    extra = ["--label-column", "label"] if case == "nolabel" else ["--device", "gpu"]
+    assert predict_main([str(saved_pair_model), "--input", str(path), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_predict_into_a_closed_pipe_stops_quietly(saved_pair_model: Path, tmp_path: Path) -> None:
+    """``predict ... | head -1``: the reader goes away; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": a, "text_pair": b}) + "\n" for a, b in zip(SENTENCES, PAIRS)))
+    process = subprocess.Popen([sys.executable, "-m", "adaptive_depth.predict", str(saved_pair_model), "--input",
+                                str(path), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the first prediction is written
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_a_pipeline_refuses_a_bad_batch_size_and_dicts_of_texts(saved_pair_model: Path) -> None:
+    pipeline = AdaptivePipeline.from_pretrained(saved_pair_model)
+    for size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            pipeline(SENTENCES, PAIRS, batch_size=size)
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            list(pipeline.batches(SENTENCES, PAIRS, batch_size=size))
+    with pytest.raises(TypeError, match="texts must be a string or a sequence of strings, got a dict"):
+        pipeline({"text": SENTENCES[0], "text_pair": PAIRS[0]})
+    with pytest.raises(TypeError, match="text_pairs must be a string or a sequence of strings, got a bytes"):
+        pipeline(SENTENCES[0], b"bytes")
+    assert len(pipeline(SENTENCES, PAIRS, batch_size=2)) == len(SENTENCES)
