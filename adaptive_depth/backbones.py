@@ -112,7 +112,9 @@ class BackboneAdapter:
             with a batch dimension, which must follow the rows when a batch is compacted
             (MPNet's relative position bias ``[B, heads, N, N]``).
         positions_after_padding: position ids start after the padding index (RoBERTa and
-            MPNet), so the position table holds ``pad_token_id + 1`` fewer tokens.
+            MPNet), so the position table holds ``padding index + 1`` fewer tokens.
+        padding_index: the padding index the embeddings use whatever the config says (MPNet's is 1);
+            ``None``: ``config.pad_token_id``.
     """
 
     model_type: str
@@ -121,6 +123,7 @@ class BackboneAdapter:
     shared_layers: bool = False
     batched_extra_args: tuple[int, ...] = ()
     positions_after_padding: bool = False
+    padding_index: int | None = None
 
     def max_tokens(self, config: Any) -> int | None:
         """The longest input the position table embeds (``None``: no absolute positions)."""
@@ -128,7 +131,8 @@ class BackboneAdapter:
         if not isinstance(positions, int):
             return None
         if self.positions_after_padding:
-            positions -= int(getattr(config, "pad_token_id", None) or 0) + 1
+            padding = self.padding_index if self.padding_index is not None else getattr(config, "pad_token_id", None)
+            positions -= int(padding or 0) + 1
         return positions
 
     def layer_list(self, base_model: nn.Module) -> nn.ModuleList:
@@ -157,7 +161,8 @@ BACKBONES: Mapping[str, BackboneAdapter] = {
     "distilbert": BackboneAdapter("distilbert", "transformer.layer", _distilbert_dims),
     "albert": BackboneAdapter("albert", "encoder.albert_layer_groups", _albert_dims, shared_layers=True),
     # Every MPNet layer takes the relative position bias the encoder computes once per batch.
-    "mpnet": BackboneAdapter("mpnet", "encoder.layer", batched_extra_args=(0,), positions_after_padding=True),
+    "mpnet": BackboneAdapter("mpnet", "encoder.layer", batched_extra_args=(0,), positions_after_padding=True,
+                             padding_index=1),  # MPNetEmbeddings hard-codes padding_idx = 1
 }
 
 
@@ -165,13 +170,19 @@ def get_backbone(config: Any) -> BackboneAdapter:
     """The adapter for ``config.model_type``.
 
     Raises:
-        UnsupportedModelError: naming the supported model types.
+        UnsupportedModelError: naming the supported model types, or a decoder configuration.
     """
     model_type = getattr(config, "model_type", None)
     if model_type not in BACKBONES:
         supported = ", ".join(sorted(BACKBONES))
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported by adaptive_depth; supported: {supported}."
+        )
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedModelError(
+            f"this {model_type} is configured as a decoder (is_decoder / add_cross_attention): adaptive_depth runs "
+            "bidirectional encoders (gates and heads read [CLS], rows leave a batch and their masks are rebuilt "
+            "without a causal part); load it with is_decoder=False."
         )
     return BACKBONES[model_type]
 

@@ -152,6 +152,11 @@ class AdaptiveEncoder(nn.Module):
         self._fused_for_inference = False
         hidden_size = int(config.hidden_size)
         num_steps = self.adapter.num_steps(config)
+        modules = len(self.adapter.layer_list(base_model))
+        expected = int(getattr(config, "num_hidden_groups", 1)) if self.adapter.shared_layers else num_steps
+        if modules != expected:  # layers dropped or added without the config: steps would miss or skip layers
+            raise ValueError(f"the wrapped {type(model).__name__} holds {modules} layer modules but its config says "
+                             f"{expected} (num_hidden_layers); set config.num_hidden_layers to the layers it holds.")
         self.gates = nn.ModuleList(
             SkipGate(hidden_size, gate_inner_size, gate_num_heads, gate_pooling, dropout, initial_skip_bias)
             for _ in range(num_steps if with_gates else 0)

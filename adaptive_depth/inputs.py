@@ -58,12 +58,20 @@ def check_batch(input_ids: Tensor | None, attention_mask: Tensor | None, model_i
     batch_size, num_tokens = reference.shape[:2]
     if batch_size == 0 or num_tokens == 0:
         raise ValueError(f"empty batch: input_ids has shape {tuple(reference.shape)}.")
-    if max_tokens is not None and "position_ids" not in model_inputs and num_tokens > max_tokens:
+    position_ids = model_inputs.get("position_ids")
+    if max_tokens is not None and position_ids is None and num_tokens > max_tokens:
         raise ValueError(
             f"inputs have {num_tokens} tokens but the {model_type} position table holds "
             f"{max_tokens}; truncate the inputs to at most {max_tokens} tokens (max_length={max_tokens})."
         )
     if attention_mask is None:  # no padding: nothing to check
+        if isinstance(position_ids, Tensor) and position_ids.shape[-1] > 1 and bool(
+                (position_ids[..., 1:] - position_ids[..., :-1] != 1).any()):
+            raise ValueError(
+                "position_ids restart or jump within a row and no attention_mask was given: transformers reads "
+                "that as several sequences packed in one row, adaptive_depth runs one sequence per row (its gates "
+                "and heads read the first token). Pass an attention_mask, or one sequence per row."
+            )
         attention_mask = torch.ones(batch_size, num_tokens, dtype=torch.long, device=reference.device)
         return attention_mask, attention_mask.bool()
     if tuple(attention_mask.shape) != (batch_size, num_tokens):

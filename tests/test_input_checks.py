@@ -60,3 +60,42 @@ def test_nan_exit_head_is_an_error_not_a_row_that_never_exits() -> None:
     engine = AdaptiveInferenceEngine(encoder, criterion=EntropyExit(10.0), mode="exit_only")
     with pytest.raises(FloatingPointError, match="exit head 1 gave NaN or infinite logits for 3 of 3 rows"):
         engine(input_ids, attention_mask)
+
+
+def test_packed_position_ids_without_a_mask_are_refused_and_none_keeps_the_length_check() -> None:
+    """transformers 5 reads position ids that restart within a row, with no mask, as packed sequences (a
+    block mask the engine would not use); ``position_ids=None`` used to switch the length check off."""
+    engine = AdaptiveInferenceEngine(make_encoder(), mode="full")
+    ids = torch.full((2, 8), 7)
+    with pytest.raises(ValueError, match="position_ids restart or jump within a row and no attention_mask"):
+        engine(ids, position_ids=torch.arange(4).repeat(2)[None].expand(2, -1))
+    engine(ids, position_ids=torch.arange(8)[None])  # consecutive positions run
+    engine(ids, torch.ones_like(ids), position_ids=torch.arange(4).repeat(2)[None].expand(2, -1))  # with a mask too
+    limit = engine.encoder.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"{limit + 1} tokens but the bert position table holds {limit}"):
+        engine(torch.full((1, limit + 1), 7), position_ids=None)
+
+
+def test_mpnets_length_limit_follows_its_fixed_padding_index() -> None:
+    """MPNetEmbeddings numbers positions after padding index 1 whatever config.pad_token_id says."""
+    from adaptive_depth.backbones import get_backbone
+
+    config = tiny_model("mpnet").config
+    limits = []
+    for pad in (0, 1, 5):
+        config.pad_token_id = pad
+        limits.append(get_backbone(config).max_tokens(config))
+    assert limits == [config.max_position_embeddings - 2] * 3
+
+
+def test_decoders_and_layer_lists_that_disagree_with_the_config_are_refused() -> None:
+    from adaptive_depth.backbones import UnsupportedModelError
+
+    model = tiny_model("bert", num_layers=3)
+    del model.encoder.layer[2:]  # layers dropped without the config
+    with pytest.raises(ValueError, match="holds 2 layer modules but its config says 3"):
+        AdaptiveEncoder(model, num_labels=2)
+    decoder = tiny_model("bert")
+    decoder.config.is_decoder = True
+    with pytest.raises(UnsupportedModelError, match="configured as a decoder"):
+        AdaptiveEncoder(decoder, num_labels=2)
