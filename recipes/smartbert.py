@@ -143,8 +143,10 @@ class SmartBertConfig(RecipeConfig):
             raise ConfigError("gated_epochs_train=gates trains only the gates after the warm-up, so the backbone "
                               "and last head must be fine-tuned first: set gate_warmup_epochs >= 1 (e.g. "
                               "stage1_epochs=5 gate_warmup_epochs=3)")
-        if any(value < 0 for value in self.entropy_thresholds):
-            raise ConfigError(f"entropy_thresholds must be >= 0, got {self.entropy_thresholds}")
+        if not self.entropy_thresholds or not all(value >= 0 for value in self.entropy_thresholds):  # NaN too
+            raise ConfigError(f"entropy_thresholds must be one or more values >= 0, got {self.entropy_thresholds}")
+        if not self.regression_tolerance >= 0:
+            raise ConfigError(f"regression_tolerance must be >= 0 (score units), got {self.regression_tolerance}")
         if not all(value >= 0 for value in self.regression_tolerances):  # also refuses NaN
             raise ConfigError(f"regression_tolerances must be >= 0 (score units), got {self.regression_tolerances}")
 

@@ -324,3 +324,12 @@ def test_load_hf_split_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None
         load_hf_split("rte", "dev")
     with pytest.raises(ValueError, match="has no split"):
         load_hf_split("rte", "test")
+
+
+def test_a_headerless_file_of_a_task_with_a_header_is_refused(tmp_path: Path) -> None:
+    """Line 1 of SST-2 was skipped as the header whatever it held: a file without one lost its first example."""
+    write_synthetic_glue(tmp_path, "sst2", n_train=8, n_dev=4)
+    dev = tmp_path / "SST-2" / "dev.tsv"
+    dev.write_text("".join(dev.read_text(encoding="utf-8").splitlines(keepends=True)[1:]), encoding="utf-8")
+    with pytest.raises(GlueDataError, match=r"dev.tsv:1: the first line is a data row \(label '[01]'\)"):
+        read_split(tmp_path, "sst2", "dev")

@@ -334,6 +334,26 @@ def test_overrides_are_typed_and_validated() -> None:
         load_config(smartbert.SmartBertConfig, None, ["regression_tolerances=[0.1,-1]"], task="stsb")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("weight_decay=.nan", "weight_decay must be >= 0, got nan"),  # AdamW failed after the run folder was made
+    ("max_grad_norm=.nan", "max_grad_norm must be >= 0, got nan"),  # gradients were silently never clipped
+    ("eta1=.nan", "eta1 must be >= 0, got nan"),  # the contrastive term was silently dropped
+    ("entropy_thresholds=[.nan]", "entropy_thresholds must be one or more values >= 0"),  # failed after training
+    ("entropy_thresholds=[]", "entropy_thresholds must be one or more values >= 0"),  # saved at full depth
+    ("regression_tolerance=-1", r"regression_tolerance must be >= 0 \(score units\)"),  # never exited
+])
+def test_nan_and_empty_settings_are_refused_before_any_work(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(smartbert.SmartBertConfig, None, [override], task="stsb")
+
+
+def test_options_take_scientific_notation_without_a_dot() -> None:
+    """YAML 1.1 and the command line leave ``4e-2`` a string; top-level floats were converted, options were not."""
+    config = load_config(smartbert.SmartBertConfig, None, ["gate_objective=budget", "gate_objective.weight=4e-2"],
+                         task="rte")
+    assert config.gate_objective["weight"] == pytest.approx(0.04)
+
+
 def test_runs_under_torchrun_with_two_processes(tiny_model_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     """DDP on CPU (gloo), launched by torch's own torchrun, without code changes."""
     import subprocess

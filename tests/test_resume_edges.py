@@ -20,6 +20,7 @@ import torch
 from recipes.run import checkpoints as ckpt
 from recipes.run import files
 from tests.conftest import RECIPE_RUN_MARKS, approx_tree, assert_same_weights
+from tests.conftest import TINY_SMARTBERT as TINY
 from tests.test_recipe_runs import SCHEDULE, assert_one_error_line, base, interrupt_epoch, run_cli, without_timings
 from tests.test_recipe_runs import reference  # noqa: F401 (a module fixture, shared)
 
@@ -168,3 +169,41 @@ def test_reloading_a_run_whose_saved_model_was_damaged_is_a_checkpoint_error(run
     with pytest.raises(ckpt.CheckpointError, match="saved model of .* cannot be loaded: .*adaptive_heads.safetensors "
                                                    "differs"):
         load_run(out, "smartbert")
+
+
+def test_a_nan_held_out_score_does_not_stay_the_best_epoch(tiny_model_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchmetrics' Pearson is NaN on constant predictions (an STS-B head that has not learned yet); a NaN
+    first epoch used to stay the best, since nothing compares greater than NaN."""
+    from recipes.run.composer import Run
+    from tests.glue_fixtures import write_synthetic_glue
+
+    glue = write_synthetic_glue(tmp_path / "glue", "stsb", n_train=40, n_dev=16)
+    scores = iter([float("nan"), 0.5, 0.9])
+    measured = Run.evaluate_heldout
+    monkeypatch.setattr(Run, "evaluate_heldout", lambda self: {**measured(self), "pearson": next(scores)})
+    out = tmp_path / "run"
+    assert run_cli("--task", "stsb", "--data-dir", str(glue), "--model", str(tiny_model_dir), "--output-dir", str(out),
+                   *TINY, "stage1_epochs=3", "soft_epochs=1", "stage2_epochs=0", "regression_tolerances=[0.5]") == 0
+    best = json.loads((out / "results.json").read_text())["best_stage1"]
+    assert (best["epoch"], best["value"]) == (2, 0.9)
+
+
+def test_a_run_stopped_between_its_saved_model_and_its_results_loads_from_its_checkpoint(
+        tiny_model_dir: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import recipes.run.composer as composer
+    from recipes import smartbert
+
+    write_results = composer.write_results
+
+    def interrupted(run_dir: Path, results: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)  # arrives right after <run>/model was saved
+        return write_results(run_dir, results)
+
+    monkeypatch.setattr(composer, "write_results", interrupted)
+    out = tmp_path / "run"
+    assert run_cli(*base(glue_dir, tiny_model_dir, out), "stage1_epochs=1", "soft_epochs=1", "stage2_epochs=1",
+                   "entropy_thresholds=[0.3]") == 130
+    assert (out / "model").is_dir() and not (out / "results.json").exists()
+    encoder, _, config = smartbert.load_trained(out)
+    assert config.stage2_epochs == 1 and encoder.num_steps == 2

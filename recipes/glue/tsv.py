@@ -199,6 +199,11 @@ def read_split(data_dir: str | os.PathLike[str], task: GlueTask | str, split: st
                             f"{where}: header has {len(row)} tab-separated columns, expected "
                             f"{expected_columns} for {task.folder} {split}. Is this the glue_data file?"
                         )
+                    if _is_label(task, row[task.columns.label].strip()):  # a data row: reading on would drop it
+                        raise GlueDataError(
+                            f"{where}: the first line is a data row (label {row[task.columns.label].strip()!r}), not "
+                            f"the header {task.folder} files start with. Is this the glue_data file?"
+                        )
                     continue
                 if not row or row == [""]:
                     skipped.append(SkippedRow(f"{short_name}:{line}", "blank line"))
@@ -240,6 +245,17 @@ def _non_utf8_message(path: Path) -> str:
                     f"of the file, is {bad.hex(' ')}); re-save the file as UTF-8")
         offset += len(line) + 1
     return f"{path} is not UTF-8 text; re-save the file as UTF-8"
+
+
+def _is_label(task: GlueTask, raw: str) -> bool:
+    """Whether ``raw`` is one of the task's labels (for regression: a number)."""
+    if task.labels is not None:
+        return raw in task.labels
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_row(task: GlueTask, row: list[str], where: str, source: str) -> GlueExample:

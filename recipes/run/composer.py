@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -286,7 +287,8 @@ class Run:
             # Every process evaluates the same held-out rows, so all agree on the best epoch.
             new_best = None
             selectable = self.method.stage1_selectable(config, epoch)
-            if selectable and (self.best_stage1 is None or main_value > self.best_stage1.value):
+            if selectable and (self.best_stage1 is None or main_value > self.best_stage1.value
+                               or (math.isnan(self.best_stage1.value) and not math.isnan(main_value))):
                 self.best_stage1 = BestEpoch(epoch=epoch, metric=self.task.main_metric, value=main_value)
                 new_best = self._stage1_state()
             self._save(1, epoch, optimizer, scheduler, new_best)

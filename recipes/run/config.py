@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -107,10 +108,10 @@ class RecipeConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         for name in self._positive:
-            if getattr(self, name) < 1:
+            if not getattr(self, name) >= 1:  # also refuses NaN
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in self._non_negative:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too: a NaN weight decay, clip norm or loss weight is no setting
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in self._strictly_positive:
             if not getattr(self, name) > 0:
@@ -138,6 +139,15 @@ class RecipeConfig:
             raise ConfigError(f"max_length ({self.max_length}) must be <= padded_length ({self.padded_length})")
 
 
+_SCIENTIFIC = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
+
+
+def _option_value(value: Any) -> Any:
+    """An option of a dict-typed key as given, except ``"4e-2"``-style strings, which become floats (YAML 1.1 and
+    the command line leave scientific notation without a dot as a string; top-level floats are coerced by type)."""
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) else value
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert a YAML value to the dataclass field's type, or raise :class:`ConfigError`."""
     origin = typing.get_origin(annotation)
@@ -157,7 +167,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return {"name": value}
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} must be a name or a mapping of options, got {value!r}")
-        return dict(value)
+        return {name: _option_value(option) for name, option in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
@@ -258,7 +268,7 @@ def load_config(cls: type, path: str | os.PathLike[str] | None = None, overrides
             if option:
                 current = values[head] if head in values else _field_default(fields[head])
                 merged = {} if option == "name" else dict(current)
-                values[head] = {**merged, option: value}
+                values[head] = {**merged, option: _option_value(value)}
             else:
                 values[key] = _coerce(key, value, hints[key])
     try:

@@ -55,7 +55,8 @@ def load_run(run_dir: str | Path, recipe: str, device: str | torch.device = "cpu
 
     method = get_method(recipe)
     run_dir = Path(run_dir)
-    if (run_dir / MODEL_DIR / "adaptive_config.json").is_file():
+    # The saved model counts once its results are written too (an interrupt between the two leaves the checkpoint).
+    if (run_dir / MODEL_DIR / "adaptive_config.json").is_file() and (run_dir / RESULTS_FILE).is_file():
         return _load_saved_model(run_dir, recipe, method.config_class, device)
     backbone_dir = run_dir / BACKBONE_DIR
     if not (backbone_dir / "config.json").is_file():
