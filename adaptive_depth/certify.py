@@ -144,8 +144,9 @@ def select_threshold(thresholds: Sequence[float], loss_sum_at: Callable[[int], f
 
 def default_grid(engine: AdaptiveInferenceEngine, points: int = GRID_POINTS) -> list[float]:
     """The criterion's natural grid, safest first: ``points`` thresholds evenly spaced from
-    "never exits early" to "exits at the first head" (entropy 0 to ``log C``, max-probability 1
-    to 0, tolerance 0 to ``inf`` through ``f / (1 - f)``), or patience from ``L`` down to 0.
+    "never exits early" to "exits at the first head" (entropy 0 to ``log C``, the last point
+    ``log C + 0.001``, above float32's rounding of any entropy; max-probability 1 to 0, tolerance 0
+    to ``inf`` through ``f / (1 - f)``), or patience from ``L`` down to 0.
 
     Example:
         >>> from adaptive_depth import AdaptiveEncoder, EntropyExit
@@ -154,7 +155,7 @@ def default_grid(engine: AdaptiveInferenceEngine, points: int = GRID_POINTS) -> 
         ...                             num_attention_heads=4, intermediate_size=37))
         >>> grid = default_grid(AdaptiveInferenceEngine(AdaptiveEncoder(bert, num_labels=2), EntropyExit(0.3)), 5)
         >>> [round(value, 4) for value in grid]
-        [0.0, 0.1733, 0.3466, 0.5199, 0.6931]
+        [0.0, 0.1733, 0.3466, 0.5199, 0.6941]
     """
     if points < 2:
         raise ValueError(f"a grid needs at least 2 points, got {points}.")
