@@ -28,6 +28,7 @@ import json
 import warnings
 from pathlib import Path
 
+from adaptive_depth.files import write_atomically
 from adaptive_depth.storage import file_sha256
 
 __all__ = ["MANIFEST_NAME", "ModelFolderError", "verify_model_folder", "write_manifest"]
@@ -60,7 +61,7 @@ def write_manifest(folder: str | Path) -> None:
     folder = Path(folder)
     digests = {name: file_sha256(folder / name) for name in sorted(_checked_files(folder))}
     record = {"format_version": MANIFEST_FORMAT_VERSION, "sha256": digests}
-    (folder / MANIFEST_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_atomically(folder / MANIFEST_NAME, [json.dumps(record, indent=2) + "\n"])  # never half-written
 
 
 def _read_manifest(folder: Path) -> dict[str, str] | None:

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.exits import predictions_from_logits
+from adaptive_depth.files import OutputPathError, check_output_path, write_atomically
 from adaptive_depth.measure import measure_rows
 from adaptive_depth.metrics import task_metric
 from adaptive_depth.predict import InputFileError, add_input_arguments, load_rows_and_pipeline
@@ -79,8 +81,8 @@ def evaluate(pipeline: Any, texts: list[str], pairs: list[str] | None, labels: l
             mine = full_engine(**inputs).logits.float()
             theirs = original(**inputs).logits.float()
             differences = max(differences, float((mine - theirs).abs().max()))
-            rows_differing += int((mine.argmax(-1) != theirs.argmax(-1)).sum())
-            predictions.append(theirs.argmax(-1).cpu())
+            rows_differing += int((predictions_from_logits(mine) != predictions_from_logits(theirs)).sum())
+            predictions.append(predictions_from_logits(theirs).cpu())  # regression: the scores, not an argmax
         report["original"] = {"metric": score(torch.cat(predictions)), "rows_predicted_differently": rows_differing,
                               "max_abs_logit_difference": differences}
     return report
@@ -97,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="where to write the report")
     args = parser.parse_args(argv)
     try:
+        output = check_output_path(args.json, create_parents=True)  # before the work, not after it
         pipeline, texts, pairs, labels = load_rows_and_pipeline(args, args.label_column)
-    except (InputFileError, FileNotFoundError) as error:
+    except (InputFileError, OutputPathError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     metric = args.metric or pipeline.encoder.adaptive_config.metric or "accuracy"
@@ -113,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   command="python -m benchmarks.attach_eval " + " ".join(sys.argv[1:] if argv is None else argv),
                   date=started.isoformat(timespec="seconds"), torch_threads=torch.get_num_threads(),
                   machine=f"{platform.machine()} {platform.processor() or ''} {args.machine}".strip())
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_atomically(output, [json.dumps(report, indent=2) + "\n"])
     point = report["operating_point"]
     print(f"{metric}: {point['metric']:.4f} at the operating point (full depth {report['full_depth']['metric']:.4f}); "
           f"disagreement with full depth {point['disagreement_with_full_depth']:.4f}; relative cost (total MACs / "

@@ -302,6 +302,8 @@ def load_model(path: str, config: AttachConfig) -> tuple[AdaptiveEncoder, Any]:
                                                   head_num_heads=config.head_num_heads)
     except (FileNotFoundError, TypeError, ValueError, UnsupportedModelError, OSError) as error:
         raise ModelLoadError(f"--model {path}: {error}") from error
+    if encoder.num_steps < 2:
+        raise ModelLoadError(f"--model {path} has {encoder.num_steps} layer: no layer to exit after before the last")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     check_model_inputs(encoder.config, tokenizer, config.max_length, path)
     encoder.adaptive_config.max_length = config.max_length
@@ -338,6 +340,18 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     encoder, tokenizer = load_model(args.model, config)
+    if task is not None:
+        outputs = 1 if task.is_regression else len(task.labels)
+        if encoder.num_labels != outputs:
+            raise ConfigError(f"--task {task.name} has {outputs} output(s) ({'a score' if task.is_regression else 'classes ' + ', '.join(task.labels)}) "
+                              f"but the model in --model has {encoder.num_labels}; pass the task it was fine-tuned for")
+        names = encoder.adaptive_config.label_names
+        if eval_rows is not None and eval_rows.labels is not None and names and set(task.labels or ()) <= set(names):
+            # gold labels by the model's own label names (its classes may be ordered otherwise than the task's)
+            from adaptive_depth.config import label_ids
+
+            eval_rows = eval_rows._replace(labels=label_ids(encoder.adaptive_config,
+                                                            [task.labels[i] for i in eval_rows.labels]))
     # what predict and calibrate read: the task's metric (F1 for MRPC) and whether rows are pairs
     encoder.adaptive_config.metric, encoder.adaptive_config.text_pair = task and task.main_metric, rows.pairs is not None
 

@@ -31,10 +31,11 @@ def sentences(count: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 14))) for _ in range(count)]
 
 
-def save_classifier(folder: Path, num_labels: int = 2, num_layers: int = 3) -> Path:
+def save_classifier(folder: Path, num_labels: int = 2, num_layers: int = 3,
+                    labels: dict[int, str] | None = None) -> Path:
     """A random hidden-32 BERT classifier with the real MiniLM tokenizer, saved as a user would."""
     torch.manual_seed(0)
-    labels = {0: "0", 1: "1"} if num_labels == 2 else {0: "LABEL_0"}
+    labels = labels or ({0: "0", 1: "1"} if num_labels == 2 else {0: "LABEL_0"})
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
                         intermediate_size=37, max_position_embeddings=128, num_labels=num_labels, id2label=labels,
                         label2id={name: index for index, name in labels.items()})
@@ -165,6 +166,8 @@ def test_glue_files_give_their_text_pairs_and_labels(tmp_path: Path) -> None:
     ("no-folder", "no such folder"), ("base-model", "not a fine-tuned *ForSequenceClassification"),
     ("empty", "holds no rows"), ("no-text", "no text column"), ("one-row", "at least 2 are needed"),
     ("bad-key", "unknown config key 'epoch'"), ("bad-value", "holdout_fraction must be in (0, 1)"),
+    ("task-mismatch", "--task stsb has 1 output(s) (a score) but the model in --model has 2"),
+    ("one-layer", "has 1 layer: no layer to exit after"),
 ])
 def test_errors_are_one_line(files: dict[str, Path], tmp_path: Path, capsys, case: str, message: str) -> None:
     model, texts, extra = str(files["model"]), tmp_path / "texts.jsonl", []
@@ -183,6 +186,10 @@ def test_errors_are_one_line(files: dict[str, Path], tmp_path: Path, capsys, cas
         texts.write_text('{"body": "x"}\n')
     elif case == "one-row":
         texts.write_text('{"text": "alone"}\n')
+    elif case == "task-mismatch":  # the folder used to be saved with a metric it could not load with
+        extra = ["--task", "stsb"]
+    elif case == "one-layer":  # no intermediate head: AdamW got no parameters
+        model = str(save_classifier(tmp_path / "one-layer", num_layers=1))
     else:
         extra = ["epoch=2"] if case == "bad-key" else ["holdout_fraction=1.5"]
     assert main(["--model", model, "--texts", str(texts), "--output-dir", str(tmp_path / "run"), *extra]) == 2
@@ -265,3 +272,24 @@ def test_the_attached_folder_certifies_in_place_and_still_loads(files: dict[str,
     assert certificate["n"] == 48 and certificate["max_risk"] == 0.1 and certificate["upper_bound"] <= 0.1
     assert encoder.adaptive_config.threshold == certificate["threshold"]
     assert encoder.adaptive_config.last_head == "classifier:bert"
+
+
+def test_eval_labels_follow_the_models_own_label_names(files: dict[str, Path], tmp_path: Path) -> None:
+    """A classifier whose classes are ordered otherwise than the task's (hub RTE models often put
+    not_entailment first) used to be scored with its classes swapped: gold labels went by the task's order."""
+    swapped = save_classifier(tmp_path / "swapped", labels={0: "1", 1: "0"})
+    dev = tmp_path / "dev.tsv"  # unbalanced gold labels: swapped classes score differently
+    dev.write_text("sentence\tlabel\n" + "".join(f"{text}\t{int(i % 4 != 0)}\n" for i, text in enumerate(sentences(20, 1))),
+                   encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["--model", str(swapped), "--texts", str(files["texts"]), "--task", "sst2", "--eval-texts",
+                 str(dev), "--output-dir", str(out), "epochs=1", "batch_size=8", "head_inner_size=16"]) == 0
+    reported = json.loads((out / "results.json").read_text())["eval"]["metric_model"]
+    model = BertForSequenceClassification.from_pretrained(swapped).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(swapped))
+    rows = [line.split("\t") for line in dev.read_text().splitlines()[1:]]
+    with torch.no_grad():
+        logits = model(**tokenizer([text for text, _ in rows], padding=True, return_tensors="pt")).logits
+    names = [model.config.id2label[int(index)] for index in logits.argmax(-1)]
+    expected = sum(name == gold for name, (_, gold) in zip(names, rows)) / len(rows)
+    assert reported["accuracy"] == pytest.approx(expected, abs=1e-6)
