@@ -239,6 +239,10 @@ class AdaptiveEncoderConfig:
     def __post_init__(self) -> None:
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}.")
+        for name in ("gate_inner_size", "gate_num_heads", "head_inner_size", "head_num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # a hand edit: not a raw error later
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
         if self.problem_type is None:
             self.problem_type = "regression" if self.num_labels == 1 else "single_label_classification"
         if self.problem_type not in ("single_label_classification", "regression"):

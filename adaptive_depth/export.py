@@ -30,7 +30,6 @@ import io
 import json
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -42,6 +41,7 @@ from adaptive_depth.backbones import UnsupportedModelError
 from adaptive_depth.config import CriterionName, check_gate_threshold, criterion_from_name, criterion_with_threshold
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.exits import ExitCriterion
+from adaptive_depth.files import staging_folder
 from adaptive_depth.export_files import (
     LOG_NAME,
     MANIFEST_VERSION,
@@ -135,7 +135,7 @@ def export_engine(
     Raises:
         ValueError: unknown ``format`` or ``mode``, a gated mode on an encoder without gates, an
             attention implementation other than sdpa/eager, a criterion class that is not built in,
-            a bfloat16 encoder exported to ONNX (ONNX Runtime's CPU kernels do not run it).
+            a bfloat16 or float64 encoder exported to ONNX (ONNX Runtime's CPU kernels do not run it).
         FileExistsError: ``out_dir`` exists.
         ExportStorageError: ``out_dir`` cannot be written (read-only, under a file, disk full).
         UnsupportedModelError: a model family the exporter does not know.
@@ -170,10 +170,12 @@ def export_engine(
             f"exporting model_type {config.model_type!r} is not supported; "
             f"supported: {', '.join(sorted(EXPORT_EMBEDDINGS))}."
         )
-    if format == "onnx" and next(encoder.parameters()).dtype == torch.bfloat16:
+    dtype = next(encoder.parameters()).dtype
+    if format == "onnx" and dtype in (torch.bfloat16, torch.float64):
         raise ValueError(
-            "ONNX Runtime's CPU kernels do not run bfloat16 graphs (the export would not load); export a "
-            "float32 or float16 copy (encoder.float()), or use format='torch-export'."
+            f"ONNX Runtime's CPU kernels do not run {str(dtype).removeprefix('torch.')} graphs of these layers (the "
+            "export would not load); export a float32 or float16 copy (encoder.float()), or use "
+            "format='torch-export'."
         )
     if format == "onnx":
         for package in ("onnx", "onnxscript"):
@@ -191,7 +193,7 @@ def export_engine(
 
         truncation = truncation_length(saved.max_length, max_tokens, tokenizer)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        staging = staging_folder(out_dir)
     except OSError as error:
         raise (storage_error(error, out_dir) or error) from None
     try:

@@ -69,7 +69,7 @@ def check_output_dir(out_dir: str | Path) -> Path:
         >>> import tempfile; check_output_dir(Path(tempfile.mkdtemp()) / "new" / "exported").name
         'exported'
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     if out_dir.exists() or out_dir.is_symlink():
         raise FileExistsError(f"{out_dir} already exists; choose a new folder or delete it first.")
     blocking = file_in_the_way(out_dir)

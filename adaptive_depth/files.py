@@ -8,7 +8,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write", "check_output_path", "file_in_the_way", "fsync", "write_atomically"]
+__all__ = ["OutputPathError", "atomic_write", "check_output_path", "file_in_the_way", "fsync", "staging_folder",
+           "write_atomically"]
 
 
 def fsync(path: str | os.PathLike[str]) -> None:
@@ -124,3 +125,14 @@ def check_output_path(path: str | os.PathLike[str], *, create_parents: bool = Fa
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputPathError(f"output {path} exists and is read-only; choose another output place.")
     return path
+
+
+def staging_folder(target: Path) -> Path:
+    """A new hidden folder beside ``target`` to write it in before a rename, with the permissions a plain
+    ``mkdir`` would give (``tempfile.mkdtemp`` makes it 0700, which a renamed model folder would keep: other
+    users and serving containers could not read it)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ import torch
 
 from adaptive_depth.classifiers import is_attached
 from adaptive_depth.config import AdaptiveEncoderConfig
+from adaptive_depth.files import staging_folder
 from adaptive_depth.hub import HubTimeoutError, OFFLINE_HINT, download_snapshot, looks_like_hub_id
 from adaptive_depth.model_folder import ModelFolderError, verify_model_folder, write_manifest
 from adaptive_depth.storage import as_storage_error
@@ -86,7 +86,7 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
     """
     from safetensors.torch import save_file
 
-    target = Path(save_directory)
+    target = Path(save_directory).expanduser()
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is a file; choose a folder name for the model.")
@@ -98,7 +98,7 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
         if is_model and not overwrite:
             raise FileExistsError(f"{target} already holds a saved model; pass overwrite=True to replace it.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = staging_folder(target)
     try:
         config = encoder.adaptive_config
         config.attn_implementation = getattr(encoder.config, "_attn_implementation", None)
@@ -143,7 +143,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None
             (no such path, unknown repository, offline and not cached, or the Hub did not answer
             in time; the message says how to work offline).
     """
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / ADAPTIVE_CONFIG_NAME).is_file():
             hint = " (it looks like a plain Hugging Face model: wrap it with AdaptiveEncoder(model))" if (

@@ -104,10 +104,13 @@ def check_ids_outside_the_tables_are_refused(encoder: AdaptiveEncoder, exported:
     exported(input_ids)  # the ids themselves run
 
 
-def test_a_bfloat16_onnx_export_is_refused_before_any_work(tmp_path: Path) -> None:
-    """ONNX Runtime's CPU provider has no bfloat16 kernels: the folder would be written and never load."""
-    encoder = spread_encoder(tiny_model("bert", num_layers=1), seed=1).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="do not run bfloat16 graphs.*format='torch-export'"):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_onnx_exports_ort_cannot_run_are_refused_before_any_work(dtype: torch.dtype, tmp_path: Path) -> None:
+    """ONNX Runtime's CPU provider lacks bfloat16 and some float64 kernels: the folder would be written and
+    never load."""
+    encoder = spread_encoder(tiny_model("bert", num_layers=1), seed=1).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=f"do not run {name} graphs.*format='torch-export'"):
         export_engine(encoder, tmp_path / "exported", "onnx", mode="full")
     assert not (tmp_path / "exported").exists()
 

@@ -131,3 +131,28 @@ def test_config_validates_its_operating_point() -> None:
         AdaptiveEncoderConfig(num_labels=2, criterion="patience", threshold=1.5)
     assert AdaptiveEncoderConfig(num_labels=1).problem_type == "regression"
     assert AdaptiveEncoderConfig(num_labels=2, with_gates=False).mode == "exit_only"
+
+
+def test_a_saved_folder_gets_plain_mkdir_permissions_and_home_paths_are_expanded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tempfile.mkdtemp makes the staging folder 0700, which the renamed model folder kept (other users and
+    serving containers could not read it); ``~/models/m`` was saved as ``./~/models/m``."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        folder = random_encoder("bert", seed=1).save_pretrained("~/models/m")
+    finally:
+        os.umask(previous)
+    assert folder == tmp_path / "home" / "models" / "m" and not (tmp_path / "~").exists()
+    assert folder.stat().st_mode & 0o777 == 0o755
+    AdaptiveEncoder.from_pretrained("~/models/m")
+
+
+@pytest.mark.parametrize("name", ["gate_inner_size", "gate_num_heads", "head_inner_size", "head_num_heads"])
+def test_sizes_in_a_hand_edited_config_must_be_positive(name: str) -> None:
+    """0 heads used to end in a ZeroDivisionError, a negative size in a torch error, when the modules were built."""
+    with pytest.raises(ValueError, match=rf"{name} must be an int >= 1, got 0"):
+        AdaptiveEncoderConfig(num_labels=2, **{name: 0})
