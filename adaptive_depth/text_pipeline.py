@@ -72,7 +72,8 @@ def relative_cost(predictions: Sequence[Prediction]) -> float:
 
 def truncation_length(trained_length: int | None, position_limit: int | None, tokenizer: Any) -> int:
     """The length in tokens raw text is truncated to: the length the model was trained at when known,
-    else the tokenizer's limit capped by the model's position table (and by 512).
+    else the tokenizer's limit capped by the model's position table (and by 512). Never more than the
+    position table holds (a saved length above it would make every long text an error).
 
     Args:
         trained_length: ``adaptive_config.max_length`` (``None``: unknown).
@@ -87,9 +88,11 @@ def truncation_length(trained_length: int | None, position_limit: int | None, to
         510
         >>> truncation_length(128, 510, SimpleNamespace(model_max_length=512))
         128
+        >>> truncation_length(256, 128, SimpleNamespace(model_max_length=512))
+        128
     """
     if trained_length:
-        return int(trained_length)
+        return int(trained_length) if position_limit is None else min(int(trained_length), int(position_limit))
     limit = int(min(tokenizer.model_max_length, 10**9))
     if position_limit is not None:
         limit = min(limit, int(position_limit))
