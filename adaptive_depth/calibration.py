@@ -294,6 +294,7 @@ def calibrate_operating_point(
     best: Calibration | None = None
     candidates: list[dict[str, Any]] = []
     errors: list[str] = []
+    nan_metric = False  # some gate threshold met the budget but its metric was not finite
     for gate_threshold in gate_thresholds:
         engine = AdaptiveInferenceEngine(template.encoder, template.criterion, gate_threshold, template.mode,
                                          template.padded_length)
@@ -308,13 +309,14 @@ def calibrate_operating_point(
                            "relative_cost": calibration.relative_cost, "mean_layers_run": calibration.mean_layers_run,
                            "metric": calibration.metric})
         if calibration.metric is not None and not math.isfinite(calibration.metric):  # NaN compares as neither
+            nan_metric = True
             errors.append(f"gate_threshold={gate_threshold:g}: the metric is {calibration.metric} (e.g. a "
                           "correlation of constant predictions)")
             continue
         if best is None or (calibration.metric, -calibration.relative_cost) > (best.metric, -best.relative_cost):
             best = calibration
     if best is None:
-        finite = " with a finite metric" if any("the metric is" in error for error in errors) else ""
+        finite = " with a finite metric" if nan_metric else ""
         raise ValueError(f"no gate threshold meets the budget{finite}: " + "; ".join(errors))
     best.candidates = candidates
     return best
