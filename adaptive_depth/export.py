@@ -326,14 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_output_dir(args.out_dir)  # before loading anything
-        encoder = AdaptiveEncoder.from_pretrained(args.model_dir, verify=not args.no_verify)
-        tokenizer = None
-        from adaptive_depth.text_pipeline import TOKENIZER_FILES
+        from adaptive_depth.pretrained import resolve_model_dir
+        from adaptive_depth.text_pipeline import folder_tokenizer
 
-        if any((Path(args.model_dir) / name).is_file() for name in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        folder = resolve_model_dir(args.model_dir)  # a Hub id or ~/...: the tokenizer is looked for there too
+        encoder = AdaptiveEncoder.from_pretrained(folder, verify=not args.no_verify)
+        tokenizer = folder_tokenizer(folder)
         criterion, gate_threshold, mode = _operating_point(encoder, args)
         out_dir = export_engine(encoder, args.out_dir, args.format, criterion=criterion, tokenizer=tokenizer,
                                 gate_threshold=gate_threshold, mode=mode, opset=args.opset, verbose=args.verbose)

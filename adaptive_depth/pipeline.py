@@ -27,7 +27,8 @@ from adaptive_depth.config import AdaptiveEncoderConfig, criterion_spec
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine, EngineMode
 from adaptive_depth.exits import ExitCriterion
-from adaptive_depth.text_pipeline import TOKENIZER_FILES, Prediction, TextPipeline, relative_cost, truncation_length
+from adaptive_depth.text_pipeline import (TOKENIZER_FILES, Prediction, TextPipeline, folder_tokenizer, relative_cost,
+                                          truncation_length)
 
 __all__ = ["AdaptivePipeline", "Prediction", "relative_cost"]  # Prediction, relative_cost: from text_pipeline
 
@@ -104,9 +105,7 @@ class AdaptivePipeline(TextPipeline):
             FileNotFoundError: no saved model there, or one saved without its tokenizer.
             ModelFolderError: a damaged or edited file (see :meth:`AdaptiveEncoder.from_pretrained`).
         """
-        from transformers import AutoTokenizer
-
-        from adaptive_depth.pretrained import ModelFolderError, resolve_model_dir
+        from adaptive_depth.pretrained import resolve_model_dir
 
         folder = resolve_model_dir(name_or_path)
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -115,12 +114,7 @@ class AdaptivePipeline(TextPipeline):
             )
         encoder = AdaptiveEncoder.from_pretrained(folder, dtype=dtype, device=device, verify=verify)
         encoder.fuse_for_inference()  # a loaded model is not trained further: derive the fused weights once
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        except Exception as error:  # tokenizers raises its own types for a damaged tokenizer.json
-            raise ModelFolderError(f"the tokenizer files in {folder} cannot be loaded: "
-                                   f"{' '.join(str(error).split())}") from error
-        return cls(encoder, tokenizer, **options)
+        return cls(encoder, folder_tokenizer(folder), **options)
 
     @property
     def device(self) -> torch.device:

@@ -14,6 +14,7 @@ import operator
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +22,33 @@ from torch import Tensor
 
 from adaptive_depth.config import AdaptiveEncoderConfig, label_ids
 
-__all__ = ["TOKENIZER_FILES", "Prediction", "TextPipeline", "relative_cost", "truncation_length"]
+__all__ = ["TOKENIZER_FILES", "Prediction", "TextPipeline", "folder_tokenizer", "relative_cost", "truncation_length"]
 
 # A saved model folder holds a tokenizer when one of these is there.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def folder_tokenizer(folder: Path) -> Any | None:
+    """The tokenizer saved in a model folder (``AutoTokenizer``), or ``None`` when it holds none.
+
+    Args:
+        folder: a local folder (resolve a Hub id or ``~`` first, e.g. with
+            :func:`adaptive_depth.pretrained.resolve_model_dir`).
+
+    Raises:
+        ModelFolderError: the tokenizer files are there but cannot be loaded (damaged or edited).
+    """
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    from adaptive_depth.model_folder import ModelFolderError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as error:  # tokenizers raises its own types for a damaged tokenizer.json
+        raise ModelFolderError(f"the tokenizer files in {folder} cannot be loaded: "
+                               f"{' '.join(str(error).split())}") from error
 
 
 @dataclass

@@ -204,6 +204,28 @@ def test_exported_folder_classifies_raw_text_as_the_pipeline_does(export_format:
     assert "ExportedPipeline(bert" in repr(exported)
 
 
+@requires_minilm
+@pytest.mark.parametrize("where", ["hub id", "home"])
+def test_the_tokenizer_is_found_where_the_model_is(where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys) -> None:
+    """A Hub id or a ``~/`` path: the tokenizer comes from the folder the model was loaded from (not from a
+    relative path of that name, which does not exist)."""
+    from adaptive_depth import pretrained
+
+    encoder, tokenizer = tiny_minilm_encoder(num_layers=2)
+    saved = encoder.save_pretrained(tmp_path / "home" / "model", tokenizer=tokenizer)
+    monkeypatch.chdir(tmp_path)
+    if where == "hub id":  # the Hub's snapshot is the saved folder (no network in the tests)
+        monkeypatch.setattr(pretrained, "download_snapshot", lambda repo_id, revision=None: saved)
+        name = "org/tiny-model"
+    else:
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        name = "~/model"
+    assert export_module.main([name, str(tmp_path / "exported"), "--format", "torch-export", "--mode", "full"]) == 0
+    assert "holds no tokenizer" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "exported" / "manifest.json").read_text())["tokenizer"] is True
+
+
 def test_a_folder_without_tokenizer_says_so_and_keeps_the_family_limit(tmp_path: Path, capsys) -> None:
     from adaptive_depth.export_pipeline import ExportedPipeline
 
