@@ -247,8 +247,8 @@ class AdaptiveInferenceEngine:
 
         The engine's mode, criterion and gate threshold are read when ``stream`` is called; the
         batches are drawn lazily, outside inference mode, and the token masks are copied, so a
-        generator may reuse its buffers. An invalid batch raises when it is reached; the outputs of
-        the batches before it that had not been yielded yet are lost with the stream.
+        generator may reuse its buffers. An invalid batch (or an exception from ``batches`` itself)
+        ends the input there: the batches before it are finished and yielded, then the error is raised.
 
         Raises:
             ValueError: ``max_rows < 1``, or an invalid batch (as :meth:`__call__`).

@@ -125,8 +125,11 @@ class _Stream:
         self.records: _Records | None = None
 
     def run(self, batches: Iterable[Mapping[str, Tensor]]) -> Iterator[EngineOutput]:
-        """The stream. The engine's work runs in inference mode; the caller's iterator does not."""
-        iterator, exhausted = iter(batches), False
+        """The stream. The engine's work runs in inference mode; the caller's iterator does not.
+
+        An invalid batch, or an exception from the caller's iterator, ends the input there: the rows
+        of the batches before it are finished and their outputs yielded, then the error is raised."""
+        iterator, exhausted, failure = iter(batches), False, None
         while True:
             full = [step for step, count in enumerate(self.counts) if count >= self.max_rows] if self.max_rows else []
             if full:
@@ -134,11 +137,15 @@ class _Stream:
             elif not exhausted:
                 try:
                     batch = next(iterator)
+                    with torch.inference_mode():
+                        prepared = self._prepare(batch)
                 except StopIteration:
                     exhausted = True
+                except Exception as error:  # the batches before it are not lost: finish them first
+                    exhausted, failure = True, error
                 else:
                     with torch.inference_mode():
-                        self._add(batch)
+                        self._add(*prepared)
                 continue
             else:
                 waiting = [step for step, count in enumerate(self.counts) if count > 0]
@@ -151,20 +158,27 @@ class _Stream:
             yield from finished
         if self.pending:  # every row leaves at the last step at the latest
             raise RuntimeError(f"stream ended with {len(self.pending)} batch(es) unfinished; this is a bug.")
+        if failure is not None:
+            raise failure
 
-    def _add(self, batch: Mapping[str, Tensor]) -> None:
-        """Embed one input batch into the first step's queue."""
+    def _prepare(self, batch: Mapping[str, Tensor]) -> tuple[LayerRunner, Tensor]:
+        """Check and embed one input batch (no queue changes): its layer runner and bool token mask."""
         if not isinstance(batch, Mapping):
             raise TypeError(f"stream() takes batches of model inputs (a mapping such as {{'input_ids': ..., "
                             f"'attention_mask': ...}}), got a {type(batch).__name__}.")
         inputs = dict(batch)
         input_ids, attention_mask = inputs.pop("input_ids", None), inputs.pop("attention_mask", None)
         runner, token_mask = self.engine._prepare(input_ids, attention_mask, inputs)
+        if self.template is None:
+            self._check_extra_args(runner)
+        return runner, token_mask
+
+    def _add(self, runner: LayerRunner, token_mask: Tensor) -> None:
+        """Put one checked, embedded input batch into the first step's queue."""
         token_mask = token_mask.clone()  # may be the caller's own bool mask, which it may refill before rows finish
         hidden = runner.hidden_states
         rows = token_mask.shape[0]
         if self.template is None:
-            self._check_extra_args(runner)
             self.template = runner
             self.records = _Records(self.num_steps, self.engine.encoder.num_labels, hidden.dtype, hidden.device)
             self.max_rows = self.max_rows or rows

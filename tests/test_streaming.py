@@ -185,3 +185,33 @@ def test_bad_input_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="padding before a real token"):
         list(engine.stream([{"input_ids": torch.ones(1, 3, dtype=torch.long),
                              "attention_mask": torch.tensor([[0, 1, 1]])}]))
+
+
+@pytest.mark.parametrize("failure", ["invalid batch", "iterator raises"])
+def test_an_error_mid_stream_comes_after_the_batches_before_it(failure: str) -> None:
+    """The batches read before an invalid one (or before the caller's iterator fails) are finished and
+    yielded, in order and as the batch engine answers them; then the error is raised, and nothing after it runs."""
+    encoder = random_encoder("bert", 2, num_layers=3)
+    engine = AdaptiveInferenceEngine(encoder, EntropyExit(0.6))
+    good = make_batches([(3, 7), (2, 5), (4, 6)], seed=4)
+    bad = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.tensor([[0, 1, 1]])}
+    read = []
+
+    def batches():
+        for batch in good:
+            read.append(batch)
+            yield batch
+        if failure == "invalid batch":
+            yield bad
+        else:
+            raise OSError("the corpus file went away")
+        read.append("after the failure")
+        yield good[0]
+
+    outputs = []
+    with pytest.raises(ValueError if failure == "invalid batch" else OSError,
+                       match="padding before a real token" if failure == "invalid batch" else "went away"):
+        for output in engine.stream(batches(), max_rows=8):  # rows of all three batches wait in the queues
+            outputs.append(output)
+    assert read == good
+    assert_same_as_batch_engine(engine, good, outputs)
