@@ -22,6 +22,7 @@ the file and the field or tensor.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,7 +124,8 @@ def _replace_folder(staging: Path, target: Path) -> None:
     if not target.exists():
         staging.rename(target)
         return
-    retired = target.parent / f".{target.name}.old-{os.getpid()}"
+    # A name no other save uses: a process killed mid-swap leaves its folder, and PIDs repeat (containers).
+    retired = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
     target.rename(retired)
     try:
         staging.rename(target)

@@ -86,6 +86,22 @@ def test_saving_over_a_model_replaces_it_and_a_failed_save_leaves_the_old_one(tm
         second.save_pretrained(folder, overwrite=False)
 
 
+def test_a_save_killed_mid_swap_does_not_block_a_later_one_with_the_same_pid(tmp_path: Path) -> None:
+    """The old folder is moved aside under a name no other save uses: what a killed save left there (PIDs
+    repeat, e.g. in containers) neither blocks the swap nor is touched by it."""
+    import os
+
+    first = random_encoder("bert", seed=1)
+    folder = first.save_pretrained(tmp_path / "model")
+    leftover = tmp_path / f".model.old-{os.getpid()}"
+    (leftover / "model.safetensors").parent.mkdir()
+    (leftover / "model.safetensors").write_text("what a killed save moved aside")
+    second = random_encoder("bert", seed=2)
+    second.save_pretrained(folder)
+    assert_same_model(second, AdaptiveEncoder.from_pretrained(folder), *padded_batch(), EntropyExit(0.5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [leftover.name, "model"]
+
+
 def test_refuses_to_save_over_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a saved adaptive model"):
