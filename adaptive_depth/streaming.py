@@ -108,6 +108,14 @@ class _Records:
                          gates_run=gates, heads_run=heads)
 
 
+class _InputFailure(Exception):
+    """Carries an exception from the caller's iterator or an invalid batch out of :meth:`_Stream._steps`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class _Stream:
     """The queues of one :func:`stream_batches` call."""
 
@@ -128,24 +136,43 @@ class _Stream:
         """The stream. The engine's work runs in inference mode; the caller's iterator does not.
 
         An invalid batch, or an exception from the caller's iterator, ends the input there: the rows
-        of the batches before it are finished and their outputs yielded, then the error is raised."""
-        iterator, exhausted, failure = iter(batches), False, None
+        of the batches before it are finished and their outputs yielded, then the error is raised (an
+        error while finishing them is raised instead, with the first one as its context)."""
+        try:
+            yield from self._steps(iter(batches))
+            return
+        except _InputFailure as stop:
+            failure = stop.error
+        try:
+            yield from self._steps(None)
+        except BaseException as error:
+            error.__context__ = error.__context__ or failure
+            raise
+        raise failure
+
+    def _steps(self, iterator: Iterator[Mapping[str, Tensor]] | None) -> Iterator[EngineOutput]:
+        """Run steps and draw batches from ``iterator`` until every row is done (``None``: the input has
+        ended). An exception from the iterator or an invalid batch is raised as :class:`_InputFailure`
+        before anything of that batch is queued."""
         while True:
             full = [step for step, count in enumerate(self.counts) if count >= self.max_rows] if self.max_rows else []
             if full:
                 step = full[-1]
-            elif not exhausted:
+            elif iterator is not None:
                 try:
                     batch = next(iterator)
+                except StopIteration:
+                    iterator = None
+                    continue
+                except Exception as error:  # the batches before it are not lost: they are finished first
+                    raise _InputFailure(error) from None
+                try:
                     with torch.inference_mode():
                         prepared = self._prepare(batch)
-                except StopIteration:
-                    exhausted = True
-                except Exception as error:  # the batches before it are not lost: finish them first
-                    exhausted, failure = True, error
-                else:
-                    with torch.inference_mode():
-                        self._add(*prepared)
+                except Exception as error:
+                    raise _InputFailure(error) from None
+                with torch.inference_mode():
+                    self._add(*prepared)
                 continue
             else:
                 waiting = [step for step, count in enumerate(self.counts) if count > 0]
@@ -158,8 +185,6 @@ class _Stream:
             yield from finished
         if self.pending:  # every row leaves at the last step at the latest
             raise RuntimeError(f"stream ended with {len(self.pending)} batch(es) unfinished; this is a bug.")
-        if failure is not None:
-            raise failure
 
     def _prepare(self, batch: Mapping[str, Tensor]) -> tuple[LayerRunner, Tensor]:
         """Check and embed one input batch (no queue changes): its layer runner and bool token mask."""

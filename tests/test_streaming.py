@@ -215,3 +215,35 @@ def test_an_error_mid_stream_comes_after_the_batches_before_it(failure: str) -> 
             outputs.append(output)
     assert read == good
     assert_same_as_batch_engine(engine, good, outputs)
+
+
+def test_a_stop_inside_a_batch_is_not_the_end_of_the_input_and_a_later_error_keeps_the_first() -> None:
+    """A ``StopIteration`` raised while a batch is read (by a lazy mapping) is an error, not the end of the
+    input; and an error while the queued batches are finished names the failure that ended the input."""
+    from collections.abc import Mapping
+
+    engine = AdaptiveInferenceEngine(random_encoder("bert", 2, num_layers=3), EntropyExit(0.6))
+    good = make_batches([(3, 7), (2, 5)], seed=4)
+
+    class Exhausted(Mapping):  # a mapping whose values come from an iterator that has run dry
+        def __iter__(self):
+            return iter(["input_ids"])
+
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, key):
+            return next(iter([]))
+
+    with pytest.raises(RuntimeError, match="raised StopIteration"):
+        list(engine.stream([good[0], Exhausted(), good[1]], max_rows=8))
+
+    def poisoned():
+        yield good[0]
+        for parameter in engine.encoder.exit_heads.parameters():
+            parameter.data.fill_(float("nan"))  # the rows still queued now give NaN logits
+        raise OSError("the corpus file went away")
+
+    with pytest.raises(FloatingPointError) as error:
+        list(engine.stream(poisoned(), max_rows=8))
+    assert isinstance(error.value.__context__, OSError) and "went away" in str(error.value.__context__)
