@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit, ToleranceExit
+from adaptive_depth import AdaptiveEncoder, EntropyExit, MaxProbExit, PatienceExit, ToleranceExit, streaming
 from adaptive_depth.engine import AdaptiveInferenceEngine
+from adaptive_depth.streaming import length_runs
 from tests.conftest import FAMILIES, random_encoder, tiny_model
 
 FIELDS = ("exit_layer", "layers_run", "layers_skipped", "heads_run", "gates_run", "num_tokens", "macs_exact",
@@ -41,6 +45,17 @@ def assert_same_as_batch_engine(engine: AdaptiveInferenceEngine, batches, output
             assert torch.equal(streamed.predictions, expected.predictions)
 
 
+@contextlib.contextmanager
+def cpu_run_cost(positions: int):
+    """Streams started inside run their groups in length runs as if one more call cost ``positions``."""
+    saved = streaming.CPU_RUN_COST_POSITIONS
+    streaming.CPU_RUN_COST_POSITIONS = positions
+    try:
+        yield
+    finally:
+        streaming.CPU_RUN_COST_POSITIONS = saved
+
+
 def regression_encoder(seed: int) -> AdaptiveEncoder:
     encoder = AdaptiveEncoder(tiny_model("bert", seed=seed, num_layers=4), num_labels=1, gate_inner_size=16,
                               head_inner_size=16).double().eval()
@@ -62,15 +77,18 @@ def regression_encoder(seed: int) -> AdaptiveEncoder:
     gate_threshold=st.floats(0.2, 1.0),
     shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 12)), min_size=1, max_size=5),
     max_rows=st.one_of(st.none(), st.integers(1, 9)),
+    run_cost=st.sampled_from([streaming.CPU_RUN_COST_POSITIONS, 0, 4]),
 )
 def test_stream_equals_the_batch_engine_row_by_row(model_type, seed, mode, criterion, threshold, gate_threshold,
-                                                   shapes, max_rows) -> None:
+                                                   shapes, max_rows, run_cost) -> None:
     encoder = random_encoder(model_type, seed, num_layers=3)
     exit_criterion = {"entropy": EntropyExit(threshold), "maxprob": MaxProbExit(min(threshold, 1.0)),
                       "patience": PatienceExit(int(threshold * 2))}[criterion]
     engine = AdaptiveInferenceEngine(encoder, exit_criterion, gate_threshold=gate_threshold, mode=mode)
     batches = make_batches(shapes, seed)
-    assert_same_as_batch_engine(engine, batches, list(engine.stream(batches, max_rows=max_rows)))
+    with cpu_run_cost(run_cost):  # 0 and 4: groups split into length runs wherever they hold padding
+        outputs = list(engine.stream(batches, max_rows=max_rows))
+    assert_same_as_batch_engine(engine, batches, outputs)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,7 +123,8 @@ def test_layers_run_on_full_groups_and_partial_ones_only_at_the_end() -> None:
     hooks = [layer.register_forward_hook(lambda module, args, out, step=step: rows_per_call[step].append(len(args[0])))
              for step, layer in enumerate(layers)]
     try:
-        outputs = list(engine.stream(batches, max_rows=8))
+        with cpu_run_cost(10**6):  # no length runs (test_length_runs_cut_the_padding_of_mixed_groups)
+            outputs = list(engine.stream(batches, max_rows=8))
     finally:
         for hook in hooks:
             hook.remove()
@@ -247,3 +266,54 @@ def test_a_stop_inside_a_batch_is_not_the_end_of_the_input_and_a_later_error_kee
     with pytest.raises(FloatingPointError) as error:
         list(engine.stream(poisoned(), max_rows=8))
     assert isinstance(error.value.__context__, OSError) and "went away" in str(error.value.__context__)
+
+
+def split_cost(lengths: list[int], runs: list[list[int]], run_cost: int) -> int:
+    return sum(run_cost + len(run) * max(lengths[row] for row in run) for run in runs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=9), run_cost=st.integers(0, 60))
+def test_length_runs_is_the_cheapest_split_in_length_order(lengths: list[int], run_cost: int) -> None:
+    runs = length_runs(lengths, run_cost)
+    assert sorted(row for run in runs for row in run) == list(range(len(lengths)))  # every row once
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    cuts = [i for i in range(1, len(order)) if lengths[order[i]] > lengths[order[i - 1]]]
+    if len(runs) == 1:  # splitting saves nothing: the rows as they are
+        assert runs == [list(range(len(lengths)))]
+        assert len(lengths) * max(lengths) - sum(lengths) <= run_cost or split_cost(lengths, runs, run_cost) == min(
+            split_cost(lengths, [order[a:b] for a, b in itertools.pairwise([0, *chosen, len(order)])], run_cost)
+            for count in range(len(cuts) + 1) for chosen in itertools.combinations(cuts, count))
+        return
+    run_lengths = [[lengths[row] for row in run] for run in runs]
+    assert all(values == sorted(values) for values in run_lengths)
+    assert all(one[-1] < other[0] for one, other in itertools.pairwise(run_lengths))  # contiguous, shortest first
+    # every split of the length-sorted rows at boundaries between distinct lengths (brute force)
+    cheapest = min(split_cost(lengths, [order[a:b] for a, b in itertools.pairwise([0, *chosen, len(order)])], run_cost)
+                   for count in range(len(cuts) + 1) for chosen in itertools.combinations(cuts, count))
+    assert split_cost(lengths, runs, run_cost) == cheapest
+    if len(runs) > 1:  # a split is taken only where it saves something
+        assert split_cost(lengths, runs, run_cost) < split_cost(lengths, [list(range(len(lengths)))], run_cost)
+
+
+def test_length_runs_cut_the_padding_of_mixed_groups() -> None:
+    """Rows of very different lengths in one group run in two calls, each padded to its own longest row:
+    fewer positions computed, the batch engine's results."""
+    engine = AdaptiveInferenceEngine(random_encoder("bert", 5, num_layers=3), EntropyExit(0.6), mode="exit_only")
+    short, long = make_batches([(6, 3)], seed=1)[0], make_batches([(2, 30)], seed=2)[0]
+    long["attention_mask"][:] = 1
+    batches = [short, long]
+    calls: list[tuple[int, int]] = []
+    hook = engine.encoder.backbone.encoder.layer[0].register_forward_hook(
+        lambda module, args, out: calls.append(tuple(args[0].shape[:2])))
+    try:
+        with cpu_run_cost(8):
+            split = list(engine.stream(batches, max_rows=8))
+        split_calls, calls[:] = list(calls), []
+        with cpu_run_cost(10**6):
+            whole = list(engine.stream(batches, max_rows=8))
+    finally:
+        hook.remove()
+    assert split_calls == [(6, 3), (2, 30)] and calls == [(8, 30)]
+    assert_same_as_batch_engine(engine, batches, split)
+    assert_same_as_batch_engine(engine, batches, whole)
