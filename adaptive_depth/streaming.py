@@ -46,7 +46,9 @@ __all__ = ["CPU_RUN_COST_POSITIONS", "length_runs", "stream_batches"]
 
 # A layer step on a CPU costs about as much per call as this many row-positions do (reading the layer's
 # weights, dispatching its operators): a group is run in length runs only where that saves more padding.
-# Measured on MiniLM (hidden 384) at two threads: about 2 ms a call and 25 us a row-position (2026-12-04).
+# Measured on MiniLM (hidden 384) at two threads: about 2.06 ms a call and 25 us a row-position, so 82
+# (2026-12-04, docs/lab/2026-12-04.md); at one thread a row-position costs more, so fewer. 64 lies between;
+# the split found changes little around it, since most of what it saves is groups many times more padded.
 CPU_RUN_COST_POSITIONS = 64
 
 
