@@ -21,8 +21,10 @@ the file and the field or tensor.
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
+import shlex
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,6 +137,16 @@ def _replace_folder(staging: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def _retired_models(path: Path) -> list[Path]:
+    """Saved models that :func:`_replace_folder` moved aside from ``path`` and a killed save left there,
+    newest first."""
+    if not path.parent.is_dir():
+        return []
+    found = [folder for folder in path.parent.glob(f".{glob.escape(path.name)}.old-*")
+             if (folder / ADAPTIVE_CONFIG_NAME).is_file()]
+    return sorted(found, key=lambda folder: folder.stat().st_mtime, reverse=True)
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
     """A local folder holding a saved model: ``name_or_path`` itself, or a Hub snapshot of it.
 
@@ -158,6 +170,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str], revision: str | None
             )
         return path
     text = str(name_or_path)
+    retired = [] if path.exists() else _retired_models(path)
+    if retired:  # a save into `path` was killed between moving the old model aside and moving the new one in
+        newest = f" (the newest of {len(retired)})" if len(retired) > 1 else ""
+        raise FileNotFoundError(
+            f"{text} does not exist: a save into it was interrupted, and the model it held before is in "
+            f"{retired[0]}{newest}. To get it back: mv {shlex.quote(str(retired[0]))} {shlex.quote(str(path))}"
+        )
     if not looks_like_hub_id(text):
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(f"{text} {what}: it is not a folder holding a saved adaptive model "

@@ -102,6 +102,28 @@ def test_a_save_killed_mid_swap_does_not_block_a_later_one_with_the_same_pid(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == [leftover.name, "model"]
 
 
+def test_a_model_a_killed_save_moved_aside_is_named_where_the_folder_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save killed between moving the old model aside and moving the new one in leaves no folder: loading
+    it says where the old model is and how to put it back, also for a name that looks like a Hub id."""
+    import shlex
+
+    encoder = random_encoder("bert", seed=1)
+    folder = encoder.save_pretrained(tmp_path / "runs" / "model")
+    retired = folder.parent / ".model.old-4242-0badcafe"
+    folder.rename(retired)
+    (folder.parent / ".model.old-4243-halfgone").mkdir()  # a half-removed one: not a model, not named
+    monkeypatch.chdir(tmp_path)
+    for name in (str(folder), "runs/model"):
+        with pytest.raises(FileNotFoundError, match="a save into it was interrupted") as caught:
+            AdaptiveEncoder.from_pretrained(name)
+        assert ".model.old-4242-0badcafe" in str(caught.value) and "halfgone" not in str(caught.value)
+        command = str(caught.value).split("To get it back: ")[1]
+        assert [Path(part).resolve() for part in shlex.split(command)[1:]] == [retired, folder]
+    retired.rename(folder)
+    assert_same_model(encoder, AdaptiveEncoder.from_pretrained(folder), *padded_batch(), EntropyExit(0.5))
+
+
 def test_refuses_to_save_over_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a saved adaptive model"):
