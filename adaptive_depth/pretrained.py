@@ -26,6 +26,7 @@ import os
 import secrets
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from adaptive_depth.files import staging_folder
 from adaptive_depth.hub import HubTimeoutError, OFFLINE_HINT, download_snapshot, looks_like_hub_id
 from adaptive_depth.model_folder import ModelFolderError, verify_model_folder, write_manifest
 from adaptive_depth.storage import as_storage_error
+from adaptive_depth.text_pipeline import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from adaptive_depth.encoder import AdaptiveEncoder
@@ -100,6 +102,9 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
             )
         if is_model and not overwrite:
             raise FileExistsError(f"{target} already holds a saved model; pass overwrite=True to replace it.")
+        if is_model and tokenizer is None and any((target / name).is_file() for name in TOKENIZER_FILES):
+            warnings.warn(f"{target} holds a tokenizer, and the model saved over it gets none: pass tokenizer= to "
+                          "keep one (AdaptivePipeline and predict need it).", stacklevel=3)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target)
     try:

@@ -124,6 +124,30 @@ def test_a_model_a_killed_save_moved_aside_is_named_where_the_folder_is_missing(
     assert_same_model(encoder, AdaptiveEncoder.from_pretrained(folder), *padded_batch(), EntropyExit(0.5))
 
 
+def test_saving_over_a_folder_without_its_tokenizer_warns(tmp_path: Path) -> None:
+    """The save replaces the whole folder, so a model saved over one with a tokenizer, without one, loses
+    it (and AdaptivePipeline can no longer load the folder): said as a warning; passing one keeps quiet."""
+    import warnings
+
+    class Vocab:  # the tokenizer interface save_pretrained uses
+        def save_pretrained(self, folder: Path) -> None:
+            (Path(folder) / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+
+    encoder = random_encoder("bert", seed=1)
+    folder = encoder.save_pretrained(tmp_path / "model", tokenizer=Vocab())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.save_pretrained(folder, tokenizer=Vocab())
+    assert (folder / "vocab.txt").is_file()
+    with pytest.warns(UserWarning, match=r"holds a tokenizer.*pass tokenizer=") as caught:
+        encoder.save_pretrained(folder)
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert not (folder / "vocab.txt").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.save_pretrained(folder)  # nothing left to lose
+
+
 def test_refuses_to_save_over_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a saved adaptive model"):
