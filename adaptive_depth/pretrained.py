@@ -229,6 +229,9 @@ def load_pretrained(
         FileNotFoundError: no saved model there.
         ModelFolderError: a file of the folder is missing, damaged, edited (``verify``) or of the
             wrong form: the message names the file and the field or tensor.
+        ValueError: ``attn_implementation`` cannot be used here (unknown, or its package is not
+            installed). The one the model was saved with, when it cannot be used here, gives a
+            warning and transformers' default instead: the same attention, computed another way.
     """
     folder = resolve_model_dir(name_or_path, revision)
     if verify:
@@ -238,10 +241,19 @@ def load_pretrained(
     except (OSError, ValueError) as error:
         raise ModelFolderError(_one_line(error)) from error
     options: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    attached = is_attached(config.last_head)
     implementation = attn_implementation or config.attn_implementation
-    if implementation:
-        options["attn_implementation"] = implementation
-    backbone = _load_backbone(folder, options, attached=is_attached(config.last_head))
+    try:
+        backbone = _load_backbone(folder, options | ({"attn_implementation": implementation} if implementation else {}),
+                                  attached)
+    except _AttentionUnavailable as error:
+        if attn_implementation:
+            raise ValueError(f"attn_implementation={attn_implementation!r} cannot be used here: {error}") from error
+        # The saved one is how it ran where it was saved (flash_attention_2 on a GPU, say): the same attention.
+        warnings.warn(f"{folder} was saved with attn_implementation={implementation!r}, which cannot be used here "
+                      f"({error}); loading it with transformers' default instead (pass attn_implementation= to "
+                      "choose).", stacklevel=3)
+        backbone = _load_backbone(folder, options, attached)
     try:
         encoder = encoder_class(backbone, **config.architecture_kwargs())
     except (ValueError, TypeError) as error:
@@ -256,6 +268,10 @@ def load_pretrained(
 
 def _one_line(error: BaseException) -> str:
     return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+class _AttentionUnavailable(Exception):
+    """The attention implementation asked for cannot be used (a package missing, a name unknown)."""
 
 
 def _load_backbone(folder: Path, options: dict[str, Any], attached: bool) -> torch.nn.Module:
@@ -273,7 +289,13 @@ def _load_backbone(folder: Path, options: dict[str, Any], attached: bool) -> tor
         raise ModelFolderError(f"{config_path} (the backbone's config) cannot be used: {_one_line(error)}") from error
     try:
         return auto_class.from_pretrained(str(folder), **options)
+    except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
+        if "attn_implementation" in options:
+            raise _AttentionUnavailable(_one_line(error)) from error
+        raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        if "attn_implementation" in options and str(options["attn_implementation"]) in str(error):
+            raise _AttentionUnavailable(_one_line(error)) from error  # an implementation transformers does not know
         weights = sorted(path for path in folder.glob("*.safetensors") if path.name != ADAPTIVE_WEIGHTS_NAME)
         reason = _one_line(error)
         if isinstance(error, RuntimeError) and "mismatched" in reason:  # transformers printed the tensors, said not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -146,6 +147,36 @@ def test_saving_over_a_folder_without_its_tokenizer_warns(tmp_path: Path) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         encoder.save_pretrained(folder)  # nothing left to lose
+
+
+UNUSABLE_ATTENTION = [pytest.param("flash_attention_2", marks=pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")), "no_such_attention"]
+
+
+@pytest.mark.parametrize("implementation", UNUSABLE_ATTENTION)
+def test_an_attention_that_cannot_be_used_here(implementation: str, tmp_path: Path) -> None:
+    """Asked for: a ValueError naming the argument. Saved with the model (flash_attention_2 where it was
+    trained, say): a warning that says so, and the same model loaded with transformers' default."""
+    import warnings
+
+    from adaptive_depth.model_folder import write_manifest
+
+    encoder = random_encoder("bert", seed=1)
+    folder = encoder.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=f"attn_implementation='{implementation}' cannot be used here: .+"):
+        AdaptiveEncoder.from_pretrained(folder, attn_implementation=implementation)
+    saved = json.loads((folder / ADAPTIVE_CONFIG_NAME).read_text())
+    (folder / ADAPTIVE_CONFIG_NAME).write_text(json.dumps(saved | {"attn_implementation": implementation}))
+    write_manifest(folder)
+    with pytest.warns(UserWarning, match=f"saved with attn_implementation='{implementation}', which cannot be used "
+                                         "here .+transformers' default") as caught:
+        loaded = AdaptiveEncoder.from_pretrained(folder)
+    assert caught[0].filename == __file__
+    assert loaded.config._attn_implementation != implementation
+    assert_same_model(encoder, loaded, *padded_batch(), EntropyExit(0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdaptiveEncoder.from_pretrained(folder, attn_implementation="eager")  # a choice that works: quiet
 
 
 def test_refuses_to_save_over_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
