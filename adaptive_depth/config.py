@@ -24,8 +24,11 @@ from adaptive_depth.files import write_atomically
 __all__ = ["CONFIG_FORMAT_VERSION", "METRICS", "AdaptiveEncoderConfig", "CriterionName", "check_gate_threshold",
            "criterion_from_name", "criterion_spec", "criterion_with_threshold", "label_ids"]
 
-# The format of adaptive_config.json that this version writes and reads (2: with ``criterion_options``).
+# The format of adaptive_config.json that this version writes (2: with ``criterion_options``). It reads
+# format 1 too: the same fields without ``criterion_options``, which then are the criteria's defaults, as
+# format 1 rebuilt them (the fields added since have defaults that describe the models saved before them).
 CONFIG_FORMAT_VERSION = 2
+_READABLE_FORMAT_VERSIONS = (1, 2)
 
 CriterionName = Literal["entropy", "normalized_entropy", "max_prob", "patience", "tolerance"]
 ProblemType = Literal["single_label_classification", "regression"]
@@ -306,15 +309,20 @@ class AdaptiveEncoderConfig:
         """Rebuild from :meth:`to_dict`'s output.
 
         Raises:
-            ValueError: an unknown key, or a format version other than the one this library reads.
+            ValueError: an unknown key, or a format version this library does not read (a newer one,
+                or none).
         """
         values = dict(values)
         version = values.pop("format_version", None)
-        if version != CONFIG_FORMAT_VERSION:
-            raise ValueError(
-                f"adaptive config format_version {version!r} is not the one this adaptive_depth reads "
-                f"({CONFIG_FORMAT_VERSION}); save the model again with this version."
-            )
+        if version not in _READABLE_FORMAT_VERSIONS or isinstance(version, bool):
+            newer = isinstance(version, int) and not isinstance(version, bool) and version > CONFIG_FORMAT_VERSION
+            advice = ("it was saved by a newer adaptive_depth: upgrade this one to load it" if newer else
+                      "the file was not written by AdaptiveEncoder.save_pretrained, or was edited")
+            readable = ", ".join(map(str, _READABLE_FORMAT_VERSIONS))
+            raise ValueError(f"adaptive config format_version {version!r} is not one this adaptive_depth reads "
+                             f"({readable}); {advice}.")
+        if version == 1 and "criterion_options" in values:
+            raise ValueError("format_version 1 has no field 'criterion_options'; the file was edited.")
         fields = dataclasses.fields(cls)
         known = {f.name for f in fields}
         unknown = sorted(set(values) - known)

@@ -60,9 +60,13 @@ def test_config_keeps_the_options_through_json_and_refuses_other_versions() -> N
     assert written["format_version"] == CONFIG_FORMAT_VERSION == 2
     again = AdaptiveEncoderConfig.from_dict(json.loads(json.dumps(written)))
     assert again == config and again.make_criterion() == PatienceExit(2, regression_tolerance=0.25)
-    for version in (1, 3, None):
-        with pytest.raises(ValueError, match=f"format_version {version!r} is not the one this adaptive_depth reads"):
+    for version, why in ((3, "saved by a newer adaptive_depth: upgrade"), (None, "not written by"),
+                         (True, "not written by"), ("2", "not written by"), (0, "not written by")):
+        with pytest.raises(ValueError, match=f"format_version {version!r} is not one this adaptive_depth reads "
+                                             f"\\(1, 2\\); .*{why}"):
             AdaptiveEncoderConfig.from_dict({**written, "format_version": version})
+    with pytest.raises(ValueError, match="format_version 1 has no field 'criterion_options'"):
+        AdaptiveEncoderConfig.from_dict({**written, "format_version": 1})
     with pytest.raises(ValueError, match="takes no option 'patience'"):
         AdaptiveEncoderConfig(num_labels=2, criterion="entropy", criterion_options={"patience": 2})
 

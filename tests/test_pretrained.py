@@ -179,6 +179,28 @@ def test_an_attention_that_cannot_be_used_here(implementation: str, tmp_path: Pa
         AdaptiveEncoder.from_pretrained(folder, attn_implementation="eager")  # a choice that works: quiet
 
 
+def test_a_folder_saved_in_format_1_loads(tmp_path: Path) -> None:
+    """Format 1 (adaptive_depth before 2026-11-30): adaptive_config.json without the fields added since and
+    no manifest, as that version wrote it (checked against a save by commit 79d6bd8^). It loads, with the
+    criterion's default options, and is the same model; saving it again writes format 2."""
+    from adaptive_depth.model_folder import MANIFEST_NAME
+
+    encoder = random_encoder("bert", seed=3)
+    encoder.adaptive_config.threshold = 0.4
+    folder = encoder.save_pretrained(tmp_path / "model")
+    saved = json.loads((folder / ADAPTIVE_CONFIG_NAME).read_text())
+    since = ("certificate", "criterion_options", "last_head", "metric", "text_pair")
+    format_1 = {key: value for key, value in saved.items() if key not in since} | {"format_version": 1}
+    (folder / ADAPTIVE_CONFIG_NAME).write_text(json.dumps(format_1))
+    (folder / MANIFEST_NAME).unlink()
+    with pytest.warns(UserWarning, match="no adaptive_manifest.json"):
+        loaded = AdaptiveEncoder.from_pretrained(folder)
+    assert loaded.adaptive_config.threshold == 0.4 and loaded.adaptive_config.criterion_options == {}
+    assert_same_model(encoder, loaded, *padded_batch(), EntropyExit(0.4))
+    again = loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((again / ADAPTIVE_CONFIG_NAME).read_text())["format_version"] == 2
+
+
 def test_refuses_to_save_over_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a saved adaptive model"):
