@@ -21,8 +21,8 @@ from adaptive_depth.classifiers import check_last_head
 from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, PatienceExit, ToleranceExit
 from adaptive_depth.files import write_atomically
 
-__all__ = ["CONFIG_FORMAT_VERSION", "METRICS", "AdaptiveEncoderConfig", "CriterionName", "check_gate_threshold",
-           "criterion_from_name", "criterion_spec", "criterion_with_threshold", "label_ids"]
+__all__ = ["CONFIG_FORMAT_VERSION", "DEFAULT_THRESHOLDS", "METRICS", "AdaptiveEncoderConfig", "CriterionName",
+           "check_criterion_fits", "check_gate_threshold", "criterion_from_name", "criterion_spec", "criterion_with_threshold", "label_ids"]
 
 # The format of adaptive_config.json that this version writes (2: with ``criterion_options``). It reads
 # format 1 too: the same fields without ``criterion_options``, which then are the criteria's defaults, as
@@ -41,6 +41,11 @@ METRICS: dict[str, str] = {"accuracy": "single_label_classification", "f1": "sin
 
 # The options each criterion takes besides its threshold (the other fields of its class).
 CRITERION_OPTIONS: dict[str, tuple[str, ...]] = {"patience": ("regression_tolerance",), "tolerance": ("patience",)}
+
+
+def _check_criterion_name(name: str) -> None:
+    if name not in get_args(CriterionName):
+        raise ValueError(f"unknown exit criterion {name!r}; use one of {', '.join(map(repr, get_args(CriterionName)))}.")
 
 
 def criterion_from_name(name: str, threshold: float, options: Mapping[str, float] | None = None) -> ExitCriterion:
@@ -65,8 +70,7 @@ def criterion_from_name(name: str, threshold: float, options: Mapping[str, float
         ToleranceExit(tolerance=0.2, patience=2)
     """
     options = dict(options or {})
-    if name not in get_args(CriterionName):
-        raise ValueError(f"unknown exit criterion {name!r}; use one of {', '.join(map(repr, get_args(CriterionName)))}.")
+    _check_criterion_name(name)
     allowed = CRITERION_OPTIONS.get(name, ())
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -84,6 +88,26 @@ def criterion_from_name(name: str, threshold: float, options: Mapping[str, float
     if "patience" in options:
         options["patience"] = _whole(options["patience"], "the tolerance criterion's patience option")
     return ToleranceExit(threshold, **options)  # type: ignore[arg-type]
+
+
+# The default operating point's threshold for each default criterion: placeholders until calibrated.
+DEFAULT_THRESHOLDS: dict[str, float] = {"entropy": 0.3, "tolerance": 0.1}
+_CLASS_CRITERIA = ("entropy", "normalized_entropy", "max_prob")
+
+
+def check_criterion_fits(name: str, problem_type: str | None) -> None:
+    """Refuse a criterion that cannot decide on this kind of output.
+
+    Raises:
+        ValueError: ``"entropy"``, ``"normalized_entropy"`` or ``"max_prob"`` for regression (one
+            output has no class distribution), ``"tolerance"`` for classes.
+    """
+    if problem_type == "regression" and name in _CLASS_CRITERIA:
+        raise ValueError(f"the {name!r} exit criterion needs classes; this is a regression model (one output): use "
+                         "'tolerance' (heads agreeing within a score tolerance) or 'patience'.")
+    if problem_type == "single_label_classification" and name == "tolerance":
+        raise ValueError("the 'tolerance' exit criterion is for regression (one output); for classes use "
+                         "'entropy', 'normalized_entropy', 'max_prob' or 'patience'.")
 
 
 def criterion_spec(criterion: ExitCriterion) -> tuple[CriterionName, float, dict[str, float]]:
@@ -193,8 +217,11 @@ class AdaptiveEncoderConfig:
             single texts for a pair model unless told ``allow_single_texts=True``.
 
     Operating point (what :class:`~adaptive_depth.AdaptivePipeline` runs by default):
-        criterion: exit criterion name (see :func:`criterion_from_name`).
-        threshold: its threshold.
+        criterion: exit criterion name (see :func:`criterion_from_name`); one that decides on the
+            model's outputs (``"entropy"``, ``"normalized_entropy"`` and ``"max_prob"`` need classes,
+            ``"tolerance"`` one score). Default: ``"entropy"``, or ``"tolerance"`` for regression.
+        threshold: its threshold. Default (:data:`DEFAULT_THRESHOLDS`): 0.3 nats for ``"entropy"``,
+            0.1 score units for ``"tolerance"``; a placeholder until calibrated. Other criteria need one.
         criterion_options: its other fields (e.g. ``{"regression_tolerance": 0.1}`` for
             ``"patience"``); empty: the criterion's defaults. :meth:`set_criterion` fills all three.
         gate_threshold: a layer is skipped when ``p_skip >= gate_threshold`` (1.0: never).
@@ -230,8 +257,8 @@ class AdaptiveEncoderConfig:
     head_num_heads: int = 4
     dropout: float = 0.1
     initial_skip_bias: float = 0.0
-    criterion: CriterionName = "entropy"
-    threshold: float = 0.3
+    criterion: CriterionName | None = None
+    threshold: float | None = None
     criterion_options: dict[str, float] = field(default_factory=dict)
     gate_threshold: float = 0.5
     mode: str | None = None
@@ -279,6 +306,14 @@ class AdaptiveEncoderConfig:
             raise ValueError(f"mode {self.mode!r} needs skip gates, but with_gates is False.")
         self.gate_threshold = check_gate_threshold(self.gate_threshold)
         check_last_head(self.last_head)
+        if self.criterion is None:
+            self.criterion = "tolerance" if self.problem_type == "regression" else "entropy"
+        _check_criterion_name(self.criterion)
+        if self.threshold is None:
+            self.threshold = DEFAULT_THRESHOLDS.get(self.criterion)
+        if self.threshold is None:
+            raise ValueError(f"the {self.criterion!r} exit criterion has no default threshold; give one.")
+        check_criterion_fits(self.criterion, self.problem_type)
         if math.isnan(self.threshold):
             raise ValueError("threshold is NaN.")
         if not isinstance(self.criterion_options or {}, Mapping):
@@ -291,8 +326,14 @@ class AdaptiveEncoderConfig:
         return criterion_from_name(self.criterion, self.threshold, self.criterion_options)
 
     def set_criterion(self, criterion: ExitCriterion) -> None:
-        """Make ``criterion`` the operating point's (its name, threshold and options)."""
-        self.criterion, self.threshold, self.criterion_options = criterion_spec(criterion)
+        """Make ``criterion`` the operating point's (its name, threshold and options).
+
+        Raises:
+            ValueError: a criterion that cannot decide on this model's outputs (entropy for regression...).
+        """
+        name, threshold, options = criterion_spec(criterion)
+        check_criterion_fits(name, self.problem_type)
+        self.criterion, self.threshold, self.criterion_options = name, threshold, options
 
     def architecture_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~adaptive_depth.AdaptiveEncoder` (after the model)."""

@@ -148,6 +148,20 @@ def test_gates_and_regression_train_too(files: dict[str, Path], tmp_path: Path) 
                  str(tmp_path / "r"), "epochs=1", "batch_size=8", "head_inner_size=16"]) == 0
     history = json.loads((tmp_path / "r" / "results.json").read_text())["history"]
     assert history[0]["heldout_agreement"][-1] == 0.0  # minus the mean absolute difference to itself
+    # The documented flow on from there: a regression model's saved operating point decides on one score
+    # (it was the entropy default, which needs classes: calibrate and predict failed), is certified, serves.
+    from adaptive_depth.calibrate import main as calibrate_main
+
+    folder = tmp_path / "r" / "model"
+    assert AdaptiveEncoder.from_pretrained(folder).adaptive_config.criterion == "tolerance"
+    assert calibrate_main([str(folder), "--input", str(files["texts"]), "--max-risk", "0.2", "--tolerance", "0.5",
+                           "--no-progress"]) == 0
+    config = AdaptiveEncoder.from_pretrained(folder).adaptive_config
+    assert config.certificate["risk"] == "moved" and config.threshold == config.certificate["threshold"]
+    assert predict_main([str(folder), "--input", str(files["dev"]), "--output", str(tmp_path / "scores.jsonl"),
+                         "--no-progress"]) == 0
+    scores = [json.loads(line)["score"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 20 and all(isinstance(score, float) for score in scores)
 
 
 def test_glue_files_give_their_text_pairs_and_labels(tmp_path: Path) -> None:

@@ -71,6 +71,28 @@ def test_config_keeps_the_options_through_json_and_refuses_other_versions() -> N
         AdaptiveEncoderConfig(num_labels=2, criterion="entropy", criterion_options={"patience": 2})
 
 
+def test_the_default_operating_point_fits_the_outputs_and_a_misfit_is_refused() -> None:
+    """Entropy needs classes (the one output of a regression head has entropy 0, and `entropy` refuses it at
+    inference): a regression model defaults to the tolerance criterion, and a misfit is refused up front."""
+    classes = AdaptiveEncoderConfig(num_labels=3)
+    assert (classes.criterion, classes.threshold) == ("entropy", 0.3)
+    regression = AdaptiveEncoderConfig(num_labels=1)
+    assert regression.make_criterion() == ToleranceExit(0.1)
+    assert AdaptiveEncoderConfig(num_labels=1, threshold=0.4).make_criterion() == ToleranceExit(0.4)
+    assert AdaptiveEncoderConfig(num_labels=1, criterion="patience", threshold=2).make_criterion() == PatienceExit(2)
+    for name in ("entropy", "normalized_entropy", "max_prob"):
+        with pytest.raises(ValueError, match=f"the '{name}' exit criterion needs classes; this is a regression"):
+            AdaptiveEncoderConfig(num_labels=1, criterion=name, threshold=0.5)
+    with pytest.raises(ValueError, match="'tolerance' exit criterion is for regression"):
+        AdaptiveEncoderConfig(num_labels=2, criterion="tolerance", threshold=0.1)
+    with pytest.raises(ValueError, match="'max_prob' exit criterion has no default threshold"):
+        AdaptiveEncoderConfig(num_labels=2, criterion="max_prob")
+    for criterion in (EntropyExit(0.2), MaxProbExit(0.9)):
+        with pytest.raises(ValueError, match="needs classes"):
+            regression.set_criterion(criterion)
+    assert regression.make_criterion() == ToleranceExit(0.1)  # a refused set changes nothing
+
+
 def test_a_calibration_rebuilds_the_calibrated_criterion() -> None:
     calibration = Calibration(criterion="tolerance", threshold=0.4, max_relative_cost=0.5, convention="exact",
                               relative_cost=0.5, relative_cost_exact=0.5, relative_cost_paper=0.5, mean_layers_run=3.0,
