@@ -43,12 +43,17 @@ class InputFileError(ValueError):
     """The input file cannot be read as rows of texts."""
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl`` or header-first ``.tsv`` file, as dicts keyed by column name.
+def read_rows(path: str | Path, tsv_header: bool = True) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` or ``.tsv`` file, as dicts keyed by column name.
+
+    Args:
+        path: the file.
+        tsv_header: whether a ``.tsv`` starts with a header row; without one (CoLA's GLUE files) every
+            line is a row and the columns are named ``"column 1"``, ``"column 2"``...
 
     Raises:
-        InputFileError: unknown extension, bad JSON, a row with the wrong number of fields,
-            text that is not UTF-8, or no rows.
+        InputFileError: unknown extension, bad JSON, a row with the wrong number of fields, a
+            header naming a column twice, text that is not UTF-8, or no rows.
     """
     path = Path(path)
     if not path.is_file():
@@ -71,7 +76,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                         raise InputFileError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
                     rows.append(row)
             else:
-                rows = _tsv_rows(path, handle)
+                rows = _tsv_rows(path, handle, tsv_header)
     except UnicodeDecodeError as error:
         raise InputFileError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of a read chunk).") from error
     if not rows:
@@ -79,9 +84,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _tsv_rows(path: Path, handle: Any) -> list[dict[str, Any]]:
-    """The rows of a header-first ``.tsv``; fields of any length (the csv module stops at 128 KiB by default,
-    a limit it keeps process-wide, so it is raised only while reading)."""
+def _tsv_rows(path: Path, handle: Any, has_header: bool) -> list[dict[str, Any]]:
+    """The rows of a ``.tsv`` (see :func:`read_rows`); fields of any length (the csv module stops at 128 KiB
+    by default, a limit it keeps process-wide, so it is raised only while reading)."""
     limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)
     try:
@@ -90,13 +95,18 @@ def _tsv_rows(path: Path, handle: Any) -> list[dict[str, Any]]:
         if header is None:
             raise InputFileError(f"{path} is empty; a .tsv input needs a header row.")
         rows = []
+        if not has_header:
+            rows.append({f"column {number}": field for number, field in enumerate(header, start=1)})
+            header = list(rows[0])
+        elif len(set(header)) < len(header):
+            twice = sorted({name for name in header if header.count(name) > 1})
+            raise InputFileError(f"{path}: the header names the column(s) {twice} twice; rename one.")
         for number, fields in enumerate(reader, start=2):
             if not fields:
                 continue
             if len(fields) != len(header):
-                raise InputFileError(
-                    f"{path}, line {number}: {len(fields)} tab-separated fields, the header has {len(header)}."
-                )
+                raise InputFileError(f"{path}, line {number}: {len(fields)} tab-separated fields, the "
+                                     f"{'header' if has_header else 'first line'} has {len(header)}.")
             rows.append(dict(zip(header, fields)))
         return rows
     except csv.Error as error:

@@ -11,8 +11,9 @@ train, on each batch's hidden states computed once under ``no_grad``, towards th
 full-depth predictions (:func:`~adaptive_depth.losses.distillation_loss`: KL, MSE for regression).
 No label is read for training. ``with_gates=true`` first trains skip gates against a cost budget.
 
-Rows: ``.jsonl`` (``text``, optional ``text_pair``) or ``.tsv`` with a header (a GLUE file works:
-``--task`` picks its text columns, and in ``--eval-texts`` its labels). A seeded ``holdout_fraction``
+Rows: ``.jsonl`` (``text``, optional ``text_pair``) or ``.tsv`` with a header, columns found by name as
+``predict`` finds them (a GLUE file works; ``--task`` reads its labels in ``--eval-texts``, and CoLA's
+headerless files by position). A seeded ``holdout_fraction``
 of the texts selects the epoch whose heads agree most with full depth. ``--eval-texts`` (e.g. the
 task's ``dev.tsv``) reports each head's agreement with full depth, whether full depth equals the
 model's own forward row by row and, with ``--task`` and labels, the task metric. Writes ``<output-dir>/model``
@@ -111,19 +112,34 @@ class TextRows(NamedTuple):
 
 def read_texts(path: str, task: Any, text_column: str | None, pair_column: str | None, with_labels: bool) -> TextRows:
     """The texts (and, ``with_labels`` and a ``task``, the label ids) of a ``.jsonl`` or ``.tsv`` file; an
-    :class:`~adaptive_depth.predict.InputFileError` names a missing file or column, no rows, an unknown label."""
-    from adaptive_depth.predict import PAIR_COLUMNS, TEXT_COLUMNS, InputFileError, _column, _pick_column, read_rows
+    :class:`~adaptive_depth.predict.InputFileError` names a missing file or column, no rows, an unknown label.
 
-    rows = read_rows(path)
+    Columns are found by name as ``predict`` finds them (``text``/``text_pair``, GLUE's ``sentence1``/``sentence2``,
+    QNLI's ``question``/``sentence``...). With a ``task``, a file laid out as its GLUE files (the column count,
+    and the text columns where the task puts them) gives its labels from the task's label column, and a
+    headerless ``.tsv`` of a task whose files have no header (CoLA) is read by position, first row included.
+    """
+    from adaptive_depth.predict import TEXT_COLUMNS, InputFileError, _column, _pick_texts, read_rows
+
+    glue_counts = set(dict(task.split_columns).values()) if task is not None else set()
+    is_tsv = Path(path).suffix.lower() == ".tsv"
+    headerless = is_tsv and task is not None and not task.has_header and Path(path).is_file()
+    if headerless:  # a GLUE file of a task without headers, unless its first line names known columns
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
+            first = handle.readline().rstrip("\r\n").split("\t")
+        headerless = len(first) in glue_counts and not set(first) & set(TEXT_COLUMNS)
+    rows = read_rows(path, tsv_header=not headerless)
     header = list(rows[0])
-    by_task = task is not None and Path(path).suffix.lower() == ".tsv" and len(header) in dict(task.split_columns).values()
-    if by_task and text_column is None:  # the GLUE layout's columns, by position
+    glue_layout = is_tsv and task is not None and len(header) in glue_counts
+    if glue_layout and not task.has_header and text_column is None:
         text_column = header[task.columns.text_a]
         pair_column = header[task.columns.text_b] if task.is_pair and pair_column is None else pair_column
-    text_column = _pick_column(rows, text_column, TEXT_COLUMNS, "text", required=True)
-    pair_column = _pick_column(rows, pair_column, PAIR_COLUMNS, "pair", required=False)
+    text_column, pair_column = _pick_texts(rows, text_column, pair_column,
+                                           pairs_wanted=task is None or task.is_pair)
+    glue_layout = glue_layout and header[task.columns.text_a] == text_column and (
+        not task.is_pair or header[task.columns.text_b] == pair_column)  # not a test file with as many columns
     labels = None
-    label_column = (header[task.columns.label] if by_task else "label") if task is not None else None
+    label_column = (header[task.columns.label] if glue_layout else "label") if task is not None else None
     if with_labels and label_column in header:
         values = [str(row[label_column]) for row in rows]
         try:

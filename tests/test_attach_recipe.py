@@ -174,6 +174,21 @@ def test_glue_files_give_their_text_pairs_and_labels(tmp_path: Path) -> None:
     qnli.write_text("index\tquestion\tsentence\tlabel\n0\tWho?\tHim.\tentailment\n", encoding="utf-8")
     assert read_texts(str(qnli), get_task("qnli"), None, None, with_labels=True) == (["Who?"], ["Him."], [0])
     assert read_texts(str(qnli), None, None, None, with_labels=True).labels is None  # no task: no labels read
+    # Without --task the pair is found by name too, as predict finds it (the question was dropped).
+    assert read_texts(str(qnli), None, None, None, with_labels=False)[:2] == (["Who?"], ["Him."])
+    # SST-2's test.tsv has as many columns as its train file, but its first holds the row index.
+    test = tmp_path / "test.tsv"
+    test.write_text("index\tsentence\n0\tA fine film .\n1\tDull .\n", encoding="utf-8")
+    assert read_texts(str(test), get_task("sst2"), None, None, with_labels=True) == (["A fine film .", "Dull ."],
+                                                                                      None, None)
+    # CoLA's files have no header: every line is a row, read by the task's positions.
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("gj04\t1\t\tOur friends won't buy this .\ngj04\t0\t*\tThem buy .\n", encoding="utf-8")
+    assert read_texts(str(cola), get_task("cola"), None, None, with_labels=True) == (
+        ["Our friends won't buy this .", "Them buy ."], None, [1, 0])
+    named = tmp_path / "named.tsv"  # a CoLA-task file a user wrote with a header
+    named.write_text("sentence\tlabel\nFine .\t1\n", encoding="utf-8")
+    assert read_texts(str(named), get_task("cola"), None, None, with_labels=True) == (["Fine ."], None, [1])
 
 
 @pytest.mark.parametrize("case, message", [

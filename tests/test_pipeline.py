@@ -268,6 +268,7 @@ def test_predict_command_line_on_a_glue_style_tsv(saved_pair_model: Path, tmp_pa
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"), ("csv", "must end in .jsonl or .tsv"), ("ragged", "line 3: 1 tab-separated"),
     ("badjson", "line 2: not JSON"), ("nocolumn", "no text column"), ("notmodel", "is not a folder holding"),
+    ("twice", "the header names the column(s) ['sentence'] twice"),
 ])
 def test_predict_command_line_errors_are_one_line(saved_pair_model: Path, tmp_path: Path, capsys,
                                                   case: str, message: str) -> None:
@@ -284,6 +285,8 @@ def test_predict_command_line_errors_are_one_line(saved_pair_model: Path, tmp_pa
     elif case == "nocolumn":
         path = tmp_path / "rows.jsonl"
         path.write_text('{"body": "ok"}\n')
+    elif case == "twice":  # the second column of a name used to win silently
+        path.write_text("sentence\tsentence\nfine\tbroken\n")
     elif case == "notmodel":
         path.write_text("sentence\nfine\n")
         model = str(tmp_path / "nowhere")
@@ -364,3 +367,18 @@ def test_a_pipeline_refuses_a_bad_batch_size_and_dicts_of_texts(saved_pair_model
     with pytest.raises(TypeError, match="text_pairs must be a string or a sequence of strings, got a bytes"):
         pipeline(SENTENCES[0], b"bytes")
     assert len(pipeline(SENTENCES, PAIRS, batch_size=2)) == len(SENTENCES)
+
+
+def test_a_tsv_without_header_reads_every_line_as_a_row(tmp_path: Path) -> None:
+    """``tsv_header=False`` (CoLA's GLUE files): the first line is a row and the columns are numbered."""
+    from adaptive_depth.predict import InputFileError, read_rows
+
+    path = tmp_path / "rows.tsv"
+    path.write_text("gj04\t1\t\tFirst .\ngj04\t0\t*\tSecond .\n", encoding="utf-8")
+    rows = read_rows(path, tsv_header=False)
+    assert rows == [{"column 1": "gj04", "column 2": "1", "column 3": "", "column 4": "First ."},
+                    {"column 1": "gj04", "column 2": "0", "column 3": "*", "column 4": "Second ."}]
+    assert len(read_rows(path)) == 1  # with a header, the first line names the columns
+    path.write_text("a\tb\nc\n", encoding="utf-8")
+    with pytest.raises(InputFileError, match="line 2: 1 tab-separated fields, the first line has 2"):
+        read_rows(path, tsv_header=False)
