@@ -6,7 +6,9 @@ Rows never overlap between roles: the classifier is fine-tuned on some rows
 Dev stays the reported set.
 
 - ``sst2-unlabeled.jsonl``: SST-2 train rows 8000-23999 (16,000; ``text`` only);
-- ``sst2-certify.jsonl``: SST-2 train rows 24000-31999 (8,000; ``text``, ``label``);
+- ``sst2-certify.jsonl``: the first 8,000 SST-2 train rows from row 24000 on whose text is not that of a
+  row before 24000 (``text``, ``label``): SST-2 repeats sentences, and 30 of rows 24000-31999 repeat a
+  fine-tuning or unlabeled row verbatim (the files before 2026-12-04 kept them);
 - ``mrpc-unlabeled.jsonl``: MRPC train (3,668 pairs; ``text``, ``text_pair``);
 - ``mrpc-certify.jsonl``: the MSR paraphrase corpus' test file ``MRPC/msr_paraphrase_test.txt``
   (1,725 labelled pairs, none of them in GLUE's MRPC train or dev; checked by id pair);
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "read_msr_test"]
+__all__ = ["main", "read_msr_test", "unseen"]
 
 MSR_HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
 
@@ -46,6 +48,20 @@ def read_msr_test(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}, line {number}: expected 5 fields with a 0/1 label, got {row[:2]}...")
         pairs.append({"id": (row[1], row[2]), "text": row[3], "text_pair": row[4], "label": int(row[0])})
     return pairs
+
+
+def unseen(rows: Sequence[Any], start: int, count: int) -> list[Any]:
+    """The first ``count`` of ``rows[start:]`` whose ``text_a`` is not that of any row before ``start`` (the
+    rows trained on), so that certification rows are held out as text, not only by index.
+
+    Raises:
+        ValueError: fewer than ``count`` such rows.
+    """
+    seen = {row.text_a for row in rows[:start]}
+    kept = [row for row in rows[start:] if row.text_a not in seen][:count]
+    if len(kept) < count:
+        raise ValueError(f"only {len(kept)} rows from row {start} on have a text not seen before it; {count} are needed")
+    return kept
 
 
 def _write(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -66,8 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
 
     sst2 = read_split(data_dir, get_task("sst2"), "train").examples
-    if len(sst2) < 32000:
-        raise ValueError(f"SST-2 train has {len(sst2)} rows; the split needs 32,000")
     mrpc = read_split(data_dir, get_task("mrpc"), "train").examples
     msr = read_msr_test(data_dir / "MRPC" / "msr_paraphrase_test.txt")
     glue_pairs = set()
@@ -80,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"{len(shared)} MSR test pairs are also in GLUE MRPC train/dev, e.g. {shared[:3]}")
     files = {
         "sst2-unlabeled.jsonl": [{"text": row.text_a} for row in sst2[8000:24000]],
-        "sst2-certify.jsonl": [{"text": row.text_a, "label": row.label} for row in sst2[24000:32000]],
+        "sst2-certify.jsonl": [{"text": row.text_a, "label": row.label} for row in unseen(sst2, 24000, 8000)],
         "mrpc-unlabeled.jsonl": [{"text": row.text_a, "text_pair": row.text_b} for row in mrpc],
         "mrpc-certify.jsonl": [{key: row[key] for key in ("text", "text_pair", "label")} for row in msr],
     }

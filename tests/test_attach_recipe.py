@@ -322,3 +322,16 @@ def test_eval_labels_follow_the_models_own_label_names(files: dict[str, Path], t
     names = [model.config.id2label[int(index)] for index in logits.argmax(-1)]
     expected = sum(name == gold for name, (_, gold) in zip(names, rows)) / len(rows)
     assert reported["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_certification_rows_are_held_out_as_text() -> None:
+    """SST-2 repeats sentences: certification rows are taken past the trained ones and skip any text that a
+    trained row has (30 of SST-2 train rows 24000-31999 repeat one verbatim)."""
+    from benchmarks.attach_data import unseen
+
+    rows = [GlueExample(text_a=text, text_b=None, label=0, source=f"SST-2/train.tsv:{line}")
+            for line, text in enumerate(["a", "b", "c", "b", "d", "a", "e"], start=2)]
+    assert [row.text_a for row in unseen(rows, 3, 2)] == ["d", "e"]
+    assert [row.text_a for row in unseen(rows, 2, 3)] == ["c", "d", "e"]
+    with pytest.raises(ValueError, match="only 2 rows from row 3 on have a text not seen before it; 3 are needed"):
+        unseen(rows, 3, 3)
