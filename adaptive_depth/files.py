@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write", "check_output_path", "file_in_the_way", "fsync", "staging_folder",
+__all__ = ["OutputPathError", "atomic_write", "check_output_path", "file_in_the_way", "fsync", "replace_folder", "staging_folder",
            "write_atomically"]
 
 
@@ -136,3 +137,21 @@ def staging_folder(target: Path) -> Path:
     os.umask(umask)
     staging.chmod(0o777 & ~umask)
     return staging
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Rename ``staging`` (e.g. a :func:`staging_folder`) to ``target``; an old ``target`` is moved aside
+    first, as ``.<name>.old-<pid>-<random>``, and removed last. A process killed between the two renames
+    leaves no ``target``, only that folder (``AdaptiveEncoder.from_pretrained`` names it)."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    # A name no other save uses: a process killed mid-swap leaves its folder, and PIDs repeat (containers).
+    retired = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except BaseException:
+        retired.rename(target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import glob
 import os
-import secrets
 import shlex
 import shutil
 import warnings
@@ -34,7 +33,7 @@ import torch
 
 from adaptive_depth.classifiers import is_attached
 from adaptive_depth.config import AdaptiveEncoderConfig
-from adaptive_depth.files import staging_folder
+from adaptive_depth.files import replace_folder, staging_folder
 from adaptive_depth.hub import HubTimeoutError, OFFLINE_HINT, download_snapshot, looks_like_hub_id
 from adaptive_depth.model_folder import ModelFolderError, verify_model_folder, write_manifest
 from adaptive_depth.storage import as_storage_error
@@ -116,7 +115,7 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_manifest(staging)
-        _replace_folder(staging, target)
+        replace_folder(staging, target)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         storage = as_storage_error(error, target) if isinstance(error, Exception) else None
@@ -126,24 +125,8 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
     return target
 
 
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an old ``target`` is moved aside first and removed last."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    # A name no other save uses: a process killed mid-swap leaves its folder, and PIDs repeat (containers).
-    retired = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    target.rename(retired)
-    try:
-        staging.rename(target)
-    except BaseException:
-        retired.rename(target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def _retired_models(path: Path) -> list[Path]:
-    """Saved models that :func:`_replace_folder` moved aside from ``path`` and a killed save left there,
+    """Saved models that :func:`~adaptive_depth.files.replace_folder` moved aside from ``path`` and a killed save left there,
     newest first."""
     if not path.parent.is_dir():
         return []

@@ -20,6 +20,7 @@ from typing import Any
 
 from recipes.run import errors
 from recipes.run.errors import CheckpointError, ConfigError
+from recipes.run.folder import HELDOUT_FILE
 
 __all__ = ["heldout_rows", "main"]
 
@@ -65,12 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.heldout", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a recipe run folder (with run.json)")
     parser.add_argument("--data-dir", default=None, help="glue_data folder (default: the one the run recorded)")
-    parser.add_argument("--output", type=Path, default=None, help="JSON-lines file (default: RUN_DIR/heldout.jsonl)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"JSON-lines file (default: RUN_DIR/{HELDOUT_FILE}, removed by the recipe's --overwrite)")
     args = parser.parse_args(argv)
     setup_logging()
     with errors.error_boundary(handled=(GlueDataError,)) as outcome:
         rows = heldout_rows(args.run_dir, args.data_dir)
-        output = args.output or args.run_dir / "heldout.jsonl"
+        output = args.output or args.run_dir / HELDOUT_FILE
         if not output.parent.is_dir():
             raise ConfigError(f"--output {output}: the folder {output.parent} does not exist")
         write_atomically(output, (json.dumps(row) + "\n" for row in rows))

@@ -222,9 +222,18 @@ def test_a_used_folder_is_refused_unless_resume_or_overwrite(
     assert run_cli(*argv, "--resume", "--overwrite") == 2
     assert_one_error_line(capsys.readouterr().err, "exclude each other")
     (out / "notes.txt").write_text("mine")
+    # Written from the old run (recipes.heldout: its held-out rows, which the new seed may train on) and
+    # left by interrupted writes: removed with it.
+    leftovers = ["heldout.jsonl", ".model.tmp-123-abcd", ".model.old-77-0123", ".run.json.tmp-9-ffff"]
+    (out / "heldout.jsonl").write_text('{"sentence": "held out by seed 42"}\n')
+    for name in leftovers[1:3]:
+        (out / name).mkdir()
+        (out / name / "config.json").write_text("{}")
+    (out / leftovers[3]).write_text("{")
     assert run_cli(*argv, "--overwrite", "seed=3") == 0
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 3
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only the run's own files
+    assert not any((out / name).exists() for name in leftovers)
 
 
 def test_a_folder_locked_by_a_running_process_is_refused(
@@ -405,3 +414,32 @@ def test_tradeoff_does_not_reuse_a_run_made_on_other_data(
     # Threads and the evaluation batch size do not change a finished run: it is reused.
     assert tradeoff.main([*argv, "torch_threads=1", "eval_batch_size=4"]) == 0
     assert "reusing" in capsys.readouterr().err
+
+
+def test_record_run_swaps_the_backbone_folder_in_whole(tmp_path: Path) -> None:
+    """The backbone's config and tokenizer are written beside the folder and swapped in: a write that fails
+    part-way (a full disk here) leaves the previous backbone/ as it was and no temporary folder."""
+    from recipes.run.errors import StorageError
+    from recipes.run.folder import BACKBONE_DIR, record_run
+
+    class Config:
+        def save_pretrained(self, folder: Path) -> None:
+            (Path(folder) / "config.json").write_text('{"new": true}')
+
+    class FullDisk:
+        def save_pretrained(self, folder: Path) -> None:
+            (Path(folder) / "vocab.txt").write_text("[PA")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Tokenizer:
+        def save_pretrained(self, folder: Path) -> None:
+            (Path(folder) / "vocab.txt").write_text("[PAD]\n")
+
+    record_run(tmp_path, {"recipe": "smartbert"}, Config(), Tokenizer())
+    before = {path.name: path.read_text() for path in (tmp_path / BACKBONE_DIR).iterdir()}
+    assert before == {"config.json": '{"new": true}', "vocab.txt": "[PAD]\n"}
+    with pytest.raises(StorageError, match="No space left on device"):
+        record_run(tmp_path, {"recipe": "smartbert", "again": True}, Config(), FullDisk())
+    assert {path.name: path.read_text() for path in (tmp_path / BACKBONE_DIR).iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == [BACKBONE_DIR, "run.json"]
+    assert json.loads((tmp_path / "run.json").read_text()) == {"recipe": "smartbert"}

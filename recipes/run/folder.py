@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adaptive_depth.files import write_atomically
+from adaptive_depth.files import replace_folder, staging_folder, write_atomically
 from recipes.run import errors
 from recipes.run.checkpoints import has_checkpoint, previous_checkpoint
 from recipes.run.errors import RunFolderError
@@ -46,6 +46,7 @@ __all__ = [
     "BACKBONE_DIR",
     "BEST_STAGE1_FILE",
     "CHECKPOINT_DIR",
+    "HELDOUT_FILE",
     "LOCK_FILE",
     "MODEL_DIR",
     "PLOT_FILE",
@@ -68,6 +69,7 @@ RESULTS_FILE = "results.json"
 PLOT_FILE = "plot.png"
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
+HELDOUT_FILE = "heldout.jsonl"  # python -m recipes.heldout's default output: rows of this run's held-out split
 # What a run writes into its folder; anything else there is left alone.
 RUN_ENTRIES = (CHECKPOINT_DIR, previous_checkpoint(CHECKPOINT_DIR).name, BEST_STAGE1_FILE, BACKBONE_DIR, MODEL_DIR,
                RESULTS_FILE, PLOT_FILE, RUN_FILE)
@@ -215,10 +217,16 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def clear_run(run_dir: Path) -> list[str]:
-    """Delete the run entries of ``run_dir`` (``--overwrite``); other files are kept. Returns the
-    removed names."""
+    """Delete the run entries of ``run_dir`` (``--overwrite``), the :data:`HELDOUT_FILE` written from
+    the run (another run holds out other rows: certifying the new one on the old file would use rows it
+    trained on), and the hidden temporary folders an interrupted write of any of them left; other
+    files are kept. Returns the removed names."""
     removed = []
-    for name in run_contents(run_dir):
+    names = [*run_contents(run_dir), *([HELDOUT_FILE] if (run_dir / HELDOUT_FILE).exists() else [])]
+    for entry in (*RUN_ENTRIES, HELDOUT_FILE):
+        names += sorted(path.name for pattern in (f".{entry}.tmp-*", f".{entry}.old-*")
+                        for path in run_dir.glob(pattern))
+    for name in names:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -257,8 +265,13 @@ def record_run(run_dir: Path, record: Mapping[str, Any], backbone_config: Any, t
         StorageError: the folder cannot be written (disk full, no permission).
     """
     try:
-        backbone_config.save_pretrained(run_dir / BACKBONE_DIR)
-        tokenizer.save_pretrained(run_dir / BACKBONE_DIR)
+        staging = staging_folder(run_dir / BACKBONE_DIR)  # swapped in whole: a killed write leaves the old one
+        try:
+            backbone_config.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            replace_folder(staging, run_dir / BACKBONE_DIR)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
         text = json.dumps(dict(record), indent=2)
         write_atomically(run_dir / RUN_FILE, [text])
     except OSError as error:
