@@ -52,7 +52,8 @@ class RecipeConfig:
         weight_decay, warmup_ratio, max_grad_norm: AdamW and linear-schedule settings.
         head_inner_size: width of the attention exit heads' self-attention.
         padded_length: length the paper's FLOPs convention counts at.
-        bucket_by_length: batch training examples of similar length (less padding).
+        bucket_by_length: batch training examples of similar length (less padding); one process only:
+            under ``torchrun`` each rank draws from a seeded ``DistributedSampler``, unbucketed.
         torch_threads: ``torch.set_num_threads`` (0: leave the default).
         device: where the run trains and evaluates, in fp32: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``
             (under ``torchrun``, ``"cuda"``: each process uses ``cuda:LOCAL_RANK``); checked to
