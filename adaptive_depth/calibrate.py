@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             raise InputFileError(f"{args.model} is not a local folder holding a saved adaptive model "
                                  f"(no {ADAPTIVE_CONFIG_NAME}); calibrate writes its certificate there.")
-        pipeline, texts, pairs, labels = load_rows_and_pipeline(args, args.label_column)
+        pipeline, texts, pairs, labels, _ = load_rows_and_pipeline(args, args.label_column)
     except (InputFileError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

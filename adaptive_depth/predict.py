@@ -1,7 +1,7 @@
 """``python -m adaptive_depth.predict MODEL_DIR --input rows.tsv|rows.jsonl``: classify a file.
 
-Writes one JSON object per input row (label, score, probabilities, exit layer, layers run,
-relative cost and its MACs) to ``--output`` (checked before any work, written atomically) or
+Writes one JSON object per input row (its line in the input file, label, score, probabilities, exit
+layer, layers run, relative cost and its MACs) to ``--output`` (checked before any work, written atomically) or
 stdout, with a progress bar on stderr; on stderr too, the certificate the operating point runs
 under (if any) and a summary line: rows, relative cost (total MACs / full-depth MACs of all
 rows, exact convention) and, with ``--label-column``, the task's metric saved with the model
@@ -25,11 +25,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from adaptive_depth.files import OutputPathError, check_output_path
 
-__all__ = ["InputFileError", "add_input_arguments", "load_rows_and_pipeline", "main",
+__all__ = ["InputFileError", "LoadedRows", "Rows", "add_input_arguments", "load_rows_and_pipeline", "main",
            "read_rows", "show_progress"]
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "question1", "#1 String")
@@ -43,8 +43,18 @@ class InputFileError(ValueError):
     """The input file cannot be read as rows of texts."""
 
 
-def read_rows(path: str | Path, tsv_header: bool = True) -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl`` or ``.tsv`` file, as dicts keyed by column name.
+class Rows(list):  # type: ignore[type-arg]
+    """The rows :func:`read_rows` read (a list of dicts), with ``lines``: the file's line number of each
+    (1-based; blank lines hold no row, so the row index and the line differ)."""
+
+    def __init__(self, rows: list[dict[str, Any]], lines: list[int]) -> None:
+        super().__init__(rows)
+        self.lines = lines
+
+
+def read_rows(path: str | Path, tsv_header: bool = True) -> Rows:
+    """Rows of a ``.jsonl`` or ``.tsv`` file, as dicts keyed by column name, with their line numbers
+    (:class:`Rows`).
 
     Args:
         path: the file.
@@ -62,6 +72,7 @@ def read_rows(path: str | Path, tsv_header: bool = True) -> list[dict[str, Any]]
     if suffix not in (".jsonl", ".tsv"):
         raise InputFileError(f"input file {path} must end in .jsonl or .tsv, got {suffix or 'no extension'!r}.")
     rows: list[dict[str, Any]] = []
+    lines: list[int] = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             if suffix == ".jsonl":
@@ -75,17 +86,18 @@ def read_rows(path: str | Path, tsv_header: bool = True) -> list[dict[str, Any]]
                     if not isinstance(row, dict):
                         raise InputFileError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
                     rows.append(row)
+                    lines.append(number)
             else:
-                rows = _tsv_rows(path, handle, tsv_header)
+                rows, lines = _tsv_rows(path, handle, tsv_header)
     except UnicodeDecodeError as error:
         raise InputFileError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start} of a read chunk).") from error
     if not rows:
         raise InputFileError(f"{path} holds no rows.")
-    return rows
+    return Rows(rows, lines)
 
 
-def _tsv_rows(path: Path, handle: Any, has_header: bool) -> list[dict[str, Any]]:
-    """The rows of a ``.tsv`` (see :func:`read_rows`); fields of any length (the csv module stops at 128 KiB
+def _tsv_rows(path: Path, handle: Any, has_header: bool) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a ``.tsv`` and their line numbers (see :func:`read_rows`); fields of any length (the csv module stops at 128 KiB
     by default, a limit it keeps process-wide, so it is raised only while reading)."""
     limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)
@@ -94,9 +106,10 @@ def _tsv_rows(path: Path, handle: Any, has_header: bool) -> list[dict[str, Any]]
         header = next(reader, None)
         if header is None:
             raise InputFileError(f"{path} is empty; a .tsv input needs a header row.")
-        rows = []
+        rows, lines = [], []
         if not has_header:
             rows.append({f"column {number}": field for number, field in enumerate(header, start=1)})
+            lines.append(1)
             header = list(rows[0])
         elif len(set(header)) < len(header):
             twice = sorted({name for name in header if header.count(name) > 1})
@@ -108,7 +121,8 @@ def _tsv_rows(path: Path, handle: Any, has_header: bool) -> list[dict[str, Any]]
                 raise InputFileError(f"{path}, line {number}: {len(fields)} tab-separated fields, the "
                                      f"{'header' if has_header else 'first line'} has {len(header)}.")
             rows.append(dict(zip(header, fields)))
-        return rows
+            lines.append(number)
+        return rows, lines
     except csv.Error as error:
         raise InputFileError(f"{path}, line {reader.line_num}: {error}.") from error
     finally:
@@ -213,10 +227,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None
-                           ) -> tuple[Any, list[str], list[str] | None, list[Any] | None]:
-    """``(pipeline, texts, pairs, labels)`` from the ``add_input_arguments`` arguments; ``labels``
-    are mapped to the model's class indices (or scores) when ``label_column`` is given.
+class LoadedRows(NamedTuple):
+    """What :func:`load_rows_and_pipeline` read: the pipeline, the texts (and pairs), the gold labels as
+    class indices or scores (``None`` without a label column), and each row's line in the input file."""
+
+    pipeline: Any
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[Any] | None
+    lines: list[int]
+
+
+def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None) -> LoadedRows:
+    """The pipeline and rows the ``add_input_arguments`` arguments name; ``labels`` are mapped to the
+    model's class indices (or scores) when ``label_column`` is given.
 
     Raises:
         InputFileError: unreadable rows or model, missing columns, labels the model does not have,
@@ -257,7 +281,7 @@ def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None
             labels = label_ids(pipeline.encoder.adaptive_config, [row[label_column] for row in rows])
         except ValueError as error:
             raise InputFileError(f"--label-column {label_column!r}: {error}") from error
-    return pipeline, texts, pairs, labels
+    return LoadedRows(pipeline, texts, pairs, labels, rows.lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -270,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         output = check_output_path(args.output) if args.output else None
-        pipeline, texts, pairs, labels = load_rows_and_pipeline(args, args.label_column)
+        pipeline, texts, pairs, labels, row_lines = load_rows_and_pipeline(args, args.label_column)
         config = pipeline.encoder.adaptive_config
         if args.threshold is not None:
             try:
@@ -304,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"threshold {certificate.gate_threshold:g} in mode {certificate.mode}, not the operating point given here",
               file=sys.stderr)
     predictions = pipeline(texts, pairs, progress=show_progress(args))
-    lines = (json.dumps(prediction.to_dict()) + "\n" for prediction in predictions)
+    lines = (json.dumps({"line": line, **prediction.to_dict()}) + "\n"
+             for line, prediction in zip(row_lines, predictions, strict=True))
     if output is not None:
         try:
             write_atomically(output, lines)

@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         output = check_output_path(args.json, create_parents=True)  # before the work, not after it
-        pipeline, texts, pairs, labels = load_rows_and_pipeline(args, args.label_column)
+        pipeline, texts, pairs, labels, _ = load_rows_and_pipeline(args, args.label_column)
     except (InputFileError, OutputPathError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

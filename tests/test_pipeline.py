@@ -382,3 +382,20 @@ def test_a_tsv_without_header_reads_every_line_as_a_row(tmp_path: Path) -> None:
     path.write_text("a\tb\nc\n", encoding="utf-8")
     with pytest.raises(InputFileError, match="line 2: 1 tab-separated fields, the first line has 2"):
         read_rows(path, tsv_header=False)
+
+
+def test_predict_output_names_each_rows_line_in_the_input(saved_pair_model: Path, tmp_path: Path) -> None:
+    """Blank lines hold no row, so the output's n-th line need not be the input's: each answer says its line."""
+    rows = tmp_path / "rows.jsonl"
+    body = [json.dumps({"text": a, "text_pair": b}) for a, b in zip(SENTENCES[:3], PAIRS[:3])]
+    rows.write_text(f"\n{body[0]}\n\n\n{body[1]}\n{body[2]}\n\n", encoding="utf-8")
+    output = tmp_path / "predictions.jsonl"
+    assert predict_main([str(saved_pair_model), "--input", str(rows), "--output", str(output), "--no-progress"]) == 0
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["line"] for row in written] == [2, 5, 6]
+    expected = AdaptivePipeline.from_pretrained(saved_pair_model)(SENTENCES[:3], PAIRS[:3])
+    assert [row["label"] for row in written] == [p.label for p in expected]
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text("sentence1\tsentence2\n\n" + "".join(f"{a}\t{b}\n" for a, b in zip(SENTENCES[:2], PAIRS[:2])))
+    assert predict_main([str(saved_pair_model), "--input", str(tsv), "--output", str(output), "--no-progress"]) == 0
+    assert [json.loads(line)["line"] for line in output.read_text().splitlines()] == [3, 4]
