@@ -22,7 +22,8 @@ from adaptive_depth.exits import EntropyExit, ExitCriterion, MaxProbExit, Patien
 from adaptive_depth.files import write_atomically
 
 __all__ = ["CONFIG_FORMAT_VERSION", "DEFAULT_THRESHOLDS", "METRICS", "AdaptiveEncoderConfig", "CriterionName",
-           "check_criterion_fits", "check_gate_threshold", "criterion_from_name", "criterion_spec", "criterion_with_threshold", "label_ids"]
+           "check_criterion_fits", "check_gate_threshold", "criterion_from_name", "criterion_spec",
+           "criterion_with_threshold", "label_ids"]
 
 # The format of adaptive_config.json that this version writes (2: with ``criterion_options``). It reads
 # format 1 too: the same fields without ``criterion_options``, which then are the criteria's defaults, as
@@ -45,7 +46,8 @@ CRITERION_OPTIONS: dict[str, tuple[str, ...]] = {"patience": ("regression_tolera
 
 def _check_criterion_name(name: str) -> None:
     if name not in get_args(CriterionName):
-        raise ValueError(f"unknown exit criterion {name!r}; use one of {', '.join(map(repr, get_args(CriterionName)))}.")
+        known = ", ".join(map(repr, get_args(CriterionName)))
+        raise ValueError(f"unknown exit criterion {name!r}; use one of {known}.")
 
 
 def criterion_from_name(name: str, threshold: float, options: Mapping[str, float] | None = None) -> ExitCriterion:

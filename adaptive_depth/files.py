@@ -9,8 +9,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write", "check_output_path", "file_in_the_way", "fsync", "replace_folder", "staging_folder",
-           "write_atomically"]
+__all__ = ["OutputPathError", "atomic_write", "check_output_path", "file_in_the_way", "fsync", "replace_folder",
+           "staging_folder", "write_atomically"]
 
 
 def fsync(path: str | os.PathLike[str]) -> None:

@@ -97,8 +97,8 @@ def read_rows(path: str | Path, tsv_header: bool = True) -> Rows:
 
 
 def _tsv_rows(path: Path, handle: Any, has_header: bool) -> tuple[list[dict[str, Any]], list[int]]:
-    """The rows of a ``.tsv`` and their line numbers (see :func:`read_rows`); fields of any length (the csv module stops at 128 KiB
-    by default, a limit it keeps process-wide, so it is raised only while reading)."""
+    """The rows of a ``.tsv`` and their line numbers (see :func:`read_rows`); fields of any length (the csv
+    module stops at 128 KiB by default, a limit it keeps process-wide, so it is raised only while reading)."""
     limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)
     try:

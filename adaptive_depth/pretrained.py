@@ -126,8 +126,8 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
 
 
 def _retired_models(path: Path) -> list[Path]:
-    """Saved models that :func:`~adaptive_depth.files.replace_folder` moved aside from ``path`` and a killed save left there,
-    newest first."""
+    """Saved models that :func:`~adaptive_depth.files.replace_folder` moved aside from ``path`` and a killed
+    save left there, newest first."""
     if not path.parent.is_dir():
         return []
     found = [folder for folder in path.parent.glob(f".{glob.escape(path.name)}.old-*")
@@ -227,8 +227,8 @@ def load_pretrained(
     attached = is_attached(config.last_head)
     implementation = attn_implementation or config.attn_implementation
     try:
-        backbone = _load_backbone(folder, options | ({"attn_implementation": implementation} if implementation else {}),
-                                  attached)
+        chosen = {"attn_implementation": implementation} if implementation else {}
+        backbone = _load_backbone(folder, options | chosen, attached)
     except _AttentionUnavailable as error:
         if attn_implementation:
             raise ValueError(f"attn_implementation={attn_implementation!r} cannot be used here: {error}") from error

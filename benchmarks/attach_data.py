@@ -60,7 +60,8 @@ def unseen(rows: Sequence[Any], start: int, count: int) -> list[Any]:
     seen = {row.text_a for row in rows[:start]}
     kept = [row for row in rows[start:] if row.text_a not in seen][:count]
     if len(kept) < count:
-        raise ValueError(f"only {len(kept)} rows from row {start} on have a text not seen before it; {count} are needed")
+        raise ValueError(f"only {len(kept)} rows from row {start} on have a text not seen before it; "
+                         f"{count} are needed")
     return kept
 
 
