@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.splits < 1:
             raise InputFileError(f"--splits must be >= 1 (500 or more for a meaningful rate), got {args.splits}.")
         output = check_output_path(args.json)
-        pipeline, texts, pairs, labels = load_rows_and_pipeline(args, args.label_column)
+        pipeline, texts, pairs, labels, _ = load_rows_and_pipeline(args, args.label_column)
         batches = [inputs for _, inputs in pipeline.batches(texts, pairs, labels)]
         grid = run_grid(pipeline.engine, batches, args.risk, args.tolerance, show_progress(args))
         rows = [row for max_risk in args.max_risk
