@@ -29,14 +29,31 @@ from typing import Any, NamedTuple
 
 from adaptive_depth.files import OutputPathError, check_output_path
 
-__all__ = ["InputFileError", "LoadedRows", "Rows", "add_input_arguments", "load_rows_and_pipeline", "main",
-           "read_rows", "show_progress"]
+__all__ = ["AUTO_BATCH_POSITIONS", "InputFileError", "LoadedRows", "Rows", "add_input_arguments", "auto_batch_size",
+           "load_rows_and_pipeline", "main", "read_rows", "show_progress"]
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "question1", "#1 String")
 PAIR_COLUMNS = ("text_pair", "sentence2", "question2", "#2 String")
 # (first text, second text) as the GLUE files and the usual JSON name them; QNLI puts the question first.
 KNOWN_PAIRS = (("text", "text_pair"), ("sentence1", "sentence2"), ("question1", "question2"),
                ("#1 String", "#2 String"), ("question", "sentence"))
+
+
+# Row-positions of one engine call when --batch-size is not given: 256 rows at the MRPC model's 128 tokens,
+# where streaming 5,000 SST-2 rows kept all of the FLOPs saving on the 2-core CPU, against 0.89 of it at 32
+# rows (docs/benchmarks.md "Streaming"); fewer rows for longer truncation lengths, so memory stays bounded.
+AUTO_BATCH_POSITIONS = 32768
+
+
+def auto_batch_size(max_length: int) -> int:
+    """``--batch-size``'s default: as many rows as :data:`AUTO_BATCH_POSITIONS` holds at the truncation
+    length ``max_length`` (tokens), at least 32. E.g. 256 at 128 tokens, 64 at 512.
+
+    Example:
+        >>> auto_batch_size(128), auto_batch_size(512), auto_batch_size(2048)
+        (256, 64, 32)
+    """
+    return max(32, AUTO_BATCH_POSITIONS // max(1, max_length))
 
 
 class InputFileError(ValueError):
@@ -196,9 +213,9 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair-column", default=None, help=f"second text (default: first of {', '.join(PAIR_COLUMNS)})")
     parser.add_argument("--allow-single-texts", action="store_true",
                         help="run a pair model (saved text_pair: true) on single texts anyway")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="rows per engine call (the stream's group size; on a CPU 256 scores a large file "
-                             "faster than 32, docs/benchmarks.md \"Streaming\")")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows per engine call (the stream's group size); default: 32,768 tokens' worth at the "
+                             "model's truncation length, at least 32 (256 at 128 tokens)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-verify", action="store_true",
@@ -249,7 +266,7 @@ def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None) -
     from adaptive_depth.config import label_ids
     from adaptive_depth.pipeline import AdaptivePipeline
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputFileError(f"--batch-size must be >= 1, got {args.batch_size}.")
     _check_device(args.device)
     rows = read_rows(args.input)
@@ -261,11 +278,13 @@ def load_rows_and_pipeline(args: argparse.Namespace, label_column: str | None) -
             raise InputFileError(f"--label-column {label_column!r}: rows {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                                  "have no such field.")
     try:
-        pipeline = AdaptivePipeline.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
+        pipeline = AdaptivePipeline.from_pretrained(args.model, device=args.device, batch_size=args.batch_size or 32,
                                                     verify=not args.no_verify,
                                                     allow_single_texts=args.allow_single_texts)
     except ValueError as error:  # a damaged adaptive_config.json or weights that do not fit it
         raise InputFileError(f"cannot load the model in {args.model}: {error}") from error
+    if args.batch_size is None:
+        pipeline.batch_size = auto_batch_size(pipeline.max_length)
     # A model known to read single texts needs no pair column, even if the file has one.
     pairs_wanted = pipeline.encoder.adaptive_config.text_pair is not False
     text_column, pair_column = _pick_texts(rows, args.text_column, args.pair_column, pairs_wanted)
@@ -317,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputFileError, OutputPathError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{pipeline!r}: {len(texts)} rows from {args.input}", file=sys.stderr)
+    print(f"{pipeline!r}: {len(texts)} rows from {args.input}, {pipeline.batch_size} per engine call", file=sys.stderr)
     engine = pipeline.engine
     if certificate is None:
         print("operating point not certified (python -m adaptive_depth.calibrate certifies one)", file=sys.stderr)

@@ -399,3 +399,20 @@ def test_predict_output_names_each_rows_line_in_the_input(saved_pair_model: Path
     tsv.write_text("sentence1\tsentence2\n\n" + "".join(f"{a}\t{b}\n" for a, b in zip(SENTENCES[:2], PAIRS[:2])))
     assert predict_main([str(saved_pair_model), "--input", str(tsv), "--output", str(output), "--no-progress"]) == 0
     assert [json.loads(line)["line"] for line in output.read_text().splitlines()] == [3, 4]
+
+
+def test_predict_batch_size_defaults_to_a_token_budget(saved_pair_model: Path, tmp_path: Path, capsys) -> None:
+    """Without --batch-size, rows per engine call follow the truncation length (256 at 128 tokens, where the
+    stream kept all its FLOPs saving on a CPU; 32 at most at 1,024 tokens and more); a given one is kept."""
+    from adaptive_depth.predict import auto_batch_size, load_rows_and_pipeline, parse_args
+
+    assert [auto_batch_size(length) for length in (16, 128, 129, 512, 1024, 4096)] == [2048, 256, 254, 64, 32, 32]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": a, "text_pair": b}) + "\n" for a, b in zip(SENTENCES, PAIRS)))
+    pipeline = load_rows_and_pipeline(parse_args([str(saved_pair_model), "--input", str(rows)]), None).pipeline
+    assert pipeline.batch_size == auto_batch_size(pipeline.max_length) >= 32
+    given = load_rows_and_pipeline(parse_args([str(saved_pair_model), "--input", str(rows), "--batch-size", "2"]), None)
+    assert given.pipeline.batch_size == 2
+    output = tmp_path / "out.jsonl"
+    assert predict_main([str(saved_pair_model), "--input", str(rows), "--output", str(output), "--no-progress"]) == 0
+    assert f"{pipeline.batch_size} per engine call" in capsys.readouterr().err
