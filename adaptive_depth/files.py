@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import shutil
@@ -9,8 +10,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write", "check_output_path", "file_in_the_way", "fsync", "replace_folder",
-           "staging_folder", "write_atomically"]
+__all__ = ["OutputPathError", "atomic_write", "check_output_path", "file_in_the_way", "fsync", "leftovers",
+           "replace_folder", "staging_folder", "write_atomically"]
 
 
 def fsync(path: str | os.PathLike[str]) -> None:
@@ -137,6 +138,16 @@ def staging_folder(target: Path) -> Path:
     os.umask(umask)
     staging.chmod(0o777 & ~umask)
     return staging
+
+
+def leftovers(target: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
+    """What interrupted writes of ``target`` left beside it, sorted: its staging folders and temporary files
+    (``"tmp"``: ``.<name>.tmp-*``, :func:`staging_folder`, :func:`atomic_write`) and old versions that
+    :func:`replace_folder` had moved aside (``"old"``: ``.<name>.old-*``)."""
+    if not target.parent.is_dir():
+        return []
+    name = glob.escape(target.name)
+    return sorted(path for kind in kinds for path in target.parent.glob(f".{name}.{kind}-*"))
 
 
 def replace_folder(staging: Path, target: Path) -> None:

@@ -27,7 +27,7 @@ from adaptive_depth.config import AdaptiveEncoderConfig, criterion_spec
 from adaptive_depth.encoder import AdaptiveEncoder
 from adaptive_depth.engine import AdaptiveInferenceEngine, EngineMode
 from adaptive_depth.exits import ExitCriterion
-from adaptive_depth.text_pipeline import (TOKENIZER_FILES, Prediction, TextPipeline, folder_tokenizer, relative_cost,
+from adaptive_depth.text_pipeline import (Prediction, TextPipeline, folder_tokenizer, has_tokenizer, relative_cost,
                                           truncation_length)
 
 __all__ = ["AdaptivePipeline", "Prediction", "relative_cost"]  # Prediction, relative_cost: from text_pipeline
@@ -108,7 +108,7 @@ class AdaptivePipeline(TextPipeline):
         from adaptive_depth.pretrained import resolve_model_dir
 
         folder = resolve_model_dir(name_or_path)
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if not has_tokenizer(folder):
             raise FileNotFoundError(
                 f"{folder} holds no tokenizer; save the model with encoder.save_pretrained(folder, tokenizer=...)."
             )

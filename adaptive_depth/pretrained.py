@@ -21,7 +21,6 @@ the file and the field or tensor.
 
 from __future__ import annotations
 
-import glob
 import os
 import shlex
 import shutil
@@ -33,11 +32,11 @@ import torch
 
 from adaptive_depth.classifiers import is_attached
 from adaptive_depth.config import AdaptiveEncoderConfig
-from adaptive_depth.files import replace_folder, staging_folder
+from adaptive_depth.files import leftovers, replace_folder, staging_folder
 from adaptive_depth.hub import HubTimeoutError, OFFLINE_HINT, download_snapshot, looks_like_hub_id
 from adaptive_depth.model_folder import ModelFolderError, verify_model_folder, write_manifest
 from adaptive_depth.storage import as_storage_error
-from adaptive_depth.text_pipeline import TOKENIZER_FILES
+from adaptive_depth.text_pipeline import has_tokenizer
 
 if TYPE_CHECKING:
     from adaptive_depth.encoder import AdaptiveEncoder
@@ -101,7 +100,7 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
             )
         if is_model and not overwrite:
             raise FileExistsError(f"{target} already holds a saved model; pass overwrite=True to replace it.")
-        if is_model and tokenizer is None and any((target / name).is_file() for name in TOKENIZER_FILES):
+        if is_model and tokenizer is None and has_tokenizer(target):
             warnings.warn(f"{target} holds a tokenizer, and the model saved over it gets none: pass tokenizer= to "
                           "keep one (AdaptivePipeline and predict need it).", stacklevel=3)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,10 +127,7 @@ def save_pretrained(encoder: AdaptiveEncoder, save_directory: str | os.PathLike[
 def _retired_models(path: Path) -> list[Path]:
     """Saved models that :func:`~adaptive_depth.files.replace_folder` moved aside from ``path`` and a killed
     save left there, newest first."""
-    if not path.parent.is_dir():
-        return []
-    found = [folder for folder in path.parent.glob(f".{glob.escape(path.name)}.old-*")
-             if (folder / ADAPTIVE_CONFIG_NAME).is_file()]
+    found = [folder for folder in leftovers(path, ("old",)) if (folder / ADAPTIVE_CONFIG_NAME).is_file()]
     return sorted(found, key=lambda folder: folder.stat().st_mtime, reverse=True)
 
 

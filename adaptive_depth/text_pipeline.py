@@ -22,10 +22,16 @@ from torch import Tensor
 
 from adaptive_depth.config import AdaptiveEncoderConfig, label_ids
 
-__all__ = ["TOKENIZER_FILES", "Prediction", "TextPipeline", "folder_tokenizer", "relative_cost", "truncation_length"]
+__all__ = ["TOKENIZER_FILES", "Prediction", "TextPipeline", "folder_tokenizer", "has_tokenizer", "relative_cost",
+           "truncation_length"]
 
 # A saved model folder holds a tokenizer when one of these is there.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a model folder holds tokenizer files (one of :data:`TOKENIZER_FILES`)."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def folder_tokenizer(folder: Path) -> Any | None:
@@ -38,7 +44,7 @@ def folder_tokenizer(folder: Path) -> Any | None:
     Raises:
         ModelFolderError: the tokenizer files are there but cannot be loaded (damaged or edited).
     """
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         return None
     from transformers import AutoTokenizer
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adaptive_depth.files import atomic_write, fsync
+from adaptive_depth.files import atomic_write, fsync, leftovers
 from adaptive_depth.storage import file_sha256
 from recipes.run import errors
 from recipes.run.errors import CheckpointError
@@ -122,7 +122,7 @@ def save_checkpoint(
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         # Left by a process that died while saving (the run folder's lock keeps out live ones).
-        for leftover in folder.parent.glob(f".{folder.name}.tmp-*"):
+        for leftover in leftovers(folder, ("tmp",)):
             shutil.rmtree(leftover, ignore_errors=True)
         temporary.mkdir()
         write_weights(temporary / WEIGHTS_FILE, detached(state_dict))

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adaptive_depth.files import replace_folder, staging_folder, write_atomically
+from adaptive_depth.files import leftovers, replace_folder, staging_folder, write_atomically
 from recipes.run import errors
 from recipes.run.checkpoints import has_checkpoint, previous_checkpoint
 from recipes.run.errors import RunFolderError
@@ -224,8 +224,7 @@ def clear_run(run_dir: Path) -> list[str]:
     removed = []
     names = [*run_contents(run_dir), *([HELDOUT_FILE] if (run_dir / HELDOUT_FILE).exists() else [])]
     for entry in (*RUN_ENTRIES, HELDOUT_FILE):
-        names += sorted(path.name for pattern in (f".{entry}.tmp-*", f".{entry}.old-*")
-                        for path in run_dir.glob(pattern))
+        names += [path.name for path in leftovers(run_dir / entry)]
     for name in names:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
